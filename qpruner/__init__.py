@@ -1,0 +1,7 @@
+"""QPruner: prune an LLM once, then search layer-wise mixed precision with Ray Tune.
+
+Public entry points: :func:`qpruner.config.load_job`, :func:`qpruner.job.run_job` and the ``qpruner``
+command line (:mod:`qpruner.cli`).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,81 @@
+"""``qpruner <verb>``: the command line. The only place that configures logging.
+
+    qpruner search   JOB.yaml [key=value ...]   prune once, search mixed precision, write results
+    qpruner validate JOB.yaml [key=value ...]   check a job file (and overrides) without running it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .config import load_job, to_dict
+from .errors import QPrunerError
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("qpruner").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_validate(args) -> int:
+    job = load_job(args.job, args.overrides)
+    sections = ", ".join(k for k, v in to_dict(job).items() if isinstance(v, dict))
+    print(f"OK: {args.job} is a valid job '{job.name}' ({sections}); results -> {job.results_path}")
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from .job import run_job
+    from .report import front_table
+
+    job = load_job(args.job, args.overrides)
+    outcome = run_job(job)
+    trials = outcome.trials
+    counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
+    print()
+    print(f"QPruner job '{job.name}' finished in {outcome.seconds:.0f}s")
+    print(outcome.prepared.prune.summary())
+    print(f"trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    print(f"Pareto front ({len(outcome.front)} plans):")
+    print(front_table(outcome.front, job.search.metric))
+    print(f"results: {outcome.directory}/ (trials.parquet, pareto.parquet, pareto.png, job.yaml)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qpruner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"qpruner {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, help_ in (("search", _cmd_search, "prune once and search mixed precision"),
+                              ("validate", _cmd_validate, "validate a job file without running it")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("job", help="job file (YAML), e.g. tune_jobs/smollm2_demo.yaml")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="override a job key, e.g. finetune.steps=5")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return args.func(args)
+    except QPrunerError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

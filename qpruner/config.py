@@ -1,0 +1,377 @@
+"""Typed job configuration.
+
+A job file is YAML whose keys map 1:1 onto the frozen dataclasses below (one per pipeline stage).
+:func:`load_job` reads it, applies ``key=value`` overrides, and validates *everything* before any
+work starts: unknown keys (with a did-you-mean), wrong types, out-of-range values, unknown choices
+and missing files are all collected and raised together as one :class:`~qpruner.errors.ConfigError`.
+No ``assert`` is used for user input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BUILTIN_MODELS = ("tiny", "builtin:smollm2-135m")
+BUILTIN_DATA = ("builtin:pydoc",)
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def opt(default: Any, *, min: float | None = None, max: float | None = None,
+        choices: tuple | None = None, help: str = "") -> Any:
+    """A config field with its constraints stored as metadata (checked by :func:`_build`)."""
+    meta = {"min": min, "max": max, "choices": choices, "help": help}
+    if isinstance(default, (list, tuple)):
+        value = tuple(default)
+        return field(default_factory=lambda: value, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = opt("builtin:smollm2-135m", help="tiny | builtin:smollm2-135m | local HF dir | hub id")
+    dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"),
+                     help="dtype the driver prunes and scores in")
+    revision: Optional[str] = opt(None, help="hub revision (online only)")
+    trust_remote_code: bool = opt(False, help="only if you trust the hub repository")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = opt("builtin:pydoc", help="builtin:pydoc | file.txt | file.jsonl | file.parquet")
+    text_field: str = opt("text", help="field holding the text in .jsonl / .parquet rows")
+    seq_len: int = opt(128, min=8, max=32768, help="tokens per sample (all splits)")
+    calib_samples: int = opt(8, min=1, help="samples for pruning and layer scoring")
+    eval_samples: int = opt(16, min=1, help="held-out samples for evaluation")
+    seed: int = opt(0, help="seed of the deterministic split")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = opt(0.2, min=0.0, max=0.95, help="fraction of KV groups and MLP channels removed per pruned layer")
+    importance: str = opt("taylor", choices=("taylor", "l2", "random"))
+    attention: bool = opt(True, help="prune attention heads (whole GQA groups)")
+    mlp: bool = opt(True, help="prune MLP channels")
+    layer_start: int = opt(1, help="first pruned layer; negative counts from the end")
+    layer_end: int = opt(-1, help="end (exclusive) of pruned layers; negative counts from the end")
+    round_to: int = opt(32, min=1, max=4096, help="kept MLP width is a multiple of this")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    method: str = opt("fisher", choices=("fisher", "taylor", "block_influence"))
+    samples: Optional[int] = opt(None, min=1, help="calibration samples used (default: all)")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    four_bit: str = opt("nf4", choices=("nf4", "fp4"), help="format used for 4-bit units")
+    double_quant: bool = opt(True, help="quantize the 4-bit absmax statistics too")
+    blocksize: int = opt(64, choices=(64, 128, 256), help="4-bit quantization block size")
+    int8_threshold: float = opt(6.0, min=0.0, help="LLM.int8() outlier threshold (0: no fp16 outlier path)")
+    rest_dtype: str = opt("bfloat16", choices=("bfloat16", "float16", "float32"),
+                          help="storage of embeddings, norms and lm_head")
+    compute_dtype: str = opt("auto", choices=("auto", "float32", "bfloat16", "float16"),
+                             help="auto: bfloat16 on CUDA, float32 on CPU")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    bits: tuple[int, ...] = opt((4, 8, 16), choices=(4, 8, 16), help="precisions a layer may get")
+    temperature: float = opt(1.0, min=1e-3, max=1e3, help="softness of the probabilistic decision")
+    seed_plans: int = opt(4, min=0, max=1000, help="plans sampled from layer scores to seed the search")
+    include_uniform: bool = opt(True, help="also seed the uniform lowest/highest plans (when in budget)")
+    budget_avg_bits: Optional[float] = opt(None, min=1.0, max=32.0,
+                                           help="budget: average bits per decoder-linear weight")
+    budget_gb: Optional[float] = opt(None, min=1e-6, help="budget: total weight memory in GB (1e9 B)")
+
+    def _check(self) -> list[str]:
+        problems = []
+        if len(set(self.bits)) != len(self.bits) or not self.bits:
+            problems.append(f"policy.bits: expected distinct values from (4, 8, 16), got {list(self.bits)}")
+        if self.budget_avg_bits is not None and self.budget_gb is not None:
+            problems.append("policy: give budget_avg_bits or budget_gb, not both")
+        return problems
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = opt(10, min=0, help="optimizer steps per trial (0 = evaluate without fine-tuning)")
+    batch_size: int = opt(4, min=1)
+    lr: float = opt(2e-4, min=0.0, max=1.0)
+    warmup_steps: int = opt(0, min=0)
+    weight_decay: float = opt(0.0, min=0.0, max=1.0)
+    max_grad_norm: float = opt(1.0, min=0.0, help="0 disables clipping")
+    lora_r: int = opt(8, min=1, max=4096)
+    lora_alpha: float = opt(16.0, min=0.0)
+    lora_dropout: float = opt(0.0, min=0.0, max=0.99)
+    target_modules: tuple[str, ...] = opt(LINEAR_NAMES, choices=LINEAR_NAMES)
+    seed: int = opt(0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = opt(8, min=1)
+    before_finetune: bool = opt(False, help="also evaluate right after quantization")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    num_trials: int = opt(8, min=1, max=100000)
+    max_concurrent: int = opt(2, min=1)
+    cpus_per_trial: float = opt(1.0, min=0.0)
+    gpus_per_trial: float = opt(0.0, min=0.0, help="fractions share a GPU, e.g. 0.5")
+    searcher: str = opt("hyperopt", choices=("hyperopt", "random"))
+    random_warmup: int = opt(2, min=0, help="random points after the seed plans before TPE takes over")
+    metric: str = opt("accuracy", choices=("accuracy", "perplexity"),
+                      help="objective: next-token accuracy (max) or perplexity (min) on held-out text")
+    seed: int = opt(0)
+    ray_address: Optional[str] = opt(None, help="None: start a local Ray; 'auto': join a running cluster")
+    num_cpus: Optional[int] = opt(None, min=1, help="CPUs of a local Ray (default: all)")
+    dashboard: bool = opt(False, help="start the Ray dashboard of a local Ray (on 127.0.0.1)")
+    verbose: int = opt(1, choices=(0, 1, 2), help="Ray Tune console output")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    name: str = opt("job", help="results go to <results_dir>/<name>/")
+    results_dir: str = opt("results")
+    device: str = opt("auto", choices=("auto", "cpu", "cuda"), help="device of the driver stages")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    def _check(self) -> list[str]:
+        problems = []
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            problems.append(f"name: expected letters, digits, '_', '-' or '.', got {self.name!r}")
+        problems += _check_model_source(self.model.source)
+        problems += _check_data_source(self.data.source)
+        if self.search.gpus_per_trial > 1 and self.search.gpus_per_trial != int(self.search.gpus_per_trial):
+            problems.append("search.gpus_per_trial: fractions are only allowed below 1 (e.g. 0.5), "
+                            f"got {self.search.gpus_per_trial}")
+        return problems
+
+    @property
+    def results_path(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+
+def _check_model_source(source: str) -> list[str]:
+    if source in BUILTIN_MODELS:
+        return []
+    if source.startswith("builtin:"):
+        return [f"model.source: unknown built-in model {source!r}; expected one of {list(BUILTIN_MODELS)}"
+                + _did_you_mean(source, BUILTIN_MODELS)]
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            return [f"model.source: {source!r} is a file; expected a directory saved by save_pretrained"]
+        return []
+    if source.startswith((".", "/", "~")):
+        return [f"model.source: directory {source!r} does not exist"]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return []  # hub id: resolved at load time (online only)
+    return [f"model.source: {source!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), "
+            "an existing directory, nor a hub id like 'org/name'"]
+
+
+def _check_data_source(source: str) -> list[str]:
+    if source in BUILTIN_DATA:
+        return []
+    if source.startswith("builtin:"):
+        return [f"data.source: unknown built-in data {source!r}; expected one of {list(BUILTIN_DATA)}"
+                + _did_you_mean(source, BUILTIN_DATA)]
+    path = Path(source).expanduser()
+    if source.endswith(TEXT_SUFFIXES) or source.startswith((".", "/", "~")):
+        if not path.is_file():
+            return [f"data.source: file {source!r} does not exist"]
+        if not source.endswith(TEXT_SUFFIXES):
+            return [f"data.source: {source!r} must end in one of {list(TEXT_SUFFIXES)}"]
+        return []
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+        return []  # Hugging Face dataset name (online only)
+    return [f"data.source: {source!r} is neither built-in ({', '.join(BUILTIN_DATA)}), "
+            f"a {'/'.join(TEXT_SUFFIXES)} file, nor a dataset name"]
+
+
+# ----------------------------------------------------------------------------------------------
+# building dataclasses from plain dicts, collecting every problem
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
+    """Convert a YAML value to the annotated type, or record a problem and return None."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _coerce(value, inner, where, problems)
+    if origin is tuple:
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list of {_type_name(inner)} values, got {value!r}")
+            return None
+        items = [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return None
+
+
+def _check_limits(value: Any, meta: dict, where: str, problems: list[str]) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        if isinstance(value, tuple):
+            where_i = f"{where}[{i}]"
+        else:
+            where_i = where
+        if meta.get("choices") is not None and v not in meta["choices"]:
+            problems.append(f"{where_i}: {v!r} is not one of {list(meta['choices'])}"
+                            + _did_you_mean(v, meta["choices"]))
+        if meta.get("min") is not None and v < meta["min"]:
+            problems.append(f"{where_i}: {v!r} is below the minimum {meta['min']}")
+        if meta.get("max") is not None and v > meta["max"]:
+            problems.append(f"{where_i}: {v!r} is above the maximum {meta['max']}")
+
+
+def _build(cls, data: Any, prefix: str, problems: list[str]):
+    """Instantiate dataclass ``cls`` from ``data`` (a dict), appending problems instead of raising."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'job'}: expected a mapping of keys, got {data!r}")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            problems.append(f"{prefix}{key}: unknown key" + _did_you_mean(key, fields)
+                            + f"; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        where = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{where}.", problems)
+            continue
+        before = len(problems)
+        value = _coerce(data[name], tp, where, problems)
+        if len(problems) == before:
+            _check_limits(value, f.metadata, where, problems)
+            kwargs[name] = value
+    obj = cls(**kwargs)
+    if hasattr(obj, "_check"):
+        problems.extend(obj._check())
+    return obj
+
+
+def _apply_override(data: dict, override: str, problems: list[str]) -> None:
+    if "=" not in override:
+        problems.append(f"override {override!r}: expected key=value, e.g. finetune.steps=5")
+        return
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        problems.append(f"override {override!r}: value is not valid YAML ({exc})")
+        return
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {} if node.get(part) is None else node[part]
+        node = node[part]
+        if not isinstance(node, dict):
+            problems.append(f"override {override!r}: {part} is not a section")
+            return
+    node[parts[-1]] = value
+
+
+def build_job(data: dict | None, overrides: list[str] | tuple[str, ...] = (), source: str = "job config") -> JobConfig:
+    """Validate a job given as a dict (after YAML parsing). Raises ConfigError listing all problems."""
+    problems: list[str] = []
+    data = dict(data or {})
+    for ov in overrides:
+        _apply_override(data, ov, problems)
+    job = _build(JobConfig, data, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return job
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read, override and validate a job file. The job name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"job file {str(path)!r} does not exist"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"expected a mapping at the top level, got {type(data).__name__}"], str(path))
+    data.setdefault("name", path.stem)
+    return build_job(data, overrides, source=str(path))
+
+
+def to_dict(cfg) -> dict:
+    """A plain, YAML-safe dict of a config (tuples become lists)."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_job(cfg: JobConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,120 @@
+"""Text sources and deterministic, disjoint calibration / fine-tune / evaluation splits.
+
+Sources: ``builtin:pydoc`` (the 79 documentation topics of the standard library's
+``pydoc_data.topics``: ~65k words of real English, no download), local ``.txt`` (one document),
+``.jsonl`` (one document per line, text under ``text_field``), ``.parquet`` (column ``text_field``),
+or a Hugging Face dataset name when online (needs the ``datasets`` package).
+
+Splitting: all documents are tokenized into one stream (EOS between documents when the tokenizer
+has one), cut into non-overlapping blocks of ``seq_len`` tokens, and the block order is shuffled
+with ``seed``. The first ``eval_samples`` blocks are the evaluation split, the next
+``calib_samples`` the calibration split, and every remaining block is fine-tuning data. The splits
+are therefore disjoint by construction and identical for identical (source, tokenizer, config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Splits:
+    calib: torch.Tensor  # [calib_samples, seq_len] token ids
+    train: torch.Tensor  # [n_train, seq_len]
+    eval: torch.Tensor   # [eval_samples, seq_len]
+
+    def describe(self) -> str:
+        return (f"{self.calib.shape[0]} calibration, {self.train.shape[0]} fine-tune and "
+                f"{self.eval.shape[0]} evaluation samples of {self.eval.shape[1]} tokens")
+
+
+def load_texts(cfg: DataConfig) -> list[str]:
+    """The documents of ``cfg.source``, in a fixed order."""
+    source = cfg.source
+    if source == "builtin:pydoc":
+        from pydoc_data.topics import topics
+        return [topics[k] for k in sorted(topics)]
+    path = Path(source).expanduser()
+    if source.endswith(".txt"):
+        return [path.read_text(encoding="utf-8")]
+    if source.endswith(".jsonl"):
+        return _read_jsonl(path, cfg.text_field)
+    if source.endswith(".parquet"):
+        import pandas as pd
+        frame = pd.read_parquet(path)
+        if cfg.text_field not in frame.columns:
+            raise ConfigError([f"data.source: {source} has no column {cfg.text_field!r}; "
+                               f"columns: {list(frame.columns)}; set data.text_field"])
+        return [str(t) for t in frame[cfg.text_field].tolist()]
+    return _load_hf_dataset(source, cfg.text_field)
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError([f"data.source: {path}:{lineno} is not valid JSON ({exc.msg})"]) from None
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise ConfigError([f"data.source: {path}:{lineno} has no string field {field!r}; "
+                                   "set data.text_field to the field holding the text"])
+            texts.append(row[field])
+    return texts
+
+
+def _load_hf_dataset(name: str, field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError([f"data.source: {name!r} looks like a Hugging Face dataset; that needs "
+                           "`pip install datasets` and network access (or use a local file)"]) from None
+    ds = datasets.load_dataset(name, split="train")
+    if field not in ds.column_names:
+        raise ConfigError([f"data.source: dataset {name!r} has no column {field!r}; "
+                           f"columns: {ds.column_names}"])
+    return [str(t) for t in ds[field]]
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One 1-D stream of token ids; EOS between documents when the tokenizer defines one."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        if eos is not None:
+            ids.append(int(eos))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def make_splits(stream: torch.Tensor, cfg: DataConfig) -> Splits:
+    n_blocks = stream.numel() // cfg.seq_len
+    need = cfg.eval_samples + cfg.calib_samples + 1
+    if n_blocks < need:
+        raise ConfigError([f"data: {cfg.source} gives {stream.numel()} tokens = {n_blocks} blocks of "
+                           f"data.seq_len={cfg.seq_len}, but eval_samples + calib_samples + 1 fine-tune "
+                           f"block = {need}; use more text, a shorter seq_len or fewer samples"])
+    blocks = stream[: n_blocks * cfg.seq_len].view(n_blocks, cfg.seq_len)
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed))
+    e, c = cfg.eval_samples, cfg.calib_samples
+    return Splits(calib=blocks[order[e:e + c]].clone(), train=blocks[order[e + c:]].clone(),
+                  eval=blocks[order[:e]].clone())
+
+
+def load_splits(cfg: DataConfig, tokenizer) -> Splits:
+    splits = make_splits(tokenize(tokenizer, load_texts(cfg)), cfg)
+    logger.info("data %s: %s", cfg.source, splits.describe())
+    return splits

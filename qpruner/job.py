@@ -1,0 +1,109 @@
+"""The driver: run one job end to end.
+
+    JobConfig -> load_model -> prune_ -> score_layers -> seed plans -> search (Ray Tune trials)
+              -> TrialLog (trials.parquet, pareto.parquet) -> pareto.png
+
+Everything expensive that every trial shares (loading, pruning, scoring, tokenizing) happens here,
+once; the trials receive the result through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import data, importance, models, policy, prune, report
+from .config import JobConfig, save_job
+from .errors import ConfigError
+from .importance import LayerScores
+from .memory import Budget, ModelLayout
+from .pareto import TrialLog
+from .prune import PruneReport
+from .trial import TrialContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    context: TrialContext
+    seeds: list[policy.SeedPlan]
+    prune: PruneReport
+    scores: LayerScores
+
+
+@dataclass
+class JobOutcome:
+    directory: Path
+    prepared: Prepared
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(["device: 'cuda' was asked for but no CUDA device is visible; use auto or cpu"])
+    return torch.device(name)
+
+
+def trial_compute_dtype(job: JobConfig) -> str:
+    """The compute dtype trials will use (it decides bias storage in the memory model)."""
+    if job.quant.compute_dtype != "auto":
+        return job.quant.compute_dtype
+    return "bfloat16" if job.search.gpus_per_trial > 0 else "float32"
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def prepare(job: JobConfig, out: Path) -> Prepared:
+    """Driver stages: load, prune once, score layers, sample seed plans."""
+    device = resolve_device(job.device)
+    t = time.perf_counter()
+    loaded = models.load_model(job.model, device)
+    logger.info("loaded %s (%s parameters) in %.1fs", loaded.name, f"{models.count_params(loaded.model):,}",
+                time.perf_counter() - t)
+    splits = data.load_splits(job.data, loaded.tokenizer)
+    model = loaded.model
+    prune_report = prune.prune_(model, splits.calib, job.prune, seed=job.data.seed)
+    scores = importance.score_layers(model, splits.calib, job.score)
+    layout = ModelLayout.from_model(model)
+    budget = Budget.from_policy(job.policy)
+    memory = policy.PlanMemory(layout, job.quant, trial_compute_dtype(job))
+    seeds = policy.seed_plans(scores, memory, job.policy, budget, seed=job.search.seed)
+    config_dict, state_dict = models.model_state(model)
+    context = TrialContext(config_dict=config_dict, state_dict=state_dict, layout=layout,
+                           train=splits.train, eval=splits.eval, quant=job.quant, finetune=job.finetune,
+                           evaluation=job.eval, budget=budget, metric=job.search.metric)
+    _write_json(out / "prune.json", asdict(prune_report))
+    _write_json(out / "layer_scores.json", asdict(scores))
+    _write_json(out / "seeds.json", [{"origin": s.origin, "code": s.plan.code(), "plan": s.plan.to_dict(),
+                                      "avg_bits": memory(s.plan).avg_bits,
+                                      "weight_bytes": memory(s.plan).total_bytes} for s in seeds])
+    logger.info("%d seed plans (budget: %s)", len(seeds), budget.describe())
+    return Prepared(context, seeds, prune_report, scores)
+
+
+def run_job(job: JobConfig) -> JobOutcome:
+    from .search import run_search  # keeps `qpruner validate` free of the Ray import
+    t0 = time.perf_counter()
+    out = job.results_path
+    out.mkdir(parents=True, exist_ok=True)
+    save_job(job, out / "job.yaml")
+    prepared = prepare(job, out)
+    origins = {s.plan.formats: f"seed:{s.origin}" for s in prepared.seeds}
+    log = TrialLog(out, job.search.metric, origins)
+    run_search(job, prepared.context, prepared.seeds, log)
+    trials, front = log.frame(), log.front()
+    report.plot_front(trials, front, job.search.metric, out / "pareto.png")
+    return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0)

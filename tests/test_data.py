@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from qpruner import data, models
+from qpruner.config import DataConfig
+from qpruner.errors import ConfigError
+
+
+def test_pydoc_is_real_text():
+    texts = data.load_texts(DataConfig())
+    assert len(texts) > 50 and sum(len(t.split()) for t in texts) > 30000
+
+
+def test_splits_are_disjoint_and_deterministic():
+    cfg = DataConfig(seq_len=32, calib_samples=5, eval_samples=7, seed=3)
+    stream = torch.arange(32 * 40)  # every block is unique
+    a, b = data.make_splits(stream, cfg), data.make_splits(stream, cfg)
+    assert torch.equal(a.calib, b.calib) and torch.equal(a.eval, b.eval) and torch.equal(a.train, b.train)
+    blocks = lambda t: {int(row[0]) // 32 for row in t}
+    assert not blocks(a.calib) & blocks(a.eval)
+    assert not blocks(a.train) & (blocks(a.calib) | blocks(a.eval))
+    assert len(blocks(a.calib) | blocks(a.eval) | blocks(a.train)) == 40
+    other = data.make_splits(stream, DataConfig(seq_len=32, calib_samples=5, eval_samples=7, seed=4))
+    assert not torch.equal(other.eval, a.eval)
+
+
+def test_too_little_text_is_a_clear_error():
+    with pytest.raises(ConfigError, match="blocks of data.seq_len=32"):
+        data.make_splits(torch.arange(100), DataConfig(seq_len=32, calib_samples=2, eval_samples=2))
+
+
+def test_jsonl_and_txt_sources(tmp_path):
+    rows = [{"text": "first document"}, {"text": "second document"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert data.load_texts(DataConfig(source=str(path))) == ["first document", "second document"]
+    txt = tmp_path / "d.txt"
+    txt.write_text("plain text")
+    assert data.load_texts(DataConfig(source=str(txt))) == ["plain text"]
+
+
+def test_jsonl_errors_name_line_and_field(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(ConfigError, match=r"d.jsonl:2 has no string field 'text'"):
+        data.load_texts(DataConfig(source=str(path)))
+    path.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(ConfigError, match=r"d.jsonl:2 is not valid JSON"):
+        data.load_texts(DataConfig(source=str(path)))
+
+
+def test_parquet_source(tmp_path):
+    import pandas as pd
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"content": ["a b", "c d"]}).to_parquet(path)
+    assert data.load_texts(DataConfig(source=str(path), text_field="content")) == ["a b", "c d"]
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        data.load_texts(DataConfig(source=str(path)))
+
+
+def test_tokenize_puts_eos_between_documents():
+    class Tok:
+        eos_token_id = 99
+        def encode(self, text, add_special_tokens=False):
+            return [len(w) for w in text.split()]
+    assert data.tokenize(Tok(), ["ab c", "def"]).tolist() == [2, 1, 99, 3, 99]
+    assert data.tokenize(models.ByteTokenizer(), ["ab"]).tolist() == [97, 98]

@@ -1,0 +1,40 @@
+"""GPU checks (CUDA): the same trial on the device, with the allocator's peak."""
+
+import pytest
+import torch
+
+from qpruner import memory, models, prune, quantize
+from qpruner.config import EvalConfig, FinetuneConfig, PruneConfig, QuantConfig
+from qpruner.plan import PrecisionPlan
+from qpruner.trial import TrialContext, run_trial
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+
+
+def test_mixed_plan_trial_on_cuda(tiny, tiny_splits):
+    prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5))
+    config_dict, state = models.model_state(tiny)
+    ctx = TrialContext(config_dict, state, memory.ModelLayout.from_model(tiny), tiny_splits.train[:64],
+                       tiny_splits.eval, QuantConfig(), FinetuneConfig(steps=3, batch_size=2, lora_r=2),
+                       EvalConfig(), memory.Budget())
+    r = run_trial(ctx, PrecisionPlan(("nf4", "int8", "bf16", "fp4")), "cuda")
+    assert r.status == "ok", r.error
+    assert r.device.startswith("cuda") and r.peak_kind == "cuda_allocated" and r.peak_bytes > r.weight_bytes
+    assert r.weight_bytes == r.weight_bytes_predicted
+
+
+def test_quantized_modules_live_on_cuda(tiny):
+    quantize.quantize_(tiny, PrecisionPlan(("nf4", "int8", "bf16", "nf4")), QuantConfig(), "cuda")
+    assert quantize.applied_formats(tiny) == [(f,) * 7 for f in ("nf4", "int8", "bf16", "nf4")]
+    x = torch.randint(0, 256, (2, 16), device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(tiny(x).logits).all()
+    layout = memory.ModelLayout.from_model(models.tiny_model())
+    assert memory.measure_bytes(tiny) == memory.plan_bytes(layout, PrecisionPlan(("nf4", "int8", "bf16", "nf4")),
+                                                           compute_dtype="bfloat16")

@@ -1,0 +1,49 @@
+"""Real-model checks on SmolLM2-135M (built in, offline). Minutes on a CPU: marked slow."""
+
+import pytest
+import torch
+
+from qpruner import data, importance, memory, models, prune
+from qpruner.config import build_job
+from qpruner.plan import PrecisionPlan
+from qpruner.trial import TrialContext, run_trial
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    job = build_job({"model": {"source": "builtin:smollm2-135m"},
+                     "data": {"seq_len": 128, "calib_samples": 4, "eval_samples": 8},
+                     "finetune": {"steps": 4, "batch_size": 2}})
+    loaded = models.load_model(job.model)
+    splits = data.load_splits(job.data, loaded.tokenizer)
+    report = prune.prune_(loaded.model, splits.calib, job.prune)
+    return job, loaded.model, splits, report
+
+
+def test_pruned_smollm2_runs_and_counts(pruned):
+    job, model, splits, report = pruned
+    assert report.params_after == models.count_params(model) < report.params_before
+    widths = report.widths_after
+    assert widths[0].kv_heads == 3 and widths[-1].kv_heads == 3  # first and last kept
+    assert all(w.heads == 3 * w.kv_heads for w in widths)        # GQA ratio preserved
+    assert all(w.intermediate % 32 == 0 for w in widths)
+    with torch.no_grad():
+        out = model(input_ids=splits.eval[:2], labels=splits.eval[:2])
+    assert torch.isfinite(out.loss) and out.loss < 6.0
+
+
+def test_layer_scores_and_nf4_worse_than_int8(pruned):
+    job, model, splits, _ = pruned
+    scores = importance.score_layers(model, splits.calib, job.score)
+    assert len(scores) == 30 and all(s > 0 for s in scores.scores)
+    config_dict, state = models.model_state(model)
+    ctx = TrialContext(config_dict, state, memory.ModelLayout.from_model(model), splits.train, splits.eval,
+                       job.quant, job.finetune, job.eval, memory.Budget())
+    nf4 = run_trial(ctx, PrecisionPlan.uniform("nf4", 30))
+    int8 = run_trial(ctx, PrecisionPlan.uniform("int8", 30))
+    assert nf4.status == int8.status == "ok"
+    assert nf4.perplexity > int8.perplexity
+    assert nf4.weight_bytes < int8.weight_bytes
+    assert nf4.weight_bytes == nf4.weight_bytes_predicted and int8.weight_bytes == int8.weight_bytes_predicted

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+import torch
+
+from qpruner import models, quantize
+from qpruner.config import EvalConfig, FinetuneConfig, QuantConfig
+from qpruner.memory import Budget, ModelLayout
+from qpruner.plan import PrecisionPlan
+from qpruner.trial import FAILED_OBJECTIVE, INFEASIBLE_OBJECTIVE, TrialContext, TrialResult, run_trial
+
+
+@pytest.fixture
+def context(tiny, tiny_splits):
+    from qpruner import prune
+    from qpruner.config import PruneConfig
+    prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5))
+    config_dict, state = models.model_state(tiny)
+    return TrialContext(config_dict, state, ModelLayout.from_model(tiny), tiny_splits.train[:64],
+                        tiny_splits.eval, QuantConfig(), FinetuneConfig(steps=2, batch_size=2, lora_r=2),
+                        EvalConfig(before_finetune=True), Budget(avg_bits=9.0))
+
+
+def test_a_trial_quantizes_trains_evaluates_and_measures(context):
+    plan = PrecisionPlan(("nf4", "int8", "nf4", "int8"))
+    r = run_trial(context, plan)
+    assert r.status == "ok" and r.error is None
+    assert r.weight_bytes == r.weight_bytes_predicted
+    assert 0.0 <= r.accuracy <= 1.0 and math.isfinite(r.perplexity) and r.perplexity > 1
+    assert r.objective == r.accuracy
+    assert r.perplexity_before is not None
+    assert r.adapter_bytes > 0 and r.peak_kind in ("cpu_rss", "none")
+    assert r.train_loss_first is not None and {"quantize", "finetune", "eval", "total"} <= set(r.seconds)
+    again = TrialResult.from_metrics(r.to_metrics())
+    assert again == r
+
+
+def test_an_infeasible_plan_is_not_trained(context, monkeypatch):
+    import qpruner.trial as trial_mod
+    monkeypatch.setattr(trial_mod, "quantize_", lambda *a, **k: pytest.fail("an infeasible plan was built"))
+    r = run_trial(context, PrecisionPlan(("bf16",) * 4))
+    assert r.status == "infeasible" and r.budget_excess > 0
+    assert r.objective == pytest.approx(INFEASIBLE_OBJECTIVE - r.budget_excess)
+    assert r.accuracy is None
+
+
+def test_perplexity_objective(context):
+    from dataclasses import replace
+    r = run_trial(replace(context, metric="perplexity"), PrecisionPlan(("int8",) * 4))
+    assert r.objective == pytest.approx(-math.log(r.perplexity))
+
+
+def test_a_nan_loss_is_a_failed_trial_with_its_reason(context, monkeypatch):
+    import qpruner.trial as trial_mod
+    from qpruner.errors import TrialFailed
+
+    def boom(*args, **kwargs):
+        raise TrialFailed("non-finite training loss (nan) at step 0")
+
+    monkeypatch.setattr(trial_mod, "finetune_", boom)
+    r = run_trial(context, PrecisionPlan(("nf4",) * 4))
+    assert r.status == "failed" and r.objective == FAILED_OBJECTIVE
+    assert "non-finite training loss" in r.error
+
+
+def test_the_evaluated_model_is_the_quantized_one(context, monkeypatch):
+    import qpruner.trial as trial_mod
+    seen = []
+    real_evaluate = trial_mod.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen.append(quantize.applied_formats(model))
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(trial_mod, "evaluate", spy)
+    plan = PrecisionPlan(("fp4", "int8", "bf16", "nf4"))
+    run_trial(context, plan)
+    assert seen and all(formats == [(f,) * 7 for f in plan.formats] for formats in seen)

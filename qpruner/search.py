@@ -98,6 +98,23 @@ def _describe(result: dict) -> str:
             f"{result['weight_bytes'] / 1e6:.1f} MB, {result['avg_bits']:.2f} bits")
 
 
+class _NoParameterColumns(dict):
+    """An empty column mapping that Tune does not replace by one column per layer (it tests truth)."""
+
+    def __bool__(self):
+        return True
+
+
+def _reporter():
+    """Ray Tune's trial table with the plan code and our metrics instead of one column per layer."""
+    from ray.tune import CLIReporter
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # a custom table needs Tune's classic output
+    return CLIReporter(
+        metric_columns={"plan_code": "plan", "status": "result", "avg_bits": "bits", "weight_bytes": "weight B",
+                        "perplexity": "ppl", "accuracy": "acc"},
+        parameter_columns=_NoParameterColumns(), max_report_frequency=30, max_column_length=48)
+
+
 def _searcher(job: JobConfig, points: list[dict]):
     cfg = job.search
     if cfg.searcher == "hyperopt":
@@ -127,7 +144,7 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
                                         max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=str(Path(log.directory).resolve() / "ray"),
                                       callbacks=[_make_callback(log, context.n_units, job.quant.four_bit)],
-                                      verbose=cfg.verbose),
+                                      progress_reporter=_reporter(), verbose=cfg.verbose),
         )
         tuner.fit()
     finally:

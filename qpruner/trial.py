@@ -89,6 +89,7 @@ class TrialResult:
         d = asdict(self)
         d.pop("plan")
         d["plan_formats"] = ",".join(self.plan.formats)
+        d["plan_code"] = self.plan.code()
         for k, v in d.pop("seconds").items():
             d[f"seconds_{k}"] = v
         return d
@@ -146,6 +147,7 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
         if ctx.evaluation.before_finetune:
             before = evaluate(model, ctx.eval, ctx.evaluation.batch_size, device)
         t = time.perf_counter()
+        torch.manual_seed(ctx.finetune.seed)  # same plan -> same adapters -> same result, in any worker
         model = attach_lora(model, ctx.finetune)
         resident = measured.total_bytes + adapter_bytes(model)
         with measure_peak(device, resident) as peak:

@@ -101,3 +101,27 @@ def test_ratio_zero_changes_nothing(tiny, tiny_splits):
     before = models.count_params(tiny)
     report = prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.0))
     assert report.params_after == before and report.removed_fraction == 0.0
+
+
+def _tiny_arch(arch: str):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16)
+    if arch == "mistral":
+        return MistralForCausalLM(MistralConfig(**kw)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**kw, tie_word_embeddings=True)).eval()  # q/k/v biases
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_layouts_prune_and_rebuild(arch, tiny_splits):
+    model = _tiny_arch(arch)
+    report = prune.prune_(model, tiny_splits.calib, PruneConfig(ratio=0.5, layer_start=0, layer_end=3))
+    assert report.widths_after == (models.LayerWidth(2, 1, 64),) * 3
+    if arch == "qwen2":
+        assert models.layer_linears(models.decoder_layers(model)[0])["k_proj"].bias.shape == (16,)
+    config_dict, state = models.model_state(model)
+    rebuilt = models.build_model(config_dict, state)
+    x = tiny_splits.eval[:2]
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x).logits, model(x).logits, atol=1e-5)

@@ -5,3 +5,7 @@ command line (:mod:`qpruner.cli`).
 """
 
 __version__ = "0.1.0"
+
+from .pruned_model import register as _register
+
+_register()  # AutoModelForCausalLM.from_pretrained(<saved pruned dir>) works after `import qpruner`

@@ -52,20 +52,33 @@ class DataConfig:
     source: str = opt("builtin:pydoc", help="builtin:pydoc | file.txt | file.jsonl | file.parquet")
     text_field: str = opt("text", help="field holding the text in .jsonl / .parquet rows")
     seq_len: int = opt(128, min=8, max=32768, help="tokens per sample (all splits)")
-    calib_samples: int = opt(8, min=1, help="samples for pruning and layer scoring")
+    calib_samples: int = opt(8, min=1, help="samples for pruning and layer scoring (LLM-Pruner: 10)")
+    calib_seq_len: Optional[int] = opt(None, min=2, help="tokens per calibration sample (<= seq_len; "
+                                                         "default seq_len; LLM-Pruner: 64)")
     eval_samples: int = opt(16, min=1, help="held-out samples for evaluation")
     seed: int = opt(0, help="seed of the deterministic split")
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    ratio: float = opt(0.2, min=0.0, max=0.95, help="fraction of KV groups and MLP channels removed per pruned layer")
-    importance: str = opt("taylor", choices=("taylor", "l2", "random"))
-    attention: bool = opt(True, help="prune attention heads (whole GQA groups)")
-    mlp: bool = opt(True, help="prune MLP channels")
+    ratio: float = opt(0.2, min=0.0, max=0.95,
+                       help="fraction of groups removed: KV groups and MLP channels per pruned layer (block), "
+                            "hidden channels (channel) or layers in range (layer)")
+    param_ratio: Optional[float] = opt(None, min=0.0, max=0.95,
+                                       help="instead of ratio: fraction of all parameters to remove")
+    importance: str = opt("taylor", choices=("l1", "l2", "random", "taylor_vector", "taylor", "param_second",
+                                             "param_mix"),
+                          help="taylor = LLM-Pruner's element-wise first order (param_first)")
+    aggregation: str = opt("sum", choices=("sum", "mean", "max"), help="how a group's parameters combine")
+    scope: str = opt("block", choices=("block", "channel", "layer"),
+                     help="block: heads + MLP channels; channel: hidden size; layer: whole decoder layers")
+    ranking: str = opt("local", choices=("local", "global"), help="same ratio per layer, or ranked across layers")
+    attention: bool = opt(True, help="block scope: prune attention heads (whole GQA groups)")
+    mlp: bool = opt(True, help="block scope: prune MLP channels")
     layer_start: int = opt(1, help="first pruned layer; negative counts from the end")
     layer_end: int = opt(-1, help="end (exclusive) of pruned layers; negative counts from the end")
-    round_to: int = opt(32, min=1, max=4096, help="kept MLP width is a multiple of this")
+    round_to: int = opt(32, min=1, max=4096, help="kept MLP / hidden widths are multiples of this")
+    batch_size: int = opt(4, min=1, help="calibration batch size for first-order gradients")
 
 
 @dataclass(frozen=True)
@@ -162,6 +175,9 @@ class JobConfig:
         problems = []
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
             problems.append(f"name: expected letters, digits, '_', '-' or '.', got {self.name!r}")
+        if self.data.calib_seq_len is not None and self.data.calib_seq_len > self.data.seq_len:
+            problems.append(f"data.calib_seq_len: {self.data.calib_seq_len} is longer than data.seq_len "
+                            f"({self.data.seq_len}); calibration samples are cut from seq_len blocks")
         problems += _check_model_source(self.model.source)
         problems += _check_data_source(self.data.source)
         if self.search.gpus_per_trial > 1 and self.search.gpus_per_trial != int(self.search.gpus_per_trial):

@@ -8,7 +8,8 @@ or a Hugging Face dataset name when online (needs the ``datasets`` package).
 Splitting: all documents are tokenized into one stream (EOS between documents when the tokenizer
 has one), cut into non-overlapping blocks of ``seq_len`` tokens, and the block order is shuffled
 with ``seed``. The first ``eval_samples`` blocks are the evaluation split, the next
-``calib_samples`` the calibration split, and every remaining block is fine-tuning data. The splits
+``calib_samples`` the calibration split (cut to their first ``calib_seq_len`` tokens when set), and
+every remaining block is fine-tuning data. The splits
 are therefore disjoint by construction and identical for identical (source, tokenizer, config).
 """
 
@@ -34,7 +35,7 @@ class Splits:
     eval: torch.Tensor   # [eval_samples, seq_len]
 
     def describe(self) -> str:
-        return (f"{self.calib.shape[0]} calibration, {self.train.shape[0]} fine-tune and "
+        return (f"{self.calib.shape[0]} x {self.calib.shape[1]} calibration, {self.train.shape[0]} fine-tune and "
                 f"{self.eval.shape[0]} evaluation samples of {self.eval.shape[1]} tokens")
 
 
@@ -110,8 +111,8 @@ def make_splits(stream: torch.Tensor, cfg: DataConfig) -> Splits:
     blocks = stream[: n_blocks * cfg.seq_len].view(n_blocks, cfg.seq_len)
     order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed))
     e, c = cfg.eval_samples, cfg.calib_samples
-    return Splits(calib=blocks[order[e:e + c]].clone(), train=blocks[order[e + c:]].clone(),
-                  eval=blocks[order[:e]].clone())
+    calib = blocks[order[e:e + c]][:, : cfg.calib_seq_len or cfg.seq_len]
+    return Splits(calib=calib.clone(), train=blocks[order[e + c:]].clone(), eval=blocks[order[:e]].clone())
 
 
 def load_splits(cfg: DataConfig, tokenizer) -> Splits:

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import models
 from .config import ScoreConfig
-from .prune import accumulate_gradients
+from .prune_importance import accumulate_gradients
 
 logger = logging.getLogger(__name__)
 

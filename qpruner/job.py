@@ -75,7 +75,7 @@ def prepare(job: JobConfig, out: Path) -> Prepared:
                 time.perf_counter() - t)
     splits = data.load_splits(job.data, loaded.tokenizer)
     model = loaded.model
-    prune_report = prune.prune_(model, splits.calib, job.prune, seed=job.data.seed)
+    prune_report = prune.prune_(model, splits.calib, job.prune, batch_size=job.prune.batch_size, seed=job.data.seed)
     scores = importance.score_layers(model, splits.calib, job.score)
     layout = ModelLayout.from_model(model)
     budget = Budget.from_policy(job.policy)
@@ -85,7 +85,7 @@ def prepare(job: JobConfig, out: Path) -> Prepared:
     context = TrialContext(config_dict=config_dict, state_dict=state_dict, layout=layout,
                            train=splits.train, eval=splits.eval, quant=job.quant, finetune=job.finetune,
                            evaluation=job.eval, budget=budget, metric=job.search.metric)
-    _write_json(out / "prune.json", asdict(prune_report))
+    _write_json(out / "prune.json", prune_report.to_dict())
     _write_json(out / "layer_scores.json", asdict(scores))
     _write_json(out / "seeds.json", [{"origin": s.origin, "code": s.plan.code(), "plan": s.plan.to_dict(),
                                       "avg_bits": memory(s.plan).avg_bits,

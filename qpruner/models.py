@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
-WIDTHS_KEY = "qpruner_layer_widths"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,6 +43,14 @@ class LayerWidth:
     intermediate: int
 
 
+@dataclass(frozen=True)
+class Coupled:
+    """A parameter's share in a grouping: ``n`` equal blocks along ``dim``; block ``j`` is group ``j``'s."""
+    param: nn.Parameter
+    dim: int
+    n: int
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -51,17 +58,18 @@ class LoadedModel:
     name: str
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (vocabulary 256, no special tokens). Used by the ``tiny`` model."""
-
-    vocab_size = 256
-    eos_token_id = None
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+def byte_tokenizer():
+    """A real Hugging Face tokenizer whose ids are the UTF-8 bytes of the text (vocabulary 256, no
+    special tokens): byte-level BPE without merges. Used by the ``tiny`` model; saves and loads like
+    any other tokenizer."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    byte_chars = bytes_to_unicode()
+    tok = Tokenizer(tok_models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +122,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
     """Load the model and tokenizer named by ``cfg.source``; refuse unsupported architectures."""
     dtype = DTYPES[cfg.dtype]
     if cfg.source == "tiny":
-        return LoadedModel(tiny_model().to(device=device, dtype=dtype), ByteTokenizer(), "tiny")
+        return LoadedModel(tiny_model().to(device=device, dtype=dtype), byte_tokenizer(), "tiny")
     if cfg.source == "builtin:smollm2-135m":
         model, tok = _load_smollm2(dtype)
         return LoadedModel(model.to(device), tok, "SmolLM2-135M-Instruct")
@@ -181,9 +189,76 @@ def layer_widths(model: nn.Module) -> tuple[LayerWidth, ...]:
     return tuple(widths)
 
 
-def record_widths(model: nn.Module) -> None:
-    """Store the per-layer widths in the config so the model can be rebuilt by :func:`build_model`."""
-    setattr(model.config, WIDTHS_KEY, [[w.heads, w.kv_heads, w.intermediate] for w in layer_widths(model)])
+def to_pruned_(model: nn.Module, **config_changes) -> nn.Module:
+    """Give ``model`` the pruned config/model class (:mod:`qpruner.pruned_model`) describing its
+    current per-layer widths, so it can be saved, reloaded and rebuilt by :func:`build_model`."""
+    from .pruned_model import adopt_, pruned_config
+    widths = [[w.heads, w.kv_heads, w.intermediate] for w in layer_widths(model)]
+    return adopt_(model, pruned_config(model.config, widths, **config_changes))
+
+
+def _with_bias(parts: list[Coupled], lin: nn.Module, dim: int, n: int) -> list[Coupled]:
+    return parts + ([Coupled(lin.bias, 0, n)] if dim == 0 and lin.bias is not None else [])
+
+
+def attention_parts(layer: nn.Module, config) -> list[Coupled]:
+    """KV groups of a layer: q/k/v rows (and biases) and o_proj columns of each KV head's group."""
+    lin = layer_linears(layer)
+    kv = lin["k_proj"].out_features // head_dim(config)
+    parts: list[Coupled] = []
+    for name in ("q_proj", "k_proj", "v_proj"):
+        parts = _with_bias(parts + [Coupled(lin[name].weight, 0, kv)], lin[name], 0, kv)
+    return parts + [Coupled(lin["o_proj"].weight, 1, kv)]
+
+
+def mlp_parts(layer: nn.Module) -> list[Coupled]:
+    """MLP channels of a layer: gate/up rows (and biases) and down_proj columns."""
+    lin = layer_linears(layer)
+    n = lin["gate_proj"].out_features
+    parts: list[Coupled] = []
+    for name in ("gate_proj", "up_proj"):
+        parts = _with_bias(parts + [Coupled(lin[name].weight, 0, n)], lin[name], 0, n)
+    return parts + [Coupled(lin["down_proj"].weight, 1, n)]
+
+
+def hidden_parts(model: nn.Module) -> list[Coupled]:
+    """Hidden channels: every parameter that reads or writes the residual stream, sliced per channel."""
+    h = model.config.hidden_size
+    emb = model.get_input_embeddings()
+    parts = [Coupled(emb.weight, 1, h)]
+    for layer in decoder_layers(model):
+        for name, lin in layer_linears(layer).items():
+            writes = name in ("o_proj", "down_proj")
+            parts = _with_bias(parts + [Coupled(lin.weight, 0 if writes else 1, h)], lin, 0 if writes else 1, h)
+    parts += [Coupled(norm.weight, 0, h) for norm in _norms(model)]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not emb.weight:
+        parts.append(Coupled(head.weight, 1, h))
+    return parts
+
+
+def layer_parts(layer: nn.Module) -> list[Coupled]:
+    """A whole decoder layer as one group."""
+    return [Coupled(p, 0, 1) for p in layer.parameters()]
+
+
+def param_count(model: nn.Module, widths, hidden: int | None = None) -> int:
+    """Closed-form parameter count of ``model`` with decoder layers of ``widths`` (one per layer kept)
+    and hidden size ``hidden``; bias flags are read from the model's first layer."""
+    h = hidden or model.config.hidden_size
+    hd = head_dim(model.config)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    total = emb.num_embeddings * h + h  # embeddings, final norm
+    if head is not None and head.weight is not emb.weight:
+        total += head.out_features * h + (head.out_features if head.bias is not None else 0)
+    bias = {name: int(m.bias is not None) for name, m in layer_linears(decoder_layers(model)[0]).items()}
+    for w in widths:
+        q, kv, inter = w.heads * hd, w.kv_heads * hd, w.intermediate
+        total += 2 * h                                                        # norms
+        total += 2 * h * q + 2 * h * kv + bias["q_proj"] * q + (bias["k_proj"] + bias["v_proj"]) * kv
+        total += bias["o_proj"] * h + 3 * h * inter + (bias["gate_proj"] + bias["up_proj"]) * inter
+        total += bias["down_proj"] * h
+    return total
 
 
 def count_params(model: nn.Module) -> int:
@@ -232,6 +307,66 @@ def prune_layer_(layer: nn.Module, config, keep_kv: torch.Tensor | None,
                       lin["gate_proj"].out_features)
 
 
+def _norms(model: nn.Module) -> list[nn.Module]:
+    """Every RMSNorm that normalises the residual stream (two per layer, and the final one)."""
+    out = []
+    for layer in decoder_layers(model):
+        out += [layer.input_layernorm, layer.post_attention_layernorm]
+    return out + [model.model.norm]
+
+
+def prune_hidden_(model: nn.Module, keep: torch.Tensor) -> int:
+    """Remove hidden (residual-stream) channels not in ``keep`` from every module that reads or writes
+    them: embeddings, every projection, every norm and lm_head. Returns the new hidden size.
+
+    RMSNorm averages over the hidden size, so the norms of the pruned model would see a mean over
+    fewer channels than the original model with those channels zeroed. Scaling each norm weight by
+    ``sqrt(H / H')`` and ``rms_norm_eps`` by ``H / H'`` makes the pruned model compute exactly what
+    the masked original computes.
+    """
+    keep = keep.sort().values
+    model.config.head_dim = head_dim(model.config)  # explicit from now on: H' need not divide by heads
+    old, new = model.config.hidden_size, int(keep.numel())
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    emb.weight = nn.Parameter(emb.weight.data.index_select(1, keep.to(emb.weight.device)).clone())
+    emb.embedding_dim = new
+    for layer in decoder_layers(model):
+        for name, lin in layer_linears(layer).items():
+            rows, cols = (keep, None) if name in ("o_proj", "down_proj") else (None, keep)
+            set_layer_linear(layer, name, _sliced_linear(lin, rows, cols))
+    scale = (old / new) ** 0.5
+    for norm in _norms(model):
+        norm.weight = nn.Parameter(norm.weight.data.index_select(0, keep.to(norm.weight.device)) * scale)
+        if hasattr(norm, "variance_epsilon"):
+            norm.variance_epsilon = norm.variance_epsilon * old / new
+    if head is not None:
+        if tied:
+            head.weight = emb.weight
+        else:
+            head.weight = nn.Parameter(head.weight.data.index_select(1, keep.to(head.weight.device)).clone())
+        head.in_features = new
+    model.config.hidden_size = new
+    model.config.rms_norm_eps = model.config.rms_norm_eps * old / new
+    return new
+
+
+def drop_layers_(model: nn.Module, keep: list[int]) -> None:
+    """Keep only the decoder layers ``keep`` (in order); re-index them for the KV cache."""
+    layers = decoder_layers(model)
+    kept = [layers[i] for i in keep]
+    types = getattr(model.config, "layer_types", None)
+    for new_idx, layer in enumerate(kept):
+        for module in (layer, layer.self_attn):
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    model.model.layers = nn.ModuleList(kept)
+    model.config.num_hidden_layers = len(kept)
+    if types is not None:
+        model.config.layer_types = [types[i] for i in keep]
+
+
 # ----------------------------------------------------------------------------------------------
 # rebuilding a (pruned) model from its config and weights
 
@@ -246,34 +381,25 @@ def _reset_rotary(model: nn.Module) -> None:
 
 def build_model(config_dict: dict, state_dict: dict[str, torch.Tensor], device="cpu") -> nn.Module:
     """Rebuild a model (pruned or not) from ``config.to_dict()`` and its state dict, without
-    allocating the unpruned model: modules are created on the meta device, resized to the widths in
-    ``config.qpruner_layer_widths``, then the weights are assigned."""
+    allocating anything twice: modules are created on the meta device with the widths the config
+    records, then the weights are assigned."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from .pruned_model import PREFIX, base_type, classes_for
     d = dict(config_dict)
     model_type = d.pop("model_type", None)
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if base_type(str(model_type)) not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"architecture {model_type!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    config = AutoConfig.for_model(model_type, **d)
+    for key in ("transformers_version", "architectures"):
+        d.pop(key, None)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    widths = getattr(config, WIDTHS_KEY, None)
-    if widths is not None:
-        layers = decoder_layers(model)
-        if len(widths) != len(layers):
-            raise ModelError(f"{WIDTHS_KEY} has {len(widths)} entries but the config has {len(layers)} layers")
-        hd = head_dim(config)
-        for layer, (heads, kv, inter) in zip(layers, widths):
-            lin = layer_linears(layer)
-            shapes = {"q_proj": (heads * hd, config.hidden_size), "k_proj": (kv * hd, config.hidden_size),
-                      "v_proj": (kv * hd, config.hidden_size), "o_proj": (config.hidden_size, heads * hd),
-                      "gate_proj": (inter, config.hidden_size), "up_proj": (inter, config.hidden_size),
-                      "down_proj": (config.hidden_size, inter)}
-            for name, (out_f, in_f) in shapes.items():
-                set_layer_linear(layer, name, nn.Linear(in_f, out_f, bias=lin[name].bias is not None,
-                                                        device="meta"))
+        if model_type.startswith(PREFIX):
+            config_cls, model_cls = classes_for(model_type)
+            model = model_cls(config_cls(**d))
+        else:
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d))
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise ModelError(f"weights do not match the config: missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")

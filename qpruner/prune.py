@@ -1,31 +1,35 @@
-"""Structured pruning of attention heads and MLP channels (LLM-Pruner style).
+"""Structured pruning of LLaMA-family models at LLM-Pruner fidelity.
 
 Method (Ma et al., "LLM-Pruner: On the Structural Pruning of Large Language Models", NeurIPS 2023):
-parameters that must be removed together form a *group*; a group is scored by the sum of the
-importance of its elements and the lowest-scoring groups are removed. Element importance:
+parameters that must be removed together form a *group*; each group gets an importance score
+(:mod:`qpruner.prune_importance`: L1/L2 magnitude, random, vector-wise Taylor, element-wise first and
+second order Taylor and their mix, computed on calibration text) and the lowest-scoring groups go.
 
-* ``taylor`` (default; LLM-Pruner's element-wise first order, ``param_first``):
-  ``I(w) = |w * dL/dw|``, the first-order estimate of the loss change when ``w`` is set to zero,
-  with ``dL/dw`` the gradient of the mean language-modelling loss over the calibration samples;
-* ``l2``: ``w**2`` (magnitude baseline);
-* ``random``: a seeded random score per group (baseline).
+Scopes (``prune.scope``):
 
-Groups, per decoder layer in ``[layer_start, layer_end)`` (first and last layers are kept by
-default, as LLM-Pruner does):
+* ``block`` (default): attention heads and MLP channels of the layers in ``[layer_start, layer_end)``
+  (first and last layers kept by default, as LLM-Pruner does). Attention is GQA-aware: a KV head goes
+  together with the ``heads // kv_heads`` query heads that read it (their q_proj rows and o_proj
+  columns, and q/k/v biases where the model has them), so the GQA ratio and rotary dimensions of
+  the kept heads are untouched. An MLP channel is a gate/up row with its down_proj column.
+* ``channel``: hidden (residual-stream) channels, across embeddings, every projection, every norm
+  and lm_head (tied embeddings stay tied). Norm weights and eps are rescaled so the pruned model
+  equals the original with those channels zeroed (see :func:`qpruner.models.prune_hidden_`).
+* ``layer``: whole decoder layers within the range.
 
-* attention, GQA-aware: one KV head together with the ``heads // kv_heads`` query heads that read it
-  (their q_proj rows, the KV head's k_proj/v_proj rows, and the matching o_proj columns), so the GQA
-  ratio and the rotary dimensions of the kept heads are untouched;
-* MLP channel ``c``: row ``c`` of gate_proj and up_proj and column ``c`` of down_proj.
-
-Ratio (local, the same in every pruned layer): ``round(ratio * kv_heads)`` KV groups and
-``ratio * intermediate`` channels are removed; the kept MLP width is rounded to a multiple of
+Ranking (``prune.ranking``): ``local`` removes the same fraction in every pruned layer;
+``global`` ranks the groups of all pruned layers together (at least one KV group and ``round_to``
+MLP channels stay in each layer). Kept MLP and hidden widths are rounded to a multiple of
 ``round_to`` (32 by default: kernel-friendly, and avoids a bitsandbytes CPU repacking restriction).
-At least one KV group and ``round_to`` channels stay.
 
-Where we differ from LLM-Pruner: no dependency graph library (the groups of a Llama layer are
-written out explicitly), GQA groups are pruned whole, and the result keeps the stock Hugging Face
-classes with per-layer widths in the config instead of a pickled module.
+How much: ``prune.ratio`` is the fraction of groups removed (per layer when local); alternatively
+``prune.param_ratio`` asks for a fraction of *all* parameters removed, and the group ratio that
+comes closest is found by bisection on the closed-form parameter count.
+
+Where we differ from LLM-Pruner: no dependency-graph library (the groups of these layouts are
+written out in :mod:`qpruner.models`), GQA groups are pruned whole, hidden-channel pruning is exact
+with respect to masking, and the result is saved as safetensors that plain ``transformers`` loads
+(:mod:`qpruner.pruned_model`) instead of a pickled module.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -42,6 +46,7 @@ from . import models
 from .config import PruneConfig
 from .errors import ConfigError
 from .models import LayerWidth
+from .prune_importance import SECOND_ORDER, FIRST_ORDER, accumulate_gradients, group_scores
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +54,61 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PruneReport:
     importance: str
-    ratio: float
+    scope: str
+    ranking: str
+    ratio: float                            # group ratio used
     layers: tuple[int, int]                 # pruned layer range [start, end)
     params_before: int
     params_after: int
     widths_before: tuple[LayerWidth, ...]
     widths_after: tuple[LayerWidth, ...]
-    seconds: float
+    hidden_before: int = 0
+    hidden_after: int = 0
+    removed_layers: tuple[int, ...] = ()
+    calib_shape: tuple[int, int] = (0, 0)
+    seconds: float = 0.0
 
     @property
     def removed_fraction(self) -> float:
         return 1.0 - self.params_after / self.params_before
 
     def summary(self) -> str:
-        return (f"pruned layers {self.layers[0]}..{self.layers[1] - 1} with {self.importance} importance: "
+        what = {"block": f"layers {self.layers[0]}..{self.layers[1] - 1}",
+                "channel": f"hidden {self.hidden_before} -> {self.hidden_after}",
+                "layer": f"removed layers {list(self.removed_layers)}"}[self.scope]
+        return (f"pruned {what} ({self.scope}, {self.ranking}, {self.importance}, group ratio {self.ratio:.3f}): "
                 f"{self.params_before:,} -> {self.params_after:,} parameters "
                 f"({100 * self.removed_fraction:.1f}% removed) in {self.seconds:.1f}s")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PruneReport":
+        d = dict(d)
+        for key in ("widths_before", "widths_after"):
+            d[key] = tuple(LayerWidth(**w) if isinstance(w, dict) else LayerWidth(*w) for w in d[key])
+        for key in ("layers", "removed_layers", "calib_shape"):
+            d[key] = tuple(d.get(key, ()))
+        return cls(**d)
+
+
+@dataclass
+class GroupScores:
+    """Scores of every prunable group, by kind (higher = more important)."""
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [kv_heads]
+    mlp: dict[int, torch.Tensor] = field(default_factory=dict)         # layer -> [intermediate]
+    hidden: torch.Tensor | None = None                                 # [hidden_size]
+    layers: dict[int, float] = field(default_factory=dict)             # layer -> score
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What stays. ``None`` / missing layer = unchanged."""
+    keep_kv: dict[int, torch.Tensor]
+    keep_channels: dict[int, torch.Tensor]
+    keep_hidden: torch.Tensor | None = None
+    keep_layers: tuple[int, ...] | None = None
 
 
 def layer_range(cfg: PruneConfig, n_layers: int) -> tuple[int, int]:
@@ -76,66 +120,69 @@ def layer_range(cfg: PruneConfig, n_layers: int) -> tuple[int, int]:
     return start, end
 
 
-def _batches(calib: torch.Tensor, batch_size: int):
-    return calib.split(batch_size)
+# ----------------------------------------------------------------------------------------------
+# scoring
 
 
-def accumulate_gradients(model: nn.Module, calib: torch.Tensor, batch_size: int = 4,
-                         params: list[nn.Parameter] | None = None) -> None:
-    """Fill ``.grad`` of ``params`` (default: all decoder-linear weights) with the gradient of the
-    mean LM loss over ``calib``. Other parameters do not get gradients (saves memory and time)."""
-    device = next(model.parameters()).device
-    wanted = {id(p) for p in params} if params is not None else {
-        id(m.weight) for layer in models.decoder_layers(model) for m in models.layer_linears(layer).values()}
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
-        p.grad = None
-    try:
-        n = calib.shape[0]
-        for batch in _batches(calib, batch_size):
-            batch = batch.to(device)
-            loss = model(input_ids=batch, labels=batch).loss * (batch.shape[0] / n)
-            loss.backward()
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
+def _parts_in_scope(model: nn.Module, cfg: PruneConfig, start: int, end: int):
+    layers = models.decoder_layers(model)
+    if cfg.scope == "channel":
+        return {"hidden": models.hidden_parts(model)}
+    if cfg.scope == "layer":
+        return {f"layer{i}": models.layer_parts(layers[i]) for i in range(start, end)}
+    out = {}
+    for i in range(start, end):
+        if cfg.attention:
+            out[f"attention{i}"] = models.attention_parts(layers[i], model.config)
+        if cfg.mlp:
+            out[f"mlp{i}"] = models.mlp_parts(layers[i])
+    return out
 
 
-def _salience(weight: torch.Tensor, method: str) -> torch.Tensor:
-    if method == "taylor":
-        if weight.grad is None:
-            raise RuntimeError("taylor importance needs gradients; call accumulate_gradients first")
-        return (weight.data.float() * weight.grad.float()).abs()
-    return weight.data.float() ** 2  # l2
+def score_groups(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, batch_size: int = 4,
+                 seed: int = 0) -> GroupScores:
+    """Importance of every group in scope (gradients computed once, then freed)."""
+    start, end = layer_range(cfg, len(models.decoder_layers(model)))
+    parts = _parts_in_scope(model, cfg, start, end)
+    fisher = None
+    if cfg.importance in FIRST_ORDER | SECOND_ORDER:
+        params = list({id(p.param): p.param for ps in parts.values() for p in ps}.values())
+        fisher = accumulate_gradients(model, calib, batch_size, params, fisher=cfg.importance in SECOND_ORDER)
+    gen = torch.Generator().manual_seed(seed)
+    scores = GroupScores()
+    with torch.no_grad():
+        for key, ps in parts.items():
+            s = group_scores(ps, cfg.importance, cfg.aggregation, fisher, gen)
+            if key == "hidden":
+                scores.hidden = s
+            elif key.startswith("attention"):
+                scores.attention[int(key[9:])] = s
+            elif key.startswith("mlp"):
+                scores.mlp[int(key[3:])] = s
+            else:
+                scores.layers[int(key[5:])] = float(s[0])
+    model.zero_grad(set_to_none=True)
+    return scores
 
 
-def group_scores(layer: nn.Module, config, method: str, gen: torch.Generator | None = None):
-    """(KV-group scores [kv_heads], MLP-channel scores [intermediate]) of one decoder layer."""
-    lin = models.layer_linears(layer)
-    hd = models.head_dim(config)
-    kv = lin["k_proj"].out_features // hd
-    inter = lin["gate_proj"].out_features
-    if method == "random":
-        return torch.rand(kv, generator=gen), torch.rand(inter, generator=gen)
-    s = {name: _salience(m.weight, method) for name, m in lin.items()}
-    attn = (s["q_proj"].reshape(kv, -1).sum(1) + s["k_proj"].reshape(kv, -1).sum(1)
-            + s["v_proj"].reshape(kv, -1).sum(1)
-            + s["o_proj"].reshape(s["o_proj"].shape[0], kv, -1).sum((0, 2)))
-    mlp = s["gate_proj"].sum(1) + s["up_proj"].sum(1) + s["down_proj"].sum(0)
-    return attn.cpu(), mlp.cpu()
+# ----------------------------------------------------------------------------------------------
+# selecting
 
 
-def kept_counts(width: LayerWidth, cfg: PruneConfig) -> tuple[int, int]:
-    """(KV groups, MLP channels) kept in a pruned layer for the configured ratio and rounding."""
+def _round(count: float, multiple: int, lo: int, hi: int) -> int:
+    return min(hi, max(lo, multiple * math.floor(count / multiple + 0.5)))
+
+
+def kept_counts(width: LayerWidth, cfg: PruneConfig, ratio: float | None = None) -> tuple[int, int]:
+    """(KV groups, MLP channels) kept in a layer under local ranking."""
+    ratio = cfg.ratio if ratio is None else ratio
     kv = width.kv_heads
-    if cfg.attention:
-        kv = max(1, width.kv_heads - math.floor(cfg.ratio * width.kv_heads + 0.5))
+    if cfg.attention and ratio > 0:
+        kv = max(1, width.kv_heads - math.floor(ratio * width.kv_heads + 0.5))
     ch = width.intermediate
-    if cfg.mlp and cfg.ratio > 0:
-        target = width.intermediate * (1.0 - cfg.ratio)
-        ch = cfg.round_to * max(1, math.floor(target / cfg.round_to + 0.5))
-        ch = min(ch, width.intermediate)
+    if cfg.mlp and ratio > 0:
+        ch = _round(width.intermediate * (1.0 - ratio), cfg.round_to, min(cfg.round_to, width.intermediate),
+                    width.intermediate)
     return kv, ch
 
 
@@ -143,31 +190,113 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k).indices.sort().values
 
 
+def _global_counts(per_layer: dict[int, torch.Tensor], ratio: float, minimum: int, multiple: int) -> dict[int, int]:
+    """Kept counts per layer when the lowest ``ratio`` of all groups (pooled) are removed."""
+    pooled = sorted((float(v), layer) for layer, s in per_layer.items() for v in s)
+    counts = {layer: len(s) for layer, s in per_layer.items()}
+    budget = math.floor(ratio * len(pooled) + 0.5)
+    for _, layer in pooled:
+        if budget == 0:
+            break
+        if counts[layer] > minimum:
+            counts[layer] -= 1
+            budget -= 1
+    return {layer: _round(c, multiple, min(minimum, len(per_layer[layer])), len(per_layer[layer]))
+            for layer, c in counts.items()}
+
+
+def select(scores: GroupScores, model: nn.Module, cfg: PruneConfig, ratio: float) -> Selection:
+    """The groups to keep for a group ``ratio``."""
+    widths = models.layer_widths(model)
+    keep_kv, keep_ch = {}, {}
+    if cfg.scope == "block" and ratio > 0:
+        if cfg.ranking == "global":
+            kv_counts = _global_counts(scores.attention, ratio, 1, 1)
+            ch_counts = _global_counts(scores.mlp, ratio, cfg.round_to, cfg.round_to)
+        else:
+            kv_counts = {i: kept_counts(widths[i], cfg, ratio)[0] for i in scores.attention}
+            ch_counts = {i: kept_counts(widths[i], cfg, ratio)[1] for i in scores.mlp}
+        keep_kv = {i: _top(scores.attention[i], k) for i, k in kv_counts.items() if k < widths[i].kv_heads}
+        keep_ch = {i: _top(scores.mlp[i], k) for i, k in ch_counts.items() if k < widths[i].intermediate}
+        return Selection(keep_kv, keep_ch)
+    if cfg.scope == "channel" and ratio > 0:
+        h = scores.hidden.numel()
+        kept = _round(h * (1.0 - ratio), cfg.round_to, min(cfg.round_to, h), h)
+        return Selection({}, {}, keep_hidden=_top(scores.hidden, kept) if kept < h else None)
+    if cfg.scope == "layer" and ratio > 0:
+        ranked = sorted(scores.layers, key=lambda i: scores.layers[i])
+        drop = set(ranked[: math.floor(ratio * len(ranked) + 0.5)])
+        return Selection({}, {}, keep_layers=tuple(i for i in range(len(widths)) if i not in drop))
+    return Selection({}, {})
+
+
+def params_after(model: nn.Module, sel: Selection) -> int:
+    """Closed-form parameter count of ``model`` after applying ``sel``."""
+    hd = models.head_dim(model.config)
+    widths = []
+    for i, w in enumerate(models.layer_widths(model)):
+        if sel.keep_layers is not None and i not in sel.keep_layers:
+            continue
+        kv = len(sel.keep_kv[i]) if i in sel.keep_kv else w.kv_heads
+        heads = kv * (w.heads // w.kv_heads)
+        inter = len(sel.keep_channels[i]) if i in sel.keep_channels else w.intermediate
+        widths.append(LayerWidth(heads, kv, inter))
+    hidden = len(sel.keep_hidden) if sel.keep_hidden is not None else None
+    return models.param_count(model, widths, hidden)
+
+
+def solve_ratio(scores: GroupScores, model: nn.Module, cfg: PruneConfig, target: float) -> float:
+    """The group ratio whose selection removes the fraction of parameters closest to ``target``."""
+    total = models.count_params(model)
+    removed = lambda r: 1.0 - params_after(model, select(scores, model, cfg, r)) / total
+    lo, hi = 0.0, 0.99
+    best = min((lo, hi), key=lambda r: abs(removed(r) - target))
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        got = removed(mid)
+        if abs(got - target) < abs(removed(best) - target):
+            best = mid
+        lo, hi = (mid, hi) if got < target else (lo, mid)
+    return best
+
+
+def apply_(model: nn.Module, sel: Selection) -> None:
+    """Physically remove what ``sel`` does not keep; the model gets its pruned config class."""
+    layers = models.decoder_layers(model)
+    for i in sorted(set(sel.keep_kv) | set(sel.keep_channels)):
+        models.prune_layer_(layers[i], model.config, sel.keep_kv.get(i), sel.keep_channels.get(i))
+    if sel.keep_hidden is not None:
+        models.prune_hidden_(model, sel.keep_hidden)
+    if sel.keep_layers is not None:
+        models.drop_layers_(model, list(sel.keep_layers))
+    models.to_pruned_(model)
+
+
 def prune_(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, batch_size: int = 4,
            seed: int = 0) -> PruneReport:
-    """Prune ``model`` in place; record the new widths in its config; return a report."""
+    """Score, select and remove groups of ``model`` in place; return a report."""
     t0 = time.perf_counter()
-    layers = models.decoder_layers(model)
-    start, end = layer_range(cfg, len(layers))
+    n_layers = len(models.decoder_layers(model))
+    start, end = layer_range(cfg, n_layers)
     widths_before = models.layer_widths(model)
     params_before = models.count_params(model)
-    if cfg.importance == "taylor" and cfg.ratio > 0:
-        accumulate_gradients(model, calib, batch_size)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for i in range(start, end):
-            if cfg.ratio == 0 or not (cfg.attention or cfg.mlp):
-                break
-            kv_keep, ch_keep = kept_counts(widths_before[i], cfg)
-            attn, mlp = group_scores(layers[i], model.config, cfg.importance, gen)
-            keep_kv = _top(attn, kv_keep) if kv_keep < widths_before[i].kv_heads else None
-            keep_ch = _top(mlp, ch_keep) if ch_keep < widths_before[i].intermediate else None
-            models.prune_layer_(layers[i], model.config, keep_kv, keep_ch)
-    model.zero_grad(set_to_none=True)
-    models.record_widths(model)
-    report = PruneReport(importance=cfg.importance, ratio=cfg.ratio, layers=(start, end),
-                         params_before=params_before, params_after=models.count_params(model),
-                         widths_before=widths_before, widths_after=models.layer_widths(model),
-                         seconds=time.perf_counter() - t0)
+    hidden_before = model.config.hidden_size
+    if cfg.ratio == 0 and not cfg.param_ratio or cfg.scope == "block" and not (cfg.attention or cfg.mlp):
+        sel, ratio = Selection({}, {}), 0.0
+    else:
+        scores = score_groups(model, calib, cfg, batch_size=batch_size, seed=seed)
+        ratio = cfg.ratio if not cfg.param_ratio else solve_ratio(scores, model, cfg, cfg.param_ratio)
+        sel = select(scores, model, cfg, ratio)
+    predicted = params_after(model, sel)
+    apply_(model, sel)
+    report = PruneReport(
+        importance=cfg.importance, scope=cfg.scope, ranking=cfg.ranking, ratio=ratio, layers=(start, end),
+        params_before=params_before, params_after=models.count_params(model),
+        widths_before=widths_before, widths_after=models.layer_widths(model),
+        hidden_before=hidden_before, hidden_after=model.config.hidden_size,
+        removed_layers=tuple(i for i in range(n_layers) if sel.keep_layers is not None and i not in sel.keep_layers),
+        calib_shape=tuple(calib.shape), seconds=time.perf_counter() - t0)
+    if report.params_after != predicted:  # the closed form is part of the contract; say so if it breaks
+        logger.warning("pruned model has %d parameters, closed form predicted %d", report.params_after, predicted)
     logger.info(report.summary())
     return report

@@ -27,7 +27,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_splits():
     cfg = DataConfig(seq_len=64, calib_samples=4, eval_samples=8)
-    return data.load_splits(cfg, models.ByteTokenizer())
+    return data.load_splits(cfg, models.byte_tokenizer())
 
 
 @pytest.fixture

@@ -66,4 +66,4 @@ def test_tokenize_puts_eos_between_documents():
         def encode(self, text, add_special_tokens=False):
             return [len(w) for w in text.split()]
     assert data.tokenize(Tok(), ["ab c", "def"]).tolist() == [2, 1, 99, 3, 99]
-    assert data.tokenize(models.ByteTokenizer(), ["ab"]).tolist() == [97, 98]
+    assert data.tokenize(models.byte_tokenizer(), ["ab"]).tolist() == [97, 98]

@@ -62,7 +62,7 @@ def test_hub_id_downloads_through_the_hub_transport(monkeypatch, tmp_path, tiny)
 def test_build_model_round_trips_a_pruned_model(tiny):
     layers = models.decoder_layers(tiny)
     models.prune_layer_(layers[1], tiny.config, torch.tensor([1]), torch.arange(0, 192, 3))
-    models.record_widths(tiny)
+    models.to_pruned_(tiny)
     config_dict, state = models.model_state(tiny)
     rebuilt = models.build_model(config_dict, state)
     x = torch.randint(0, 256, (2, 10))
@@ -72,14 +72,17 @@ def test_build_model_round_trips_a_pruned_model(tiny):
 
 
 def test_build_model_rejects_mismatched_widths(tiny):
-    models.record_widths(tiny)
+    models.to_pruned_(tiny)
     config_dict, state = models.model_state(tiny)
-    config_dict["qpruner_layer_widths"] = config_dict["qpruner_layer_widths"][:3]
-    with pytest.raises(ModelError, match="3 entries but the config has 4 layers"):
+    config_dict["layer_widths"] = config_dict["layer_widths"][:3]
+    with pytest.raises(Exception, match="layer_widths has 3 entries for 4 layers"):
         models.build_model(config_dict, state)
 
 
-def test_byte_tokenizer_round_trips():
-    tok = models.ByteTokenizer()
-    ids = tok.encode("héllo")
-    assert max(ids) < 256 and tok.decode(ids) == "héllo"
+def test_byte_tokenizer_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+    tok = models.byte_tokenizer()
+    ids = tok.encode("héllo\n  x", add_special_tokens=False)
+    assert ids == list("héllo\n  x".encode()) and tok.decode(ids) == "héllo\n  x"
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).encode("héllo", add_special_tokens=False) == ids[:6]

@@ -1,19 +1,68 @@
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 
 from qpruner import models, prune
 from qpruner.config import PruneConfig
 from qpruner.errors import ConfigError
+from qpruner.prune_importance import ESTIMATORS, accumulate_gradients, group_scores
+
+# ----------------------------------------------------------------------------------------------
+# helpers
 
 
-def closed_form_params(config, widths) -> int:
-    """Parameter count of a Llama with per-layer widths, written out by hand."""
-    h, hd, v = config.hidden_size, models.head_dim(config), config.vocab_size
-    total = v * h * (1 if config.tie_word_embeddings else 2) + h  # embeddings (+ head), final norm
+def closed_form_params(config, widths, vocab=256, tied=True) -> int:
+    """Parameter count of a Llama with per-layer widths, written out by hand (no biases)."""
+    h, hd = config.hidden_size, models.head_dim(config)
+    total = vocab * h * (1 if tied else 2) + h  # embeddings (+ head), final norm
     for w in widths:
         total += h * w.heads * hd * 2 + h * w.kv_heads * hd * 2  # q, o and k, v
         total += 3 * h * w.intermediate + 2 * h                  # gate, up, down; two norms
     return total
+
+
+def masked_reference(model, sel: prune.Selection):
+    """The original model with everything ``sel`` removes zeroed where it writes to the residual stream."""
+    ref = copy.deepcopy(model)
+    hd = models.head_dim(ref.config)
+    layers = models.decoder_layers(ref)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            lin = models.layer_linears(layer)
+            group = ref.config.num_attention_heads // ref.config.num_key_value_heads
+            if i in sel.keep_kv:
+                for kv in range(ref.config.num_key_value_heads):
+                    if kv not in sel.keep_kv[i]:
+                        lin["o_proj"].weight[:, kv * group * hd:(kv + 1) * group * hd] = 0
+            if i in sel.keep_channels:
+                drop = [c for c in range(lin["gate_proj"].out_features) if c not in sel.keep_channels[i]]
+                lin["down_proj"].weight[:, drop] = 0
+            if sel.keep_layers is not None and i not in sel.keep_layers:
+                lin["o_proj"].weight.zero_()
+                lin["down_proj"].weight.zero_()
+        if sel.keep_hidden is not None:
+            drop = [c for c in range(ref.config.hidden_size) if c not in sel.keep_hidden]
+            ref.get_input_embeddings().weight[:, drop] = 0
+            for layer in layers:
+                lin = models.layer_linears(layer)
+                lin["o_proj"].weight[drop] = 0
+                lin["down_proj"].weight[drop] = 0
+    return ref
+
+
+def prune_and_reference(model, calib, cfg):
+    scores = prune.score_groups(model, calib, cfg, seed=1)
+    sel = prune.select(scores, model, cfg, cfg.ratio)
+    ref = masked_reference(model, sel)
+    predicted = prune.params_after(model, sel)
+    prune.apply_(model, sel)
+    return ref, predicted, sel
+
+
+# ----------------------------------------------------------------------------------------------
+# block scope
 
 
 def test_prune_reports_true_counts_and_model_runs(tiny, tiny_splits):
@@ -26,9 +75,9 @@ def test_prune_reports_true_counts_and_model_runs(tiny, tiny_splits):
     assert w[0] == w[3] == models.LayerWidth(4, 2, 192)
     assert w[1] == w[2] == models.LayerWidth(2, 1, 96)  # half the KV groups (with their q heads), MLP 96
     x = tiny_splits.eval[:2]
-    out = tiny(input_ids=x, labels=x)
-    assert torch.isfinite(out.loss)
-    assert tiny.config.qpruner_layer_widths[1] == [2, 1, 96]
+    assert torch.isfinite(tiny(input_ids=x, labels=x).loss)
+    assert tiny.config.layer_widths[1] == [2, 1, 96]
+    assert type(tiny).__name__ == "QPrunerLlamaForCausalLM"
 
 
 def test_widths_are_rounded_to_multiples(tiny, tiny_splits):
@@ -45,62 +94,175 @@ def test_layer_range_and_its_validation(tiny, tiny_splits):
         prune.layer_range(PruneConfig(layer_start=3, layer_end=2), 4)
 
 
-def _mask_(model, layer_idx, keep_kv, keep_ch):
-    """Zero the pruned heads' and channels' outgoing weights (o_proj columns, down_proj columns)."""
-    layer = models.decoder_layers(model)[layer_idx]
-    lin = models.layer_linears(layer)
-    hd, cfg = models.head_dim(model.config), model.config
-    group = cfg.num_attention_heads // cfg.num_key_value_heads
-    with torch.no_grad():
-        for kv in range(cfg.num_key_value_heads):
-            if kv not in keep_kv:
-                cols = slice(kv * group * hd, (kv + 1) * group * hd)
-                lin["o_proj"].weight[:, cols] = 0
-        drop = [c for c in range(cfg.intermediate_size) if c not in keep_ch]
-        lin["down_proj"].weight[:, drop] = 0
-
-
-@pytest.mark.parametrize("importance", ["taylor", "l2", "random"])
-def test_pruned_logits_equal_masked_original(tiny, tiny_splits, importance):
+@pytest.mark.parametrize("importance", ESTIMATORS)
+@pytest.mark.parametrize("ranking", ["local", "global"])
+def test_pruned_logits_equal_masked_original(tiny, tiny_splits, importance, ranking):
     """Physically removing heads/channels == zeroing their contribution in the original model."""
-    reference = models.tiny_model()
-    prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5, importance=importance), seed=1)
-    for i in (1, 2):
-        # recover which groups/channels were kept by matching rows of the pruned weights
-        orig = models.layer_linears(models.decoder_layers(reference)[i])
-        new = models.layer_linears(models.decoder_layers(tiny)[i])
-        hd = models.head_dim(tiny.config)
-        keep_kv = [k for k in range(2) if any(torch.equal(orig["k_proj"].weight[k * hd:(k + 1) * hd],
-                                                          new["k_proj"].weight[j * hd:(j + 1) * hd]) for j in range(1))]
-        keep_ch = [c for c in range(192) if any(torch.equal(orig["gate_proj"].weight[c], r) for r in new["gate_proj"].weight)]
-        assert len(keep_kv) == 1 and len(keep_ch) == 96
-        _mask_(reference, i, keep_kv, keep_ch)
+    cfg = PruneConfig(ratio=0.5, importance=importance, ranking=ranking, round_to=16)
+    ref, predicted, sel = prune_and_reference(tiny, tiny_splits.calib[:2], cfg)
+    assert sel.keep_kv and sel.keep_channels
+    assert models.count_params(tiny) == predicted
     x = tiny_splits.eval[:2]
     with torch.no_grad():
-        assert torch.allclose(tiny(x).logits, reference(x).logits, atol=1e-5)
+        assert torch.allclose(tiny(x).logits, ref(x).logits, atol=1e-5)
 
 
-def test_taylor_scores_keep_the_important_group(tiny, tiny_splits):
-    """A KV group whose weights were scaled up carries more first-order importance and is kept."""
+@pytest.mark.parametrize("aggregation", ["sum", "mean", "max"])
+def test_aggregations_combine_the_coupled_parameters(tiny, tiny_splits, aggregation):
     layer = models.decoder_layers(tiny)[1]
-    with torch.no_grad():
-        for name in ("q_proj", "k_proj", "v_proj"):
-            w = models.layer_linears(layer)[name].weight
-            half = w.shape[0] // 2
-            w[half:] *= 8.0  # KV group 1 (and its query heads)
-    prune.accumulate_gradients(tiny, tiny_splits.calib)
-    attn, _ = prune.group_scores(layer, tiny.config, "taylor")
-    assert attn[1] > attn[0]
-    tiny.zero_grad(set_to_none=True)
-    prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5, layer_start=1, layer_end=2))
-    kept = models.layer_linears(models.decoder_layers(tiny)[1])["k_proj"].weight
-    assert kept.abs().mean() > 2.0 * models.layer_linears(models.decoder_layers(models.tiny_model())[1])["k_proj"].weight.abs().mean()
+    parts = models.attention_parts(layer, tiny.config)
+    per_param = torch.stack([(p.param.data.abs().movedim(p.dim, 0).reshape(p.n, -1).sum(1)) for p in parts])
+    expected = {"sum": per_param.sum(0), "mean": per_param.mean(0), "max": per_param.amax(0)}[aggregation]
+    assert torch.allclose(group_scores(parts, "l1", aggregation), expected)
+
+
+def test_global_ranking_prunes_the_unimportant_layer_harder(tiny, tiny_splits):
+    with torch.no_grad():  # make layer 2's MLP tiny in magnitude: it should lose most channels
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            models.layer_linears(models.decoder_layers(tiny)[2])[name].weight.mul_(0.01)
+    report = prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.4, importance="l2", ranking="global",
+                                                               attention=False, round_to=16))
+    # 40% of the 384 pooled channels = 154, all of them layer 2's weakest: 192 - 154 = 38 -> 32 (multiple of 16)
+    assert report.widths_after[1].intermediate == 192
+    assert report.widths_after[2].intermediate == 32
+
+
+def test_param_ratio_is_met(tiny, tiny_splits):
+    for target in (0.1, 0.25):
+        model = models.tiny_model()
+        report = prune.prune_(model, tiny_splits.calib, PruneConfig(param_ratio=target, layer_start=0, layer_end=4,
+                                                                    round_to=8, importance="l2", attention=False))
+        # one step of 8 channels in all 4 layers is 2.9% of the parameters: within half a step
+        assert abs(report.removed_fraction - target) < 0.015, (target, report.removed_fraction)
 
 
 def test_ratio_zero_changes_nothing(tiny, tiny_splits):
     before = models.count_params(tiny)
     report = prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.0))
     assert report.params_after == before and report.removed_fraction == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# channel and layer scopes
+
+
+@pytest.mark.parametrize("importance", ["taylor", "l1", "param_mix"])
+def test_hidden_channel_pruning_is_exactly_masking(tiny, tiny_splits, importance):
+    cfg = PruneConfig(scope="channel", ratio=0.25, round_to=16, importance=importance)
+    ref, predicted, sel = prune_and_reference(tiny, tiny_splits.calib[:2], cfg)
+    assert tiny.config.hidden_size == 48 and sel.keep_hidden.numel() == 48
+    assert models.count_params(tiny) == predicted
+    assert tiny.lm_head.weight is tiny.model.embed_tokens.weight  # still tied
+    x = tiny_splits.eval[:2]
+    with torch.no_grad():
+        assert torch.allclose(tiny(x).logits, ref(x).logits, atol=1e-4)
+
+
+def test_layer_pruning_drops_whole_layers(tiny, tiny_splits):
+    cfg = PruneConfig(scope="layer", ratio=0.5, importance="taylor")  # layers 1..2 in range: one goes
+    ref, predicted, sel = prune_and_reference(tiny, tiny_splits.calib[:2], cfg)
+    assert len(sel.keep_layers) == 3 and {0, 3} <= set(sel.keep_layers)
+    assert len(models.decoder_layers(tiny)) == 3 and tiny.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in models.decoder_layers(tiny)] == [0, 1, 2]
+    assert models.count_params(tiny) == predicted
+    x = tiny_splits.eval[:2]
+    with torch.no_grad():
+        assert torch.allclose(tiny(x).logits, ref(x).logits, atol=1e-5)
+        out = tiny.generate(x[:1, :8], max_new_tokens=3, do_sample=False)  # the KV cache indexes the kept layers
+    assert out.shape == (1, 11)
+
+
+# ----------------------------------------------------------------------------------------------
+# the estimators against independent computations
+
+
+def _toy_loss(model, batch):
+    return model(input_ids=batch, labels=batch).loss
+
+
+def test_taylor_group_score_equals_independent_autograd(tiny, tiny_splits):
+    """Element-wise first order: sum |w * dL/dw| over the group's slices, gathered with explicit indices;
+    vector-wise: |dL/d alpha| for a scale alpha on the group's weights (w -> alpha * w at alpha = 1)."""
+    calib = tiny_splits.calib[:2]
+    layer = models.decoder_layers(tiny)[1]
+    lin = models.layer_linears(layer)
+    hd, group = 16, 2
+    accumulate_gradients(tiny, calib, batch_size=2, params=[p.param for p in models.attention_parts(layer, tiny.config)])
+    parts = models.attention_parts(layer, tiny.config)
+    ours = group_scores(parts, "taylor")
+    ours_vector = group_scores(parts, "taylor_vector")
+    tiny.zero_grad(set_to_none=True)
+    weights = [lin[n].weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    grads = torch.autograd.grad(_toy_loss(tiny, calib), weights)
+    for kv in range(2):
+        q_rows = list(range(kv * group * hd, (kv + 1) * group * hd))
+        kv_rows = list(range(kv * hd, (kv + 1) * hd))
+        slices = [(0, q_rows, 0), (1, kv_rows, 0), (2, kv_rows, 0), (3, q_rows, 1)]
+        expected = 0.0
+        for idx, rows, dim in slices:
+            w, g = weights[idx], grads[idx]
+            sel_w, sel_g = (w[rows], g[rows]) if dim == 0 else (w[:, rows], g[:, rows])
+            expected += float((sel_w * sel_g).abs().sum().detach())
+        assert ours[kv].item() == pytest.approx(expected, rel=1e-4)
+        # vector-wise: for each coupled slice, d loss / d alpha with that slice scaled by alpha
+        names = {id(p): n for n, p in tiny.named_parameters()}
+        expected_vector = 0.0
+        for idx, rows, dim in slices:
+            w = weights[idx]
+            mask = torch.zeros_like(w)
+            if dim == 0:
+                mask[rows] = 1
+            else:
+                mask[:, rows] = 1
+            alpha = torch.ones((), requires_grad=True)
+            scaled = {names[id(w)]: w.detach() * (1 + (alpha - 1) * mask)}
+            out = torch.func.functional_call(tiny, scaled, (), {"input_ids": calib, "labels": calib})
+            (d_alpha,) = torch.autograd.grad(out.loss, alpha)
+            expected_vector += abs(float(d_alpha))
+        assert ours_vector[kv].item() == pytest.approx(expected_vector, rel=1e-3)
+
+
+def test_second_order_uses_per_sample_squared_gradients(tiny, tiny_splits):
+    calib = tiny_splits.calib[:3]
+    layer = models.decoder_layers(tiny)[1]
+    parts = models.mlp_parts(layer)
+    fisher = accumulate_gradients(tiny, calib, params=[p.param for p in parts], fisher=True)
+    ours = group_scores(parts, "param_second", fisher=fisher)
+    mix = group_scores(parts, "param_mix", fisher=fisher)
+    mean_grads = {id(p.param): p.param.grad.clone() for p in parts}
+    tiny.zero_grad(set_to_none=True)
+    weights = [p.param for p in parts]
+    squares = [torch.zeros_like(w) for w in weights]
+    detached = [w.detach() for w in weights]
+    for b in range(3):
+        for s, g in zip(squares, torch.autograd.grad(_toy_loss(tiny, calib[b:b + 1]), weights)):
+            s += g * g
+    for c in (0, 7, 100):
+        exp2 = sum(float((w * s * w)[c].abs().sum()) if p.dim == 0 else float((w * s * w)[:, c].abs().sum())
+                   for p, w, s in zip(parts, detached, squares))
+        assert ours[c].item() == pytest.approx(exp2, rel=1e-4)
+        expm = 0.0
+        for p, w, s in zip(parts, weights, squares):
+            term = (-w.detach() * mean_grads[id(w)] + 0.5 * w.detach() * s * w.detach()).abs()
+            expm += float(term[c].sum() if p.dim == 0 else term[:, c].sum())
+        assert mix[c].item() == pytest.approx(expm, rel=1e-4)
+
+
+def test_taylor_keeps_a_group_that_matters(tiny, tiny_splits):
+    """A KV group whose weights were scaled up carries more first-order importance and is kept."""
+    layer = models.decoder_layers(tiny)[1]
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            w = models.layer_linears(layer)[name].weight
+            w[w.shape[0] // 2:] *= 8.0  # KV group 1 (and its query heads)
+    reference = copy.deepcopy(tiny)
+    prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5, layer_start=1, layer_end=2))
+    kept = models.layer_linears(models.decoder_layers(tiny)[1])["k_proj"].weight
+    assert torch.equal(kept, models.layer_linears(models.decoder_layers(reference)[1])["k_proj"].weight[16:])
+
+
+# ----------------------------------------------------------------------------------------------
+# other layouts
 
 
 def _tiny_arch(arch: str):
@@ -114,14 +276,25 @@ def _tiny_arch(arch: str):
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_other_layouts_prune_and_rebuild(arch, tiny_splits):
+@pytest.mark.parametrize("scope", ["block", "channel", "layer"])
+def test_other_layouts_prune_mask_and_rebuild(arch, scope, tiny_splits):
     model = _tiny_arch(arch)
-    report = prune.prune_(model, tiny_splits.calib, PruneConfig(ratio=0.5, layer_start=0, layer_end=3))
-    assert report.widths_after == (models.LayerWidth(2, 1, 64),) * 3
-    if arch == "qwen2":
-        assert models.layer_linears(models.decoder_layers(model)[0])["k_proj"].bias.shape == (16,)
+    cfg = PruneConfig(ratio=0.5, layer_start=0, layer_end=3, scope=scope, round_to=16)
+    ref, predicted, _ = prune_and_reference(model, tiny_splits.calib[:2], cfg)
+    assert models.count_params(model) == predicted
+    if scope == "block":
+        assert models.layer_widths(model) == (models.LayerWidth(2, 1, 64),) * 3
+        if arch == "qwen2":
+            assert models.layer_linears(models.decoder_layers(model)[0])["k_proj"].bias.shape == (16,)
+    x = tiny_splits.eval[:2]
     config_dict, state = models.model_state(model)
     rebuilt = models.build_model(config_dict, state)
-    x = tiny_splits.eval[:2]
     with torch.no_grad():
+        assert torch.allclose(model(x).logits, ref(x).logits, atol=1e-4)
         assert torch.allclose(rebuilt(x).logits, model(x).logits, atol=1e-5)
+
+
+def test_report_round_trips(tiny, tiny_splits):
+    report = prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5))
+    assert prune.PruneReport.from_dict(report.to_dict()) == report
+    assert "block" in report.summary()

@@ -1,0 +1,156 @@
+"""Pruned models as ordinary Hugging Face models: config/model classes registered with the Auto API.
+
+A pruned Llama/Mistral/Qwen2 differs from the stock model only in its widths: each decoder layer may
+keep its own number of query heads, KV heads and MLP channels, the hidden size may be smaller
+(channel-wise pruning) and layers may be gone (layer-wise pruning). The config classes below add one
+field, ``layer_widths`` (``[heads, kv_heads, intermediate]`` per layer); the model classes build
+each decoder layer from a copy of the config with that layer's widths, so every module is the stock
+transformers module with the right shape. ``head_dim`` is always explicit, so the hidden size need
+not be a multiple of the head count.
+
+``import qpruner`` registers ``qpruner_llama``, ``qpruner_mistral`` and ``qpruner_qwen2`` with
+``AutoConfig`` / ``AutoModelForCausalLM``; after that, ``AutoModelForCausalLM.from_pretrained(dir)``
+loads a directory written by :func:`save_pruned` (safetensors weights, no pickle, no remote code).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "qpruner_"
+META_FILE = "qpruner_prune.json"
+_CLASSES: dict[str, tuple[type, type]] = {}
+
+
+def _make_classes(base: str):
+    from huggingface_hub.dataclasses import strict
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    config_base, model_base, layer_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM, LlamaDecoderLayer),
+        "mistral": (MistralConfig, MistralForCausalLM, MistralDecoderLayer),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, Qwen2DecoderLayer),
+    }[base]
+
+    @strict
+    class PrunedConfig(config_base):
+        model_type = PREFIX + base
+        layer_widths: list | None = None
+
+        def validate_architecture(self):
+            """Per-layer widths replace the global head/width checks of the base config."""
+            if self.layer_widths is not None and len(self.layer_widths) != self.num_hidden_layers:
+                raise ValueError(f"layer_widths has {len(self.layer_widths)} entries for "
+                                 f"{self.num_hidden_layers} layers")
+
+    class PrunedForCausalLM(model_base):
+        config_class = PrunedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            if config.layer_widths:
+                for i, widths in enumerate(config.layer_widths):
+                    self.model.layers[i] = layer_cls(layer_config(config, widths), i)
+                self.post_init()
+
+    PrunedConfig.__name__ = PrunedConfig.__qualname__ = f"QPruner{config_base.__name__}"
+    PrunedForCausalLM.__name__ = PrunedForCausalLM.__qualname__ = f"QPruner{model_base.__name__}"
+    return PrunedConfig, PrunedForCausalLM
+
+
+def layer_config(config, widths):
+    """A copy of ``config`` describing one decoder layer of the given ``[heads, kv_heads, intermediate]``."""
+    heads, kv, inter = widths
+    c = copy.copy(config)
+    c.num_attention_heads, c.num_key_value_heads, c.intermediate_size = int(heads), int(kv), int(inter)
+    return c
+
+
+def register() -> None:
+    """Register the pruned config/model classes with the transformers Auto API (idempotent)."""
+    if _CLASSES:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    for base in ("llama", "mistral", "qwen2"):
+        cfg_cls, model_cls = _make_classes(base)
+        AutoConfig.register(cfg_cls.model_type, cfg_cls, exist_ok=True)
+        AutoModelForCausalLM.register(cfg_cls, model_cls, exist_ok=True)
+        _CLASSES[base] = (cfg_cls, model_cls)
+
+
+def base_type(model_type: str) -> str:
+    return model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
+
+
+def classes_for(model_type: str) -> tuple[type, type]:
+    register()
+    return _CLASSES[base_type(model_type)]
+
+
+def pruned_config(config, widths, **changes):
+    """The pruned config class for ``config`` with per-layer ``widths`` and other fields changed."""
+    cfg_cls, _ = classes_for(config.model_type)
+    d = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "layer_widths"):
+        d.pop(key, None)
+    d.update(changes)
+    d["head_dim"] = d.get("head_dim") or config.hidden_size // config.num_attention_heads
+    d["layer_widths"] = [list(map(int, w)) for w in widths]
+    d["num_hidden_layers"] = len(widths)
+    return cfg_cls(**d)
+
+
+def adopt_(model: nn.Module, config) -> nn.Module:
+    """Make ``model`` an instance of the pruned class with ``config`` (modules are unchanged)."""
+    _, model_cls = classes_for(config.model_type)
+    model.config = config
+    model.model.config = config
+    model.__class__ = model_cls
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+
+
+def save_pruned(model: nn.Module, tokenizer, directory: str | Path, meta: dict | None = None) -> Path:
+    """Write ``model`` (safetensors + config), its tokenizer and ``meta`` (the pruning record)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(directory)
+    if meta is not None:
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict | None:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def load_pruned(directory: str | Path, dtype: torch.dtype | None = None, device="cpu"):
+    """(model, tokenizer) from a directory written by :func:`save_pruned` (safetensors only)."""
+    register()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model.to(device).eval(), tokenizer

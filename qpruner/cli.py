@@ -1,6 +1,7 @@
 """``qpruner <verb>``: the command line. The only place that configures logging.
 
     qpruner search   JOB.yaml [key=value ...]   prune once, search mixed precision, write results
+    qpruner prune    JOB.yaml [key=value ...]   only prune, save to results/<job>/pruned/ (reused by search)
     qpruner validate JOB.yaml [key=value ...]   check a job file (and overrides) without running it
 """
 
@@ -31,6 +32,17 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _cmd_prune(args) -> int:
+    from .job import load_or_prune, resolve_device
+
+    job = load_job(args.job, args.overrides)
+    pruned = load_or_prune(job, resolve_device(job.device), force=args.force)
+    print(("reused: " if pruned.reused else "") + pruned.report.summary())
+    print(f"pruned model: {job.results_path / 'pruned'}/ (load it with `import qpruner` and "
+          "transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def _cmd_search(args) -> int:
     from .job import run_job
     from .report import front_table
@@ -45,7 +57,7 @@ def _cmd_search(args) -> int:
     print(f"trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"Pareto front ({len(outcome.front)} plans):")
     print(front_table(outcome.front, job.search.metric))
-    print(f"results: {outcome.directory}/ (trials.parquet, pareto.parquet, pareto.png, job.yaml)")
+    print(f"results: {outcome.directory}/ (trials.parquet, pareto.parquet, pareto.png, job.yaml, pruned/)")
     return 0
 
 
@@ -56,10 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, help_ in (("search", _cmd_search, "prune once and search mixed precision"),
+                              ("prune", _cmd_prune, "only prune; save the pruned model for later searches"),
                               ("validate", _cmd_validate, "validate a job file without running it")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("job", help="job file (YAML), e.g. tune_jobs/smollm2_demo.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override a job key, e.g. finetune.steps=5")
+        if name == "prune":
+            p.add_argument("--force", action="store_true", help="prune again even if a matching pruned model exists")
         p.set_defaults(func=func)
     return parser
 

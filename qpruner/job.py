@@ -9,8 +9,10 @@ once; the trials receive the result through Ray's object store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,8 +20,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import data, importance, models, policy, prune, report
-from .config import JobConfig, save_job
+from . import __version__, data, importance, models, policy, prune, report
+from .config import JobConfig, save_job, to_dict
+from .pruned_model import load_pruned, read_meta, save_pruned
 from .errors import ConfigError
 from .importance import LayerScores
 from .memory import Budget, ModelLayout
@@ -66,16 +69,67 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
 
 
-def prepare(job: JobConfig, out: Path) -> Prepared:
-    """Driver stages: load, prune once, score layers, sample seed plans."""
-    device = resolve_device(job.device)
+def prune_key(job: JobConfig) -> str:
+    """Identity of the pruned model: model, pruning config, the calibration data and this version.
+    Local data files enter with their size and modification time."""
+    d = job.data
+    calib = {"source": d.source, "text_field": d.text_field, "seq_len": d.seq_len, "calib_samples": d.calib_samples,
+             "calib_seq_len": d.calib_seq_len, "eval_samples": d.eval_samples, "seed": d.seed}
+    path = Path(d.source).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        calib["file"] = [stat.st_size, stat.st_mtime_ns]
+    blob = json.dumps({"model": to_dict(job.model), "prune": to_dict(job.prune), "data": calib,
+                       "version": __version__}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pruned_dir(job: JobConfig) -> Path:
+    return job.results_path / "pruned"
+
+
+@dataclass
+class PrunedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    splits: data.Splits
+    report: prune.PruneReport
+    reused: bool
+
+
+def load_or_prune(job: JobConfig, device: torch.device, force: bool = False) -> PrunedModel:
+    """The pruned model of ``job``: read from ``results/<job>/pruned/`` when it was written for the same
+    model, pruning config and calibration data, else pruned now and saved there (safetensors)."""
+    directory, key = pruned_dir(job), prune_key(job)
+    meta = read_meta(directory)
+    if not force and meta is not None and meta.get("key") == key:
+        t = time.perf_counter()
+        model, tokenizer = load_pruned(directory, models.DTYPES[job.model.dtype], device)
+        logger.info("reusing the pruned model in %s (key %s, %.1fs)", directory, key, time.perf_counter() - t)
+        splits = data.load_splits(job.data, tokenizer)
+        return PrunedModel(model, tokenizer, splits, prune.PruneReport.from_dict(meta["report"]), True)
     t = time.perf_counter()
     loaded = models.load_model(job.model, device)
     logger.info("loaded %s (%s parameters) in %.1fs", loaded.name, f"{models.count_params(loaded.model):,}",
                 time.perf_counter() - t)
     splits = data.load_splits(job.data, loaded.tokenizer)
-    model = loaded.model
-    prune_report = prune.prune_(model, splits.calib, job.prune, batch_size=job.prune.batch_size, seed=job.data.seed)
+    report_ = prune.prune_(loaded.model, splits.calib, job.prune, batch_size=job.prune.batch_size,
+                           seed=job.data.seed)
+    if directory.exists():
+        shutil.rmtree(directory)
+    # save_pruned writes the record last: a directory without it (an interrupted save) is never reused
+    save_pruned(loaded.model, loaded.tokenizer, directory,
+                {"key": key, "source": loaded.name, "report": report_.to_dict(),
+                 "job": {"model": to_dict(job.model), "prune": to_dict(job.prune), "data": to_dict(job.data)}})
+    logger.info("saved the pruned model to %s", directory)
+    return PrunedModel(loaded.model, loaded.tokenizer, splits, report_, False)
+
+
+def prepare(job: JobConfig, out: Path) -> Prepared:
+    """Driver stages: prune once (or reuse), score layers, sample seed plans."""
+    device = resolve_device(job.device)
+    pruned = load_or_prune(job, device)
+    model, splits, prune_report = pruned.model, pruned.splits, pruned.report
     scores = importance.score_layers(model, splits.calib, job.score)
     layout = ModelLayout.from_model(model)
     budget = Budget.from_policy(job.policy)

@@ -17,3 +17,15 @@ def test_validate_reports_every_problem_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 problem(s)" in err
     assert "finetune.stpes" in err and "search.num_trials" in err and "prune.ratio" in err
+
+
+def test_prune_command_saves_then_reuses(tmp_path, capsys):
+    job = str(ROOT / "tune_jobs" / "tiny_smoke.yaml")
+    assert main(["prune", job, f"results_dir={tmp_path}"]) == 0
+    first = capsys.readouterr().out
+    assert "pruned layers 1..2" in first and not first.startswith("reused")
+    assert (tmp_path / "tiny_smoke" / "pruned" / "model.safetensors").is_file()
+    assert main(["prune", job, f"results_dir={tmp_path}"]) == 0
+    assert capsys.readouterr().out.startswith("reused: ")
+    assert main(["prune", job, f"results_dir={tmp_path}", "--force"]) == 0
+    assert not capsys.readouterr().out.startswith("reused")

@@ -17,7 +17,8 @@ def test_qpruner_search_tiny_smoke(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "tiny_smoke"
-    for name in ("trials.parquet", "pareto.parquet", "pareto.png", "job.yaml", "prune.json", "seeds.json"):
+    for name in ("trials.parquet", "pareto.parquet", "pareto.png", "job.yaml", "prune.json", "seeds.json",
+                 "pruned/model.safetensors", "pruned/qpruner_prune.json"):
         assert (out / name).is_file(), name
     trials = pd.read_parquet(out / "trials.parquet")
     assert len(trials) == 5 and set(trials["status"]) <= {"ok", "infeasible"}

@@ -57,3 +57,18 @@ def test_layer_scores_and_nf4_worse_than_int8(pruned):
     assert nf4.perplexity > int8.perplexity
     assert nf4.weight_bytes < int8.weight_bytes
     assert nf4.weight_bytes == nf4.weight_bytes_predicted and int8.weight_bytes == int8.weight_bytes_predicted
+
+
+def test_saved_pruned_smollm2_loads_with_transformers(pruned, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qpruner.pruned_model import save_pruned
+    job, model, splits, _, _ = pruned
+    tokenizer = models.load_model(job.model).tokenizer
+    save_pruned(model, tokenizer, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = "The quick brown fox jumps over the lazy dog."
+    assert tok.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+    x = splits.eval[:2]
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)

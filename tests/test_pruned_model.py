@@ -1,0 +1,84 @@
+"""Pruned models saved as safetensors that plain transformers loads after `import qpruner`."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import qpruner  # noqa: F401  (registers the pruned classes)
+from qpruner import models, prune
+from qpruner.config import PruneConfig, build_job
+from qpruner.job import load_or_prune, prune_key
+from qpruner.pruned_model import load_pruned, save_pruned
+
+LOAD_IN_FRESH_PYTHON = """
+import sys, numpy as np, torch, qpruner, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], use_safetensors=True).eval()
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+x = torch.tensor(tok.encode(sys.argv[2], add_special_tokens=False))[None]
+with torch.no_grad():
+    np.save(sys.argv[3], model(x).logits.numpy())
+print(type(model).__name__)
+"""
+
+
+@pytest.mark.parametrize("scope", ["block", "channel", "layer"])
+def test_saved_pruned_model_loads_with_plain_transformers(tmp_path, tiny, tiny_splits, scope):
+    prune.prune_(tiny, tiny_splits.calib, PruneConfig(scope=scope, ratio=0.5, round_to=16))
+    save_pruned(tiny, models.byte_tokenizer(), tmp_path / "m")
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle")) for f in files)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "qpruner_llama"
+    text = "def f(x):\n    return x"
+    out = tmp_path / "logits.npy"
+    proc = subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PYTHON, str(tmp_path / "m"), text, str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "QPrunerLlamaForCausalLM"
+    with torch.no_grad():
+        expected = tiny(torch.tensor(list(text.encode()))[None]).logits.numpy()
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-6)
+
+
+def test_load_pruned_keeps_ties_and_widths(tmp_path, tiny, tiny_splits):
+    report = prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5))
+    save_pruned(tiny, models.byte_tokenizer(), tmp_path)
+    model, tok = load_pruned(tmp_path)
+    assert models.layer_widths(model) == report.widths_after
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert tok.encode("ab", add_special_tokens=False) == [97, 98]
+
+
+def _job(tmp_path, **prune_kw):
+    return build_job({"name": "j", "results_dir": str(tmp_path), "device": "cpu", "model": {"source": "tiny"},
+                      "data": {"seq_len": 64, "calib_samples": 4, "eval_samples": 8},
+                      "prune": {"ratio": 0.5, **prune_kw}})
+
+
+def test_search_reuses_a_matching_pruned_model(tmp_path, monkeypatch):
+    job = _job(tmp_path)
+    first = load_or_prune(job, torch.device("cpu"))
+    assert not first.reused and (tmp_path / "j" / "pruned" / "qpruner_prune.json").is_file()
+    import qpruner.job as job_mod
+    monkeypatch.setattr(job_mod.prune, "prune_", lambda *a, **k: pytest.fail("pruned again"))
+    second = load_or_prune(job, torch.device("cpu"))
+    assert second.reused and second.report == first.report
+    x = first.splits.eval[:2]
+    with torch.no_grad():
+        assert torch.allclose(second.model(x).logits, first.model(x).logits)
+    assert torch.equal(second.splits.train, first.splits.train)
+
+
+def test_a_different_config_or_an_interrupted_save_prunes_again(tmp_path):
+    job = _job(tmp_path)
+    load_or_prune(job, torch.device("cpu"))
+    other = _job(tmp_path, ratio=0.25)
+    assert prune_key(other) != prune_key(job)
+    assert not load_or_prune(other, torch.device("cpu")).reused
+    (tmp_path / "j" / "pruned" / "qpruner_prune.json").unlink()  # as if the save had been interrupted
+    assert not load_or_prune(other, torch.device("cpu")).reused
+    assert load_or_prune(other, torch.device("cpu")).reused

@@ -1,0 +1,20 @@
+"""The benchmark scripts keep working (run on the tiny model, in seconds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prune_benchmark_runs_on_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "prune_bench.py"), "--model", "tiny",
+                           "--targets", "0.2", "--estimators", "taylor", "random", "--eval-samples", "4",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "prune.json").read_text())
+    settings = [r["setting"] for r in res["rows"]]
+    assert settings[:2] == ["taylor", "random"] and len(settings) == 5
+    assert all(r["params"] < res["params_unpruned"] and r["perplexity"] > 1 for r in res["rows"])
+    assert "| target | setting |" in (tmp_path / "prune.md").read_text()

@@ -72,3 +72,17 @@ def test_saved_pruned_smollm2_loads_with_transformers(pruned, tmp_path):
     x = splits.eval[:2]
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_smollm2_pruning_equals_masking_and_closed_form(pruned):
+    """Block scope on the real model: physically pruned == original with the groups zeroed."""
+    from helpers import prune_and_reference
+    job, _, splits, _, original = pruned
+    model = copy.deepcopy(original)
+    ref, predicted, sel = prune_and_reference(model, splits.calib[:4], replace(job.prune, importance="param_mix"))
+    assert len(sel.keep_kv) == 28 and len(sel.keep_channels) == 28
+    assert models.count_params(model) == predicted == models.param_count(model, models.layer_widths(model))
+    x = splits.eval[:2]
+    with torch.no_grad():
+        out, expected = model(x).logits, ref(x).logits
+    assert torch.allclose(out, expected, atol=1e-3, rtol=1e-4)

@@ -83,7 +83,8 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    method: str = opt("fisher", choices=("fisher", "taylor", "block_influence"))
+    method: str = opt("fisher", choices=("fisher", "taylor", "block_influence", "mutual_information", "sensitivity"),
+                      help="unit importance estimator (formulas in qpruner/importance.py)")
     samples: Optional[int] = opt(None, min=1, help="calibration samples used (default: all)")
 
 
@@ -94,15 +95,21 @@ class QuantConfig:
     blocksize: int = opt(64, choices=(64, 128, 256), help="4-bit quantization block size")
     int8_threshold: float = opt(6.0, min=0.0, help="LLM.int8() outlier threshold (0: no fp16 outlier path)")
     rest_dtype: str = opt("bfloat16", choices=("bfloat16", "float16", "float32"),
-                          help="storage of embeddings, norms and lm_head")
+                          help="storage of norms, and of embeddings / lm_head when they are 'rest'")
+    embeddings: str = opt("rest", choices=("rest", "int8", "nf4", "fp4"),
+                          help="input embeddings: rest_dtype, or bitsandbytes Embedding8bit / Embedding4bit")
+    lm_head: str = opt("rest", choices=("rest", "int8", "nf4", "fp4"),
+                       help="output head: rest_dtype, or bitsandbytes Linear8bitLt / Linear4bit")
     compute_dtype: str = opt("auto", choices=("auto", "float32", "bfloat16", "float16"),
                              help="auto: bfloat16 on CUDA, float32 on CPU")
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    bits: tuple[int, ...] = opt((4, 8, 16), choices=(4, 8, 16), help="precisions a layer may get")
-    temperature: float = opt(1.0, min=1e-3, max=1e3, help="softness of the probabilistic decision")
+    bits: tuple[int, ...] = opt((4, 8, 16), choices=(4, 8, 16), help="precisions a unit may get")
+    unit: str = opt("layer", choices=("layer", "group", "linear"),
+                    help="what gets one precision: a decoder layer, its attention/MLP group, or each projection")
+    temperature: float = opt(0.5, min=1e-3, max=1e3, help="softness of the probabilistic decision")
     seed_plans: int = opt(4, min=0, max=1000, help="plans sampled from layer scores to seed the search")
     include_uniform: bool = opt(True, help="also seed the uniform lowest/highest plans (when in budget)")
     budget_avg_bits: Optional[float] = opt(None, min=1.0, max=32.0,
@@ -180,6 +187,9 @@ class JobConfig:
                             f"({self.data.seq_len}); calibration samples are cut from seq_len blocks")
         problems += _check_model_source(self.model.source)
         problems += _check_data_source(self.data.source)
+        if self.score.method in ("block_influence", "mutual_information") and self.policy.unit == "linear":
+            problems.append(f"score.method: {self.score.method} scores layers or module groups; with "
+                            "policy.unit=linear use fisher, taylor or sensitivity")
         if self.search.gpus_per_trial > 1 and self.search.gpus_per_trial != int(self.search.gpus_per_trial):
             problems.append("search.gpus_per_trial: fractions are only allowed below 1 (e.g. 0.5), "
                             f"got {self.search.gpus_per_trial}")

@@ -1,110 +1,216 @@
-"""How much each decoder layer matters: one score per layer (higher = keep more bits).
+"""How much each unit (decoder layer, module group or projection) matters: one score per unit,
+higher = keep more bits. All estimators run on the pruned, unquantized model and the calibration
+split. ``W_u`` is the set of weights of unit ``u``; ``g_b`` the gradient of sample ``b``'s loss, ``g``
+that of the mean loss.
 
-Estimators (all on the pruned, unquantized model and the calibration split):
+* ``fisher`` (default): ``S_u = sum_b sum_{w in W_u} (w * g_b(w))**2`` — the diagonal empirical Fisher
+  estimate of the loss increase ``0.5 * sum F_ww * dw**2`` when every weight gets relative noise
+  ``dw ~ w``, which is what block-wise absmax quantization does (up to a constant per precision).
+* ``taylor``: ``S_u = sum_{w in W_u} |w * g(w)|`` (first order, as the pruning stage).
+* ``block_influence``: ``S_u = 1 - mean_t cos(x_t, x'_t)`` with ``x``/``x'`` the residual stream before
+  and after the unit (ShortGPT's Block Influence). Layer and group units. No gradients.
+* ``mutual_information``: the information about the model's prediction that the unit adds to the
+  residual stream, ``S_u = I_u - I_{u-1}``, where ``I_u`` lower-bounds the mutual information between
+  the residual stream ``X_u`` after unit ``u`` and the prediction ``Y`` (Barber & Agakov's variational
+  bound, with the model's own final norm + unembedding — the "logit lens" — as the decoder ``q``):
+  ``I(X_u; Y) >= H(Y) - E_t[ CE(p_t, q_u,t) ]``, ``p_t`` the model's predictive distribution at token
+  ``t``, ``H(Y)`` the entropy of its average over the calibration tokens. Why this estimator: the exact
+  mutual information between any layer's output and a deterministic network's prediction is the same
+  for every layer (the rest of the network is a function of it), so an informative score has to
+  measure *decodable* information; this bound needs one forward pass, no binning of a 50k-way output
+  and no trained probes, and it is exact at the last layer. Layer and group units.
+* ``sensitivity``: measured, one forward pass per unit: ``S_u = mean_t KL(p_t || p~_t)``, with
+  ``p~`` the predictive distribution of the model with only unit ``u`` quantized to the 4-bit format.
+  This is the increase of the loss against the model's own predictions (the distillation loss) — it
+  cannot be negative and, unlike the loss against the text's next tokens, is not drowned in the
+  noise of a few hundred calibration tokens. The ground truth the other estimators approximate.
 
-* ``fisher`` (default): ``S_l = sum_b sum_{w in layer l} (w * g_b(w))**2`` with ``g_b`` the gradient
-  of sample ``b``'s loss. A second-order (diagonal empirical Fisher) estimate of the loss increase
-  ``0.5 * sum F_ww * dw**2`` when every weight gets relative noise ``dw ~ w`` — which is what
-  block-wise absmax quantization does — up to a constant per precision.
-* ``taylor``: ``S_l = sum_{w in layer l} |w * g(w)|`` with ``g`` the gradient of the mean loss
-  (first order; same element importance as the pruning stage).
-* ``block_influence``: ``S_l = 1 - mean_tokens cos(x_in, x_out)`` (ShortGPT's Block Influence):
-  how much layer ``l`` changes its residual stream. No gradients.
-
-The QPruner paper uses mutual information between a layer's output and the prediction; that
-estimator, per-module granularity and measured quantization sensitivity come with issue 4.
+Scores are cached by the driver per (model, pruning, data, method, unit) so a resumed search does not
+recompute them (:mod:`qpruner.job`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import models
-from .config import ScoreConfig
+from .config import LINEAR_NAMES, QuantConfig, ScoreConfig
+from .plan import UNIT_MEMBERS, units_per_layer
 from .prune_importance import accumulate_gradients
 
 logger = logging.getLogger(__name__)
+
+RESIDUAL_METHODS = ("block_influence", "mutual_information")
 
 
 @dataclass(frozen=True)
 class LayerScores:
     method: str
-    scores: tuple[float, ...]   # one per decoder layer
+    scores: tuple[float, ...]   # one per unit, layer by layer
+    unit: str = "layer"
     seconds: float = 0.0
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def ranking(self) -> list[int]:
-        """Layer indices, most important first."""
+        """Unit indices, most important first."""
         return sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
 
 
-def _linear_weights(layer: nn.Module) -> list[nn.Parameter]:
-    return [m.weight for m in models.layer_linears(layer).values()]
+def _by_unit(per_linear: list[dict[str, float]], unit: str) -> list[float]:
+    """Sum per-linear scores into units."""
+    return [sum(layer[name] for name in names) for layer in per_linear for names in UNIT_MEMBERS[unit]]
 
 
-def _fisher(model: nn.Module, calib: torch.Tensor) -> list[float]:
-    layers = models.decoder_layers(model)
-    scores = torch.zeros(len(layers), dtype=torch.float64)
+def _weights(model: nn.Module) -> list[dict[str, nn.Parameter]]:
+    return [{n: m.weight for n, m in models.layer_linears(layer).items()} for layer in models.decoder_layers(model)]
+
+
+def _fisher(model, calib, unit, **_) -> list[float]:
+    weights = _weights(model)
+    per_linear = [{n: 0.0 for n in LINEAR_NAMES} for _ in weights]
     for sample in calib.split(1):
         accumulate_gradients(model, sample, batch_size=1)
-        for i, layer in enumerate(layers):
-            scores[i] += sum(float(((w.data.float() * w.grad.float()) ** 2).sum()) for w in _linear_weights(layer))
+        for acc, layer in zip(per_linear, weights):
+            for name, w in layer.items():
+                acc[name] += float(((w.data.float() * w.grad.float()) ** 2).sum())
     model.zero_grad(set_to_none=True)
-    return scores.tolist()
+    return _by_unit(per_linear, unit)
 
 
-def _taylor(model: nn.Module, calib: torch.Tensor) -> list[float]:
+def _taylor(model, calib, unit, **_) -> list[float]:
     accumulate_gradients(model, calib)
-    out = [sum(float((w.data.float() * w.grad.float()).abs().sum()) for w in _linear_weights(layer))
-           for layer in models.decoder_layers(model)]
+    per_linear = [{n: float((w.data.float() * w.grad.float()).abs().sum()) for n, w in layer.items()}
+                  for layer in _weights(model)]
     model.zero_grad(set_to_none=True)
-    return out
+    return _by_unit(per_linear, unit)
 
 
-def _block_influence(model: nn.Module, calib: torch.Tensor) -> list[float]:
+def _residual_streams(model: nn.Module, batch: torch.Tensor, unit: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The residual stream before the first unit and after every unit ([tokens, hidden] each), and
+    the model's logits, from one forward pass."""
     layers = models.decoder_layers(model)
-    sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
-    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def hook(idx):
-        def fn(module, args, kwargs, output):
-            x_in = args[0] if args else kwargs["hidden_states"]
-            x_out = output[0] if isinstance(output, tuple) else output
-            captured[idx] = (x_in.detach(), x_out.detach())
-        return fn
-
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
+    inputs, attn_out, outputs = {}, {}, {}
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(
+            lambda m, args, output, i=i: attn_out.__setitem__(i, output[0] if isinstance(output, tuple) else output)))
+        handles.append(layer.register_forward_hook(
+            lambda m, args, output, i=i: outputs.__setitem__(i, output[0] if isinstance(output, tuple) else output)))
     try:
-        with torch.no_grad():
-            for batch in calib.split(4):
-                model(input_ids=batch.to(device))
-                for i, (x_in, x_out) in captured.items():
-                    cos = nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-                    sums[i] += float((1.0 - cos).sum())
-                count += batch.numel()
+        logits = model(input_ids=batch).logits
     finally:
         for h in handles:
             h.remove()
+    flat = lambda t: t.reshape(-1, t.shape[-1]).float()
+    streams = [flat(inputs[0])]
+    for i in range(len(layers)):
+        if unit == "group":
+            streams.append(flat(inputs[i] + attn_out[i]))
+        streams.append(flat(outputs[i]))
+    return streams, logits
+
+
+def _check_residual_unit(method: str, unit: str) -> None:
+    if unit not in ("layer", "group"):
+        raise ValueError(f"{method} scores layers or module groups, not {unit!r} units")
+
+
+@torch.no_grad()
+def _block_influence(model, calib, unit, **_) -> list[float]:
+    _check_residual_unit("block_influence", unit)
+    device = next(model.parameters()).device
+    sums, count = None, 0
+    for batch in calib.split(4):
+        streams, _ = _residual_streams(model, batch.to(device), unit)
+        values = torch.stack([(1.0 - F.cosine_similarity(a, b, dim=-1)).sum() for a, b in zip(streams, streams[1:])])
+        sums = values if sums is None else sums + values
+        count += streams[0].shape[0]
     return (sums / count).tolist()
 
 
-ESTIMATORS = {"fisher": _fisher, "taylor": _taylor, "block_influence": _block_influence}
+def _logit_lens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.get_output_embeddings()(model.model.norm(x)).float().log_softmax(-1)
+
+
+@torch.no_grad()
+def _mutual_information(model, calib, unit, **_) -> list[float]:
+    _check_residual_unit("mutual_information", unit)
+    device = next(model.parameters()).device
+    ce_sums, p_sum, count = None, None, 0
+    for batch in calib.split(4):
+        streams, logits = _residual_streams(model, batch.to(device), unit)
+        p = logits.float().reshape(-1, logits.shape[-1]).softmax(-1)
+        ce = torch.stack([-(p * _logit_lens(model, x)).sum() for x in streams])   # sum over tokens of CE(p, q)
+        ce_sums = ce if ce_sums is None else ce_sums + ce
+        p_sum = p.sum(0) if p_sum is None else p_sum + p.sum(0)
+        count += p.shape[0]
+    marginal = p_sum / count
+    h_y = float(-(marginal * marginal.clamp_min(1e-30).log()).sum())
+    bounds = [h_y - float(c) / count for c in ce_sums]
+    logger.debug("MI lower bounds (nats) per residual stream: %s", [round(b, 3) for b in bounds])
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+@torch.no_grad()
+def _log_probs(model: nn.Module, calib: torch.Tensor) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(input_ids=batch.to(device)).logits.float().log_softmax(-1) for batch in calib.split(4)]
+
+
+@torch.no_grad()
+def _sensitivity(model, calib, unit, quant: QuantConfig | None = None, **_) -> list[float]:
+    from .quantize import convert_linear  # the bitsandbytes boundary
+    quant = quant or QuantConfig()
+    device = next(model.parameters()).device
+    compute = next(model.parameters()).dtype
+    reference = _log_probs(model, calib)
+    tokens = sum(r.shape[0] * r.shape[1] for r in reference)
+    scores = []
+    for layer in models.decoder_layers(model):
+        originals = models.layer_linears(layer)
+        for names in UNIT_MEMBERS[unit]:
+            for name in names:
+                models.set_layer_linear(layer, name, convert_linear(originals[name], quant.four_bit, quant, device, compute))
+            try:
+                kl = sum(float((ref.exp() * (ref - q)).sum()) for ref, q in zip(reference, _log_probs(model, calib)))
+                scores.append(kl / tokens)
+            finally:
+                for name in names:
+                    models.set_layer_linear(layer, name, originals[name])
+    return scores
+
+
+ESTIMATORS = {"fisher": _fisher, "taylor": _taylor, "block_influence": _block_influence,
+              "mutual_information": _mutual_information, "sensitivity": _sensitivity}
+
+
+def score_units(model: nn.Module, calib: torch.Tensor, cfg: ScoreConfig, unit: str = "layer",
+                quant: QuantConfig | None = None) -> LayerScores:
+    """One score per unit (``layer`` | ``group`` | ``linear``) with ``cfg.method``."""
+    t0 = time.perf_counter()
+    units_per_layer(unit)
+    samples = calib if cfg.samples is None else calib[: cfg.samples]
+    scores = ESTIMATORS[cfg.method](model, samples, unit, quant=quant)
+    if any(not math.isfinite(s) for s in scores):
+        raise ValueError(f"{cfg.method} produced non-finite scores; check the calibration data")
+    result = LayerScores(cfg.method, tuple(float(s) for s in scores), unit, time.perf_counter() - t0)
+    logger.info("%s scores (%s, %.1fs): most important units %s", unit, cfg.method, result.seconds,
+                result.ranking()[:5])
+    return result
 
 
 def score_layers(model: nn.Module, calib: torch.Tensor, cfg: ScoreConfig) -> LayerScores:
-    t0 = time.perf_counter()
-    samples = calib if cfg.samples is None else calib[: cfg.samples]
-    scores = ESTIMATORS[cfg.method](model, samples)
-    result = LayerScores(cfg.method, tuple(float(s) for s in scores), time.perf_counter() - t0)
-    logger.info("layer scores (%s, %.1fs): most important layers %s", cfg.method, result.seconds,
-                result.ranking()[:5])
-    return result
+    """One score per decoder layer (``score_units`` with ``unit="layer"``)."""
+    return score_units(model, calib, cfg, "layer")

@@ -125,12 +125,34 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False) -> 
     return PrunedModel(loaded.model, loaded.tokenizer, splits, report_, False)
 
 
+def score_key(job: JobConfig) -> str:
+    blob = json.dumps({"pruned": prune_key(job), "score": to_dict(job.score), "unit": job.policy.unit,
+                       "quant": [job.quant.four_bit, job.quant.blocksize, job.quant.double_quant]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_or_score(job: JobConfig, model: torch.nn.Module, calib: torch.Tensor, path: Path) -> LayerScores:
+    """Unit scores, read from ``path`` when computed for the same pruned model, data, method and unit."""
+    key = score_key(job)
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key:
+            logger.info("reusing %s unit scores (%s) from %s", saved["unit"], saved["method"], path)
+            return LayerScores(saved["method"], tuple(saved["scores"]), saved["unit"], saved.get("seconds", 0.0))
+    scores = importance.score_units(model, calib, job.score, job.policy.unit, job.quant)
+    _write_json(path, {"key": key, **asdict(scores)})
+    return scores
+
+
 def prepare(job: JobConfig, out: Path) -> Prepared:
     """Driver stages: prune once (or reuse), score layers, sample seed plans."""
     device = resolve_device(job.device)
     pruned = load_or_prune(job, device)
     model, splits, prune_report = pruned.model, pruned.splits, pruned.report
-    scores = importance.score_layers(model, splits.calib, job.score)
+    scores = load_or_score(job, model, splits.calib, out / "layer_scores.json")
     layout = ModelLayout.from_model(model)
     budget = Budget.from_policy(job.policy)
     memory = policy.PlanMemory(layout, job.quant, trial_compute_dtype(job))
@@ -138,9 +160,8 @@ def prepare(job: JobConfig, out: Path) -> Prepared:
     config_dict, state_dict = models.model_state(model)
     context = TrialContext(config_dict=config_dict, state_dict=state_dict, layout=layout,
                            train=splits.train, eval=splits.eval, quant=job.quant, finetune=job.finetune,
-                           evaluation=job.eval, budget=budget, metric=job.search.metric)
+                           evaluation=job.eval, budget=budget, metric=job.search.metric, unit=job.policy.unit)
     _write_json(out / "prune.json", prune_report.to_dict())
-    _write_json(out / "layer_scores.json", asdict(scores))
     _write_json(out / "seeds.json", [{"origin": s.origin, "code": s.plan.code(), "plan": s.plan.to_dict(),
                                       "avg_bits": memory(s.plan).avg_bits,
                                       "weight_bytes": memory(s.plan).total_bytes} for s in seeds])

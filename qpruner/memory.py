@@ -1,39 +1,42 @@
-"""Exact weight memory, memory budgets, and measured fine-tuning peaks.
+"""Exact weight memory of a quantized model, and memory budgets.
 
-Weight bytes count every tensor a quantized model holds for its weights (bitsandbytes 0.50):
+Weight bytes count every tensor a quantized model holds for its weights (bitsandbytes 0.50). For a
+weight of ``n`` elements and ``out`` rows:
 
-* ``nf4``/``fp4`` (``Linear4bit``, block size B=64): packed weights ``ceil(n/2)`` B, a 16-entry fp32
-  code table (64 B), and the per-block absmax: with double quantization ``ceil(n/B)`` uint8 absmax
-  + their fp32 absmax per 256 blocks + a 256-entry fp32 code table (1024 B) + one fp32 offset;
-  without it, ``ceil(n/B)`` fp32 absmax. (1024x1024: 542,020 B with, 590,912 B without.)
-* ``int8`` (``Linear8bitLt``): ``n`` int8 + one fp32 scale per output row (``SCB``).
-* ``bf16``: ``2n``. Biases are stored in the compute dtype for quantized layers, in bf16 otherwise.
-* everything outside the decoder linears (embeddings — once if tied —, norms, lm_head) in
-  ``quant.rest_dtype``.
+==========  =====================================================================================
+format      bytes
+==========  =====================================================================================
+``nf4``,    packed ``ceil(n/2)`` + 16-entry fp32 code table (64) + per-block absmax: with double
+``fp4``     quantization ``ceil(n/B)`` uint8 + fp32 absmax per 256 blocks + 256-entry fp32 code
+            table (1024) + fp32 offset (4); without it ``4 * ceil(n/B)`` (B = block size, 64)
+``int8``    ``n`` + fp32 row scale per row ``4 * out`` (``SCB``; LLM.int8() outliers are dynamic)
+``bf16``    ``2n``; ``fp32`` ``4n``
+==========  =====================================================================================
+
+(1024x1024: nf4 542,020 B with double quantization, 589,888 B without; int8 1,052,672 B; bf16
+2,097,152 B.) Biases are stored in the compute dtype for quantized layers and in bf16 for bf16
+layers. Embeddings and lm_head follow ``quant.embeddings`` / ``quant.lm_head``: ``rest`` stores
+them in ``quant.rest_dtype`` (tied embeddings once), ``int8`` as bitsandbytes ``Embedding8bit`` /
+``Linear8bitLt``, ``nf4``/``fp4`` as ``Embedding4bit`` (no double quantization) / ``Linear4bit``; a
+tied pair with either quantized is stored as two tensors. Norms and all else are in ``rest_dtype``.
 
 :func:`plan_bytes` predicts these numbers from a :class:`ModelLayout` and a plan without building
-anything; :func:`measure_bytes` sums the real tensors of a quantized model. Tests hold them equal.
-
-Average bits: ``8 * bytes of decoder-linear weights (with quantization statistics, without
-biases) / number of those weights`` — nf4 with double quant 4.13, int8 8.03, bf16 16.
-
-Fine-tuning peak: on CUDA ``torch.cuda.max_memory_allocated`` during fine-tuning (``cuda_allocated``);
-on Linux CPUs the growth of the process's peak resident set (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``) during fine-tuning plus the model's tensor bytes (``cpu_rss``). Elsewhere
-no measurement is made (``none``).
+anything; :func:`measure_bytes` sums the real tensors of a quantized model. Tests hold them equal to
+the byte. Average bits: ``8 * bytes of decoder-linear weights (with quantization statistics, without
+biases) / number of those weights`` (nf4 with double quantization 4.13, int8 8.03, bf16 16).
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import models
+from .config import LINEAR_NAMES, QuantConfig
+from .errors import PlanError
 from .plan import PrecisionPlan
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -54,50 +57,56 @@ class LinearShape:
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """The shapes that decide weight memory: each decoder layer's linears, and the rest."""
+    """The shapes that decide weight memory: each decoder layer's seven linears (in
+    ``LINEAR_NAMES`` order), the embeddings, the output head and everything else."""
     layers: tuple[tuple[LinearShape, ...], ...]
-    rest_numel: int   # parameters outside decoder linears (tied embeddings counted once)
+    vocab: int
+    hidden: int
+    tied: bool
+    head_bias: bool
+    other_numel: int  # norms and anything that is neither a decoder linear, nor embeddings, nor lm_head
 
     @classmethod
     def from_model(cls, model: nn.Module) -> "ModelLayout":
-        layers, linear_ids = [], set()
+        layers, seen = [], set()
         for layer in models.decoder_layers(model):
-            shapes = []
-            for lin in models.layer_linears(layer).values():
-                shapes.append(LinearShape(lin.out_features, lin.in_features, lin.bias is not None))
-                linear_ids.update(id(p) for p in lin.parameters())
-            layers.append(tuple(shapes))
-        unique = {id(p): p for p in model.parameters()}
-        rest = sum(p.numel() for i, p in unique.items() if i not in linear_ids)
-        return cls(tuple(layers), rest)
+            lin = models.layer_linears(layer)
+            layers.append(tuple(LinearShape(lin[n].out_features, lin[n].in_features, lin[n].bias is not None)
+                                for n in LINEAR_NAMES))
+            seen.update(id(p) for m in lin.values() for p in m.parameters())
+        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+        seen.update(id(p) for p in emb.parameters())
+        tied = head is not None and head.weight is emb.weight
+        if head is not None:
+            seen.update(id(p) for p in head.parameters())
+        other = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in seen)
+        return cls(tuple(layers), emb.num_embeddings, emb.embedding_dim, tied,
+                   head is not None and getattr(head, "bias", None) is not None, other)
 
     @property
-    def n_units(self) -> int:
+    def n_layers(self) -> int:
         return len(self.layers)
-
-    def unit_numel(self, i: int) -> int:
-        return sum(s.numel for s in self.layers[i])
 
     @property
     def linear_numel(self) -> int:
-        return sum(self.unit_numel(i) for i in range(self.n_units))
+        return sum(s.numel for layer in self.layers for s in layer)
 
 
 def format_bytes(shape: LinearShape, fmt: str, *, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes of one linear layer's weight (without bias) stored in ``fmt``."""
+    """Bytes of one weight of ``shape`` (without bias) stored in ``fmt``."""
     n = shape.numel
     if fmt in ("nf4", "fp4"):
         blocks = math.ceil(n / blocksize)
-        packed = (n + 1) // 2
-        code = 16 * 4
+        packed, code = (n + 1) // 2, 16 * 4
         if double_quant:
-            nested = math.ceil(blocks / NESTED_BLOCKSIZE)
-            return packed + code + blocks + nested * 4 + 256 * 4 + 4
+            return packed + code + blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + 256 * 4 + 4
         return packed + code + blocks * 4
     if fmt == "int8":
         return n + shape.out_features * 4
-    if fmt == "bf16":
+    if fmt in ("bf16", "fp16"):
         return 2 * n
+    if fmt == "fp32":
+        return 4 * n
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -110,29 +119,55 @@ def bias_bytes(shape: LinearShape, fmt: str, compute_dtype: str) -> int:
 @dataclass(frozen=True)
 class MemoryBreakdown:
     linear_weight_bytes: int   # decoder-linear weights incl. quantization statistics, no biases
-    bias_bytes: int
-    rest_bytes: int
+    bias_bytes: int            # decoder-linear biases
+    embedding_bytes: int
+    head_bytes: int            # lm_head (0 when it shares the embedding tensor)
+    other_bytes: int           # norms etc.
     linear_numel: int
 
     @property
     def total_bytes(self) -> int:
-        return self.linear_weight_bytes + self.bias_bytes + self.rest_bytes
+        return self.linear_weight_bytes + self.bias_bytes + self.embedding_bytes + self.head_bytes + self.other_bytes
 
     @property
     def avg_bits(self) -> float:
         return 8.0 * self.linear_weight_bytes / self.linear_numel
 
 
-def plan_bytes(layout: ModelLayout, plan: PrecisionPlan, *, blocksize: int = 64, double_quant: bool = True,
-               rest_dtype: str = "bfloat16", compute_dtype: str = "float32") -> MemoryBreakdown:
+def embedding_bytes(layout: ModelLayout, quant: QuantConfig) -> int:
+    shape = LinearShape(layout.vocab, layout.hidden, False)
+    if quant.embeddings == "rest":
+        return shape.numel * DTYPE_BYTES[quant.rest_dtype]
+    if quant.embeddings in ("nf4", "fp4"):
+        if layout.hidden % 64:
+            raise PlanError(f"4-bit embeddings need a hidden size divisible by 64; it is {layout.hidden}")
+        return format_bytes(shape, quant.embeddings, blocksize=64, double_quant=False)
+    return format_bytes(shape, quant.embeddings)
+
+
+def head_bytes(layout: ModelLayout, quant: QuantConfig, compute_dtype: str) -> int:
+    shape = LinearShape(layout.vocab, layout.hidden, layout.head_bias)
+    if quant.lm_head == "rest":
+        if layout.tied and quant.embeddings == "rest":
+            return 0
+        return (shape.numel + (layout.vocab if layout.head_bias else 0)) * DTYPE_BYTES[quant.rest_dtype]
+    weight = format_bytes(shape, quant.lm_head, blocksize=quant.blocksize, double_quant=quant.double_quant)
+    return weight + bias_bytes(shape, quant.lm_head, compute_dtype)
+
+
+def plan_bytes(layout: ModelLayout, plan: PrecisionPlan, quant: QuantConfig | None = None,
+               compute_dtype: str = "float32") -> MemoryBreakdown:
     """Predicted weight memory of ``layout`` quantized with ``plan`` (no model is built)."""
-    plan.check_units(layout.n_units)
+    quant = quant or QuantConfig()
+    plan.check_units(layout.n_layers)
     weights = biases = 0
-    for shapes, fmt in zip(layout.layers, plan.formats):
-        for s in shapes:
-            weights += format_bytes(s, fmt, blocksize=blocksize, double_quant=double_quant)
+    for shapes, formats in zip(layout.layers, plan.per_linear()):
+        for name, s in zip(LINEAR_NAMES, shapes):
+            fmt = formats[name]
+            weights += format_bytes(s, fmt, blocksize=quant.blocksize, double_quant=quant.double_quant)
             biases += bias_bytes(s, fmt, compute_dtype)
-    return MemoryBreakdown(weights, biases, layout.rest_numel * DTYPE_BYTES[rest_dtype], layout.linear_numel)
+    return MemoryBreakdown(weights, biases, embedding_bytes(layout, quant), head_bytes(layout, quant, compute_dtype),
+                           layout.other_numel * DTYPE_BYTES[quant.rest_dtype], layout.linear_numel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,8 +190,8 @@ def _tensor_list(module: nn.Module) -> list[torch.Tensor]:
     for sub in module.modules():  # Linear8bitLt moves SCB/CB to its MatmulLtState after a forward
         state = getattr(sub, "state", None)
         out += [t for t in (getattr(state, "SCB", None), getattr(state, "CB", None)) if torch.is_tensor(t)]
-    for name, b in module.named_buffers():
-        out.append(b)
+    for sub in module.modules():  # persistent buffers (non-persistent ones, like rotary inv_freq, are derived)
+        out += [b for name, b in sub._buffers.items() if b is not None and name not in sub._non_persistent_buffers_set]
     return out
 
 
@@ -179,19 +214,19 @@ def measure_bytes(model: nn.Module) -> MemoryBreakdown:
     """
     seen: set = set()
     weights = biases = numel = 0
-    skip = {id(p) for n, p in model.named_parameters() if "lora_" in n}
     for layer in models.decoder_layers(model):
         for lin in models.layer_linears(layer).values():
             base = getattr(lin, "base_layer", lin)  # a peft LoRA wrapper keeps the original as base_layer
-            skip.update(id(p) for p in lin.parameters())
             if base.bias is not None:
                 biases += _unique_bytes([base.bias.data], seen)
             weights += _unique_bytes(_tensor_list(base), seen)
             numel += base.in_features * base.out_features
-    rest_tensors = [p.data for p in model.parameters() if id(p) not in skip]
-    persistent = {n for n, _ in model.state_dict().items()}
-    rest_tensors += [b for n, b in model.named_buffers() if n in persistent and "lora_" not in n]
-    return MemoryBreakdown(weights, biases, _unique_bytes(rest_tensors, seen), numel)
+    embedding = _unique_bytes(_tensor_list(model.get_input_embeddings()), seen)
+    head = model.get_output_embeddings()
+    head_b = _unique_bytes(_tensor_list(head), seen) if head is not None else 0
+    lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    other = _unique_bytes([p.data for p in model.parameters() if id(p) not in lora], seen)
+    return MemoryBreakdown(weights, biases, embedding, head_b, other, numel)
 
 
 def adapter_bytes(model: nn.Module) -> int:
@@ -225,6 +260,10 @@ class Budget:
     def fits(self, mem: MemoryBreakdown) -> bool:
         return self.excess(mem) == 0.0
 
+    @property
+    def unlimited(self) -> bool:
+        return self.avg_bits is None and self.total_bytes is None
+
     def describe(self) -> str:
         parts = []
         if self.avg_bits is not None:
@@ -232,47 +271,3 @@ class Budget:
         if self.total_bytes is not None:
             parts.append(f"<= {self.total_bytes / GB:.3f} GB of weights")
         return " and ".join(parts) or "no budget"
-
-
-# ----------------------------------------------------------------------------------------------
-# peak memory during fine-tuning
-
-
-def _proc_status(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-@dataclass
-class PeakReading:
-    kind: str = "none"     # cuda_allocated | cpu_rss | none
-    peak_bytes: int | None = None
-
-
-@contextmanager
-def measure_peak(device: torch.device, resident_bytes: int = 0):
-    """Measure the peak memory of the enclosed block (see module docstring for what is measured).
-    ``resident_bytes``: tensor bytes already resident before the block (CPU reading only)."""
-    reading = PeakReading()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        yield reading
-        torch.cuda.synchronize(device)
-        reading.kind, reading.peak_bytes = "cuda_allocated", int(torch.cuda.max_memory_allocated(device))
-        return
-    rss_before = _proc_status("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        can_reset = True
-    except OSError:
-        can_reset = False
-    yield reading
-    hwm = _proc_status("VmHWM")
-    if can_reset and rss_before is not None and hwm is not None:
-        reading.kind, reading.peak_bytes = "cpu_rss", resident_bytes + max(0, hwm - rss_before)

@@ -1,7 +1,10 @@
-"""PrecisionPlan: the storage format of every unit (decoder layer) of a pruned model, as data.
+"""PrecisionPlan: the storage format of every unit of a pruned model, as data.
 
-A plan can be saved (:meth:`to_dict`, versioned), loaded (:meth:`from_dict`), compared and applied
-again (:func:`qpruner.quantize.quantize_`). Formats: ``nf4`` / ``fp4`` (4-bit, bitsandbytes
+A *unit* is what gets one precision: a whole decoder layer (``layer``, the default), one of its two
+module groups (``group``: attention q/k/v/o, then MLP gate/up/down), or a single projection
+(``linear``). Units are numbered layer by layer in that order. A plan can be saved
+(:meth:`to_dict`, versioned), loaded (:meth:`from_dict`), compared and applied again
+(:func:`qpruner.quantize.quantize_`). Formats: ``nf4`` / ``fp4`` (4-bit, bitsandbytes
 ``Linear4bit``), ``int8`` (bitsandbytes ``Linear8bitLt``), ``bf16`` (16-bit storage).
 """
 
@@ -9,10 +12,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .config import LINEAR_NAMES
 from .errors import PlanError
 
 FORMAT_BITS = {"nf4": 4, "fp4": 4, "int8": 8, "bf16": 16}
 PLAN_VERSION = 1
+ATTENTION = LINEAR_NAMES[:4]
+MLP = LINEAR_NAMES[4:]
+UNIT_MEMBERS = {  # the linears of each unit of one layer, in unit order
+    "layer": (LINEAR_NAMES,),
+    "group": (ATTENTION, MLP),
+    "linear": tuple((name,) for name in LINEAR_NAMES),
+}
+UNITS = tuple(UNIT_MEMBERS)
 
 
 def format_for_bits(bits: int, four_bit: str = "nf4") -> str:
@@ -23,6 +35,18 @@ def format_for_bits(bits: int, four_bit: str = "nf4") -> str:
     if bits == 16:
         return "bf16"
     raise PlanError(f"unsupported bit width {bits}; expected 4, 8 or 16")
+
+
+def units_per_layer(unit: str) -> int:
+    if unit not in UNIT_MEMBERS:
+        raise PlanError(f"unknown unit {unit!r}; expected one of {list(UNITS)}")
+    return len(UNIT_MEMBERS[unit])
+
+
+def unit_names(unit: str, n_layers: int) -> list[str]:
+    """Readable names of the units, e.g. ``layer 3``, ``layer 3 mlp``, ``layer 3 q_proj``."""
+    labels = {"layer": ("",), "group": (" attention", " mlp"), "linear": tuple(f" {n}" for n in LINEAR_NAMES)}[unit]
+    return [f"layer {i}{label}" for i in range(n_layers) for label in labels]
 
 
 @dataclass(frozen=True)
@@ -38,16 +62,15 @@ class PrecisionPlan:
             raise PlanError(f"unknown format(s) {bad}; expected one of {sorted(FORMAT_BITS)}")
         if not self.formats:
             raise PlanError("a plan needs at least one unit")
-        if self.unit != "layer":
-            raise PlanError(f"unit {self.unit!r} is not supported yet; expected 'layer'")
+        units_per_layer(self.unit)
 
     @classmethod
-    def from_bits(cls, bits, four_bit: str = "nf4") -> "PrecisionPlan":
-        return cls(tuple(format_for_bits(int(b), four_bit) for b in bits))
+    def from_bits(cls, bits, four_bit: str = "nf4", unit: str = "layer") -> "PrecisionPlan":
+        return cls(tuple(format_for_bits(int(b), four_bit) for b in bits), unit)
 
     @classmethod
-    def uniform(cls, fmt: str, n_units: int) -> "PrecisionPlan":
-        return cls((fmt,) * n_units)
+    def uniform(cls, fmt: str, n_units: int, unit: str = "layer") -> "PrecisionPlan":
+        return cls((fmt,) * n_units, unit)
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -60,10 +83,27 @@ class PrecisionPlan:
         """Compact text form, one character per unit: 4 = nf4, f = fp4, 8 = int8, H = bf16."""
         return "".join({"nf4": "4", "fp4": "f", "int8": "8", "bf16": "H"}[f] for f in self.formats)
 
-    def check_units(self, n_units: int) -> None:
-        if len(self.formats) != n_units:
-            raise PlanError(f"plan has {len(self.formats)} entries but the pruned model has {n_units} "
-                            "decoder layers; re-run scoring after pruning")
+    def n_layers(self) -> int:
+        return len(self.formats) // units_per_layer(self.unit)
+
+    def check_units(self, n_layers: int) -> None:
+        """Raise unless the plan has exactly one entry per unit of a model with ``n_layers`` layers."""
+        want = n_layers * units_per_layer(self.unit)
+        if len(self.formats) != want:
+            raise PlanError(f"plan has {len(self.formats)} entries but the pruned model has {want} "
+                            f"{self.unit} units ({n_layers} decoder layers); re-run scoring after pruning")
+
+    def per_linear(self) -> list[dict[str, str]]:
+        """For each decoder layer, the format of each of its seven linears (by short name)."""
+        members = UNIT_MEMBERS[self.unit]
+        out = []
+        for layer in range(self.n_layers()):
+            formats = {}
+            for k, names in enumerate(members):
+                for name in names:
+                    formats[name] = self.formats[layer * len(members) + k]
+            out.append(formats)
+        return out
 
     def to_dict(self) -> dict:
         return {"version": PLAN_VERSION, "unit": self.unit, "formats": list(self.formats)}

@@ -1,38 +1,43 @@
-"""The probabilistic decision: layer scores -> precision probabilities -> seed plans for the search.
+"""The probabilistic decision: unit scores -> precision probabilities -> seed plans for the search.
 
-Following QPruner (Zhou et al., Findings of NAACL 2025), more important layers are more likely to
-get more bits. Our mapping, for ``m`` allowed precisions ``b_0 < ... < b_{m-1}`` and layer scores
-``s_l``:
+Following QPruner (Zhou et al., Findings of NAACL 2025), more important units are more likely to
+get more bits. Mapping (an ordered-logit / cumulative-link model), for allowed precisions
+``b_0 < ... < b_{m-1}`` and unit scores ``s_u``:
 
-    z_l    = standardise(log s_l)                       (mean 0, std 1 over layers; 0 if all equal)
-    c_k    = k - (m - 1) / 2                            (centred rank of precision k)
-    p_lk   = softmax_k(c_k * z_l / T)                   (T = policy.temperature)
+    z_u              = standardise(s_u)          (log first when all scores are positive; mean 0, std 1)
+    P(b <= b_k | u)  = sigmoid((theta_k - z_u) / T),     theta_k = beta + Phi^-1((k + 1) / m),  k < m-1
+    P(b_k | u)       = P(b <= b_k | u) - P(b <= b_{k-1} | u)
 
-With two precisions this is ``P(high) = sigmoid(z_l / T)``. Logs are taken because score estimators
-(Fisher in particular) spread over orders of magnitude. ``T -> 0`` gives a deterministic
-threshold on importance; ``T -> inf`` uniform sampling.
+``T`` is ``policy.temperature`` (default 0.5; ``T -> 0``: a deterministic threshold rule that gives
+each precision an equal share of normally distributed scores; large ``T``: uniform). With two
+precisions this is ``P(high) = sigmoid((z_u - beta) / T)``. Unlike a softmax over ranks, every
+precision is the most likely one for some range of importance. ``beta`` is 0 without a budget; with
+one it is set by bisection so that the *expected* memory of a sampled plan equals the budget.
 
-Seed plans: each layer's precision is sampled from ``p_l``; a plan over the memory budget is
-repaired by lowering the least important layers that are above the lowest precision, one step at a
-time, until it fits; duplicates are rejected. The uniform plans that fit the budget are seeded too
-(``policy.include_uniform``), which anchors both ends of the front.
+Seed plans (:func:`seed_plans`): the uniform plans that fit the budget; a deterministic best guess
+(greedy multiple-choice knapsack: starting from the lowest precision everywhere, repeatedly take the
+upgrade with the largest ``s'_u * (4**-b - 4**-b') / extra bytes`` that still fits — ``4**-b`` is the
+relative noise power of ``b``-bit quantization and ``s'_u`` the score shifted to be positive); and
+``policy.seed_plans`` distinct plans sampled from ``P``, each repaired to fit by lowering the least
+important units first. Every seed plan meets the budget exactly (memory is computed, not estimated).
 
-Search-space encoding: one categorical ``bits_<layer>`` per layer over the allowed precisions, so
-every point of the space decodes to a complete, valid plan (:func:`encode` / :func:`decode`).
+Search-space encoding: one categorical ``bits_<unit>`` per unit over the allowed precisions, so every
+point of the space decodes to a complete, valid plan (:func:`encode` / :func:`decode`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
-from .config import PolicyConfig, QuantConfig
+from .config import LINEAR_NAMES, PolicyConfig, QuantConfig
 from .errors import PlanError
 from .importance import LayerScores
-from .memory import Budget, ModelLayout, plan_bytes
-from .plan import PrecisionPlan, format_for_bits
+from .memory import Budget, ModelLayout, bias_bytes, format_bytes, plan_bytes
+from .plan import UNIT_MEMBERS, PrecisionPlan, format_for_bits, units_per_layer
 
 logger = logging.getLogger(__name__)
 
@@ -40,99 +45,195 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SeedPlan:
     plan: PrecisionPlan
-    origin: str   # "uniform" | "sampled"
+    origin: str   # "uniform" | "best_guess" | "sampled"
 
 
-def probabilities(scores: LayerScores | list[float], n_options: int, temperature: float = 1.0) -> np.ndarray:
-    """``[n_layers, n_options]`` probabilities (rows sum to 1), options ordered by increasing bits."""
-    s = np.asarray(scores.scores if isinstance(scores, LayerScores) else scores, dtype=np.float64)
-    log_s = np.log(np.maximum(s, 1e-300))
-    std = log_s.std()
-    z = (log_s - log_s.mean()) / std if std > 0 else np.zeros_like(log_s)
-    c = np.arange(n_options) - (n_options - 1) / 2.0
-    logits = np.outer(z, c) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    p = np.exp(logits)
-    return p / p.sum(axis=1, keepdims=True)
+def standardise(scores) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    x = np.log(s) if np.all(s > 0) else s
+    std = x.std()
+    return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
 
 
-def key(layer: int) -> str:
-    return f"bits_{layer:03d}"
+def probabilities(scores: LayerScores | list[float], n_options: int, temperature: float = 1.0,
+                  beta: float = 0.0) -> np.ndarray:
+    """``[n_units, n_options]`` probabilities (rows sum to 1), options ordered by increasing bits."""
+    z = standardise(scores.scores if isinstance(scores, LayerScores) else scores)
+    if n_options == 1:
+        return np.ones((len(z), 1))
+    theta = beta + np.array([NormalDist().inv_cdf((k + 1) / n_options) for k in range(n_options - 1)])
+    cdf = 1.0 / (1.0 + np.exp(-(theta[None, :] - z[:, None]) / temperature))
+    cdf = np.concatenate([np.zeros((len(z), 1)), cdf, np.ones((len(z), 1))], axis=1)
+    return np.clip(np.diff(cdf, axis=1), 0.0, 1.0)
+
+
+def key(index: int) -> str:
+    return f"bits_{index:03d}"
 
 
 def encode(plan: PrecisionPlan) -> dict[str, int]:
     return {key(i): b for i, b in enumerate(plan.bits)}
 
 
-def decode(config: dict, n_units: int, four_bit: str = "nf4") -> PrecisionPlan:
+def decode(config: dict, n_units: int, four_bit: str = "nf4", unit: str = "layer") -> PrecisionPlan:
     missing = [key(i) for i in range(n_units) if key(i) not in config]
     if missing:
-        raise PlanError(f"search point lacks {len(missing)} of {n_units} layers (first: {missing[0]})")
-    return PrecisionPlan.from_bits([config[key(i)] for i in range(n_units)], four_bit)
+        raise PlanError(f"search point lacks {len(missing)} of {n_units} units (first: {missing[0]})")
+    return PrecisionPlan.from_bits([config[key(i)] for i in range(n_units)], four_bit, unit)
 
 
 class PlanMemory:
-    """Predicts weight memory of plans for one layout and quantization config."""
+    """Weight memory of plans for one layout, quantization config and compute dtype, plus per-unit
+    cost tables (memory is additive over units, so the tables are exact)."""
 
     def __init__(self, layout: ModelLayout, quant: QuantConfig, compute_dtype: str):
         self.layout, self.quant, self.compute_dtype = layout, quant, compute_dtype
 
     def __call__(self, plan: PrecisionPlan):
-        return plan_bytes(self.layout, plan, blocksize=self.quant.blocksize, double_quant=self.quant.double_quant,
-                          rest_dtype=self.quant.rest_dtype, compute_dtype=self.compute_dtype)
+        return plan_bytes(self.layout, plan, self.quant, self.compute_dtype)
+
+    def unit_costs(self, unit: str, formats: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(weight bytes, bias bytes) of every unit in every format: two ``[n_units, n_formats]`` arrays."""
+        members = UNIT_MEMBERS[unit]
+        weights = np.zeros((self.layout.n_layers * len(members), len(formats)))
+        biases = np.zeros_like(weights)
+        for layer_idx, shapes in enumerate(self.layout.layers):
+            by_name = dict(zip(LINEAR_NAMES, shapes))
+            for k, names in enumerate(members):
+                u = layer_idx * len(members) + k
+                for j, fmt in enumerate(formats):
+                    weights[u, j] = sum(format_bytes(by_name[n], fmt, blocksize=self.quant.blocksize,
+                                                     double_quant=self.quant.double_quant) for n in names)
+                    biases[u, j] = sum(bias_bytes(by_name[n], fmt, self.compute_dtype) for n in names)
+        return weights, biases
 
 
-def _repair(idx: np.ndarray, order_low_first: list[int], bits: list[int], four_bit: str,
-            memory: PlanMemory, budget: Budget) -> PrecisionPlan | None:
-    """Lower the least important layers one precision step at a time until the plan fits."""
+class _Costs:
+    """Budget arithmetic on option indices, from the exact per-unit tables."""
+
+    def __init__(self, memory: PlanMemory, unit: str, formats: list[str], budget: Budget):
+        self.weights, self.biases = memory.unit_costs(unit, formats)
+        probe = memory(PrecisionPlan.uniform(formats[0], self.weights.shape[0], unit))
+        self.fixed = probe.total_bytes - probe.linear_weight_bytes - probe.bias_bytes
+        self.numel = probe.linear_numel
+        self.budget = budget
+
+    def _values(self, w: float, b: float) -> tuple[float, float]:
+        return 8.0 * w / self.numel, w + b + self.fixed
+
+    def fits_values(self, w: float, b: float) -> bool:
+        avg_bits, total = self._values(w, b)
+        return ((self.budget.avg_bits is None or avg_bits <= self.budget.avg_bits)
+                and (self.budget.total_bytes is None or total <= self.budget.total_bytes))
+
+    def fits(self, idx: np.ndarray) -> bool:
+        rows = np.arange(len(idx))
+        return self.fits_values(self.weights[rows, idx].sum(), self.biases[rows, idx].sum())
+
+    def expected_fits(self, p: np.ndarray) -> bool:
+        return self.fits_values(float((p * self.weights).sum()), float((p * self.biases).sum()))
+
+
+def _calibrated_beta(z_scores: LayerScores, m: int, temperature: float, costs: _Costs) -> float:
+    """Smallest shift of the thresholds whose expected plan fits the budget (0 without a budget)."""
+    if costs.budget.unlimited:
+        return 0.0
+    lo, hi = -30.0, 30.0   # beta = hi puts (almost) all mass on the lowest precision
+    if costs.expected_fits(probabilities(z_scores, m, temperature, lo)):
+        return lo
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if costs.expected_fits(probabilities(z_scores, m, temperature, mid)) else (mid, hi)
+    return hi
+
+
+def _repair(idx: np.ndarray, low_first: list[int], costs: _Costs) -> np.ndarray | None:
+    """Lower the least important units one precision step at a time until the plan fits."""
     idx = idx.copy()
-    plan = PrecisionPlan.from_bits([bits[i] for i in idx], four_bit)
-    while not budget.fits(memory(plan)):
-        for layer in order_low_first:
-            if idx[layer] > 0:
-                idx[layer] -= 1
+    while not costs.fits(idx):
+        for u in low_first:
+            if idx[u] > 0:
+                idx[u] -= 1
                 break
         else:
-            return None  # everything already at the lowest precision and still over budget
-        plan = PrecisionPlan.from_bits([bits[i] for i in idx], four_bit)
-    return plan
+            return None
+    return idx
+
+
+def best_guess(scores: LayerScores, costs: _Costs, bits: list[int]) -> np.ndarray:
+    """Greedy multiple-choice knapsack on importance x noise reduction per extra byte."""
+    s = np.asarray(scores.scores, dtype=np.float64)
+    s = s - s.min() + 1e-12 * (abs(s).max() + 1.0) if np.any(s <= 0) else s
+    noise = np.array([4.0 ** -b for b in bits])
+    idx = np.zeros(len(s), dtype=int)
+    w_sum, b_sum = costs.weights[:, 0].sum(), costs.biases[:, 0].sum()
+    while True:
+        best, best_ratio = None, -1.0
+        for u in np.flatnonzero(idx < len(bits) - 1):
+            k = idx[u]
+            dw = costs.weights[u, k + 1] - costs.weights[u, k]
+            db = costs.biases[u, k + 1] - costs.biases[u, k]
+            if not costs.fits_values(w_sum + dw, b_sum + db):
+                continue
+            ratio = s[u] * (noise[k] - noise[k + 1]) / max(dw + db, 1.0)
+            if ratio > best_ratio:
+                best, best_ratio = u, ratio
+        if best is None:
+            return idx
+        k = idx[best]
+        w_sum += costs.weights[best, k + 1] - costs.weights[best, k]
+        b_sum += costs.biases[best, k + 1] - costs.biases[best, k]
+        idx[best] += 1
 
 
 def seed_plans(scores: LayerScores, memory: PlanMemory, policy: PolicyConfig, budget: Budget,
                seed: int = 0) -> list[SeedPlan]:
-    """Uniform plans that fit (if enabled) followed by ``policy.seed_plans`` distinct sampled plans."""
+    """Uniform plans that fit (if enabled), the best guess, then ``policy.seed_plans`` distinct sampled plans."""
     bits = sorted(policy.bits)
-    four_bit = memory.quant.four_bit
+    four_bit, unit = memory.quant.four_bit, scores.unit
+    formats = [format_for_bits(b, four_bit) for b in bits]
     n = len(scores)
-    if n != memory.layout.n_units:
-        raise PlanError(f"{n} layer scores but the pruned model has {memory.layout.n_units} decoder layers; "
+    want_units = memory.layout.n_layers * units_per_layer(unit)
+    if n != want_units:
+        raise PlanError(f"{n} unit scores but the pruned model has {want_units} {unit} units; "
                         "re-run scoring after pruning")
+    costs = _Costs(memory, unit, formats, budget)
+    if not costs.fits(np.zeros(n, dtype=int)):
+        low = memory(PrecisionPlan.uniform(formats[0], n, unit))
+        raise PlanError(f"even the all-{bits[0]}-bit plan ({low.avg_bits:.2f} average bits, "
+                        f"{low.total_bytes / 1e9:.3f} GB) exceeds the budget ({budget.describe()}); "
+                        "raise the budget or allow fewer bits")
+    to_plan = lambda idx: PrecisionPlan(tuple(formats[i] for i in idx), unit)
     out: list[SeedPlan] = []
     seen: set[tuple[str, ...]] = set()
-    if policy.include_uniform:
-        for b in bits:
-            plan = PrecisionPlan.uniform(format_for_bits(b, four_bit), n)
-            if budget.fits(memory(plan)):
-                out.append(SeedPlan(plan, "uniform"))
-                seen.add(plan.formats)
-    lowest = PrecisionPlan.uniform(format_for_bits(bits[0], four_bit), n)
-    if not budget.fits(memory(lowest)):
-        raise PlanError(f"even the all-{bits[0]}-bit plan ({memory(lowest).avg_bits:.2f} average bits, "
-                        f"{memory(lowest).total_bytes / 1e9:.3f} GB) exceeds the budget ({budget.describe()}); "
-                        "raise the budget or allow fewer bits")
-    probs = probabilities(scores, len(bits), policy.temperature)
-    rng = np.random.default_rng(seed)
-    order_low_first = [int(i) for i in np.argsort(scores.scores, kind="stable")]
-    wanted = policy.seed_plans
-    for _ in range(50 * max(1, wanted)):
-        if sum(s.origin == "sampled" for s in out) >= wanted:
-            break
-        idx = np.array([rng.choice(len(bits), p=row) for row in probs])
-        plan = _repair(idx, order_low_first, bits, four_bit, memory, budget)
-        if plan is not None and plan.formats not in seen:
+
+    def add(idx, origin):
+        plan = to_plan(idx)
+        if plan.formats not in seen:
             seen.add(plan.formats)
-            out.append(SeedPlan(plan, "sampled"))
-    got = sum(s.origin == "sampled" for s in out)
-    if got < wanted:
-        logger.warning("only %d distinct sampled seed plans of %d requested fit the budget", got, wanted)
+            out.append(SeedPlan(plan, origin))
+
+    if policy.include_uniform:
+        for k in range(len(bits)):
+            if costs.fits(np.full(n, k)):
+                add(np.full(n, k), "uniform")
+    add(best_guess(scores, costs, bits), "best_guess")
+    beta = _calibrated_beta(scores, len(bits), policy.temperature, costs)
+    probs = probabilities(scores, len(bits), policy.temperature, beta)
+    rng = np.random.default_rng(seed)
+    low_first = [int(i) for i in np.argsort(scores.scores, kind="stable")]
+    sampled = 0
+    for _ in range(50 * max(1, policy.seed_plans)):
+        if sampled >= policy.seed_plans:
+            break
+        idx = np.array([rng.choice(len(bits), p=row / row.sum()) for row in probs])
+        idx = _repair(idx, low_first, costs)
+        if idx is not None and to_plan(idx).formats not in seen:
+            add(idx, "sampled")
+            sampled += 1
+    if sampled < policy.seed_plans:
+        logger.warning("only %d distinct sampled seed plans of %d requested fit the budget", sampled, policy.seed_plans)
+    for s in out:  # the tables are exact; this is the contract, checked on the real memory model
+        if not budget.fits(memory(s.plan)):
+            raise PlanError(f"internal: seed plan {s.plan.code()} breaks the budget")
     return out

@@ -78,12 +78,13 @@ def _to_linear16(lin: nn.Linear, device, share: bool = False) -> Linear16:
     return new
 
 
-def _convert(lin: nn.Linear, fmt: str, cfg: QuantConfig, device, compute: torch.dtype) -> nn.Module:
+def convert_linear(lin: nn.Linear, fmt: str, cfg: QuantConfig, device, compute: torch.dtype) -> nn.Module:
+    """A copy of ``lin`` stored in ``fmt`` on ``device`` (the original is left untouched)."""
     if fmt == "bf16":
         return _to_linear16(lin, device)
     bnb = _bnb()
     has_bias = lin.bias is not None
-    weight = lin.weight.data.to("cpu", compute)
+    weight = lin.weight.data.to("cpu", compute, copy=True)  # never alias the source (sensitivity restores it)
     if fmt in ("nf4", "fp4"):
         q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute,
                               compress_statistics=cfg.double_quant, quant_type=fmt, device="meta")
@@ -102,27 +103,67 @@ def _convert(lin: nn.Linear, fmt: str, cfg: QuantConfig, device, compute: torch.
     return q.to(device)  # moving a bnb module to its device is what quantizes it
 
 
+def _convert_embedding(weight: torch.Tensor, fmt: str, device, compute: torch.dtype) -> nn.Module:
+    bnb = _bnb()
+    vocab, hidden = weight.shape
+    w = weight.to("cpu", torch.float32)
+    if fmt == "int8":
+        emb = bnb.nn.Embedding8bit(vocab, hidden, dtype=compute, device="meta")
+        emb.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    elif fmt in ("nf4", "fp4"):
+        if hidden % 64:
+            raise PlanError(f"4-bit embeddings need a hidden size divisible by 64; it is {hidden}")
+        emb = bnb.nn.Embedding4bit(vocab, hidden, dtype=compute, quant_type=fmt, device="meta")
+        emb.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=fmt, blocksize=64, compress_statistics=False)
+    else:
+        raise PlanError(f"unknown embedding format {fmt!r}")
+    return emb.to(device)
+
+
+def _quantize_ends_(model: nn.Module, cfg: QuantConfig, device, compute: torch.dtype, rest: torch.dtype) -> None:
+    """Embeddings and lm_head per ``quant.embeddings`` / ``quant.lm_head`` (a tied pair with either
+    quantized becomes two tensors); everything else that is not a decoder linear goes to ``rest``."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    originals = {"emb": emb.weight.data.clone(), "head": None if head is None else head.weight.data.clone()}
+    layers = models.decoder_layers(model)
+    quantized = {id(p) for layer in layers for m in models.layer_linears(layer).values() for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+        if id(p) not in quantized:
+            p.data = p.data.to(device=device, dtype=rest)
+    if cfg.embeddings != "rest":
+        model.set_input_embeddings(_convert_embedding(originals["emb"], cfg.embeddings, device, compute))
+    model.get_input_embeddings().register_forward_hook(_CastOutput(compute))
+    if head is None:
+        return
+    untie = tied and (cfg.embeddings != "rest" or cfg.lm_head != "rest")
+    if untie:
+        model.config.tie_word_embeddings = False
+    if cfg.lm_head != "rest":
+        source = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        source.weight = nn.Parameter(originals["head"], requires_grad=False)
+        if head.bias is not None:
+            source.bias = head.bias
+        model.set_output_embeddings(convert_linear(source, cfg.lm_head, cfg, device, compute))
+    elif untie:
+        new = _to_linear16(head, device, share=True)
+        new.weight = nn.Parameter(originals["head"].to(device=device, dtype=rest), requires_grad=False)
+        model.set_output_embeddings(new)
+    elif not isinstance(head, Linear16):
+        model.set_output_embeddings(_to_linear16(head, device, share=True))
+
+
 def quantize_(model: nn.Module, plan: PrecisionPlan, cfg: QuantConfig, device: str | torch.device = "cpu") -> nn.Module:
     """Quantize ``model`` in place to ``plan`` and move it to ``device``; returns the model."""
     device = torch.device(device)
     layers = models.decoder_layers(model)
     plan.check_units(len(layers))
     compute = resolve_compute_dtype(cfg, device)
-    rest = DTYPES[cfg.rest_dtype]
-    for layer, fmt in zip(layers, plan.formats):
+    for layer, formats in zip(layers, plan.per_linear()):
         for name, lin in models.layer_linears(layer).items():
-            models.set_layer_linear(layer, name, _convert(lin, fmt, cfg, device, compute))
-    # the rest: embeddings, norms, lm_head
-    quantized = {id(p) for layer in layers for m in models.layer_linears(layer).values() for p in m.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-        if id(p) not in quantized:
-            p.data = p.data.to(device=device, dtype=rest)
-    emb = model.get_input_embeddings()
-    emb.register_forward_hook(_CastOutput(compute))
-    head = model.get_output_embeddings()
-    if head is not None and not isinstance(head, Linear16):
-        model.lm_head = _to_linear16(head, device, share=True)
+            models.set_layer_linear(layer, name, convert_linear(lin, formats[name], cfg, device, compute))
+    _quantize_ends_(model, cfg, device, compute, DTYPES[cfg.rest_dtype])
     model.to(device)
     check_applied(model, plan)
     return model
@@ -141,13 +182,13 @@ def module_format(module: nn.Module) -> str:
     return f"{name}:{module.weight.dtype}"
 
 
-def applied_formats(model: nn.Module) -> list[tuple[str, ...]]:
+def applied_formats(model: nn.Module) -> list[dict[str, str]]:
     """Per decoder layer, the format of each of its seven linears, read from the modules."""
-    return [tuple(module_format(m) for m in models.layer_linears(layer).values())
+    return [{name: module_format(m) for name, m in models.layer_linears(layer).items()}
             for layer in models.decoder_layers(model)]
 
 
 def check_applied(model: nn.Module, plan: PrecisionPlan) -> None:
-    for i, (formats, want) in enumerate(zip(applied_formats(model), plan.formats)):
-        if any(f != want for f in formats):
-            raise PlanError(f"layer {i}: planned {want} but its modules are {formats}")
+    for i, (got, want) in enumerate(zip(applied_formats(model), plan.per_linear())):
+        if got != want:
+            raise PlanError(f"layer {i}: planned {want} but its modules are {got}")

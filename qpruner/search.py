@@ -26,6 +26,7 @@ from . import policy
 from .config import JobConfig
 from .errors import BackendError
 from .pareto import TrialLog
+from .plan import units_per_layer
 from .trial import TrialContext, TrialResult, run_trial
 
 logger = logging.getLogger(__name__)
@@ -56,17 +57,21 @@ def init_ray(job: JobConfig) -> bool:
     return True
 
 
+def _n_units(context: TrialContext) -> int:
+    return context.n_layers * units_per_layer(context.unit)
+
+
 def _trainable(config: dict, context: TrialContext, four_bit: str, threads: int):
     import ray
     from ray import tune
     torch.set_num_threads(threads)
-    plan = policy.decode(config, context.n_units, four_bit)
+    plan = policy.decode(config, _n_units(context), four_bit, context.unit)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     result = run_trial(context, plan, device)
     tune.report(result.to_metrics())
 
 
-def _make_callback(log: TrialLog, n_units: int, four_bit: str):
+def _make_callback(log: TrialLog, n_units: int, four_bit: str, unit: str):
     _, tune = _ray()
 
     class PersistTrials(tune.Callback):
@@ -80,7 +85,7 @@ def _make_callback(log: TrialLog, n_units: int, four_bit: str):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             try:
-                plan = policy.decode(trial.config, n_units, four_bit)
+                plan = policy.decode(trial.config, n_units, four_bit, unit)
             except Exception:  # a malformed config is itself worth recording
                 plan = None
             err = trial.get_error()
@@ -131,7 +136,7 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
     cfg = job.search
     started = init_ray(job)
     try:
-        space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(context.n_units)}
+        space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(_n_units(context))}
         points = [policy.encode(s.plan) for s in seeds][: cfg.num_trials]
         trainable = tune.with_parameters(_trainable, context=context, four_bit=job.quant.four_bit,
                                          threads=max(1, int(cfg.cpus_per_trial)))
@@ -143,7 +148,8 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
                                         metric="objective", mode="max",
                                         max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=str(Path(log.directory).resolve() / "ray"),
-                                      callbacks=[_make_callback(log, context.n_units, job.quant.four_bit)],
+                                      callbacks=[_make_callback(log, _n_units(context), job.quant.four_bit,
+                                                                context.unit)],
                                       progress_reporter=_reporter(), verbose=cfg.verbose),
         )
         tuner.fit()

@@ -32,7 +32,8 @@ from .config import EvalConfig, FinetuneConfig, QuantConfig
 from .errors import TrialFailed
 from .evaluate import EvalMetrics, evaluate
 from .finetune import attach_lora, finetune_
-from .memory import Budget, ModelLayout, adapter_bytes, measure_bytes, measure_peak, plan_bytes
+from .finetune_memory import estimate as estimate_finetune_memory, measure_peak
+from .memory import Budget, ModelLayout, adapter_bytes, measure_bytes, plan_bytes
 from .plan import PrecisionPlan
 from .quantize import quantize_, resolve_compute_dtype
 
@@ -55,10 +56,11 @@ class TrialContext:
     evaluation: EvalConfig
     budget: Budget
     metric: str = "accuracy"
+    unit: str = "layer"
 
     @property
-    def n_units(self) -> int:
-        return self.layout.n_units
+    def n_layers(self) -> int:
+        return self.layout.n_layers
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class TrialResult:
     adapter_bytes: int | None = None
     peak_bytes: int | None = None
     peak_kind: str = "none"
+    peak_bytes_estimate: int | None = None
     train_loss_first: float | None = None
     train_loss_final: float | None = None
     eval_tokens_per_s: float | None = None
@@ -90,6 +93,7 @@ class TrialResult:
         d.pop("plan")
         d["plan_formats"] = ",".join(self.plan.formats)
         d["plan_code"] = self.plan.code()
+        d["plan_unit"] = self.plan.unit
         for k, v in d.pop("seconds").items():
             d[f"seconds_{k}"] = v
         return d
@@ -99,7 +103,7 @@ class TrialResult:
         names = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in names and k not in ("plan", "seconds")}
         seconds = {k[len("seconds_"):]: v for k, v in d.items() if k.startswith("seconds_")}
-        plan = PrecisionPlan(tuple(d["plan_formats"].split(",")))
+        plan = PrecisionPlan(tuple(d["plan_formats"].split(",")), d.get("plan_unit", "layer"))
         return cls(plan=plan, seconds=seconds, **kwargs)
 
 
@@ -107,10 +111,12 @@ def objective_of(metrics: EvalMetrics, metric: str) -> float:
     return metrics.accuracy if metric == "accuracy" else -math.log(metrics.perplexity)
 
 
+def _compute_dtype_name(ctx: TrialContext, device: torch.device) -> str:
+    return str(resolve_compute_dtype(ctx.quant, device)).removeprefix("torch.")
+
+
 def predict_memory(ctx: TrialContext, plan: PrecisionPlan, device: torch.device):
-    compute = str(resolve_compute_dtype(ctx.quant, device)).removeprefix("torch.")
-    return plan_bytes(ctx.layout, plan, blocksize=ctx.quant.blocksize, double_quant=ctx.quant.double_quant,
-                      rest_dtype=ctx.quant.rest_dtype, compute_dtype=compute)
+    return plan_bytes(ctx.layout, plan, ctx.quant, _compute_dtype_name(ctx, device))
 
 
 def _release(device: torch.device) -> None:
@@ -123,11 +129,13 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
               on_step: Callable[[int, float], None] | None = None) -> TrialResult:
     device = torch.device(device)
     t0 = time.perf_counter()
-    plan.check_units(ctx.n_units)
+    plan.check_units(ctx.n_layers)
     predicted = predict_memory(ctx, plan, device)
     excess = ctx.budget.excess(predicted)
+    peak_estimate = estimate_finetune_memory(ctx.layout, plan, ctx.quant, ctx.finetune, ctx.train.shape[1],
+                                             _compute_dtype_name(ctx, device)).total
     common = dict(plan=plan, weight_bytes_predicted=predicted.total_bytes, avg_bits=predicted.avg_bits,
-                  budget_excess=excess, device=str(device))
+                  budget_excess=excess, device=str(device), peak_bytes_estimate=peak_estimate)
     if excess > 0:
         return TrialResult(status="infeasible", objective=INFEASIBLE_OBJECTIVE - excess,
                            weight_bytes=predicted.total_bytes, seconds={"total": time.perf_counter() - t0},

@@ -31,10 +31,10 @@ def test_mixed_plan_trial_on_cuda(tiny, tiny_splits):
 
 def test_quantized_modules_live_on_cuda(tiny):
     quantize.quantize_(tiny, PrecisionPlan(("nf4", "int8", "bf16", "nf4")), QuantConfig(), "cuda")
-    assert quantize.applied_formats(tiny) == [(f,) * 7 for f in ("nf4", "int8", "bf16", "nf4")]
+    assert quantize.applied_formats(tiny) == PrecisionPlan(("nf4", "int8", "bf16", "nf4")).per_linear()
     x = torch.randint(0, 256, (2, 16), device="cuda")
     with torch.no_grad():
         assert torch.isfinite(tiny(x).logits).all()
     layout = memory.ModelLayout.from_model(models.tiny_model())
     assert memory.measure_bytes(tiny) == memory.plan_bytes(layout, PrecisionPlan(("nf4", "int8", "bf16", "nf4")),
-                                                           compute_dtype="bfloat16")
+                                                           QuantConfig(), "bfloat16")

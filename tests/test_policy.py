@@ -7,25 +7,39 @@ from qpruner.config import PolicyConfig, QuantConfig
 from qpruner.errors import PlanError
 from qpruner.importance import LayerScores
 from qpruner.memory import Budget, ModelLayout
+from qpruner.plan import PrecisionPlan
 
 
 def test_probabilities_are_distributions_and_follow_importance():
-    p = policy.probabilities([1.0, 10.0, 100.0], 3, temperature=1.0)
-    assert np.allclose(p.sum(1), 1.0)
-    assert p[2, 2] > p[1, 2] > p[0, 2]  # more important -> more likely 16 bits
-    assert p[0, 0] > p[1, 0] > p[2, 0]
+    p = policy.probabilities([1.0, 10.0, 100.0, 1000.0], 3, temperature=1.0)
+    assert np.allclose(p.sum(1), 1.0) and (p >= 0).all()
+    assert np.all(np.diff(p[:, 2]) > 0)   # more important -> more likely 16 bits
+    assert np.all(np.diff(p[:, 0]) < 0)   # ... and less likely 4 bits
+
+
+def test_every_precision_is_the_mode_somewhere():
+    """The ordered-logit mapping makes the middle precision the most likely one for middling scores."""
+    p = policy.probabilities(np.linspace(-3, 3, 61), 3, temperature=0.3)
+    assert set(p.argmax(1)) == {0, 1, 2}
 
 
 def test_two_options_reduce_to_a_sigmoid():
     scores = np.array([1.0, 4.0, 16.0])
     z = (np.log(scores) - np.log(scores).mean()) / np.log(scores).std()
-    for t in (0.5, 1.0, 3.0):
-        p = policy.probabilities(scores, 2, t)
-        assert np.allclose(p[:, 1], 1.0 / (1.0 + np.exp(-z / t)))
+    for t, beta in ((0.5, 0.0), (1.0, 0.3), (3.0, -1.0)):
+        p = policy.probabilities(scores, 2, t, beta)
+        assert np.allclose(p[:, 1], 1.0 / (1.0 + np.exp(-(z - beta) / t)))
 
 
-def test_equal_scores_give_uniform_choices():
-    assert np.allclose(policy.probabilities([2.0] * 5, 3), 1.0 / 3)
+def test_equal_scores_give_the_same_row_everywhere():
+    p = policy.probabilities([2.0] * 5, 3, temperature=0.5)
+    assert np.allclose(p, p[0]) and p[0, 0] == pytest.approx(p[0, 2])
+    assert p[0, 1] > p[0, 0]  # at the default temperature the middle precision is the mode for z = 0
+
+
+def test_negative_scores_are_standardised_without_log():
+    p = policy.probabilities([-1.0, 0.0, 2.0], 2)
+    assert p[2, 1] > p[1, 1] > p[0, 1]
 
 
 def _memory():
@@ -33,23 +47,50 @@ def _memory():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.floats(1e-6, 1e3), min_size=4, max_size=4), st.floats(5.5, 16.0), st.integers(0, 10**6))
-def test_every_seed_plan_meets_the_budget_and_is_distinct(scores, avg_bits, seed):
+@given(st.lists(st.floats(1e-6, 1e3), min_size=8, max_size=8), st.floats(5.6, 16.0), st.integers(0, 10**6),
+       st.sampled_from([(4, 8), (4, 8, 16), (8, 16)]))
+def test_every_seed_plan_meets_the_budget_and_is_distinct(scores, avg_bits, seed, bits):
     memory = _memory()
     budget = Budget(avg_bits=avg_bits)
-    seeds = policy.seed_plans(LayerScores("x", tuple(scores)), memory, PolicyConfig(seed_plans=4), budget, seed)
-    assert seeds
+    try:
+        seeds = policy.seed_plans(LayerScores("x", tuple(scores), "group"), memory,
+                                  PolicyConfig(seed_plans=4, bits=bits), budget, seed)
+    except PlanError as exc:  # only when even the all-lowest plan is over budget
+        assert "exceeds the budget" in str(exc) and min(bits) == 8
+        return
+    assert seeds and all(s.plan.unit == "group" and len(s.plan) == 8 for s in seeds)
     assert all(budget.fits(memory(s.plan)) for s in seeds)
     assert len({s.plan.formats for s in seeds}) == len(seeds)
+    assert sum(s.origin == "best_guess" for s in seeds) <= 1
 
 
 def test_uniform_seeds_only_when_they_fit():
     memory = _memory()
-    all8 = memory(policy.PrecisionPlan.uniform("int8", 4)).avg_bits
-    seeds = policy.seed_plans(LayerScores("x", (1, 2, 3, 4)), memory, PolicyConfig(seed_plans=2),
-                              Budget(avg_bits=all8), 0)
-    uniform = [s.plan.code() for s in seeds if s.origin == "uniform"]
-    assert uniform == ["4444", "8888"]
+    all8 = memory(PrecisionPlan.uniform("int8", 4)).avg_bits
+    seeds = policy.seed_plans(LayerScores("x", (1, 2, 3, 4)), memory, PolicyConfig(seed_plans=2), Budget(avg_bits=all8), 0)
+    assert [s.plan.code() for s in seeds if s.origin == "uniform"] == ["4444", "8888"]
+
+
+def test_best_guess_spends_the_budget_on_the_important_units():
+    memory = _memory()
+    scores = LayerScores("x", (1.0, 100.0, 1.0, 1.0))
+    # all-nf4 is 5.46 average bits on the tiny model, each int8 layer adds ~0.74: room for one upgrade
+    costs = policy._Costs(memory, "layer", ["nf4", "int8"], Budget(avg_bits=6.3))
+    idx = policy.best_guess(scores, costs, [4, 8])
+    assert list(idx) == [0, 1, 0, 0]          # room for one upgrade: the important layer gets it
+    no_budget = policy._Costs(memory, "layer", ["nf4", "int8", "bf16"], Budget())
+    assert list(policy.best_guess(scores, no_budget, [4, 8, 16])) == [2, 2, 2, 2]
+
+
+def test_sampling_is_centred_on_the_budget():
+    """With a budget the thresholds shift so the *expected* plan fits; samples then sit near it."""
+    memory = _memory()
+    scores = LayerScores("x", tuple(np.linspace(1, 10, 8)), "group")
+    budget = Budget(avg_bits=7.0)
+    costs = policy._Costs(memory, "group", ["nf4", "int8", "bf16"], budget)
+    beta = policy._calibrated_beta(scores, 3, 1.0, costs)
+    assert costs.expected_fits(policy.probabilities(scores, 3, 1.0, beta))
+    assert not costs.expected_fits(policy.probabilities(scores, 3, 1.0, beta - 0.05))
 
 
 def test_impossible_budget_is_an_error():
@@ -57,6 +98,6 @@ def test_impossible_budget_is_an_error():
         policy.seed_plans(LayerScores("x", (1, 2, 3, 4)), _memory(), PolicyConfig(), Budget(avg_bits=2.0), 0)
 
 
-def test_scores_must_match_layers():
-    with pytest.raises(PlanError, match="3 layer scores but the pruned model has 4"):
+def test_scores_must_match_units():
+    with pytest.raises(PlanError, match="3 unit scores but the pruned model has 4 layer units"):
         policy.seed_plans(LayerScores("x", (1, 2, 3)), _memory(), PolicyConfig(), Budget(), 0)

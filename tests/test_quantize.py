@@ -18,7 +18,7 @@ def test_plan_is_applied_exactly(tiny):
         for name, module in models.layer_linears(layer).items():
             assert type(module) is expected[fmt], (name, fmt)
             assert quantize.module_format(module) == fmt
-    assert quantize.applied_formats(tiny) == [(f,) * 7 for f in plan.formats]
+    assert quantize.applied_formats(tiny) == plan.per_linear()
     assert tiny.model.embed_tokens.weight.dtype == torch.bfloat16
     assert tiny.lm_head.weight is tiny.model.embed_tokens.weight  # still tied
 

@@ -21,11 +21,12 @@ def test_qpruner_search_tiny_smoke(tmp_path):
                  "pruned/model.safetensors", "pruned/qpruner_prune.json"):
         assert (out / name).is_file(), name
     trials = pd.read_parquet(out / "trials.parquet")
-    assert len(trials) == 5 and set(trials["status"]) <= {"ok", "infeasible"}
+    assert len(trials) == 7 and set(trials["status"]) <= {"ok", "infeasible"}
     ok = trials[trials["status"] == "ok"]
     assert len(ok) >= 3
     assert (ok["weight_bytes"] == ok["weight_bytes_predicted"]).all()
-    assert (trials["origin"].str.startswith("seed")).sum() == 4  # 2 uniform that fit + 2 sampled
+    # 2 uniform plans that fit + the best guess + 2 sampled, then the searcher's own
+    assert sorted(trials["origin"]) == ["searcher"] * 2 + ["seed:best_guess"] + ["seed:sampled"] * 2 + ["seed:uniform"] * 2
     assert (trials[trials["status"] == "infeasible"]["avg_bits"] > 10.0).all()
     front = pd.read_parquet(out / "pareto.parquet")
     assert len(front) >= 1 and set(front["trial_id"]) <= set(ok["trial_id"])

@@ -75,4 +75,4 @@ def test_the_evaluated_model_is_the_quantized_one(context, monkeypatch):
     monkeypatch.setattr(trial_mod, "evaluate", spy)
     plan = PrecisionPlan(("fp4", "int8", "bf16", "nf4"))
     run_trial(context, plan)
-    assert seen and all(formats == [(f,) * 7 for f in plan.formats] for formats in seen)
+    assert seen and all(formats == plan.per_linear() for formats in seen)

@@ -1,0 +1,114 @@
+"""Fine-tuning memory: an estimate before building anything, and the measured peak.
+
+Estimate for LoRA fine-tuning of a quantized model, batch ``B`` x sequence ``L`` (tokens ``T = B*L``),
+compute dtype of ``c`` bytes, LoRA rank ``r`` on the targeted projections:
+
+* weights: :func:`qpruner.memory.plan_bytes` (exact);
+* adapters: ``r * (in + out)`` fp32 parameters per targeted projection; their gradients the same;
+  AdamW keeps two fp32 moments per adapter parameter;
+* activations kept for the backward pass, per decoder layer and token, in the compute dtype:
+  ``4*H`` (two norm inputs, two normed inputs feeding the projections) ``+ 7*Q`` (queries before
+  and after rotation, keys and values expanded to all query heads by ``repeat_kv``, attention
+  output, o_proj input, softmax statistics rounded up) ``+ 2*KV`` (keys and values before
+  expansion) ``+ 4*I`` (gate, up, SiLU output, down_proj input) ``+ 3*r*t`` (LoRA A outputs and
+  dropout masks of the ``t`` targeted projections) — ``H`` the hidden size, ``Q``/``KV`` the
+  query/key widths and ``I`` the MLP width of that layer;
+* the output head: fp32 logits, their log-softmax and its gradient, ``3 * 4 * V`` bytes per token.
+
+It ignores allocator fragmentation and temporaries inside kernels; ``bench/importance_bench.py``
+compares it with measurements. Measured peak: on CUDA ``torch.cuda.max_memory_allocated`` during
+fine-tuning (``cuda_allocated``); on Linux CPUs the growth of the process's peak resident set
+(``VmHWM``, reset through ``/proc/self/clear_refs``) during fine-tuning plus the model's tensor bytes
+(``cpu_rss``; includes allocator slack); elsewhere none (``none``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import LINEAR_NAMES, FinetuneConfig, QuantConfig
+from .memory import DTYPE_BYTES, ModelLayout, plan_bytes
+from .plan import PrecisionPlan
+
+
+@dataclass(frozen=True)
+class FinetuneMemory:
+    weights: int
+    adapters: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.adapters + self.gradients + self.optimizer + self.activations
+
+
+def lora_numel(layout: ModelLayout, rank: int, targets=LINEAR_NAMES) -> int:
+    return sum(rank * (s.in_features + s.out_features)
+               for layer in layout.layers for name, s in zip(LINEAR_NAMES, layer) if name in targets)
+
+
+def estimate(layout: ModelLayout, plan: PrecisionPlan, quant: QuantConfig, ft: FinetuneConfig, seq_len: int,
+             compute_dtype: str = "float32") -> FinetuneMemory:
+    """Predicted peak memory of fine-tuning ``plan`` (see the module docstring for the model)."""
+    weights = plan_bytes(layout, plan, quant, compute_dtype).total_bytes
+    n_lora = lora_numel(layout, ft.lora_r, ft.target_modules)
+    tokens = ft.batch_size * seq_len
+    c = DTYPE_BYTES[compute_dtype]
+    per_token = 0
+    for layer in layout.layers:
+        shape = dict(zip(LINEAR_NAMES, layer))
+        q, kv, inter = shape["q_proj"].out_features, shape["k_proj"].out_features, shape["gate_proj"].out_features
+        per_token += c * (4 * layout.hidden + 7 * q + 2 * kv + 4 * inter + 3 * ft.lora_r * len(ft.target_modules))
+    per_token += 3 * 4 * layout.vocab
+    return FinetuneMemory(weights=weights, adapters=4 * n_lora, gradients=4 * n_lora, optimizer=8 * n_lora,
+                          activations=tokens * per_token)
+
+
+# ----------------------------------------------------------------------------------------------
+# measured peak
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class PeakReading:
+    kind: str = "none"     # cuda_allocated | cpu_rss | none
+    peak_bytes: int | None = None
+
+
+@contextmanager
+def measure_peak(device: torch.device, resident_bytes: int = 0):
+    """Measure the peak memory of the enclosed block (see the module docstring for what is measured).
+    ``resident_bytes``: tensor bytes already resident before the block (CPU reading only)."""
+    reading = PeakReading()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield reading
+        torch.cuda.synchronize(device)
+        reading.kind, reading.peak_bytes = "cuda_allocated", int(torch.cuda.max_memory_allocated(device))
+        return
+    rss_before = _proc_status("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        can_reset = True
+    except OSError:
+        can_reset = False
+    yield reading
+    hwm = _proc_status("VmHWM")
+    if can_reset and rss_before is not None and hwm is not None:
+        reading.kind, reading.peak_bytes = "cpu_rss", resident_bytes + max(0, hwm - rss_before)

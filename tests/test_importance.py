@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from qpruner import importance, models
+from qpruner.config import QuantConfig, ScoreConfig, build_job
+from qpruner.importance import ESTIMATORS, score_units
+
+
+_TRAINED = {}
+
+
+def _one_layer_matters(model, splits=None):
+    """Silence every layer but layer 2 (zero, and freeze, what they write to the residual stream), then
+    train briefly so that layer 2 — the only layer the prediction depends on — does something useful."""
+    frozen = []
+    with torch.no_grad():
+        for i, layer in enumerate(models.decoder_layers(model)):
+            if i != 2:
+                for name in ("o_proj", "down_proj"):
+                    w = models.layer_linears(layer)[name].weight
+                    w.zero_()
+                    frozen.append(w)
+    if "state" not in _TRAINED:
+        from qpruner import data
+        from qpruner.config import DataConfig
+        train = data.load_splits(DataConfig(seq_len=64, calib_samples=4, eval_samples=8), models.byte_tokenizer()).train
+        for w in frozen:
+            w.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(120):
+            batch = train[torch.randint(0, len(train), (8,), generator=gen)]
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        for w in frozen:
+            w.requires_grad_(True)
+        _TRAINED["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(_TRAINED["state"])
+    return model
+
+
+@pytest.mark.parametrize("method", sorted(ESTIMATORS))
+def test_every_estimator_ranks_the_layer_that_matters_first(tiny, tiny_splits, method):
+    _one_layer_matters(tiny)
+    scores = score_units(tiny, tiny_splits.calib, ScoreConfig(method=method), "layer", QuantConfig())
+    assert len(scores) == 4 and scores.unit == "layer"
+    assert scores.ranking()[0] == 2, scores.scores
+    others = [s for i, s in enumerate(scores.scores) if i != 2]
+    assert scores.scores[2] > max(abs(s) for s in others)
+
+
+@pytest.mark.parametrize("method", ["fisher", "taylor", "block_influence", "mutual_information", "sensitivity"])
+def test_group_units(tiny, tiny_splits, method):
+    _one_layer_matters(tiny)
+    scores = score_units(tiny, tiny_splits.calib, ScoreConfig(method=method), "group", QuantConfig())
+    assert len(scores) == 8 and scores.ranking()[0] in (4, 5)  # layer 2's attention or MLP
+
+
+@pytest.mark.parametrize("method", ["fisher", "taylor", "sensitivity"])
+def test_linear_units(tiny, tiny_splits, method):
+    _one_layer_matters(tiny)
+    scores = score_units(tiny, tiny_splits.calib[:2], ScoreConfig(method=method), "linear", QuantConfig())
+    assert len(scores) == 28 and 14 <= scores.ranking()[0] < 21
+
+
+def test_residual_estimators_refuse_linear_units(tiny, tiny_splits):
+    with pytest.raises(ValueError, match="not 'linear' units"):
+        score_units(tiny, tiny_splits.calib, ScoreConfig(method="mutual_information"), "linear")
+    with pytest.raises(Exception, match="policy.unit=linear"):
+        build_job({"score": {"method": "block_influence"}, "policy": {"unit": "linear"}})
+
+
+def test_sensitivity_leaves_the_model_as_it_was(tiny, tiny_splits):
+    x = tiny_splits.eval[:2]
+    with torch.no_grad():
+        before = tiny(x).logits
+    score_units(tiny, tiny_splits.calib[:2], ScoreConfig(method="sensitivity"), "group", QuantConfig())
+    with torch.no_grad():
+        assert torch.equal(tiny(x).logits, before)
+    assert all(type(m) is torch.nn.Linear for layer in models.decoder_layers(tiny)
+               for m in models.layer_linears(layer).values())
+
+
+def test_mutual_information_gains_add_up_to_the_final_bound(tiny, tiny_splits):
+    """The gains telescope: their sum is the bound at the last layer (exact there) minus the bound at
+    the embeddings; the bound at the last layer is H(mean p) - mean H(p) >= 0."""
+    calib = tiny_splits.calib
+    gains = importance._mutual_information(tiny, calib, "layer")
+    with torch.no_grad():
+        p = tiny(input_ids=calib).logits.float().reshape(-1, 256).softmax(-1)
+        streams, _ = importance._residual_streams(tiny, calib, "layer")
+        q0 = importance._logit_lens(tiny, streams[0])
+    marginal = p.mean(0)
+    h_y = float(-(marginal * marginal.log()).sum())
+    final = h_y - float(-(p * p.log()).sum(1).mean())
+    first = h_y - float(-(p * q0).sum(1).mean())
+    assert final >= 0
+    assert sum(gains) == pytest.approx(final - first, rel=1e-3, abs=1e-4)
+
+
+def test_scores_are_cached_per_model_data_method_and_unit(tmp_path, monkeypatch, tiny, tiny_splits):
+    from qpruner import job as job_mod
+    job = build_job({"name": "j", "results_dir": str(tmp_path), "model": {"source": "tiny"}})
+    path = tmp_path / "scores.json"
+    first = job_mod.load_or_score(job, tiny, tiny_splits.calib, path)
+    monkeypatch.setattr(job_mod.importance, "score_units", lambda *a, **k: pytest.fail("scored again"))
+    again = job_mod.load_or_score(job, tiny, tiny_splits.calib, path)
+    assert again.scores == first.scores and again.method == first.method
+    monkeypatch.undo()
+    other = build_job({"name": "j", "results_dir": str(tmp_path), "model": {"source": "tiny"},
+                       "policy": {"unit": "group"}})
+    assert len(job_mod.load_or_score(other, tiny, tiny_splits.calib, path)) == 8

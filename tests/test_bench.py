@@ -19,3 +19,13 @@ def test_prune_benchmark_runs_on_tiny(tmp_path):
     assert all(r["params"] <= res["params_unpruned"] and r["perplexity"] > 1 for r in res["rows"])
     assert all(abs(r["removed"] - 0.2) < 0.05 for r in res["rows"][:2])  # block scope reaches the target
     assert "| target | setting |" in (tmp_path / "prune.md").read_text()
+
+
+def test_importance_benchmark_runs_on_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "importance_bench.py"), "--model", "tiny",
+                           "--random-plans", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "importance.json").read_text())
+    assert res["spearman_vs_sensitivity"]["sensitivity"] == 1.0
+    assert {p["estimator"] for p in res["plans"]} >= {"fisher", "mutual_information", "random scores (median of 1)"}
+    assert all(p["estimate"] > 0 for p in res["finetune_memory"])

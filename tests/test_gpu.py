@@ -38,3 +38,24 @@ def test_quantized_modules_live_on_cuda(tiny):
     layout = memory.ModelLayout.from_model(models.tiny_model())
     assert memory.measure_bytes(tiny) == memory.plan_bytes(layout, PrecisionPlan(("nf4", "int8", "bf16", "nf4")),
                                                            QuantConfig(), "bfloat16")
+
+
+@pytest.mark.parametrize("unit,embeddings,lm_head", [("group", "int8", "nf4"), ("linear", "nf4", "int8")])
+def test_units_and_quantized_ends_on_cuda(tiny, unit, embeddings, lm_head):
+    n = {"group": 8, "linear": 28}[unit]
+    plan = PrecisionPlan(tuple(("nf4", "int8", "bf16", "fp4")[i % 4] for i in range(n)), unit)
+    quant = QuantConfig(embeddings=embeddings, lm_head=lm_head)
+    layout = memory.ModelLayout.from_model(tiny)
+    quantize.quantize_(tiny, plan, quant, "cuda")
+    assert quantize.applied_formats(tiny) == plan.per_linear()
+    x = torch.randint(0, 256, (2, 16), device="cuda")
+    with torch.no_grad():
+        assert torch.isfinite(tiny(x).logits).all()
+    assert memory.measure_bytes(tiny) == memory.plan_bytes(layout, plan, quant, "bfloat16")
+
+
+def test_sensitivity_scores_on_cuda(tiny, tiny_splits):
+    from qpruner.config import ScoreConfig
+    from qpruner.importance import score_units
+    scores = score_units(tiny.to("cuda"), tiny_splits.calib, ScoreConfig(method="sensitivity"), "layer", QuantConfig())
+    assert len(scores) == 4 and all(s >= 0 for s in scores.scores)

@@ -86,3 +86,27 @@ def test_smollm2_pruning_equals_masking_and_closed_form(pruned):
     with torch.no_grad():
         out, expected = model(x).logits, ref(x).logits
     assert torch.allclose(out, expected, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["nf4", "fp4-no-dq", "int8", "bf16", "mixed-group", "ends-quantized"])
+def test_smollm2_memory_model_is_exact(pruned, case):
+    from qpruner import quantize
+    from qpruner.config import QuantConfig
+    from qpruner.memory import ModelLayout, measure_bytes, plan_bytes
+    job, model, splits, _, _ = pruned
+    n = len(models.decoder_layers(model))
+    plans = {"nf4": (PrecisionPlan.uniform("nf4", n), QuantConfig()),
+             "fp4-no-dq": (PrecisionPlan.uniform("fp4", n), QuantConfig(double_quant=False, blocksize=128)),
+             "int8": (PrecisionPlan.uniform("int8", n), QuantConfig()),
+             "bf16": (PrecisionPlan.uniform("bf16", n), QuantConfig()),
+             "mixed-group": (PrecisionPlan(tuple(("nf4", "int8", "bf16", "fp4")[i % 4] for i in range(2 * n)), "group"),
+                             QuantConfig()),
+             "ends-quantized": (PrecisionPlan.uniform("int8", n), QuantConfig(embeddings="int8", lm_head="nf4"))}
+    plan, quant = plans[case]
+    config_dict, state = models.model_state(model)
+    fresh = models.build_model(config_dict, state)
+    layout = ModelLayout.from_model(fresh)
+    quantize.quantize_(fresh, plan, quant)
+    with torch.no_grad():
+        fresh(input_ids=splits.eval[:1, :16])
+    assert measure_bytes(fresh) == plan_bytes(layout, plan, quant, "float32")

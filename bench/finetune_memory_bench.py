@@ -11,6 +11,7 @@ steps at several batch sizes. On CUDA the measurement is the allocator's peak; o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import sys
@@ -51,14 +52,13 @@ def run(shape: str, device: str, batches: list[int], seq_len: int, steps: int) -
     quant = QuantConfig()
     compute = str(resolve_compute_dtype(quant, dev)).removeprefix("torch.")
     rows = []
-    base_state = build(shape).state_dict()
-    n = build(shape).config.num_hidden_layers
+    base = build(shape)
+    n = base.config.num_hidden_layers
     plans = [PrecisionPlan.uniform("nf4", n), PrecisionPlan.uniform("int8", n), PrecisionPlan.uniform("bf16", n),
              PrecisionPlan(tuple(("nf4", "int8", "bf16")[i % 3] for i in range(n)))]
     for plan in plans:
         for batch in batches:
-            model = build(shape)
-            model.load_state_dict(base_state)
+            model = copy.deepcopy(base)
             layout = ModelLayout.from_model(model)
             quantize_(model, plan, quant, dev)
             ft = FinetuneConfig(steps=steps, batch_size=batch)

@@ -6,16 +6,21 @@ compute dtype of ``c`` bytes, LoRA rank ``r`` on the targeted projections:
 * weights: :func:`qpruner.memory.plan_bytes` (exact);
 * adapters: ``r * (in + out)`` fp32 parameters per targeted projection; their gradients the same;
   AdamW keeps two fp32 moments per adapter parameter;
-* activations kept for the backward pass, per decoder layer and token, in the compute dtype:
-  ``4*H`` (two norm inputs, two normed inputs feeding the projections) ``+ 7*Q`` (queries before
-  and after rotation, keys and values expanded to all query heads by ``repeat_kv``, attention
-  output, o_proj input, softmax statistics rounded up) ``+ 2*KV`` (keys and values before
-  expansion) ``+ 4*I`` (gate, up, SiLU output, down_proj input) ``+ 3*r*t`` (LoRA A outputs and
-  dropout masks of the ``t`` targeted projections) — ``H`` the hidden size, ``Q``/``KV`` the
-  query/key widths and ``I`` the MLP width of that layer;
-* the output head: fp32 logits, their log-softmax and its gradient, ``3 * 4 * V`` bytes per token.
+* activations kept for the backward pass, per decoder layer and token (``c`` = compute-dtype bytes):
+  two RMSNorms ``2 * (4 + c) * H`` (each keeps its fp32 input and its normalised output);
+  attention ``c * (7*Q + 2*KV)`` (queries, keys and values before and after ``repeat_kv``'s GQA
+  expansion, attention output, o_proj input); MLP ``c * 4*I`` (gate, up, SiLU output, down_proj
+  input); LoRA ``c * 3*r*t`` (A outputs and dropout masks of the ``t`` targeted projections); and for
+  an int8 layer ``c * sum(in_features)`` more (bitsandbytes' int8 matmul keeps its own copy of each
+  input) — ``H`` the hidden size, ``Q``/``KV`` the query/key widths, ``I`` the MLP width of the layer;
+* the output head: fp32 logits, their log-softmax and its gradient, plus the compute-dtype logits and
+  their gradient, ``(12 + 2c) * V`` bytes per token.
 
-It ignores allocator fragmentation and temporaries inside kernels; ``bench/importance_bench.py``
+Measured on an H200 (``bench/finetune_memory_bench.py``, results/bench/finetune_memory_cuda_*.md), the
+first version of this model (12V head, 4H norms, no int8 term) gave 0.69-0.81 of the allocator's
+peak; the terms above, fitted on the SmolLM2 shape, give 0.90-0.98 there and 0.87-0.95 on four layers
+of LLaMA-7B's shape, which was not used to fit them — an underestimate by 2-13%, mostly allocator
+caching and kernel workspaces. It ignores allocator fragmentation and temporaries inside kernels; ``bench/importance_bench.py``
 compares it with measurements. Measured peak: on CUDA ``torch.cuda.max_memory_allocated`` during
 fine-tuning (``cuda_allocated``); on Linux CPUs the growth of the process's peak resident set
 (``VmHWM``, reset through ``/proc/self/clear_refs``) during fine-tuning plus the model's tensor bytes
@@ -61,11 +66,13 @@ def estimate(layout: ModelLayout, plan: PrecisionPlan, quant: QuantConfig, ft: F
     tokens = ft.batch_size * seq_len
     c = DTYPE_BYTES[compute_dtype]
     per_token = 0
-    for layer in layout.layers:
+    for layer, formats in zip(layout.layers, plan.per_linear()):
         shape = dict(zip(LINEAR_NAMES, layer))
         q, kv, inter = shape["q_proj"].out_features, shape["k_proj"].out_features, shape["gate_proj"].out_features
-        per_token += c * (4 * layout.hidden + 7 * q + 2 * kv + 4 * inter + 3 * ft.lora_r * len(ft.target_modules))
-    per_token += 3 * 4 * layout.vocab
+        per_token += 2 * (4 + c) * layout.hidden
+        per_token += c * (7 * q + 2 * kv + 4 * inter + 3 * ft.lora_r * len(ft.target_modules))
+        per_token += c * sum(shape[name].in_features for name in LINEAR_NAMES if formats[name] == "int8")
+    per_token += (12 + 2 * c) * layout.vocab
     return FinetuneMemory(weights=weights, adapters=4 * n_lora, gradients=4 * n_lora, optimizer=8 * n_lora,
                           activations=tokens * per_token)
 

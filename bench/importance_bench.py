@@ -142,6 +142,9 @@ def to_markdown(r: dict) -> str:
     out += [f"| {p['setting']} | {p['estimator']} | {p['avg_bits'] or ''} | {p['weight_mb'] or ''} | {p['perplexity']} | "
             f"`{p['plan']}` |" for p in r["plans"]]
     out += ["", "## Fine-tuning peak memory: estimate vs measured", "",
+            "On a CPU the measurement is the growth of the process's resident set, which allocator reuse inside one "
+            "process makes unreliable (plans measured later can look smaller); the CUDA allocator numbers in "
+            "finetune_memory_cuda_*.md are the ones to trust.", "",
             "| plan | estimate MB | measured MB | kind | estimate / measured |", "|---|---:|---:|---|---:|"]
     out += [f"| `{p['plan']}` | {p['estimate'] / 1e6:.1f} | {(p['measured'] or 0) / 1e6:.1f} | {p['measured_kind']} | "
             f"{p['ratio']} |" for p in r["finetune_memory"]]

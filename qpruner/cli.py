@@ -44,7 +44,7 @@ def _cmd_prune(args) -> int:
 
 
 def _cmd_search(args) -> int:
-    from .job import run_job
+    from .job import front_metric, run_job
     from .report import front_table
 
     job = load_job(args.job, args.overrides)
@@ -56,7 +56,7 @@ def _cmd_search(args) -> int:
     print(outcome.prepared.prune.summary())
     print(f"trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"Pareto front ({len(outcome.front)} plans):")
-    print(front_table(outcome.front, job.search.metric))
+    print(front_table(outcome.front, front_metric(job)))
     print(f"results: {outcome.directory}/ (trials.parquet, pareto.parquet, pareto.png, job.yaml, pruned/)")
     return 0
 

@@ -26,6 +26,7 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 BUILTIN_MODELS = ("tiny", "builtin:smollm2-135m")
 BUILTIN_DATA = ("builtin:pydoc",)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+ONLINE_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
 def opt(default: Any, *, min: float | None = None, max: float | None = None,
@@ -128,22 +129,43 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     steps: int = opt(10, min=0, help="optimizer steps per trial (0 = evaluate without fine-tuning)")
-    batch_size: int = opt(4, min=1)
-    lr: float = opt(2e-4, min=0.0, max=1.0)
-    warmup_steps: int = opt(0, min=0)
+    batch_size: int = opt(4, min=1, help="sequences per optimizer step")
+    micro_batch_size: Optional[int] = opt(None, min=1, help="sequences per forward pass; batch_size must be a "
+                                                            "multiple (gradient accumulation); default batch_size")
+    lr: float = opt(2e-4, min=0.0, max=1e6)
+    lr_schedule: str = opt("constant", choices=("constant", "linear", "cosine"), help="after the warm-up")
+    warmup_steps: int = opt(0, min=0, help="linear warm-up from 0")
+    min_lr_ratio: float = opt(0.0, min=0.0, max=1.0, help="final lr / lr for linear and cosine schedules")
     weight_decay: float = opt(0.0, min=0.0, max=1.0)
     max_grad_norm: float = opt(1.0, min=0.0, help="0 disables clipping")
+    max_seconds: Optional[float] = opt(None, min=0.0, help="time budget: stop fine-tuning after this many seconds")
+    gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass (less memory)")
+    autocast: str = opt("auto", choices=("auto", "off"), help="auto: bf16 autocast on CUDA")
+    eval_every: int = opt(0, min=0, help="evaluate (and report to the search) every N steps; 0: only at the end")
+    init: str = opt("loftq", choices=("loftq", "plain"), help="LoRA initialisation: LoftQ, or QLoRA-style (B = 0)")
+    loftq_iters: int = opt(1, min=1, max=20, help="LoftQ alternations of quantization and low-rank SVD")
     lora_r: int = opt(8, min=1, max=4096)
     lora_alpha: float = opt(16.0, min=0.0)
     lora_dropout: float = opt(0.0, min=0.0, max=0.99)
     target_modules: tuple[str, ...] = opt(LINEAR_NAMES, choices=LINEAR_NAMES)
     seed: int = opt(0)
 
+    def _check(self) -> list[str]:
+        micro = self.micro_batch_size or self.batch_size
+        if self.batch_size % micro:
+            return [f"finetune.batch_size ({self.batch_size}) must be a multiple of finetune.micro_batch_size ({micro})"]
+        return []
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = opt(8, min=1)
-    before_finetune: bool = opt(False, help="also evaluate right after quantization")
+    before_finetune: bool = opt(False, help="also evaluate right after quantization (with the initial adapters)")
+    context: Optional[int] = opt(None, min=2, help="perplexity window in tokens (default data.seq_len)")
+    stride: Optional[int] = opt(None, min=1, help="perplexity stride (default: the window; smaller = more context)")
+    tasks: tuple[str, ...] = opt((), help="multiple-choice tasks: .jsonl files, or boolq, piqa, hellaswag, winogrande, "
+                                          "arc_easy, arc_challenge, openbookqa (online)")
+    task_limit: int = opt(500, min=1, help="items per task")
 
 
 @dataclass(frozen=True)
@@ -154,8 +176,10 @@ class SearchConfig:
     gpus_per_trial: float = opt(0.0, min=0.0, help="fractions share a GPU, e.g. 0.5")
     searcher: str = opt("hyperopt", choices=("hyperopt", "random"))
     random_warmup: int = opt(2, min=0, help="random points after the seed plans before TPE takes over")
-    metric: str = opt("accuracy", choices=("accuracy", "perplexity"),
-                      help="objective: next-token accuracy (max) or perplexity (min) on held-out text")
+    metric: str = opt("accuracy", help="quality axis of the front and default objective: accuracy (next token, max), "
+                                       "perplexity (min), or <task>:acc / <task>:acc_norm for a task in eval.tasks")
+    objective: Optional[dict[str, float]] = opt(None, help="weighted mix maximised by the search, e.g. "
+                                                           "{accuracy: 1.0, piqa:acc: 0.5}; perplexity enters as -log")
     seed: int = opt(0)
     ray_address: Optional[str] = opt(None, help="None: start a local Ray; 'auto': join a running cluster")
     num_cpus: Optional[int] = opt(None, min=1, help="CPUs of a local Ray (default: all)")
@@ -190,6 +214,7 @@ class JobConfig:
         if self.score.method in ("block_influence", "mutual_information") and self.policy.unit == "linear":
             problems.append(f"score.method: {self.score.method} scores layers or module groups; with "
                             "policy.unit=linear use fisher, taylor or sensitivity")
+        problems += _check_metrics(self)
         if self.search.gpus_per_trial > 1 and self.search.gpus_per_trial != int(self.search.gpus_per_trial):
             problems.append("search.gpus_per_trial: fractions are only allowed below 1 (e.g. 0.5), "
                             f"got {self.search.gpus_per_trial}")
@@ -198,6 +223,30 @@ class JobConfig:
     @property
     def results_path(self) -> Path:
         return Path(self.results_dir) / self.name
+
+
+def metric_names(job: "JobConfig") -> list[str]:
+    from pathlib import PurePath
+    names = ["accuracy", "perplexity"]
+    for task in job.eval.tasks:
+        stem = PurePath(task).stem if task.endswith(".jsonl") else task
+        names += [f"{stem}:acc", f"{stem}:acc_norm"]
+    return names
+
+
+def _check_metrics(job: "JobConfig") -> list[str]:
+    problems = []
+    for i, task in enumerate(job.eval.tasks):
+        if task.endswith(".jsonl"):
+            if not Path(task).expanduser().is_file():
+                problems.append(f"eval.tasks[{i}]: file {task!r} does not exist")
+        elif task not in ONLINE_TASKS:
+            problems.append(f"eval.tasks[{i}]: unknown task {task!r}; expected a .jsonl file or one of "
+                            f"{list(ONLINE_TASKS)}" + _did_you_mean(task, ONLINE_TASKS))
+    known = metric_names(job)
+    wanted = [("search.metric", job.search.metric)] + [(f"search.objective.{k}", k) for k in (job.search.objective or {})]
+    return problems + [f"{where}: unknown metric {name!r}; known: {', '.join(known)}" + _did_you_mean(name, known)
+                       for where, name in wanted if name not in known]
 
 
 def _check_model_source(source: str) -> list[str]:
@@ -259,6 +308,12 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
         return _coerce(value, inner, where, problems)
+    if origin is dict:
+        key_t, value_t = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return None
+        return {str(k): _coerce(v, value_t, f"{where}.{k}", problems) for k, v in value.items()}
     if origin is tuple:
         inner = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)):

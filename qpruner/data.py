@@ -109,10 +109,13 @@ def make_splits(stream: torch.Tensor, cfg: DataConfig) -> Splits:
                            f"data.seq_len={cfg.seq_len}, but eval_samples + calib_samples + 1 fine-tune "
                            f"block = {need}; use more text, a shorter seq_len or fewer samples"])
     blocks = stream[: n_blocks * cfg.seq_len].view(n_blocks, cfg.seq_len)
-    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed))
+    gen = torch.Generator().manual_seed(cfg.seed)
     e, c = cfg.eval_samples, cfg.calib_samples
-    calib = blocks[order[e:e + c]][:, : cfg.calib_seq_len or cfg.seq_len]
-    return Splits(calib=calib.clone(), train=blocks[order[e + c:]].clone(), eval=blocks[order[:e]].clone())
+    start = int(torch.randint(0, n_blocks - e + 1, (1,), generator=gen))
+    rest = torch.cat([torch.arange(0, start), torch.arange(start + e, n_blocks)])
+    rest = rest[torch.randperm(len(rest), generator=gen)]
+    calib = blocks[rest[:c]][:, : cfg.calib_seq_len or cfg.seq_len]
+    return Splits(calib=calib.clone(), train=blocks[rest[c:]].clone(), eval=blocks[start:start + e].clone())
 
 
 def load_splits(cfg: DataConfig, tokenizer) -> Splits:

@@ -1,12 +1,16 @@
 """Evaluation of the model as it is (quantized and adapted): perplexity and next-token accuracy.
 
-Over the evaluation split (``N`` independent windows of ``seq_len`` tokens), every token after the
-first of each window is predicted from its prefix within the window:
+Strided-window perplexity (as Hugging Face's perplexity guide describes it): the evaluation split is
+one contiguous token stream of ``N`` tokens. Windows of ``context`` tokens start every ``stride``
+tokens; in each window only the tokens not already scored by the previous window are scored (the
+first window scores all but its first token), each predicted from everything before it in the
+window. With ``stride == context`` the windows do not overlap; a smaller stride gives every scored
+token at least ``context - stride`` tokens of left context, and costs ``context / stride`` times more.
 
-* ``perplexity = exp(sum NLL / predicted tokens)``;
-* ``accuracy`` = fraction of predicted tokens whose argmax prediction is the true next token.
+* ``perplexity = exp(sum NLL / scored tokens)``;
+* ``accuracy`` = fraction of scored tokens whose argmax prediction is the true next token.
 
-Strided long-context perplexity and lm-eval-style multiple choice come with issue 5.
+Zero-shot multiple choice, computed as lm-evaluation-harness does, lives in :mod:`qpruner.tasks`.
 """
 
 from __future__ import annotations
@@ -33,20 +37,48 @@ class EvalMetrics:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, scored)`` per window: tokens ``[begin, end)`` go in, the last ``scored`` are scored."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        scored = end - max(prev_end, begin + 1)  # the very first token has no prediction
+        if scored > 0:
+            out.append((begin, end, scored))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, ids: torch.Tensor, batch_size: int = 8,
-             device: str | torch.device = "cpu") -> EvalMetrics:
+def evaluate(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu",
+             context: int | None = None, stride: int | None = None) -> EvalMetrics:
+    """Strided perplexity and next-token accuracy over ``ids`` (a [N, L] split, read as one stream)."""
     t0 = time.perf_counter()
+    stream = ids.reshape(-1)
+    context = context or ids.shape[-1]
+    stride = min(stride or context, context)
     was_training = model.training
     model.eval()
     nll_sum, correct, count = 0.0, 0, 0
-    for batch in ids.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        target = batch[:, 1:]
-        nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-        correct += int((logits.argmax(-1) == target).sum())
-        count += target.numel()
+    spans = windows(stream.numel(), context, stride)
+    by_length: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:
+        by_length.setdefault(span[1] - span[0], []).append(span)
+    for length, group in by_length.items():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            batch = torch.stack([stream[b:e] for b, e, _ in chunk]).to(device)
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            target = batch[:, 1:]
+            mask = torch.zeros_like(target, dtype=torch.bool)
+            for row, (_, _, scored) in enumerate(chunk):
+                mask[row, length - 1 - scored:] = True
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+            nll_sum += float(nll[mask.reshape(-1)].sum())
+            correct += int(((logits.argmax(-1) == target) & mask).sum())
+            count += int(mask.sum())
     if was_training:
         model.train()
     nll = nll_sum / count

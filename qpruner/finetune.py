@@ -1,13 +1,17 @@
-"""Brief LoRA recovery fine-tuning of a quantized model (the only module that imports peft).
+"""Recovery fine-tuning of a quantized model with LoRA (the only module that imports peft).
 
 LoRA (Hu et al., 2021) adapters of rank ``r`` and scaling ``alpha / r`` are attached to every
 targeted projection of every decoder layer, over whatever storage the layer has (bitsandbytes 4-bit,
-8-bit or 16-bit) — QLoRA-style: base weights frozen, adapters in float32. Plain init (A random,
-B = 0) for now; LoftQ initialisation for mixed plans is issue 5.
+8-bit or 16-bit): base weights frozen, adapters in float32. They start from LoftQ
+(:mod:`qpruner.loftq`, default) or from the plain QLoRA initialisation (``A`` random, ``B = 0``).
 
-Optimisation: AdamW on the adapters, linear warm-up then constant learning rate, gradient clipping,
-batches drawn without replacement from the fine-tune split in a seeded order. A non-finite loss
-stops the trial with :class:`~qpruner.errors.TrialFailed`.
+Optimisation: AdamW on the adapters; ``batch_size`` sequences per step, split into micro-batches of
+``micro_batch_size`` with gradient accumulation; linear warm-up then a constant, linear or cosine
+learning rate; gradient clipping; bf16 autocast on CUDA; optional gradient checkpointing; a step
+budget and an optional time budget; batches drawn without replacement from the fine-tune split in a
+seeded order (same seed, same data order, same adapters' initialisation — same result). Every
+``eval_every`` steps an evaluation callback can report intermediate metrics (for early stopping).
+A non-finite loss stops the trial with :class:`~qpruner.errors.TrialFailed`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +41,8 @@ class FinetuneStats:
     final_loss: float | None
     tokens: int
     seconds: float
+    stopped: str = ""            # why training ended before cfg.steps ("time budget"), else ""
+    losses: tuple[float, ...] = ()
 
 
 def attach_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
@@ -67,39 +74,70 @@ def _batches(train: torch.Tensor, batch_size: int, seed: int):
             yield train[order[i:i + size]]
 
 
+def lr_factor(step: int, cfg: FinetuneConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.lr_schedule == "linear":
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def finetune_(model: nn.Module, train: torch.Tensor, cfg: FinetuneConfig, device: str | torch.device,
-              on_step: Callable[[int, float], None] | None = None) -> FinetuneStats:
-    """Train the trainable parameters of ``model`` for ``cfg.steps`` steps on ``train`` [N, L]."""
+              on_step: Callable[[int, float], None] | None = None,
+              on_eval: Callable[[int], None] | None = None) -> FinetuneStats:
+    """Train the trainable parameters of ``model`` on ``train`` [N, L] for ``cfg.steps`` steps (or until
+    ``cfg.max_seconds``). ``on_eval(step)`` is called every ``cfg.eval_every`` steps (not after the last)."""
     t0 = time.perf_counter()
     if cfg.steps == 0:
         return FinetuneStats(0, None, None, 0, 0.0)
+    device = torch.device(device)
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrialFailed("nothing to fine-tune: no trainable parameters (check finetune.target_modules)")
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, cfg.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    batches = _batches(train, cfg.batch_size, cfg.seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    micro = cfg.micro_batch_size or cfg.batch_size
+    accumulation = cfg.batch_size // micro
+    batches = _batches(train, micro, cfg.seed)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast == "auto" and device.type == "cuda"
+                else nullcontext())
     model.train()
-    first = last = None
-    tokens = 0
+    losses: list[float] = []
+    tokens, stopped = 0, ""
     for step in range(cfg.steps):
-        batch = next(batches).to(device)
-        loss = model(input_ids=batch, labels=batch).loss
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrialFailed(f"non-finite training loss ({value}) at step {step}")
-        loss.backward()
+        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+            stopped = "time budget"
+            break
+        total = 0.0
+        for _ in range(accumulation):
+            batch = next(batches).to(device)
+            with autocast:
+                loss = model(input_ids=batch, labels=batch).loss / accumulation
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrialFailed(f"non-finite training loss ({value * accumulation}) at step {step}")
+            loss.backward()
+            total += value
+            tokens += batch.numel()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        first = value if first is None else first
-        last = value
-        tokens += batch.numel()
+        losses.append(total)
         if on_step is not None:
-            on_step(step, value)
+            on_step(step, total)
+        if on_eval is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            on_eval(step + 1)
+            model.train()
     model.eval()
-    return FinetuneStats(cfg.steps, first, last, tokens, time.perf_counter() - t0)
+    return FinetuneStats(len(losses), losses[0] if losses else None, losses[-1] if losses else None, tokens,
+                         time.perf_counter() - t0, stopped, tuple(losses))

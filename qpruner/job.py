@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import __version__, data, importance, models, policy, prune, report
+from . import __version__, data, importance, models, policy, prune, report, tasks
 from .config import JobConfig, save_job, to_dict
 from .pruned_model import load_pruned, read_meta, save_pruned
 from .errors import ConfigError
@@ -147,6 +147,22 @@ def load_or_score(job: JobConfig, model: torch.nn.Module, calib: torch.Tensor, p
     return scores
 
 
+def load_tasks(job: JobConfig, tokenizer, model) -> tuple[tasks.TokenizedTask, ...]:
+    """The multiple-choice tasks of ``eval.tasks``, tokenized once here so trials need no tokenizer."""
+    max_length = min(int(getattr(model.config, "max_position_embeddings", 2048)), 2048)
+    out = []
+    for spec in job.eval.tasks:
+        items = tasks.load_task(spec, job.eval.task_limit)
+        out.append(tasks.tokenize_task(tasks.task_name(spec), items, tokenizer, max_length))
+        logger.info("task %s: %d items", out[-1].name, len(items))
+    return tuple(out)
+
+
+def front_metric(job: JobConfig) -> str:
+    """The quality axis of the front: the objective when it mixes metrics, else ``search.metric``."""
+    return "objective" if job.search.objective else job.search.metric
+
+
 def prepare(job: JobConfig, out: Path) -> Prepared:
     """Driver stages: prune once (or reuse), score layers, sample seed plans."""
     device = resolve_device(job.device)
@@ -160,7 +176,8 @@ def prepare(job: JobConfig, out: Path) -> Prepared:
     config_dict, state_dict = models.model_state(model)
     context = TrialContext(config_dict=config_dict, state_dict=state_dict, layout=layout,
                            train=splits.train, eval=splits.eval, quant=job.quant, finetune=job.finetune,
-                           evaluation=job.eval, budget=budget, metric=job.search.metric, unit=job.policy.unit)
+                           evaluation=job.eval, budget=budget, metric=job.search.metric, unit=job.policy.unit,
+                           objective=job.search.objective, tasks=load_tasks(job, pruned.tokenizer, model))
     _write_json(out / "prune.json", prune_report.to_dict())
     _write_json(out / "seeds.json", [{"origin": s.origin, "code": s.plan.code(), "plan": s.plan.to_dict(),
                                       "avg_bits": memory(s.plan).avg_bits,
@@ -177,8 +194,8 @@ def run_job(job: JobConfig) -> JobOutcome:
     save_job(job, out / "job.yaml")
     prepared = prepare(job, out)
     origins = {s.plan.formats: f"seed:{s.origin}" for s in prepared.seeds}
-    log = TrialLog(out, job.search.metric, origins)
+    log = TrialLog(out, front_metric(job), origins)
     run_search(job, prepared.context, prepared.seeds, log)
     trials, front = log.frame(), log.front()
-    report.plot_front(trials, front, job.search.metric, out / "pareto.png")
+    report.plot_front(trials, front, front_metric(job), out / "pareto.png")
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0)

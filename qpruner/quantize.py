@@ -169,6 +169,18 @@ def quantize_(model: nn.Module, plan: PrecisionPlan, cfg: QuantConfig, device: s
     return model
 
 
+def dequantized(module: nn.Module) -> torch.Tensor:
+    """The weight a (possibly quantized, possibly LoRA-wrapped) linear module multiplies by, in float32."""
+    module = getattr(module, "base_layer", module)
+    name = type(module).__name__
+    if name == "Linear4bit":
+        return _bnb().functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    if name == "Linear8bitLt":
+        scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+        return module.weight.data.float() * scb.float()[:, None] / 127.0
+    return module.weight.data.float()
+
+
 def module_format(module: nn.Module) -> str:
     """The storage format of one (possibly LoRA-wrapped) linear module."""
     module = getattr(module, "base_layer", module)

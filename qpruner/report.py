@@ -16,11 +16,14 @@ def front_table(front: pd.DataFrame, metric: str) -> str:
     """The front as a fixed-width text table, smallest model first."""
     if front.empty:
         return "(no completed trial: the front is empty)"
-    header = f"{'trial':<10} {'weights MB':>10} {'avg bits':>8} {'perplexity':>10} {'accuracy':>8}  plan (4=nf4 f=fp4 8=int8 H=bf16)"
+    extra = metric not in ("accuracy", "perplexity")
+    header = (f"{'trial':<10} {'weights MB':>10} {'avg bits':>8} {'perplexity':>10} {'accuracy':>8}"
+              + (f" {metric:>14}" if extra else "") + "  plan (4=nf4 f=fp4 8=int8 H=bf16)")
     lines = [header, "-" * len(header)]
     for _, r in front.iterrows():
         lines.append(f"{str(r['trial_id']):<10} {r['weight_bytes'] / 1e6:>10.2f} {r['avg_bits']:>8.2f} "
-                     f"{r['perplexity']:>10.3f} {r['accuracy']:>8.4f}  {r['plan_code']}")
+                     f"{r['perplexity']:>10.3f} {r['accuracy']:>8.4f}" + (f" {r[metric]:>14.4f}" if extra else "")
+                     + f"  {r['plan_code']}")
     lines.append(f"objective: {'max' if maximize(metric) else 'min'} {metric}")
     return "\n".join(lines)
 

@@ -67,7 +67,7 @@ def _trainable(config: dict, context: TrialContext, four_bit: str, threads: int)
     torch.set_num_threads(threads)
     plan = policy.decode(config, _n_units(context), four_bit, context.unit)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    result = run_trial(context, plan, device)
+    result = run_trial(context, plan, device, on_report=tune.report)  # intermediate evaluations, if any
     tune.report(result.to_metrics())
 
 

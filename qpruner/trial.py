@@ -1,19 +1,19 @@
-"""One search trial: plan -> quantize -> fine-tune LoRA -> evaluate -> measure. Knows nothing of Ray.
+"""One search trial: plan -> (LoftQ) -> quantize -> LoRA fine-tune -> evaluate -> measure. No Ray here.
 
-The driver builds a :class:`TrialContext` once (pruned weights, token splits, configs); Ray ships it
-to workers through the object store. :func:`run_trial` rebuilds the pruned model from it, so no
-trial loads or prunes the original model again.
+The driver builds a :class:`TrialContext` once (pruned weights, token splits, tokenized tasks,
+configs); Ray ships it to workers through the object store. :func:`run_trial` rebuilds the pruned
+model from it, so no trial loads or prunes the original model again, and it evaluates the model it
+trained — the bitsandbytes modules with their adapters, never a de-quantized stand-in.
 
-Objective (higher is better, what the searcher maximises):
+Objective (maximised by the searcher): ``sum_m w_m * f_m`` over the weights of ``search.objective``
+(default: weight 1 on ``search.metric``), with ``f = -log(perplexity)`` for perplexity and the value
+itself for accuracies (next-token ``accuracy``, ``<task>:acc``, ``<task>:acc_norm``).
 
-* feasible plans: ``accuracy`` (next-token accuracy on held-out text), or ``-log(perplexity)``
-  when ``search.metric`` is ``perplexity``;
 * plans over the memory budget are **not trained**: their weight memory is known exactly before
-  building anything, so they return at once with ``objective = -1000 - excess`` (``excess`` =
-  relative overshoot of the budget). That is below every feasible value and still tells the
-  searcher which infeasible plans were closer to the budget;
-* trials that fail on their own (non-finite loss, out of memory) report ``objective = -2000`` and
-  their reason; any other error propagates and is recorded by the search as an errored trial.
+  building anything, so they return at once with ``objective = -1000 - excess`` (``excess`` = relative
+  overshoot of the budget) — below every feasible value, still ordered by distance to the budget;
+* trials that fail on their own (non-finite loss, out of memory) report ``objective = -2000`` and their
+  reason; any other error propagates and is recorded by the search as an errored trial.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from .errors import TrialFailed
 from .evaluate import EvalMetrics, evaluate
 from .finetune import attach_lora, finetune_
 from .finetune_memory import estimate as estimate_finetune_memory, measure_peak
+from .loftq import load_adapters_, loftq_model_
 from .memory import Budget, ModelLayout, adapter_bytes, measure_bytes, plan_bytes
 from .plan import PrecisionPlan
 from .quantize import quantize_, resolve_compute_dtype
+from .tasks import TokenizedTask, score
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +59,16 @@ class TrialContext:
     budget: Budget
     metric: str = "accuracy"
     unit: str = "layer"
+    objective: dict | None = None                 # metric -> weight; None: {metric: 1}
+    tasks: tuple[TokenizedTask, ...] = ()
 
     @property
     def n_layers(self) -> int:
         return self.layout.n_layers
+
+    @property
+    def weights(self) -> dict:
+        return dict(self.objective) if self.objective else {self.metric: 1.0}
 
 
 @dataclass(frozen=True)
@@ -76,12 +84,15 @@ class TrialResult:
     perplexity: float | None = None
     perplexity_before: float | None = None
     accuracy_before: float | None = None
+    tasks: dict = field(default_factory=dict)     # "<task>:acc" / "<task>:acc_norm" -> value
     adapter_bytes: int | None = None
     peak_bytes: int | None = None
     peak_kind: str = "none"
     peak_bytes_estimate: int | None = None
     train_loss_first: float | None = None
     train_loss_final: float | None = None
+    train_steps: int = 0
+    train_stopped: str = ""
     eval_tokens_per_s: float | None = None
     seconds: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -96,19 +107,29 @@ class TrialResult:
         d["plan_unit"] = self.plan.unit
         for k, v in d.pop("seconds").items():
             d[f"seconds_{k}"] = v
+        d.update(d.pop("tasks"))
         return d
 
     @classmethod
     def from_metrics(cls, d: dict) -> "TrialResult":
-        names = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in d.items() if k in names and k not in ("plan", "seconds")}
+        names = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in d.items() if k in names and k not in ("plan", "seconds", "tasks")}
         seconds = {k[len("seconds_"):]: v for k, v in d.items() if k.startswith("seconds_")}
+        tasks = {k: v for k, v in d.items() if ":" in k}
         plan = PrecisionPlan(tuple(d["plan_formats"].split(",")), d.get("plan_unit", "layer"))
-        return cls(plan=plan, seconds=seconds, **kwargs)
+        return cls(plan=plan, seconds=seconds, tasks=tasks, **kwargs)
 
 
-def objective_of(metrics: EvalMetrics, metric: str) -> float:
-    return metrics.accuracy if metric == "accuracy" else -math.log(metrics.perplexity)
+def metric_values(ev: EvalMetrics, tasks: dict[str, float]) -> dict[str, float]:
+    return {"accuracy": ev.accuracy, "perplexity": ev.perplexity, **tasks}
+
+
+def objective_of(values: dict[str, float], weights: dict[str, float]) -> float:
+    total = 0.0
+    for name, w in weights.items():
+        v = values[name]
+        total += w * (-math.log(v) if name == "perplexity" else v)
+    return total
 
 
 def _compute_dtype_name(ctx: TrialContext, device: torch.device) -> str:
@@ -125,8 +146,32 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _evaluate(ctx: TrialContext, model, device) -> EvalMetrics:
+    e = ctx.evaluation
+    return evaluate(model, ctx.eval, e.batch_size, device, context=e.context, stride=e.stride)
+
+
+def _build_quantized(ctx: TrialContext, plan: PrecisionPlan, device: torch.device):
+    """The pruned model quantized to ``plan`` with LoRA attached (LoftQ-initialised if configured)."""
+    ft = ctx.finetune
+    model = models.build_model(ctx.config_dict, ctx.state_dict)
+    init = None
+    if ft.init == "loftq":
+        init = loftq_model_(model, plan, ctx.quant, ft.lora_r, ft.lora_alpha, ft.loftq_iters, ft.target_modules,
+                            device, resolve_compute_dtype(ctx.quant, device))
+    quantize_(model, plan, ctx.quant, device)
+    measured = measure_bytes(model)
+    torch.manual_seed(ft.seed)  # same plan -> same adapters -> same result, in any worker
+    model = attach_lora(model, ft)
+    if init:
+        load_adapters_(model, init)
+    return model, measured
+
+
 def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu",
-              on_step: Callable[[int, float], None] | None = None) -> TrialResult:
+              on_report: Callable[[dict], None] | None = None) -> TrialResult:
+    """Quantize, fine-tune and evaluate ``plan``. ``on_report`` receives intermediate metrics every
+    ``finetune.eval_every`` steps (for early stopping); the final result is returned, not reported."""
     device = torch.device(device)
     t0 = time.perf_counter()
     plan.check_units(ctx.n_layers)
@@ -144,34 +189,45 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
     model = None
     try:
         t = time.perf_counter()
-        model = models.build_model(ctx.config_dict, ctx.state_dict)
-        quantize_(model, plan, ctx.quant, device)
+        model, measured = _build_quantized(ctx, plan, device)
         seconds["quantize"] = time.perf_counter() - t
-        measured = measure_bytes(model)
         if measured.total_bytes != predicted.total_bytes:
             logger.warning("measured weight bytes %d differ from predicted %d", measured.total_bytes,
                            predicted.total_bytes)
-        before = None
-        if ctx.evaluation.before_finetune:
-            before = evaluate(model, ctx.eval, ctx.evaluation.batch_size, device)
+        before = _evaluate(ctx, model, device) if ctx.evaluation.before_finetune else None
+
+        def intermediate(step: int) -> None:
+            if on_report is None:
+                return
+            ev = _evaluate(ctx, model, device)
+            values = metric_values(ev, {})
+            weights = {k: w for k, w in ctx.weights.items() if k in values}
+            on_report({"status": "running", "step": step, "perplexity": ev.perplexity, "accuracy": ev.accuracy,
+                       "objective": objective_of(values, weights or {"accuracy": 1.0}),
+                       "plan_code": plan.code(), "avg_bits": predicted.avg_bits,
+                       "weight_bytes": predicted.total_bytes})
+
         t = time.perf_counter()
-        torch.manual_seed(ctx.finetune.seed)  # same plan -> same adapters -> same result, in any worker
-        model = attach_lora(model, ctx.finetune)
         resident = measured.total_bytes + adapter_bytes(model)
         with measure_peak(device, resident) as peak:
-            stats = finetune_(model, ctx.train, ctx.finetune, device, on_step=on_step)
+            stats = finetune_(model, ctx.train, ctx.finetune, device, on_eval=intermediate)
         seconds["finetune"] = time.perf_counter() - t
-        after = evaluate(model, ctx.eval, ctx.evaluation.batch_size, device)
+        after = _evaluate(ctx, model, device)
         seconds["eval"] = after.seconds
+        task_values = {}
+        for task in ctx.tasks:
+            r = score(model, task, ctx.evaluation.batch_size, device)
+            task_values[f"{task.name}:acc"], task_values[f"{task.name}:acc_norm"] = r.acc, r.acc_norm
+            seconds[f"task_{task.name}"] = r.seconds
         seconds["total"] = time.perf_counter() - t0
         return TrialResult(
-            status="ok", objective=objective_of(after, ctx.metric), weight_bytes=measured.total_bytes,
-            accuracy=after.accuracy, perplexity=after.perplexity,
+            status="ok", objective=objective_of(metric_values(after, task_values), ctx.weights),
+            weight_bytes=measured.total_bytes, accuracy=after.accuracy, perplexity=after.perplexity,
             perplexity_before=before.perplexity if before else None,
-            accuracy_before=before.accuracy if before else None,
+            accuracy_before=before.accuracy if before else None, tasks=task_values,
             adapter_bytes=adapter_bytes(model), peak_bytes=peak.peak_bytes, peak_kind=peak.kind,
-            train_loss_first=stats.first_loss, train_loss_final=stats.final_loss,
-            eval_tokens_per_s=after.tokens_per_second, seconds=seconds, **common)
+            train_loss_first=stats.first_loss, train_loss_final=stats.final_loss, train_steps=stats.steps,
+            train_stopped=stats.stopped, eval_tokens_per_s=after.tokens_per_second, seconds=seconds, **common)
     except (TrialFailed, torch.OutOfMemoryError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
         logger.warning("trial failed: %s", reason)

@@ -22,6 +22,7 @@ def test_splits_are_disjoint_and_deterministic():
     assert not blocks(a.calib) & blocks(a.eval)
     assert not blocks(a.train) & (blocks(a.calib) | blocks(a.eval))
     assert len(blocks(a.calib) | blocks(a.eval) | blocks(a.train)) == 40
+    assert torch.equal(a.eval.reshape(-1), torch.arange(int(a.eval[0, 0]), int(a.eval[0, 0]) + 7 * 32))  # contiguous
     other = data.make_splits(stream, DataConfig(seq_len=32, calib_samples=5, eval_samples=7, seed=4))
     assert not torch.equal(other.eval, a.eval)
 

@@ -34,3 +34,39 @@ def test_evaluation_leaves_training_mode_as_it_was(tiny):
     tiny.train()
     evaluate(tiny, torch.randint(0, 256, (2, 8)))
     assert tiny.training
+
+
+def test_windows_score_every_token_once():
+    from qpruner.evaluate import windows
+    for n, context, stride in ((64, 64, 64), (64, 32, 16), (100, 32, 32), (100, 30, 7), (10, 64, 64)):
+        spans = windows(n, context, stride)
+        # overlapping windows score every token but the first exactly once; non-overlapping ones
+        # cannot score the first token of each window (nothing before it inside the window)
+        expected = n - 1 if stride < context or n <= context else n - len(spans)
+        assert sum(s for _, _, s in spans) == expected
+        assert all(e - b <= context for b, e, _ in spans)
+        for b, e, s in spans[1:]:
+            assert e - s - b >= min(context - stride, b)         # each scored token keeps >= context - stride
+
+
+def test_strided_perplexity_equals_a_token_by_token_reference(tiny):
+    """Reference: each token t scored once, from the window that scores it, via a separate forward."""
+    from qpruner.evaluate import windows
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (3, 20))
+    stream = ids.reshape(-1)
+    got = evaluate(tiny, ids, batch_size=2, context=24, stride=8)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b, e, scored in windows(stream.numel(), 24, 8):
+            logp = torch.log_softmax(tiny(input_ids=stream[None, b:e]).logits[0].float(), -1)
+            for t in range(e - scored, e):
+                nll -= float(logp[t - b - 1, stream[t]])
+                count += 1
+    assert got.tokens == count == 59
+    assert got.nll == pytest.approx(nll / count, rel=1e-5)
+    same = evaluate(tiny, ids, context=20)  # stride defaults to the window: the 3 rows, 19 scored in each
+    assert same.tokens == 3 * 19
+
+
+import pytest  # noqa: E402

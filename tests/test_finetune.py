@@ -63,3 +63,60 @@ def test_non_finite_loss_fails_the_trial(tiny, tiny_splits, monkeypatch):
 def test_zero_steps_is_a_no_op(tiny, tiny_splits):
     model = _quantized_lora(tiny)
     assert finetune_(model, tiny_splits.train[:4], FinetuneConfig(steps=0), "cpu").steps == 0
+
+
+def _lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_gradient_accumulation_equals_the_full_batch(tiny_splits):
+    train = tiny_splits.train[:16]
+    states = []
+    for micro in (4, 2, 1):
+        model = _quantized_lora(models.tiny_model(), r=4)
+        finetune_(model, train, FinetuneConfig(steps=1, batch_size=4, micro_batch_size=micro, lr=1e-2), "cpu")
+        states.append(_lora_state(model))
+    for other in states[1:]:
+        for name in states[0]:
+            assert torch.allclose(states[0][name], other[name], atol=1e-6), name
+
+
+def test_learning_rate_schedules():
+    from qpruner.finetune import lr_factor
+    cfg = FinetuneConfig(steps=10, warmup_steps=2, lr_schedule="linear", min_lr_ratio=0.1)
+    assert [round(lr_factor(s, cfg), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.55, 0.1]
+    cos = FinetuneConfig(steps=10, warmup_steps=0, lr_schedule="cosine")
+    assert lr_factor(0, cos) == pytest.approx(1.0) and lr_factor(5, cos) == pytest.approx(0.5)
+    assert lr_factor(10, cos) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(7, FinetuneConfig(steps=10)) == 1.0
+
+
+def test_time_budget_and_intermediate_evaluations(tiny, tiny_splits):
+    model = _quantized_lora(tiny)
+    stats = finetune_(model, tiny_splits.train[:8], FinetuneConfig(steps=5, batch_size=2, max_seconds=0.0), "cpu")
+    assert stats.steps == 0 and stats.stopped == "time budget"
+    seen = []
+    stats = finetune_(model, tiny_splits.train[:8], FinetuneConfig(steps=5, batch_size=2, eval_every=2), "cpu",
+                      on_eval=seen.append)
+    assert seen == [2, 4] and stats.steps == 5 and stats.stopped == "" and len(stats.losses) == 5
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_splits):
+    train = tiny_splits.train[:8]
+    states = []
+    for checkpointing in (False, True):
+        model = _quantized_lora(models.tiny_model(), r=4)
+        finetune_(model, train, FinetuneConfig(steps=2, batch_size=2, lr=1e-2, gradient_checkpointing=checkpointing),
+                  "cpu")
+        states.append(_lora_state(model))
+    for name in states[0]:
+        assert torch.allclose(states[0][name], states[1][name], atol=1e-5), name
+
+
+def test_real_nan_from_float16_overflow_fails_the_trial(tiny_splits):
+    """Not a mock: float16 compute with an absurd learning rate overflows to inf/NaN within two steps."""
+    model = models.tiny_model()
+    quantize.quantize_(model, PrecisionPlan(("nf4",) * 4), QuantConfig(compute_dtype="float16", rest_dtype="float16"))
+    model = attach_lora(model, FinetuneConfig(lora_r=4))
+    with pytest.raises(TrialFailed, match="non-finite training loss"):
+        finetune_(model, tiny_splits.train[:16], FinetuneConfig(steps=6, batch_size=2, lr=1e4, max_grad_norm=0), "cpu")

@@ -32,3 +32,21 @@ def test_qpruner_search_tiny_smoke(tmp_path):
     assert len(front) >= 1 and set(front["trial_id"]) <= set(ok["trial_id"])
     assert all(front_mask(front["accuracy"].tolist(), front["weight_bytes"].tolist()))
     assert "Pareto front" in proc.stdout and "finished in" in proc.stdout
+
+
+def test_trials_that_diverge_are_failed_and_the_search_completes(tmp_path):
+    """Real divergence (float16 overflow with an absurd learning rate), through real Ray."""
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
+           f"results_dir={tmp_path}", "quant.compute_dtype=float16", "quant.rest_dtype=float16", "finetune.lr=1e4",
+           "finetune.max_grad_norm=0", "finetune.steps=6", "search.num_trials=3", "policy.include_uniform=false",
+           "policy.seed_plans=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "tiny_smoke" / "trials.parquet")
+    assert len(trials) == 3
+    failed = trials[trials["status"] == "failed"]
+    assert len(failed) >= 2 and failed["error"].str.contains("non-finite training loss").all()
+    assert (failed["objective"] == -2000.0).all()
+    front = pd.read_parquet(tmp_path / "tiny_smoke" / "pareto.parquet")
+    assert not set(front.get("trial_id", [])) & set(failed["trial_id"])  # failed trials never reach the front
+    assert "Pareto front (" in proc.stdout

@@ -76,3 +76,28 @@ def test_the_evaluated_model_is_the_quantized_one(context, monkeypatch):
     plan = PrecisionPlan(("fp4", "int8", "bf16", "nf4"))
     run_trial(context, plan)
     assert seen and all(formats == plan.per_linear() for formats in seen)
+
+
+def test_tasks_and_a_weighted_objective(context, tmp_path):
+    import json
+    from dataclasses import replace
+    from qpruner import tasks
+    path = tmp_path / "toy.jsonl"
+    path.write_text("\n".join(json.dumps({"context": f"def f{i}():", "choices": ["\n    return 1", " zzz"], "label": 0})
+                              for i in range(4)))
+    task = tasks.tokenize_task("toy", tasks.load_task(str(path)), models.byte_tokenizer(), 64)
+    ctx = replace(context, tasks=(task,), objective={"accuracy": 1.0, "toy:acc_norm": 0.5, "perplexity": 0.1})
+    r = run_trial(ctx, PrecisionPlan(("int8",) * 4))
+    assert set(r.tasks) == {"toy:acc", "toy:acc_norm"} and 0 <= r.tasks["toy:acc"] <= 1
+    assert r.objective == pytest.approx(r.accuracy + 0.5 * r.tasks["toy:acc_norm"] - 0.1 * math.log(r.perplexity))
+    again = TrialResult.from_metrics(r.to_metrics())
+    assert again.tasks == r.tasks and again == r
+
+
+def test_intermediate_reports(context):
+    from dataclasses import replace
+    ctx = replace(context, finetune=replace(context.finetune, steps=3, eval_every=1))
+    reports = []
+    r = run_trial(ctx, PrecisionPlan(("nf4",) * 4), on_report=reports.append)
+    assert [x["step"] for x in reports] == [1, 2] and all(x["status"] == "running" for x in reports)
+    assert all(x["objective"] == x["accuracy"] for x in reports) and r.train_steps == 3

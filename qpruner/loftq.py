@@ -1,0 +1,83 @@
+"""LoftQ initialisation for mixed-precision plans.
+
+LoftQ (Li et al., "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models", ICLR 2024)
+initialises the LoRA adapters so that quantized base + adapters start close to the original weight:
+with LoRA scaling ``s = lora_alpha / r`` and ``W ~ Q + s * B @ A`` it alternates, for ``t = 1..T``,
+
+    Q_t          = quantize(W - s * B_{t-1} @ A_{t-1})               (B_0 @ A_0 = 0)
+    U, S, V^T    = rank-r SVD of (W - dequantize(Q_t))
+    B_t = U sqrt(S) / sqrt(s),   A_t = sqrt(S) V^T / sqrt(s)          (so that s * B_t @ A_t = U S V^T)
+
+and keeps ``Q_T`` as the frozen base and ``(A_T, B_T)`` as the adapters' starting point.
+
+Where we differ from peft's implementation (``init_lora_weights="loftq"``), which is hard-coded to
+CUDA and whose 8-bit path uses its own quantizer: ``quantize``/``dequantize`` here are the very
+modules the trial will use — :func:`qpruner.quantize.convert_linear` for the unit's format (nf4 and fp4
+through bitsandbytes ``Linear4bit`` with the job's block size and double quantization, int8 through
+``Linear8bitLt``'s row-wise absmax, bf16 rounding) — so ``Q_T`` is bit-for-bit the base the model holds,
+on CPU and CUDA alike, for any mix of formats. The rank-r SVD is randomised (``torch.svd_lowrank``,
+four power iterations), which is exact enough for ``r`` much smaller than the layer's width and far
+cheaper than a full SVD. The returned base weight is ``W - s * B_{T-1} @ A_{T-1}``, whose quantization
+is ``Q_T``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import models
+from .config import QuantConfig
+from .plan import PrecisionPlan
+
+
+def _low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = min(rank + 8, *residual.shape)
+    u, s, v = torch.svd_lowrank(residual, q=q, niter=4)
+    return u[:, :rank], s[:rank], v[:, :rank]
+
+
+def loftq_linear(lin: nn.Linear, fmt: str, quant: QuantConfig, rank: int, scaling: float, iters: int,
+                 device, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(base weight to quantize, lora_A [r, in], lora_B [out, r]) for one linear layer."""
+    from .quantize import convert_linear, dequantized
+    w = lin.weight.data.float().to(device)
+    delta = torch.zeros_like(w)
+    a = b = None
+    base = w
+    for _ in range(max(1, iters)):
+        base = w - delta
+        probe = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        probe.weight = nn.Parameter(base.to(lin.weight.dtype), requires_grad=False)
+        q = dequantized(convert_linear(probe, fmt, quant, device, compute)).to(device)
+        u, s, v = _low_rank(w - q, min(rank, *w.shape))
+        root = (s / scaling).sqrt()
+        b, a = u * root[None, :], root[:, None] * v.T
+        delta = scaling * (b @ a)
+    return base.to(lin.weight.dtype), a.float(), b.float()
+
+
+def loftq_model_(model: nn.Module, plan: PrecisionPlan, quant: QuantConfig, rank: int, alpha: float, iters: int,
+                 targets, device, compute: torch.dtype) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Replace every targeted linear's weight by its LoftQ base weight (to be quantized by
+    :func:`qpruner.quantize.quantize_` next); return the adapters' initial (A, B) per (layer, name)."""
+    scaling = alpha / rank
+    init = {}
+    for i, (layer, formats) in enumerate(zip(models.decoder_layers(model), plan.per_linear())):
+        for name, lin in models.layer_linears(layer).items():
+            if name not in targets:
+                continue
+            base, a, b = loftq_linear(lin, formats[name], quant, rank, scaling, iters, device, compute)
+            lin.weight.data = base.to(lin.weight.device)
+            init[(i, name)] = (a, b)
+    return init
+
+
+def load_adapters_(model: nn.Module, init: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+                   adapter: str = "default") -> None:
+    """Copy LoftQ's (A, B) into the LoRA modules of a peft-wrapped model."""
+    layers = models.decoder_layers(model)
+    for (i, name), (a, b) in init.items():
+        module = models.layer_linears(layers[i])[name]
+        module.lora_A[adapter].weight.data.copy_(a.to(module.lora_A[adapter].weight.device))
+        module.lora_B[adapter].weight.data.copy_(b.to(module.lora_B[adapter].weight.device))

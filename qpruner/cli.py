@@ -2,6 +2,7 @@
 
     qpruner search   JOB.yaml [key=value ...]   prune once, search mixed precision, write results
     qpruner prune    JOB.yaml [key=value ...]   only prune, save to results/<job>/pruned/ (reused by search)
+    qpruner status   RESULTS_DIR               the front and trial counts of a search (also while it runs)
     qpruner validate JOB.yaml [key=value ...]   check a job file (and overrides) without running it
 """
 
@@ -32,6 +33,31 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from .config import build_job
+    from .job import front_metric
+    from .pareto import TRIALS_FILE, TrialLog
+    from .report import front_table
+
+    directory = Path(args.results)
+    if not (directory / TRIALS_FILE).is_file():
+        print(f"error: {directory} has no {TRIALS_FILE} yet (is it a results/<job>/ directory?)", file=sys.stderr)
+        return 2
+    job = build_job(yaml.safe_load((directory / "job.yaml").read_text())) if (directory / "job.yaml").is_file() else None
+    metric = front_metric(job) if job else "accuracy"
+    log = TrialLog(directory, metric)
+    summary = log.summary()
+    counts = ", ".join(f"{v} {k[2:]}" for k, v in summary.items() if k.startswith("n_"))
+    print(f"{directory}: {summary['trials']} trials ({counts}); front {summary['front_size']} plans, "
+          f"hypervolume {summary['hypervolume']:.4g}")
+    print(front_table(log.front(), metric))
+    return 0
+
+
 def _cmd_prune(args) -> int:
     from .job import load_or_prune, resolve_device
 
@@ -48,7 +74,7 @@ def _cmd_search(args) -> int:
     from .report import front_table
 
     job = load_job(args.job, args.overrides)
-    outcome = run_job(job)
+    outcome = run_job(job, resume=args.resume)
     trials = outcome.trials
     counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
     print()
@@ -75,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override a job key, e.g. finetune.steps=5")
         if name == "prune":
             p.add_argument("--force", action="store_true", help="prune again even if a matching pruned model exists")
+        if name == "search":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted search of this job")
         p.set_defaults(func=func)
+    p = sub.add_parser("status", help="print the front of a (running) search")
+    p.add_argument("results", help="a results/<job>/ directory")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 

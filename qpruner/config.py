@@ -144,6 +144,9 @@ class FinetuneConfig:
     eval_every: int = opt(0, min=0, help="evaluate (and report to the search) every N steps; 0: only at the end")
     init: str = opt("loftq", choices=("loftq", "plain"), help="LoRA initialisation: LoftQ, or QLoRA-style (B = 0)")
     loftq_iters: int = opt(1, min=1, max=20, help="LoftQ alternations of quantization and low-rank SVD")
+    loftq_balance: bool = opt(True, help="rescale LoftQ's factors so lora_A has the plain initialisation's norm")
+    loftq_formats: tuple[str, ...] = opt(("nf4", "fp4"), choices=("nf4", "fp4", "int8", "bf16"),
+                                         help="layers stored in these formats get LoftQ; the others plain init")
     lora_r: int = opt(8, min=1, max=4096)
     lora_alpha: float = opt(16.0, min=0.0)
     lora_dropout: float = opt(0.0, min=0.0, max=0.99)
@@ -174,8 +177,18 @@ class SearchConfig:
     max_concurrent: int = opt(2, min=1)
     cpus_per_trial: float = opt(1.0, min=0.0)
     gpus_per_trial: float = opt(0.0, min=0.0, help="fractions share a GPU, e.g. 0.5")
-    searcher: str = opt("hyperopt", choices=("hyperopt", "random"))
-    random_warmup: int = opt(2, min=0, help="random points after the seed plans before TPE takes over")
+    searcher: str = opt("hyperopt", choices=("hyperopt", "optuna_mo", "optuna_gp", "random"),
+                        help="hyperopt: TPE; optuna_mo / optuna_gp: objective and memory; random: baseline")
+    random_warmup: int = opt(2, min=0, help="random points after the seed plans before the model-based search")
+    scheduler: str = opt("none", choices=("none", "asha", "median"),
+                         help="early stopping on intermediate reports (needs finetune.eval_every > 0)")
+    grace_period: int = opt(1, min=1, help="reports before a trial may be stopped early")
+    reduction_factor: float = opt(2.0, min=1.01, help="ASHA's reduction factor")
+    max_failures: int = opt(2, min=0, help="retries of a trial whose worker or node was lost")
+    max_rejections: int = opt(1000, min=1, help="proposals in a row over budget or already evaluated "
+                                                "before the search ends")
+    storage_path: Optional[str] = opt(None, help="Ray Tune's experiment storage: shared filesystem or URI "
+                                                 "(s3://...) for multi-node runs; default results/<job>/ray")
     metric: str = opt("accuracy", help="quality axis of the front and default objective: accuracy (next token, max), "
                                        "perplexity (min), or <task>:acc / <task>:acc_norm for a task in eval.tasks")
     objective: Optional[dict[str, float]] = opt(None, help="weighted mix maximised by the search, e.g. "
@@ -215,6 +228,9 @@ class JobConfig:
             problems.append(f"score.method: {self.score.method} scores layers or module groups; with "
                             "policy.unit=linear use fisher, taylor or sensitivity")
         problems += _check_metrics(self)
+        if self.search.scheduler != "none" and self.finetune.eval_every == 0:
+            problems.append(f"search.scheduler: {self.search.scheduler} stops trials on intermediate evaluations; "
+                            "set finetune.eval_every > 0 (e.g. steps / 4)")
         if self.search.gpus_per_trial > 1 and self.search.gpus_per_trial != int(self.search.gpus_per_trial):
             problems.append("search.gpus_per_trial: fractions are only allowed below 1 (e.g. 0.5), "
                             f"got {self.search.gpus_per_trial}")

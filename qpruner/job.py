@@ -186,7 +186,8 @@ def prepare(job: JobConfig, out: Path) -> Prepared:
     return Prepared(context, seeds, prune_report, scores)
 
 
-def run_job(job: JobConfig) -> JobOutcome:
+def run_job(job: JobConfig, resume: bool = False) -> JobOutcome:
+    """Prune (or reuse), score (or reuse), seed and search; with ``resume`` continue an interrupted search."""
     from .search import run_search  # keeps `qpruner validate` free of the Ray import
     t0 = time.perf_counter()
     out = job.results_path
@@ -195,7 +196,7 @@ def run_job(job: JobConfig) -> JobOutcome:
     prepared = prepare(job, out)
     origins = {s.plan.formats: f"seed:{s.origin}" for s in prepared.seeds}
     log = TrialLog(out, front_metric(job), origins)
-    run_search(job, prepared.context, prepared.seeds, log)
+    run_search(job, prepared.context, prepared.seeds, log, resume=resume)
     trials, front = log.frame(), log.front()
     report.plot_front(trials, front, front_metric(job), out / "pareto.png")
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0)

@@ -1,18 +1,25 @@
-"""The Pareto front of accuracy vs. memory, and the trial log that persists every trial.
+"""The Pareto front of quality vs. memory, its hypervolume, and the trial log that persists every trial.
 
-A trial ``a`` dominates ``b`` when it is at least as good on both objectives — the quality metric
-(accuracy: higher is better; perplexity: lower is better) and total weight bytes (lower is better) —
-and strictly better on one. The front is the set of completed (``status == "ok"``) trials that no
-other completed trial dominates; of several trials with the same plan only the first is kept.
+A trial ``a`` dominates ``b`` when it is at least as good on both objectives — quality (accuracy
+and the objective: higher is better; perplexity: lower is better) and total weight bytes (lower is
+better) — and strictly better on one. The front is the set of completed (``status == "ok"``) trials
+that no other completed trial dominates; of several trials with the same plan only the first counts.
 
-:class:`TrialLog` is pure (no Ray): the search's Tune callback feeds it one finished trial at a time.
-After every trial it rewrites ``trials.parquet`` (one row per trial: plan, metrics, memories,
-timings, status, error) and ``pareto.parquet``, each atomically (temp file + rename), so a reader —
-or a crash — never sees a half-written file.
+Hypervolume: the area dominated by the front and bounded by a reference point ``(q_ref, m_ref)``
+(worse than every point: quality ``q_ref``, memory ``m_ref``), with quality as ``-log(perplexity)``
+when the metric is perplexity. The live log uses the lowest quality seen and the largest memory
+seen as the reference; benchmarks pass a fixed one.
+
+:class:`TrialLog` is pure (no Ray). The search's Tune callback and searcher wrapper feed it. Every
+change re-reads ``trials.parquet`` if it changed on disk, applies the change (a row per trial id:
+a re-run trial replaces its row) and rewrites ``trials.parquet`` and ``pareto.parquet`` atomically
+(temp file + rename), so a reader — or a crash, or a resumed driver — never sees a half-written or
+stale file.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -41,6 +48,22 @@ def front_mask(quality: list[float], cost: list[float], maximize_quality: bool =
     return mask
 
 
+def hypervolume(quality: list[float], cost: list[float], ref: tuple[float, float]) -> float:
+    """2-D hypervolume (quality maximised, cost minimised) w.r.t. ``ref = (q_ref, cost_ref)``."""
+    pts = sorted((c, q) for q, c in zip(quality, cost) if q > ref[0] and c < ref[1])
+    area, best_q = 0.0, ref[0]
+    for i, (c, q) in enumerate(pts):  # sweep by increasing cost; each step adds a strip of width next-c
+        best_q = max(best_q, q)
+        next_c = pts[i + 1][0] if i + 1 < len(pts) else ref[1]
+        area += (next_c - c) * (best_q - ref[0])
+    return area
+
+
+def quality_values(frame: pd.DataFrame, metric: str) -> list[float]:
+    values = frame[metric].astype(float).tolist()
+    return [-math.log(v) for v in values] if metric == "perplexity" else values
+
+
 def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     frame.to_parquet(tmp, index=False)
@@ -48,33 +71,90 @@ def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 
 class TrialLog:
-    """Every finished trial of one search, persisted as it arrives."""
+    """Every finished or screened trial of one search, persisted as it arrives."""
 
     def __init__(self, directory: str | os.PathLike, metric: str, origins: dict[tuple, str] | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.metric = metric
-        self.origins = dict(origins or {})   # plan formats -> "seed:uniform" | "seed:sampled"
+        self.origins = dict(origins or {})   # plan formats -> "seed:uniform" | "seed:best_guess" | "seed:sampled"
         self.rows: list[dict] = []
+        self._stamp = None
+        self.refresh()
+
+    # persistence ---------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self.directory / TRIALS_FILE
+
+    def refresh(self) -> None:
+        """Re-read trials.parquet when it changed on disk (another writer, or a resumed search)."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            frame = pd.read_parquet(self.path)
+            self.rows = [{k: v for k, v in row.items() if not _missing(v)} for row in frame.to_dict("records")]
+            self._stamp = stamp
+
+    def write(self) -> None:
+        frame = self.frame()
+        atomic_write_parquet(frame, self.path)
+        atomic_write_parquet(pareto_front(frame, self.metric), self.directory / PARETO_FILE)
+        stat = self.path.stat()
+        self._stamp = (stat.st_mtime_ns, stat.st_size)
+
+    def __getstate__(self):  # Ray pickles the tuner; after unpickling, the file is the truth
+        state = dict(self.__dict__)
+        state["rows"], state["_stamp"] = [], None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.refresh()
+
+    # changes ---------------------------------------------------------------------------------------
 
     def _origin(self, plan: PrecisionPlan | None) -> str:
         return self.origins.get(plan.formats, "searcher") if plan is not None else "searcher"
 
-    def add(self, trial_id: str, result: TrialResult) -> None:
-        row = {"trial_id": trial_id, "number": len(self.rows), "origin": self._origin(result.plan),
-               "plan_code": result.plan.code(), "bits": list(result.plan.bits)}
-        row.update(result.to_metrics())
+    def _put(self, row: dict) -> None:
+        self.refresh()
         row["finished_at"] = time.time()
-        self.rows.append(row)
+        for i, existing in enumerate(self.rows):
+            if existing.get("trial_id") == row["trial_id"]:
+                row["number"] = existing.get("number", i)
+                self.rows[i] = row
+                break
+        else:
+            row["number"] = len(self.rows)
+            self.rows.append(row)
         self.write()
 
+    def add(self, trial_id: str, result: TrialResult, **extra) -> None:
+        row = {"trial_id": trial_id, "origin": self._origin(result.plan), "plan_code": result.plan.code(),
+               "bits": list(result.plan.bits)}
+        row.update(result.to_metrics())
+        row.update(extra)
+        self._put(row)
+
+    def add_partial(self, trial_id: str, plan: PrecisionPlan | None, status: str, metrics: dict, **extra) -> None:
+        """A trial without a final result: ``stopped`` early (last intermediate metrics) or ``error``."""
+        row = {"trial_id": trial_id, "origin": self._origin(plan), "plan_code": plan.code() if plan else None,
+               "bits": list(plan.bits) if plan else None, "plan_formats": ",".join(plan.formats) if plan else None,
+               "plan_unit": plan.unit if plan else None, "status": status}
+        row.update({k: v for k, v in metrics.items() if k in ("perplexity", "accuracy", "objective", "avg_bits",
+                                                                "weight_bytes", "step", "error")})
+        row.update(extra)
+        self._put(row)
+
     def add_error(self, trial_id: str, plan: PrecisionPlan | None, reason: str) -> None:
-        row = {"trial_id": trial_id, "number": len(self.rows), "origin": self._origin(plan),
-               "plan_code": plan.code() if plan else None, "bits": list(plan.bits) if plan else None,
-               "plan_formats": ",".join(plan.formats) if plan else None,
-               "status": "error", "error": reason[-2000:], "finished_at": time.time()}
-        self.rows.append(row)
-        self.write()
+        self.add_partial(trial_id, plan, "error", {"error": reason[-2000:]})
+
+    # queries -----------------------------------------------------------------------------------------
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
@@ -82,19 +162,46 @@ class TrialLog:
     def front(self) -> pd.DataFrame:
         return pareto_front(self.frame(), self.metric)
 
-    def write(self) -> None:
+    def lookup(self, plan: PrecisionPlan) -> dict | None:
+        """The first trained result (ok or failed) of an identical plan, if any."""
+        self.refresh()
+        key = ",".join(plan.formats)
+        for row in self.rows:
+            if row.get("plan_formats") == key and row.get("status") in ("ok", "failed") and not row.get("cached_from"):
+                return row
+        return None
+
+    def summary(self) -> dict:
+        """Counts by status, front size, best quality and hypervolume (live reference point)."""
         frame = self.frame()
-        atomic_write_parquet(frame, self.directory / TRIALS_FILE)
-        atomic_write_parquet(pareto_front(frame, self.metric), self.directory / PARETO_FILE)
+        counts = frame["status"].value_counts().to_dict() if not frame.empty and "status" in frame else {}
+        front = pareto_front(frame, self.metric)
+        out = {"trials": len(frame), **{f"n_{k}": int(v) for k, v in counts.items()}, "front_size": len(front),
+               "best": None, "hypervolume": 0.0}
+        ok = frame[frame["status"] == "ok"] if counts else frame
+        if not front.empty:
+            q_all = quality_values(ok, self.metric)
+            ref = (min(q_all) - 1e-9, float(ok["weight_bytes"].max()) + 1.0)
+            out["hypervolume"] = hypervolume(quality_values(front, self.metric), front["weight_bytes"].astype(float).tolist(),
+                                             ref)
+            best = front[self.metric].max() if maximize(self.metric) else front[self.metric].min()
+            out["best"] = float(best)
+        return out
+
+
+def _missing(v) -> bool:
+    try:
+        return v is None or (isinstance(v, float) and math.isnan(v))
+    except TypeError:
+        return False
 
 
 def pareto_front(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Non-dominated completed trials, sorted by memory."""
-    if trials.empty or "status" not in trials:
+    if trials.empty or "status" not in trials or metric not in trials:
         return trials.iloc[0:0]
-    ok = trials[trials["status"] == "ok"].drop_duplicates("plan_formats", keep="first")
+    ok = trials[(trials["status"] == "ok") & trials[metric].notna()].drop_duplicates("plan_formats", keep="first")
     if ok.empty:
         return ok
-    mask = front_mask(ok[metric].astype(float).tolist(), ok["weight_bytes"].astype(float).tolist(),
-                      maximize(metric))
+    mask = front_mask(ok[metric].astype(float).tolist(), ok["weight_bytes"].astype(float).tolist(), maximize(metric))
     return ok[mask].sort_values("weight_bytes").reset_index(drop=True)

@@ -132,14 +132,6 @@ def objective_of(values: dict[str, float], weights: dict[str, float]) -> float:
     return total
 
 
-def _compute_dtype_name(ctx: TrialContext, device: torch.device) -> str:
-    return str(resolve_compute_dtype(ctx.quant, device)).removeprefix("torch.")
-
-
-def predict_memory(ctx: TrialContext, plan: PrecisionPlan, device: torch.device):
-    return plan_bytes(ctx.layout, plan, ctx.quant, _compute_dtype_name(ctx, device))
-
-
 def _release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -158,7 +150,7 @@ def _build_quantized(ctx: TrialContext, plan: PrecisionPlan, device: torch.devic
     init = None
     if ft.init == "loftq":
         init = loftq_model_(model, plan, ctx.quant, ft.lora_r, ft.lora_alpha, ft.loftq_iters, ft.target_modules,
-                            device, resolve_compute_dtype(ctx.quant, device))
+                            device, resolve_compute_dtype(ctx.quant, device), ft.loftq_balance, ft.loftq_formats)
     quantize_(model, plan, ctx.quant, device)
     measured = measure_bytes(model)
     torch.manual_seed(ft.seed)  # same plan -> same adapters -> same result, in any worker
@@ -168,32 +160,53 @@ def _build_quantized(ctx: TrialContext, plan: PrecisionPlan, device: torch.devic
     return model, measured
 
 
+@dataclass(frozen=True)
+class Precheck:
+    """What a plan costs, known before building anything (small: the driver keeps one per search)."""
+    layout: ModelLayout
+    quant: QuantConfig
+    finetune: FinetuneConfig
+    budget: Budget
+    seq_len: int
+
+    @classmethod
+    def of(cls, ctx: TrialContext) -> "Precheck":
+        return cls(ctx.layout, ctx.quant, ctx.finetune, ctx.budget, ctx.train.shape[1])
+
+    def __call__(self, plan: PrecisionPlan, device: str | torch.device = "cpu") -> tuple[dict, TrialResult | None]:
+        """(fields every result of ``plan`` shares, the result itself when the plan is over budget)."""
+        device = torch.device(device)
+        plan.check_units(self.layout.n_layers)
+        compute = str(resolve_compute_dtype(self.quant, device)).removeprefix("torch.")
+        predicted = plan_bytes(self.layout, plan, self.quant, compute)
+        excess = self.budget.excess(predicted)
+        peak = estimate_finetune_memory(self.layout, plan, self.quant, self.finetune, self.seq_len, compute).total
+        common = dict(plan=plan, weight_bytes_predicted=predicted.total_bytes, avg_bits=predicted.avg_bits,
+                      budget_excess=excess, device=str(device), peak_bytes_estimate=peak)
+        if excess <= 0:
+            return common, None
+        return common, TrialResult(status="infeasible", objective=INFEASIBLE_OBJECTIVE - excess,
+                                   weight_bytes=predicted.total_bytes, seconds={"total": 0.0}, **common)
+
+
 def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu",
               on_report: Callable[[dict], None] | None = None) -> TrialResult:
     """Quantize, fine-tune and evaluate ``plan``. ``on_report`` receives intermediate metrics every
     ``finetune.eval_every`` steps (for early stopping); the final result is returned, not reported."""
     device = torch.device(device)
     t0 = time.perf_counter()
-    plan.check_units(ctx.n_layers)
-    predicted = predict_memory(ctx, plan, device)
-    excess = ctx.budget.excess(predicted)
-    peak_estimate = estimate_finetune_memory(ctx.layout, plan, ctx.quant, ctx.finetune, ctx.train.shape[1],
-                                             _compute_dtype_name(ctx, device)).total
-    common = dict(plan=plan, weight_bytes_predicted=predicted.total_bytes, avg_bits=predicted.avg_bits,
-                  budget_excess=excess, device=str(device), peak_bytes_estimate=peak_estimate)
-    if excess > 0:
-        return TrialResult(status="infeasible", objective=INFEASIBLE_OBJECTIVE - excess,
-                           weight_bytes=predicted.total_bytes, seconds={"total": time.perf_counter() - t0},
-                           **common)
+    common, infeasible = Precheck.of(ctx)(plan, device)
+    if infeasible is not None:
+        return infeasible
+    predicted_total, avg_bits = common["weight_bytes_predicted"], common["avg_bits"]
     seconds: dict[str, float] = {}
     model = None
     try:
         t = time.perf_counter()
         model, measured = _build_quantized(ctx, plan, device)
         seconds["quantize"] = time.perf_counter() - t
-        if measured.total_bytes != predicted.total_bytes:
-            logger.warning("measured weight bytes %d differ from predicted %d", measured.total_bytes,
-                           predicted.total_bytes)
+        if measured.total_bytes != predicted_total:
+            logger.warning("measured weight bytes %d differ from predicted %d", measured.total_bytes, predicted_total)
         before = _evaluate(ctx, model, device) if ctx.evaluation.before_finetune else None
 
         def intermediate(step: int) -> None:
@@ -204,8 +217,7 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
             weights = {k: w for k, w in ctx.weights.items() if k in values}
             on_report({"status": "running", "step": step, "perplexity": ev.perplexity, "accuracy": ev.accuracy,
                        "objective": objective_of(values, weights or {"accuracy": 1.0}),
-                       "plan_code": plan.code(), "avg_bits": predicted.avg_bits,
-                       "weight_bytes": predicted.total_bytes})
+                       "plan_code": plan.code(), "avg_bits": avg_bits, "weight_bytes": predicted_total})
 
         t = time.perf_counter()
         resident = measured.total_bytes + adapter_bytes(model)
@@ -232,7 +244,7 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
         reason = f"{type(exc).__name__}: {exc}"
         logger.warning("trial failed: %s", reason)
         seconds["total"] = time.perf_counter() - t0
-        return TrialResult(status="failed", objective=FAILED_OBJECTIVE, weight_bytes=predicted.total_bytes,
+        return TrialResult(status="failed", objective=FAILED_OBJECTIVE, weight_bytes=predicted_total,
                            seconds=seconds, error=reason[:2000], **common)
     finally:
         del model

@@ -29,3 +29,13 @@ def test_importance_benchmark_runs_on_tiny(tmp_path):
     assert res["spearman_vs_sensitivity"]["sensitivity"] == 1.0
     assert {p["estimator"] for p in res["plans"]} >= {"fisher", "mutual_information", "random scores (median of 1)"}
     assert all(p["estimate"] > 0 for p in res["finetune_memory"])
+
+
+def test_trial_benchmark_runs_on_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "trial_bench.py"), "--model", "tiny", "--steps", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "trial.json").read_text())
+    assert [c["init"] for c in res["curves"]][:3] == ["plain", "loftq", "loftq, all formats, unbalanced"]
+    assert all(set(c["perplexity"]) == {"0", "1", "2"} for c in res["curves"])
+    assert {t["format"] for t in res["throughput"]} == {"nf4", "int8", "bf16"}

@@ -39,7 +39,7 @@ def test_the_model_holds_exactly_the_loftq_decomposition(tiny, tiny_splits):
                 for n, m in models.layer_linears(layer).items()}
     config_dict, state = models.model_state(tiny)
     plan = PrecisionPlan(("nf4", "int8", "nf4", "int8"))
-    ft = FinetuneConfig(lora_r=4, lora_alpha=8.0, init="loftq")
+    ft = FinetuneConfig(lora_r=4, lora_alpha=8.0, init="loftq", loftq_formats=("nf4", "int8"))
     ctx = TrialContext(config_dict, state, ModelLayout.from_model(tiny), tiny_splits.train, tiny_splits.eval,
                        QuantConfig(), ft, EvalConfig(), Budget())
     model, _ = _build_quantized(ctx, plan, torch.device("cpu"))
@@ -62,3 +62,23 @@ def test_plain_init_starts_from_zero_adapters(tiny, tiny_splits):
     model, _ = _build_quantized(ctx, PrecisionPlan(("nf4",) * 4), torch.device("cpu"))
     lin = models.layer_linears(models.decoder_layers(model)[0])["q_proj"]
     assert float(lin.lora_B["default"].weight.detach().abs().sum()) == 0.0
+
+
+def test_balancing_keeps_the_product_and_sets_the_scale_of_a():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 96, bias=False)
+    _, a0, b0 = loftq_linear(lin, "int8", QuantConfig(), 8, 2.0, 1, "cpu", torch.float32, balanced=False)
+    _, a1, b1 = loftq_linear(lin, "int8", QuantConfig(), 8, 2.0, 1, "cpu", torch.float32, balanced=True)
+    assert torch.allclose(b0 @ a0, b1 @ a1, atol=1e-7)
+    assert float(a1.norm()) == pytest.approx((8 / 3) ** 0.5, rel=1e-5)
+    assert float(a0.norm()) < 0.1 * float(a1.norm())  # int8's residual is tiny: unbalanced factors start tiny
+
+
+def test_loftq_only_where_asked(tiny, tiny_splits):
+    config_dict, state = models.model_state(tiny)
+    ctx = TrialContext(config_dict, state, ModelLayout.from_model(tiny), tiny_splits.train, tiny_splits.eval,
+                       QuantConfig(), FinetuneConfig(lora_r=4), EvalConfig(), Budget())  # default: 4-bit only
+    model, _ = _build_quantized(ctx, PrecisionPlan(("nf4", "int8", "bf16", "fp4")), torch.device("cpu"))
+    b_norms = [float(models.layer_linears(layer)["q_proj"].lora_B["default"].weight.detach().abs().sum())
+               for layer in models.decoder_layers(model)]
+    assert b_norms[0] > 0 and b_norms[3] > 0 and b_norms[1] == 0 and b_norms[2] == 0

@@ -21,15 +21,19 @@ def test_qpruner_search_tiny_smoke(tmp_path):
                  "pruned/model.safetensors", "pruned/qpruner_prune.json"):
         assert (out / name).is_file(), name
     trials = pd.read_parquet(out / "trials.parquet")
-    assert len(trials) == 7 and set(trials["status"]) <= {"ok", "infeasible"}
-    ok = trials[trials["status"] == "ok"]
-    assert len(ok) >= 3
-    assert (ok["weight_bytes"] == ok["weight_bytes_predicted"]).all()
+    trained = trials[trials["status"] == "ok"]
+    assert len(trained) == 7 and set(trials["status"]) <= {"ok", "infeasible", "cached"}
+    assert (trained["weight_bytes"] == trained["weight_bytes_predicted"]).all()
+    assert trained["plan_formats"].is_unique                    # no plan trained twice
+    assert (trained["avg_bits"] <= 10.0).all()                   # no trained plan over the budget
     # 2 uniform plans that fit + the best guess + 2 sampled, then the searcher's own
-    assert sorted(trials["origin"]) == ["searcher"] * 2 + ["seed:best_guess"] + ["seed:sampled"] * 2 + ["seed:uniform"] * 2
-    assert (trials[trials["status"] == "infeasible"]["avg_bits"] > 10.0).all()
+    assert sorted(trained["origin"]) == ["searcher"] * 2 + ["seed:best_guess"] + ["seed:sampled"] * 2 + ["seed:uniform"] * 2
+    infeasible = trials[trials["status"] == "infeasible"]
+    assert (infeasible["avg_bits"] > 10.0).all() and infeasible["seconds_quantize"].isna().all()  # never built
+    cached = trials[trials["status"] == "cached"]
+    assert set(cached["cached_from"]) <= set(trained["trial_id"])
     front = pd.read_parquet(out / "pareto.parquet")
-    assert len(front) >= 1 and set(front["trial_id"]) <= set(ok["trial_id"])
+    assert len(front) >= 1 and set(front["trial_id"]) <= set(trained["trial_id"])
     assert all(front_mask(front["accuracy"].tolist(), front["weight_bytes"].tolist()))
     assert "Pareto front" in proc.stdout and "finished in" in proc.stdout
 

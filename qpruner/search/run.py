@@ -1,0 +1,179 @@
+"""Ray Tune search over per-unit precision.
+
+* The :class:`~qpruner.trial.TrialContext` (pruned weights + token splits + tasks) goes into Ray's
+  object store once via ``tune.with_parameters``; every trial reads it from there, on any node.
+* Search space: one ``tune.choice(policy.bits)`` per unit (see :mod:`qpruner.policy`); the searcher
+  runs behind :class:`~.searchers.BudgetedSearcher` (over-budget plans never trained, repeats cached).
+* The objective reported to Tune is ``objective`` (maximised; see :mod:`qpruner.trial`). With
+  ``finetune.eval_every`` > 0, trials also report intermediate evaluations, which an ASHA or
+  median-stopping scheduler (``search.scheduler``) uses to stop hopeless trials early.
+* A driver-side callback (:mod:`.callbacks`) persists every trial to ``trials.parquet``.
+* Fault tolerance: a trial lost with its node is retried (``search.max_failures``); after the driver
+  dies, ``qpruner search JOB --resume`` restores the experiment from ``<storage>/tune`` — searcher
+  state included — and finishes it; trials.parquet keeps one row per trial id.
+
+Local runs (no ``search.ray_address``) start Ray on this machine bound to 127.0.0.1, with usage
+stats off and the dashboard (when enabled) on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .. import policy
+from ..config import JobConfig
+from ..errors import BackendError, ConfigError
+from ..pareto import TrialLog
+from ..plan import PrecisionPlan, units_per_layer
+from ..trial import Precheck, TrialContext, TrialResult, run_trial
+from .callbacks import PersistTrials
+from .searchers import BudgetedSearcher, PlanScreen, make_searcher
+
+logger = logging.getLogger(__name__)
+
+
+def _ray():
+    try:
+        import ray
+        from ray import tune
+    except ImportError as exc:  # pragma: no cover - ray[tune] is a required dependency
+        raise BackendError("Ray Tune is required: pip install 'ray[tune]==2.60.0'") from exc
+    return ray, tune
+
+
+def init_ray(job: JobConfig) -> bool:
+    """Connect to (or start) Ray. Returns True when this call started it (and should stop it)."""
+    ray, _ = _ray()
+    if ray.is_initialized():
+        return False
+    cfg = job.search
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, log_to_driver=True)
+        return True
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+             log_to_driver=True)
+    return True
+
+
+class PlanDecoder:
+    """Search-space point -> PrecisionPlan (small and picklable: Tune pickles what holds it)."""
+
+    def __init__(self, n_units: int, four_bit: str, unit: str):
+        self.n_units, self.four_bit, self.unit = n_units, four_bit, unit
+
+    def __call__(self, config: dict) -> PrecisionPlan:
+        return policy.decode(config, self.n_units, self.four_bit, self.unit)
+
+
+class OverBudget:
+    """The infeasible result of a plan over the budget, or ``None`` (memory is computed, not trained)."""
+
+    def __init__(self, precheck: Precheck, device: str):
+        self.precheck, self.device = precheck, device
+
+    def __call__(self, plan: PrecisionPlan) -> TrialResult | None:
+        return self.precheck(plan, self.device)[1]
+
+
+def _trainable(config: dict, context: TrialContext, decode: PlanDecoder, threads: int):
+    import ray
+    from ray import tune
+    torch.set_num_threads(threads)
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    result = run_trial(context, decode(config), device, on_report=tune.report)  # intermediate evaluations, if any
+    tune.report(result.to_metrics())
+
+
+class _NoParameterColumns(dict):
+    """An empty column mapping that Tune does not replace by one column per unit (it tests truth)."""
+
+    def __bool__(self):
+        return True
+
+
+def _reporter():
+    """Ray Tune's trial table with the plan code and our metrics instead of one column per unit."""
+    from ray.tune import CLIReporter
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # a custom table needs Tune's classic output
+    return CLIReporter(
+        metric_columns={"plan_code": "plan", "status": "result", "avg_bits": "bits", "weight_bytes": "weight B",
+                        "perplexity": "ppl", "accuracy": "acc", "objective": "objective"},
+        parameter_columns=_NoParameterColumns(), max_report_frequency=30, max_column_length=48)
+
+
+def _scheduler(job: JobConfig):
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
+    cfg = job.search
+    if cfg.scheduler == "asha":
+        reports = max(1, job.finetune.steps // max(1, job.finetune.eval_every)) + 1
+        return AsyncHyperBandScheduler(metric="objective", mode="max", time_attr="training_iteration",
+                                       grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
+                                       max_t=reports)
+    if cfg.scheduler == "median":
+        return MedianStoppingRule(metric="objective", mode="max", time_attr="training_iteration",
+                                  grace_period=cfg.grace_period, min_samples_required=3)
+    return FIFOScheduler()
+
+
+def storage_path(job: JobConfig, log: TrialLog) -> str:
+    """Where Tune keeps its experiment: ``search.storage_path`` (a shared filesystem or a URI such as
+    s3://bucket/prefix for multi-node runs) or ``results/<job>/ray``."""
+    if job.search.storage_path:
+        return job.search.storage_path
+    return str(Path(log.directory).resolve() / "ray")
+
+
+def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPlan], log: TrialLog,
+               resume: bool = False) -> TrialLog:
+    """Run ``search.num_trials`` trained trials; every finished or screened trial lands in ``log``."""
+    ray, tune = _ray()
+    cfg = job.search
+    started = init_ray(job)
+    try:
+        n_units = context.n_layers * units_per_layer(context.unit)
+        decode = PlanDecoder(n_units, job.quant.four_bit, context.unit)
+        trainable = tune.with_parameters(_trainable, context=context, decode=decode,
+                                         threads=max(1, int(cfg.cpus_per_trial)))
+        trainable = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+        experiment = os.path.join(storage_path(job, log), "tune")
+        if resume:
+            if not tune.Tuner.can_restore(experiment):
+                raise ConfigError([f"--resume: no Ray Tune experiment to resume in {experiment}"])
+            logger.info("resuming the search in %s", experiment)
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = _new_tuner(job, context, seeds, log, decode, trainable, n_units)
+        tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    return log
+
+
+def _new_tuner(job, context, seeds, log, decode, trainable, n_units):
+    _, tune = _ray()
+    cfg = job.search
+    space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(n_units)}
+    points = [policy.encode(s.plan) for s in seeds][: cfg.num_trials]
+    inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup)
+    device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
+    screen = PlanScreen(decode, OverBudget(Precheck.of(context), device), log)
+    searcher = BudgetedSearcher(inner, screen, cfg.max_rejections)
+    multi = isinstance(inner.metric, list)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(job), num_samples=cfg.num_trials,
+                                    metric=None if multi else "objective", mode=None if multi else "max",
+                                    max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name="tune", storage_path=storage_path(job, log),
+                                  callbacks=[PersistTrials(log, decode, job.name)],
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  progress_reporter=_reporter(), verbose=cfg.verbose),
+    )

@@ -1,0 +1,204 @@
+"""Searchers, and the wrapper that keeps them from wasting trials.
+
+Every searcher runs behind :class:`BudgetedSearcher`, which looks at each proposal *before* Ray Tune
+turns it into a trial:
+
+* a plan over the memory budget is never trained: its memory is computed exactly, the searcher is
+  told ``objective = -1000 - relative excess`` at once, the proposal is logged as ``infeasible``, and
+  the searcher is asked again;
+* a plan identical to one already evaluated — in this run or, after ``--resume``, in an earlier one —
+  is answered from ``trials.parquet`` and logged as ``cached`` (``cached_from`` names the trial); one
+  identical to a trial still running waits for that trial's result;
+* after ``max_rejections`` consecutive answered proposals the search ends (the space is exhausted).
+
+So ``search.num_trials`` counts trained trials only. The wrapper keeps the wrapped searcher in its
+``searcher`` attribute, which is how Ray Tune checkpoints and restores wrapper chains.
+
+Searchers (``search.searcher``): ``hyperopt`` (TPE, seeded with the probabilistic-decision plans),
+``optuna_mo`` (Optuna's multivariate TPE on two objectives: objective up, weight bytes down),
+``optuna_gp`` (Optuna's Gaussian-process sampler, same two objectives) and ``random`` (uniform per
+unit, the baseline; seeded plans first as well).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from ray.tune.search import Searcher
+
+from ..pareto import TrialLog
+from ..plan import PrecisionPlan
+from ..trial import TrialResult
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Verdict:
+    """A proposal answered without training."""
+    status: str                # "infeasible" | "cached"
+    result: TrialResult
+    cached_from: str | None = None
+
+
+class PlanScreen:
+    """Decides whether a proposed config needs training (``None``) or can be answered now."""
+
+    def __init__(self, decode: Callable[[dict], PrecisionPlan], precheck: Callable[[PrecisionPlan], TrialResult | None],
+                 log: TrialLog):
+        self.decode, self.precheck, self.log = decode, precheck, log
+
+    def __call__(self, config: dict) -> tuple[PrecisionPlan, Verdict | None]:
+        plan = self.decode(config)
+        infeasible = self.precheck(plan)
+        if infeasible is not None:
+            return plan, Verdict("infeasible", infeasible)
+        row = self.log.lookup(plan)
+        if row is not None:
+            return plan, Verdict("cached", TrialResult.from_metrics(row), str(row["trial_id"]))
+        return plan, None
+
+
+def _answer(result: TrialResult) -> dict:
+    """What the wrapped searcher is told about a trial (every metric a multi-objective searcher uses)."""
+    return {"objective": result.objective, "weight_bytes": result.weight_bytes}
+
+
+class BudgetedSearcher(Searcher):
+    def __init__(self, searcher: Searcher, screen: PlanScreen, max_rejections: int = 1000):
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher = searcher
+        self.screen = screen
+        self.max_rejections = max_rejections
+        self.live: dict[str, str] = {}            # Tune trial id -> id the wrapped searcher knows it by
+        self.in_flight: dict[str, str] = {}       # Tune trial id -> plan key
+        self.waiting: dict[str, list[str]] = {}   # plan key of a running trial -> duplicate proposals' ids
+        self.counter = 0
+
+    # --- plumbing to the wrapped searcher --------------------------------------------------------------
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        ok = self.searcher.set_search_properties(metric, mode, config, **spec)
+        self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        return ok
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return self.searcher.set_max_concurrency(max_concurrent)
+
+    def get_state(self) -> dict:
+        return {"live": self.live, "in_flight": self.in_flight, "waiting": self.waiting, "counter": self.counter}
+
+    def set_state(self, state: dict) -> None:
+        self.live, self.in_flight = dict(state["live"]), dict(state["in_flight"])
+        self.waiting, self.counter = {k: list(v) for k, v in state["waiting"].items()}, state["counter"]
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+    # --- the screening ---------------------------------------------------------------------------------
+    def _record(self, plan: PrecisionPlan, verdict: Verdict) -> None:
+        extra = {"status": verdict.status}
+        if verdict.cached_from:
+            extra["cached_from"] = verdict.cached_from
+        self.screen.log.add(f"{verdict.status}-{self.counter:05d}", verdict.result, **extra)
+
+    def suggest(self, trial_id: str):
+        for _ in range(self.max_rejections):
+            self.counter += 1
+            inner_id = f"{trial_id}~{self.counter}"
+            config = self.searcher.suggest(inner_id)
+            if config is None or config == Searcher.FINISHED:
+                return config
+            plan, verdict = self.screen(config)
+            key = ",".join(plan.formats)
+            if verdict is not None:
+                self.searcher.on_trial_complete(inner_id, result=_answer(verdict.result))
+                self._record(plan, verdict)
+                continue
+            if key in self.in_flight.values():
+                self.waiting.setdefault(key, []).append(inner_id)
+                continue
+            self.live[trial_id], self.in_flight[trial_id] = inner_id, key
+            return config
+        logger.warning("the searcher proposed %d plans in a row that were over budget or already evaluated; "
+                       "ending the search", self.max_rejections)
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self.live:
+            self.searcher.on_trial_result(self.live[trial_id], result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        inner_id = self.live.pop(trial_id, None)
+        if inner_id is not None:
+            self.searcher.on_trial_complete(inner_id, result=result, error=error)
+        key = self.in_flight.pop(trial_id, None)
+        for waiting_id in self.waiting.pop(key, []) if key else []:
+            self.searcher.on_trial_complete(waiting_id, result=result, error=error or not result)
+            if result and "plan_formats" in result and result.get("status") in ("ok", "failed"):
+                self.counter += 1
+                self._record(PrecisionPlan(tuple(key.split(",")), result.get("plan_unit", "layer")),
+                             Verdict("cached", TrialResult.from_metrics(result), trial_id))
+
+
+class RandomPlanSearcher(Searcher):
+    """Uniformly random precision per unit (the baseline); ``points_to_evaluate`` first."""
+
+    def __init__(self, points_to_evaluate: list[dict] | None = None, seed: int = 0, metric=None, mode=None):
+        super().__init__(metric=metric, mode=mode)
+        self.points = list(points_to_evaluate or [])
+        self.rng = np.random.default_rng(seed)
+        self.choices: dict[str, list] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        if metric:
+            self._metric = metric
+        if mode:
+            self._mode = mode
+        self.choices = {k: list(v.categories) for k, v in config.items() if hasattr(v, "categories")}
+        return True
+
+    def suggest(self, trial_id: str):
+        if self.points:
+            return self.points.pop(0)
+        return {k: v[int(self.rng.integers(len(v)))] for k, v in self.choices.items()}
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump({"points": self.points, "rng": self.rng.bit_generator.state, "choices": self.choices}, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            state = pickle.load(fh)
+        self.points, self.choices = state["points"], state["choices"]
+        self.rng.bit_generator.state = state["rng"]
+
+
+def make_searcher(kind: str, points: list[dict], seed: int, random_warmup: int) -> Searcher:
+    """The wrapped searcher for ``search.searcher``; multi-objective ones carry their metrics."""
+    startup = max(1, len(points) + random_warmup)
+    if kind == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+        return HyperOptSearch(points_to_evaluate=points or None, random_state_seed=seed, n_initial_points=startup)
+    if kind == "random":
+        return RandomPlanSearcher(points, seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if kind == "optuna_mo":
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
+    elif kind == "optuna_gp":
+        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    else:
+        raise ValueError(f"unknown searcher {kind!r}")
+    return OptunaSearch(metric=["objective", "weight_bytes"], mode=["max", "min"], sampler=sampler,
+                        points_to_evaluate=points or None)

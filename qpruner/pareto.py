@@ -101,7 +101,7 @@ class TrialLog:
             self._stamp = stamp
 
     def write(self) -> None:
-        frame = self.frame()
+        frame = pd.DataFrame(self.rows)
         atomic_write_parquet(frame, self.path)
         atomic_write_parquet(pareto_front(frame, self.metric), self.directory / PARETO_FILE)
         stat = self.path.stat()
@@ -157,6 +157,7 @@ class TrialLog:
     # queries -----------------------------------------------------------------------------------------
 
     def frame(self) -> pd.DataFrame:
+        self.refresh()
         return pd.DataFrame(self.rows)
 
     def front(self) -> pd.DataFrame:

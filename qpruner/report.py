@@ -54,7 +54,8 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
     ax.set_ylabel(f"{metric} ({'higher' if maximize(metric) else 'lower'} is better)")
     ax.set_title("QPruner: accuracy vs. memory of the quantized pruned model")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

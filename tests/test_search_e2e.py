@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from qpruner.pareto import front_mask
 
@@ -54,3 +55,37 @@ def test_trials_that_diverge_are_failed_and_the_search_completes(tmp_path):
     front = pd.read_parquet(tmp_path / "tiny_smoke" / "pareto.parquet")
     assert not set(front.get("trial_id", [])) & set(failed["trial_id"])  # failed trials never reach the front
     assert "Pareto front (" in proc.stdout
+
+
+def _search(tmp_path, *overrides):
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
+           f"results_dir={tmp_path}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return pd.read_parquet(tmp_path / "tiny_smoke" / "trials.parquet"), proc
+
+
+@pytest.mark.parametrize("searcher", ["optuna_mo", "optuna_gp", "random"])
+def test_other_searchers(tmp_path, searcher):
+    trials, _ = _search(tmp_path, f"search.searcher={searcher}", "search.num_trials=6")
+    trained = trials[trials["status"] == "ok"]
+    assert len(trained) == 6 and trained["plan_formats"].is_unique and (trained["avg_bits"] <= 10.0).all()
+    assert (trained["origin"] == "searcher").sum() == 1  # the 5 seed plans first
+
+
+def test_asha_stops_hopeless_trials_early(tmp_path):
+    trials, _ = _search(tmp_path, "search.scheduler=asha", "search.metric=perplexity", "finetune.steps=8",
+                        "finetune.eval_every=2", "search.num_trials=7", "search.max_concurrent=1")
+    stopped = trials[trials["status"] == "stopped"]
+    assert len(stopped) >= 1 and (stopped["step"] < 8).all() and stopped["perplexity"].notna().all()
+    assert len(trials[trials["status"].isin(["ok", "stopped"])]) == 7
+
+
+def test_status_command(tmp_path):
+    _, _ = _search(tmp_path, "search.num_trials=5")
+    proc = subprocess.run([sys.executable, "-m", "qpruner.cli", "status", str(tmp_path / "tiny_smoke")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "hypervolume" in proc.stdout and "5 ok" in proc.stdout
+    assert "plan (4=nf4" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "qpruner.cli", "status", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no trials.parquet" in bad.stderr

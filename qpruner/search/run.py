@@ -87,7 +87,7 @@ def _trainable(config: dict, context: TrialContext, decode: PlanDecoder, threads
     torch.set_num_threads(threads)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     result = run_trial(context, decode(config), device, on_report=tune.report)  # intermediate evaluations, if any
-    tune.report(result.to_metrics())
+    tune.report({**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id()})
 
 
 class _NoParameterColumns(dict):
@@ -107,17 +107,19 @@ def _reporter():
         parameter_columns=_NoParameterColumns(), max_report_frequency=30, max_column_length=48)
 
 
-def _scheduler(job: JobConfig):
+def _scheduler(job: JobConfig, own_metric: bool):
+    """Early stopping on ``objective``; the scheduler names the metric itself only when the Tuner
+    does not (multi-objective searchers leave the Tuner without one)."""
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
     cfg = job.search
+    metric = {"metric": "objective", "mode": "max"} if own_metric else {}
     if cfg.scheduler == "asha":
         reports = max(1, job.finetune.steps // max(1, job.finetune.eval_every)) + 1
-        return AsyncHyperBandScheduler(metric="objective", mode="max", time_attr="training_iteration",
-                                       grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
-                                       max_t=reports)
+        return AsyncHyperBandScheduler(time_attr="training_iteration", grace_period=cfg.grace_period,
+                                       reduction_factor=cfg.reduction_factor, max_t=reports, **metric)
     if cfg.scheduler == "median":
-        return MedianStoppingRule(metric="objective", mode="max", time_attr="training_iteration",
-                                  grace_period=cfg.grace_period, min_samples_required=3)
+        return MedianStoppingRule(time_attr="training_iteration", grace_period=cfg.grace_period,
+                                  min_samples_required=3, **metric)
     return FIFOScheduler()
 
 
@@ -169,7 +171,7 @@ def _new_tuner(job, context, seeds, log, decode, trainable, n_units):
     return tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(job), num_samples=cfg.num_trials,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(job, multi), num_samples=cfg.num_trials,
                                     metric=None if multi else "objective", mode=None if multi else "max",
                                     max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path(job, log),

@@ -1,0 +1,123 @@
+"""The search on a real 2-node Ray cluster (ray.cluster_utils.Cluster on 127.0.0.1), node loss,
+driver loss and resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from qpruner.config import load_job
+from qpruner.job import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "tune_jobs" / "tiny_smoke.yaml"
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c, worker
+    if ray.is_initialized():
+        ray.shutdown()
+    c.shutdown()
+
+
+def _trials(directory: Path) -> pd.DataFrame:
+    return pd.read_parquet(directory / "tiny_smoke" / "trials.parquet")
+
+
+def _check_consistent(trials: pd.DataFrame, n_trained: int) -> pd.DataFrame:
+    ok = trials[trials["status"] == "ok"]
+    assert trials["trial_id"].is_unique
+    assert len(ok) == n_trained and ok["plan_formats"].is_unique     # every trial once, no plan trained twice
+    assert (ok["avg_bits"] <= 10.0).all()                             # nothing over the budget was trained
+    assert set(trials["status"]) <= {"ok", "infeasible", "cached"}
+    return ok
+
+
+def test_trials_run_on_both_nodes(cluster, tmp_path):
+    c, worker = cluster
+    job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=20",
+                         "search.num_trials=4"])
+    run_job(job)
+    ok = _check_consistent(_trials(tmp_path), 4)
+    assert worker.node_id in set(ok["node_id"]) and len(set(ok["node_id"])) == 2
+
+
+def test_losing_the_worker_node_mid_trial_retries_it(cluster, tmp_path):
+    c, worker = cluster
+    job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=150",
+                         "search.num_trials=5"])
+    killed = threading.Event()
+
+    def kill_worker_when_busy():
+        import ray._private.state as state
+        deadline = time.time() + 300
+        rows = tmp_path / "tiny_smoke" / "trials.parquet"
+        while time.time() < deadline and not killed.is_set():
+            if ray.is_initialized() and rows.is_file():  # steady state: a trial has finished already
+                free = state.state.available_resources_per_node().get(worker.node_id, {})
+                if free and free.get("CPU", 0.0) == 0.0:  # a trial holds the worker's CPU (the key goes)
+                    time.sleep(2.0)               # well inside a ~10 s trial
+                    c.remove_node(worker, allow_graceful=False)
+                    killed.set()
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=kill_worker_when_busy, daemon=True)
+    thread.start()
+    run_job(job)
+    thread.join(timeout=5)
+    assert killed.is_set()
+    ok = _check_consistent(_trials(tmp_path), 5)
+    assert ok["failures"].sum() >= 1              # the trial lost with the node ran again, on the head
+
+
+def test_driver_killed_then_resume(tmp_path):
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(JOB), f"results_dir={tmp_path}", "finetune.steps=40",
+           "search.num_trials=8"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            path = tmp_path / "tiny_smoke" / "trials.parquet"
+            if path.is_file() and (pd.read_parquet(path)["status"] == "ok").sum() >= 2:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("the search made no progress")
+        os.kill(driver.pid, signal.SIGKILL)      # the driver dies mid-search
+        driver.wait(timeout=30)
+    finally:
+        _kill_session(driver.pid)                 # Ray processes this driver started
+    before = _trials(tmp_path)
+    assert (before["status"] == "ok").sum() < 8
+    proc = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    after = _trials(tmp_path)
+    _check_consistent(after, 8)
+    assert set(before["trial_id"]) <= set(after["trial_id"])  # nothing persisted before the kill was lost
+    assert "resuming" in proc.stderr or "Restoring" in proc.stderr
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process left in the session the test started (by pid)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, session = (int(x) for x in line.split())
+        if session == sid and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

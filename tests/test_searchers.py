@@ -1,0 +1,113 @@
+"""The budget/cache wrapper and the random searcher, driven directly (no Ray runtime needed)."""
+
+import pytest
+from ray import tune
+
+from qpruner import models, policy
+from qpruner.config import FinetuneConfig, QuantConfig
+from qpruner.memory import Budget, ModelLayout
+from qpruner.pareto import TrialLog, hypervolume
+from qpruner.plan import PrecisionPlan
+from qpruner.search.run import OverBudget, PlanDecoder
+from qpruner.search.searchers import BudgetedSearcher, PlanScreen, RandomPlanSearcher
+from qpruner.trial import Precheck, TrialResult
+
+SPACE = {policy.key(i): tune.choice([4, 8, 16]) for i in range(4)}
+
+
+class Scripted(RandomPlanSearcher):
+    """Proposes a fixed list of plans and remembers what it was told."""
+
+    def __init__(self, plans):
+        super().__init__([policy.encode(PrecisionPlan.from_bits(b)) for b in plans])
+        self.told = {}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.told[trial_id] = (result, error)
+
+    def suggest(self, trial_id):
+        return self.points.pop(0) if self.points else tune.search.Searcher.FINISHED
+
+
+def _wrapper(tmp_path, plans, avg_bits=9.0, max_rejections=50):
+    layout = ModelLayout.from_model(models.tiny_model())
+    pre = Precheck(layout, QuantConfig(), FinetuneConfig(), Budget(avg_bits=avg_bits), 64)
+    log = TrialLog(tmp_path, "accuracy")
+    inner = Scripted(plans)
+    searcher = BudgetedSearcher(inner, PlanScreen(PlanDecoder(4, "nf4", "layer"), OverBudget(pre, "cpu"), log),
+                                max_rejections)
+    searcher.set_search_properties("objective", "max", SPACE)
+    return searcher, inner, log, pre
+
+
+def _finish(searcher, log, trial_id, config, pre, objective=0.5):
+    plan = PlanDecoder(4, "nf4", "layer")(config)
+    common, _ = pre(plan)
+    result = TrialResult(status="ok", objective=objective, weight_bytes=common["weight_bytes_predicted"],
+                         accuracy=objective, perplexity=2.0, **{k: v for k, v in common.items()})
+    metrics = result.to_metrics()
+    log.add(trial_id, result)
+    searcher.on_trial_complete(trial_id, metrics)
+
+
+def test_over_budget_plans_are_answered_not_trained(tmp_path):
+    searcher, inner, log, pre = _wrapper(tmp_path, [[16, 16, 16, 16], [4, 4, 4, 4]])
+    config = searcher.suggest("t1")
+    assert PlanDecoder(4, "nf4", "layer")(config).code() == "4444"
+    rows = log.frame()
+    assert list(rows["status"]) == ["infeasible"] and rows.loc[0, "plan_code"] == "HHHH"
+    told = [r for r, _ in inner.told.values()]
+    assert len(told) == 1 and told[0]["objective"] < -1000 and "weight_bytes" in told[0]
+
+
+def test_repeats_are_cached_and_duplicates_wait_for_the_running_trial(tmp_path):
+    plans = [[4, 4, 4, 4], [4, 4, 4, 4], [8, 4, 4, 4], [8, 4, 4, 4]]
+    searcher, inner, log, pre = _wrapper(tmp_path, plans)
+    c1 = searcher.suggest("t1")                 # 4444 -> trained
+    c2 = searcher.suggest("t2")                 # 4444 again while t1 runs -> waits; 8444 -> trained
+    assert PlanDecoder(4, "nf4", "layer")(c2).code() == "8444"
+    _finish(searcher, log, "t1", c1, pre, objective=0.3)
+    rows = log.frame()
+    cached = rows[rows["status"] == "cached"]
+    assert list(cached["cached_from"]) == ["t1"] and cached.iloc[0]["objective"] == pytest.approx(0.3)
+    assert sum(1 for r, _ in inner.told.values() if r and r["objective"] == pytest.approx(0.3)) == 2
+    _finish(searcher, log, "t2", c2, pre)
+    assert searcher.suggest("t3") == tune.search.Searcher.FINISHED  # the last 8444 is answered from t2
+    rows = log.frame()
+    assert (rows["status"] == "cached").sum() == 2 and "t2" in set(rows["cached_from"].dropna())
+
+
+def test_the_search_ends_when_only_answered_plans_remain(tmp_path):
+    searcher, inner, log, pre = _wrapper(tmp_path, [[4, 4, 4, 4]], max_rejections=5)
+    config = searcher.suggest("t1")
+    _finish(searcher, log, "t1", config, pre)
+    inner.points = [policy.encode(PrecisionPlan.from_bits([4, 4, 4, 4]))] * 10
+    assert searcher.suggest("t2") == tune.search.Searcher.FINISHED
+    assert (log.frame()["status"] == "cached").sum() == 5
+
+
+def test_wrapper_state_round_trips(tmp_path):
+    searcher, inner, log, pre = _wrapper(tmp_path, [[4, 4, 4, 4], [8, 8, 8, 8]])
+    searcher.suggest("t1")
+    state = searcher.get_state()
+    other, *_ = _wrapper(tmp_path / "b", [])
+    other.set_state(state)
+    assert other.get_state() == state and "t1" in other.live
+
+
+def test_random_searcher_is_seeded_and_restorable(tmp_path):
+    a, b = RandomPlanSearcher(seed=3), RandomPlanSearcher(seed=3)
+    for s in (a, b):
+        s.set_search_properties("objective", "max", SPACE)
+    assert [a.suggest(str(i)) for i in range(5)] == [b.suggest(str(i)) for i in range(5)]
+    a.save(str(tmp_path / "s.pkl"))
+    c = RandomPlanSearcher(seed=99)
+    c.restore(str(tmp_path / "s.pkl"))
+    assert [a.suggest(str(i)) for i in range(3)] == [c.suggest(str(i)) for i in range(3)]
+
+
+def test_hypervolume_by_hand():
+    # points (quality, cost): (1, 1), (2, 3); reference (0, 4): 1*3 + (2-1)*1 = ... area = 1*(3-1) + 2*(4-3)
+    assert hypervolume([1.0, 2.0], [1.0, 3.0], (0.0, 4.0)) == pytest.approx(1 * 2 + 2 * 1)
+    assert hypervolume([1.0, 0.5], [1.0, 2.0], (0.0, 4.0)) == pytest.approx(1 * 3)  # dominated point adds nothing
+    assert hypervolume([], [], (0.0, 1.0)) == 0.0

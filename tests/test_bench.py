@@ -39,3 +39,22 @@ def test_trial_benchmark_runs_on_tiny(tmp_path):
     assert [c["init"] for c in res["curves"]][:3] == ["plain", "loftq", "loftq, all formats, unbalanced"]
     assert all(set(c["perplexity"]) == {"0", "1", "2"} for c in res["curves"])
     assert {t["format"] for t in res["throughput"]} == {"nf4", "int8", "bf16"}
+
+
+def test_search_benchmark_problem_and_one_searcher():
+    """The proxy problem is solved exactly, and a searcher run through Tune yields hypervolume ratios in [0, 1]."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import ray
+    import search_bench as sb
+    problem = sb.Problem()
+    assert problem.n_plans == 256 and 0 < problem.n_feasible < 256 and problem.exact_hv > 0
+    assert len(problem.seeds(0)) >= 3
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(sb)  # workers cannot import bench/ by name
+    try:
+        ratios = sb.run_searcher(problem, "random", False, 0, 4)
+    finally:
+        ray.shutdown()
+    hv = [r[0] for r in ratios]
+    assert len(ratios) == 4 and all(0 <= h <= 1 + 1e-9 for h in hv) and hv == sorted(hv)
+    assert all(0 <= r[1] <= 1 for r in ratios)

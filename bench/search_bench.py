@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.seeds, args.trials = 2, 8
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     problem = Problem()
     searchers = [("hyperopt", True, "TPE, seeded"), ("hyperopt", False, "TPE, unseeded"),
                  ("optuna_mo", False, "Optuna multi-objective"), ("random", False, "random")]

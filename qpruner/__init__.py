@@ -9,3 +9,9 @@ __version__ = "0.1.0"
 from .pruned_model import register as _register
 
 _register()  # AutoModelForCausalLM.from_pretrained(<saved pruned dir>) works after `import qpruner`
+
+
+def load(directory, device=None):
+    """(quantized model with its trained LoRA adapter, tokenizer) from a ``qpruner export`` directory."""
+    from .export import load as _load
+    return _load(directory, device)

@@ -3,6 +3,8 @@
     qpruner search   JOB.yaml [key=value ...]   prune once, search mixed precision, write results
     qpruner prune    JOB.yaml [key=value ...]   only prune, save to results/<job>/pruned/ (reused by search)
     qpruner status   RESULTS_DIR               the front and trial counts of a search (also while it runs)
+    qpruner report   RESULTS_DIR               report.html (front, bits heat-map, hypervolume, trial table)
+    qpruner export   RESULTS_DIR --point K     a front point as a loadable model (safetensors + adapter)
     qpruner validate JOB.yaml [key=value ...]   check a job file (and overrides) without running it
 """
 
@@ -58,6 +60,30 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .report import write_report
+
+    directory = Path(args.results)
+    if not (directory / "trials.parquet").is_file():
+        print(f"error: {directory} has no trials.parquet (is it a results/<job>/ directory?)", file=sys.stderr)
+        return 2
+    print(f"wrote {write_report(directory)} (and pareto.png, bits.png, hypervolume.png)")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_point, lm_eval
+
+    out = export_point(args.results, args.point, args.out)
+    print(f"exported front point {args.point} to {out}/ (load it with qpruner.load)")
+    if args.lm_eval:
+        summary = lm_eval(out, [t for t in args.lm_eval.split(",") if t], args.lm_eval_limit)
+        print(f"lm-evaluation-harness: {summary}")
+    return 0
+
+
 def _cmd_prune(args) -> int:
     from .job import load_or_prune, resolve_device
 
@@ -83,7 +109,7 @@ def _cmd_search(args) -> int:
     print(f"trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"Pareto front ({len(outcome.front)} plans):")
     print(front_table(outcome.front, front_metric(job)))
-    print(f"results: {outcome.directory}/ (trials.parquet, pareto.parquet, pareto.png, job.yaml, pruned/)")
+    print(f"results: {outcome.directory}/ (report.html, trials.parquet, pareto.parquet, pareto.png, job.yaml, pruned/)")
     return 0
 
 
@@ -104,9 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "search":
             p.add_argument("--resume", action="store_true", help="continue an interrupted search of this job")
         p.set_defaults(func=func)
-    p = sub.add_parser("status", help="print the front of a (running) search")
+    p = sub.add_parser("export", help="export a front point as a loadable model directory")
     p.add_argument("results", help="a results/<job>/ directory")
-    p.set_defaults(func=_cmd_status)
+    p.add_argument("--point", type=int, default=0, help="front point, 0 = the smallest model (default)")
+    p.add_argument("--out", default=None, help="output directory (default results/<job>/exports/point<K>-<trial>)")
+    p.add_argument("--lm-eval", default="", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
+    p.add_argument("--lm-eval-limit", type=int, default=None, help="items per lm-eval task")
+    p.set_defaults(func=_cmd_export)
+    for name, func, help_ in (("status", _cmd_status, "print the front of a (running) search"),
+                              ("report", _cmd_report, "write report.html and the plots of a search")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("results", help="a results/<job>/ directory")
+        p.set_defaults(func=func)
     return parser
 
 

@@ -187,6 +187,10 @@ class SearchConfig:
     max_failures: int = opt(2, min=0, help="retries of a trial whose worker or node was lost")
     max_rejections: int = opt(1000, min=1, help="proposals in a row over budget or already evaluated "
                                                 "before the search ends")
+    save_adapters: bool = opt(True, help="keep every trained trial's LoRA adapter (a Tune checkpoint) for export")
+    loggers: tuple[str, ...] = opt((), choices=("tensorboard", "csv", "mlflow", "wandb"),
+                                   help="Ray Tune experiment tracking; mlflow logs to results/<job>/mlruns unless "
+                                        "MLFLOW_TRACKING_URI is set; wandb needs a login or WANDB_MODE=offline")
     storage_path: Optional[str] = opt(None, help="Ray Tune's experiment storage: shared filesystem or URI "
                                                  "(s3://...) for multi-node runs; default results/<job>/ray")
     metric: str = opt("accuracy", help="quality axis of the front and default objective: accuracy (next token, max), "
@@ -194,7 +198,8 @@ class SearchConfig:
     objective: Optional[dict[str, float]] = opt(None, help="weighted mix maximised by the search, e.g. "
                                                            "{accuracy: 1.0, piqa:acc: 0.5}; perplexity enters as -log")
     seed: int = opt(0)
-    ray_address: Optional[str] = opt(None, help="None: start a local Ray; 'auto': join a running cluster")
+    ray_address: Optional[str] = opt(None, help="None: start a local Ray (inside `ray job submit`: join that "
+                                         "cluster); 'auto': join a running cluster; or an address")
     num_cpus: Optional[int] = opt(None, min=1, help="CPUs of a local Ray (default: all)")
     dashboard: bool = opt(False, help="start the Ray dashboard of a local Ray (on 127.0.0.1)")
     verbose: int = opt(1, choices=(0, 1, 2), help="Ray Tune console output")

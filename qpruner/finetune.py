@@ -51,16 +51,34 @@ def attach_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:  # pragma: no cover - peft is a required dependency
         raise BackendError("peft is required: pip install peft==0.21.2") from exc
-    kinds = {type(getattr(m, "base_layer", m)).__name__ for layer in models.decoder_layers(model)
-             for m in models.layer_linears(layer).values()}
-    # peft picks its bitsandbytes-aware LoRA layers only when the model says it is quantized
-    model.is_loaded_in_4bit = "Linear4bit" in kinds
-    model.is_loaded_in_8bit = "Linear8bitLt" in kinds
+    _mark_quantized(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
         warnings.filterwarnings("ignore", category=FutureWarning)
         return get_peft_model(model, lora)
+
+
+def _mark_quantized(model: nn.Module) -> None:
+    kinds = {type(getattr(m, "base_layer", m)).__name__ for layer in models.decoder_layers(model)
+             for m in models.layer_linears(layer).values()}
+    # peft picks its bitsandbytes-aware LoRA layers only when the model says it is quantized
+    model.is_loaded_in_4bit = "Linear4bit" in kinds
+    model.is_loaded_in_8bit = "Linear8bitLt" in kinds
+
+
+def save_adapter(model: nn.Module, directory) -> None:
+    """The LoRA adapter only (adapter_config.json + adapter_model.safetensors)."""
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Wrap a quantized model with a LoRA adapter saved by :func:`save_adapter` (safetensors only)."""
+    from peft import PeftModel
+    _mark_quantized(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(directory), is_trainable=False).eval()
 
 
 def _batches(train: torch.Tensor, batch_size: int, seed: int):

@@ -191,6 +191,10 @@ def run_job(job: JobConfig, resume: bool = False) -> JobOutcome:
     from .search import run_search  # keeps `qpruner validate` free of the Ray import
     t0 = time.perf_counter()
     out = job.results_path
+    from .search.run import in_submitted_job
+    if in_submitted_job() and not out.is_absolute():
+        logger.warning("results go to %s, inside the job's temporary working directory, which Ray may delete; "
+                       "pass results_dir=/an/absolute/path (shared storage on a multi-node cluster)", out.resolve())
     out.mkdir(parents=True, exist_ok=True)
     save_job(job, out / "job.yaml")
     prepared = prepare(job, out)
@@ -198,5 +202,5 @@ def run_job(job: JobConfig, resume: bool = False) -> JobOutcome:
     log = TrialLog(out, front_metric(job), origins)
     run_search(job, prepared.context, prepared.seeds, log, resume=resume)
     trials, front = log.frame(), log.front()
-    report.plot_front(trials, front, front_metric(job), out / "pareto.png")
+    report.write_report(out, front_metric(job))
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0)

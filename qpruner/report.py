@@ -1,13 +1,25 @@
-"""Human-readable outputs of a search: the front as a table, and ``pareto.png``."""
+"""Human-readable outputs of a search: the front as a table, PNG plots, and a self-contained HTML report.
+
+``qpruner report RESULTS_DIR`` (also run at the end of every search) writes into the results directory:
+
+* ``pareto.png``      — quality vs. weight memory of every completed trial, the front as a step line;
+* ``bits.png``        — per-unit precision of every front plan (a heat-map, one row per plan);
+* ``hypervolume.png`` — hypervolume of the front found so far, trial after trial;
+* ``report.html``     — all of the above embedded (base64), a summary, and a sortable table of every
+  trial (click a column header). No external resources: it opens offline in any browser.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 import logging
 from pathlib import Path
 
 import pandas as pd
 
-from .pareto import maximize
+from .pareto import PARETO_FILE, TRIALS_FILE, hypervolume, maximize, pareto_front, quality_values
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +40,22 @@ def front_table(front: pd.DataFrame, metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str | Path) -> Path:
-    """Scatter every completed trial (memory vs metric) and draw the front as a step line."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """Scatter every completed trial (memory vs metric) and draw the front as a step line."""
+    plt = _pyplot()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ok = trials[trials["status"] == "ok"] if not trials.empty and "status" in trials else trials.iloc[0:0]
     if not ok.empty:
-        for origin, marker in (("searcher", "o"), ("seed:sampled", "s"), ("seed:uniform", "D")):
+        for origin, marker in (("searcher", "o"), ("seed:sampled", "s"), ("seed:best_guess", "^"),
+                               ("seed:uniform", "D")):
             part = ok[ok["origin"] == origin]
             if not part.empty:
                 ax.scatter(part["weight_bytes"] / 1e6, part[metric], marker=marker, alpha=0.6,
@@ -52,7 +69,7 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("weight memory (MB)")
     ax.set_ylabel(f"{metric} ({'higher' if maximize(metric) else 'lower'} is better)")
-    ax.set_title("QPruner: accuracy vs. memory of the quantized pruned model")
+    ax.set_title("QPruner: quality vs. memory of the quantized pruned model")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -60,3 +77,151 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_bits(front: pd.DataFrame, path: str | Path) -> Path:
+    """Heat-map: one row per front plan (smallest first), one column per unit, colour = bits."""
+    import numpy as np
+    plt = _pyplot()
+    path = Path(path)
+    rows = [list(b) for b in front["bits"]] if not front.empty else [[0]]
+    fig, ax = plt.subplots(figsize=(8, max(2.0, 0.8 + 0.4 * len(rows))), dpi=120)
+    image = ax.imshow(np.array(rows, dtype=float), aspect="auto", cmap="viridis", vmin=4, vmax=16)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # units are indices: never 2.5
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{t} ({w / 1e6:.1f} MB)" for t, w in zip(front["trial_id"], front["weight_bytes"])]
+                       if not front.empty else ["(empty)"], fontsize=7)
+    ax.set_xlabel(f"unit ({front['plan_unit'].iloc[0] if not front.empty and 'plan_unit' in front else 'layer'})")
+    ax.set_title("bits per unit of each front plan")
+    fig.colorbar(image, ax=ax, ticks=[4, 8, 16], label="bits")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def hypervolume_curve(trials: pd.DataFrame, metric: str) -> list[float]:
+    """Hypervolume of the front of the completed trials so far, after each trial (in finishing order)."""
+    if trials.empty or "status" not in trials:
+        return []
+    ordered = trials.sort_values("finished_at")
+    ok = ordered[(ordered["status"] == "ok") & ordered[metric].notna()]
+    if ok.empty:
+        return [0.0] * len(ordered)
+    q_all, m_all = quality_values(ok, metric), ok["weight_bytes"].astype(float).tolist()
+    ref = (min(q_all) - 1e-9, max(m_all) + 1.0)
+    curve, q, m = [], [], []
+    for _, row in ordered.iterrows():
+        if row["status"] == "ok" and pd.notna(row.get(metric)):
+            q.append(quality_values(pd.DataFrame([row]), metric)[0])
+            m.append(float(row["weight_bytes"]))
+        curve.append(hypervolume(q, m, ref))
+    return curve
+
+
+def plot_hypervolume(curve: list[float], path: str | Path) -> Path:
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 3), dpi=120)
+    ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3)
+    ax.set_xlabel("trials finished (trained, screened or failed)")
+    ax.set_ylabel("hypervolume")
+    ax.set_title("hypervolume of the front over the search")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+
+
+_COLUMNS = [("trial_id", "trial"), ("status", "status"), ("origin", "origin"), ("avg_bits", "avg bits"),
+            ("weight_bytes", "weights MB"), ("perplexity", "perplexity"), ("accuracy", "accuracy"),
+            ("objective", "objective"), ("peak_bytes_estimate", "FT peak est. MB"), ("seconds_total", "seconds"),
+            ("plan_code", "plan")]
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
+th{background:#eee;cursor:pointer;position:sticky;top:0}td.l,th.l{text-align:left}td.plan{font-family:monospace}
+.kv td{text-align:left}img{max-width:100%;border:1px solid #ddd}.front{background:#fff7d6}"""
+
+_JS = """function sortTable(col){const t=document.getElementById('trials');const b=t.tBodies[0];
+const rows=Array.from(b.rows);const asc=t.dataset.col==col&&t.dataset.dir!='asc';
+rows.sort((x,y)=>{const a=x.cells[col].dataset.v,c=y.cells[col].dataset.v;const na=parseFloat(a),nc=parseFloat(c);
+const r=(!isNaN(na)&&!isNaN(nc))?na-nc:String(a).localeCompare(String(c));return asc?r:-r;});
+rows.forEach(r=>b.appendChild(r));t.dataset.col=col;t.dataset.dir=asc?'asc':'desc';}
+window.addEventListener('load',()=>{const img=document.getElementById('front-plot');
+document.body.dataset.frontLoaded=(img&&img.complete&&img.naturalWidth>0)?img.naturalWidth:0;
+document.body.dataset.rows=document.getElementById('trials').tBodies[0].rows.length;});"""
+
+
+def _img(path: Path, alt: str, ident: str = "") -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img {f"id={ident!r} " if ident else ""}alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _cell(value, column: str) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return '<td data-v=""></td>'
+    shown = value
+    if column in ("weight_bytes", "peak_bytes_estimate"):
+        shown = f"{value / 1e6:.2f}"
+    elif isinstance(value, float):
+        shown = f"{value:.4g}"
+    cls = ' class="l plan"' if column == "plan_code" else (' class="l"' if column in ("trial_id", "status", "origin") else "")
+    return f'<td{cls} data-v="{html.escape(str(value))}">{html.escape(str(shown))}</td>'
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_report(directory: str | Path, metric: str | None = None) -> Path:
+    """Write pareto.png, bits.png, hypervolume.png and report.html into ``directory``."""
+    directory = Path(directory)
+    trials = pd.read_parquet(directory / TRIALS_FILE) if (directory / TRIALS_FILE).is_file() else pd.DataFrame()
+    if metric is None:
+        import yaml
+        job = yaml.safe_load((directory / "job.yaml").read_text()) if (directory / "job.yaml").is_file() else {}
+        search = job.get("search", {})
+        metric = "objective" if search.get("objective") else search.get("metric", "accuracy")
+    front = pareto_front(trials, metric)
+    curve = hypervolume_curve(trials, metric)
+    pngs = {"front": plot_front(trials, front, metric, directory / "pareto.png"),
+            "bits": plot_bits(front, directory / "bits.png"),
+            "hv": plot_hypervolume(curve, directory / "hypervolume.png")}
+    prune = _read_json(directory / "prune.json") or {}
+    counts = trials["status"].value_counts().to_dict() if not trials.empty and "status" in trials else {}
+    front_ids = set(front["trial_id"]) if not front.empty else set()
+    summary = [("job", directory.name), ("quality metric", f"{metric} ({'max' if maximize(metric) else 'min'})"),
+               ("pruning", f"{prune.get('params_before', 0):,} -> {prune.get('params_after', 0):,} parameters"
+                           f" ({prune.get('scope', '?')}, {prune.get('importance', '?')})" if prune else "(unknown)"),
+               ("trials", ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"),
+               ("front", f"{len(front)} plans"), ("hypervolume", f"{curve[-1]:.4g}" if curve else "0")]
+    rows = []
+    for _, r in trials.iterrows():
+        cls = ' class="front"' if r.get("trial_id") in front_ids else ""
+        rows.append(f"<tr{cls}>" + "".join(_cell(r.get(c), c) for c, _ in _COLUMNS) + "</tr>")
+    header = "".join(f'<th class="{"l" if c in ("trial_id", "status", "origin", "plan_code") else ""}" '
+                     f'onclick="sortTable({i})">{html.escape(label)}</th>' for i, (c, label) in enumerate(_COLUMNS))
+    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>QPruner report: {html.escape(directory.name)}</title>
+<style>{_CSS}</style><script>{_JS}</script></head><body>
+<h1>QPruner report: {html.escape(directory.name)}</h1>
+<table class="kv">{''.join(f'<tr><th class="l">{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in summary)}</table>
+<h2>Pareto front</h2>{_img(pngs['front'], 'quality vs memory with the Pareto front', 'front-plot')}
+<h2>Bits per unit of each front plan</h2>{_img(pngs['bits'], 'bits heat-map')}
+<h2>Hypervolume over trials</h2>{_img(pngs['hv'], 'hypervolume over trials')}
+<h2>All trials <small>(click a header to sort; front plans highlighted)</small></h2>
+<table id="trials"><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>
+</body></html>"""
+    out = directory / "report.html"
+    out.write_text(page, encoding="utf-8")
+    logger.info("wrote %s", out)
+    return out

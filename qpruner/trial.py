@@ -31,7 +31,7 @@ from . import models
 from .config import EvalConfig, FinetuneConfig, QuantConfig
 from .errors import TrialFailed
 from .evaluate import EvalMetrics, evaluate
-from .finetune import attach_lora, finetune_
+from .finetune import attach_lora, finetune_, load_adapter
 from .finetune_memory import estimate as estimate_finetune_memory, measure_peak
 from .loftq import load_adapters_, loftq_model_
 from .memory import Budget, ModelLayout, adapter_bytes, measure_bytes, plan_bytes
@@ -143,21 +143,30 @@ def _evaluate(ctx: TrialContext, model, device) -> EvalMetrics:
     return evaluate(model, ctx.eval, e.batch_size, device, context=e.context, stride=e.stride)
 
 
-def _build_quantized(ctx: TrialContext, plan: PrecisionPlan, device: torch.device):
-    """The pruned model quantized to ``plan`` with LoRA attached (LoftQ-initialised if configured)."""
-    ft = ctx.finetune
-    model = models.build_model(ctx.config_dict, ctx.state_dict)
+def quantized_with_lora(model: torch.nn.Module, plan: PrecisionPlan, quant: QuantConfig, ft: FinetuneConfig,
+                        device: torch.device, adapter_dir: str | None = None):
+    """Quantize the pruned ``model`` to ``plan`` and attach LoRA: LoftQ-initialised (if configured), or the
+    trained adapter in ``adapter_dir``. LoftQ decides the quantized base weights, so it runs either way:
+    a reloaded export gets exactly the base its adapters were trained on."""
     init = None
     if ft.init == "loftq":
-        init = loftq_model_(model, plan, ctx.quant, ft.lora_r, ft.lora_alpha, ft.loftq_iters, ft.target_modules,
-                            device, resolve_compute_dtype(ctx.quant, device), ft.loftq_balance, ft.loftq_formats)
-    quantize_(model, plan, ctx.quant, device)
+        init = loftq_model_(model, plan, quant, ft.lora_r, ft.lora_alpha, ft.loftq_iters, ft.target_modules,
+                            device, resolve_compute_dtype(quant, device), ft.loftq_balance, ft.loftq_formats)
+    quantize_(model, plan, quant, device)
     measured = measure_bytes(model)
+    if adapter_dir is not None:
+        return load_adapter(model, adapter_dir), measured
     torch.manual_seed(ft.seed)  # same plan -> same adapters -> same result, in any worker
     model = attach_lora(model, ft)
     if init:
         load_adapters_(model, init)
     return model, measured
+
+
+def _build_quantized(ctx: TrialContext, plan: PrecisionPlan, device: torch.device):
+    """The pruned model quantized to ``plan`` with LoRA attached (LoftQ-initialised if configured)."""
+    model = models.build_model(ctx.config_dict, ctx.state_dict)
+    return quantized_with_lora(model, plan, ctx.quant, ctx.finetune, device)
 
 
 @dataclass(frozen=True)
@@ -190,9 +199,11 @@ class Precheck:
 
 
 def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu",
-              on_report: Callable[[dict], None] | None = None) -> TrialResult:
+              on_report: Callable[[dict], None] | None = None,
+              on_trained: Callable[[torch.nn.Module], None] | None = None) -> TrialResult:
     """Quantize, fine-tune and evaluate ``plan``. ``on_report`` receives intermediate metrics every
-    ``finetune.eval_every`` steps (for early stopping); the final result is returned, not reported."""
+    ``finetune.eval_every`` steps (for early stopping); ``on_trained`` receives the trained model (e.g. to
+    save its adapters) before it is released; the final result is returned, not reported."""
     device = torch.device(device)
     t0 = time.perf_counter()
     common, infeasible = Precheck.of(ctx)(plan, device)
@@ -231,6 +242,8 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
             r = score(model, task, ctx.evaluation.batch_size, device)
             task_values[f"{task.name}:acc"], task_values[f"{task.name}:acc_norm"] = r.acc, r.acc_norm
             seconds[f"task_{task.name}"] = r.seconds
+        if on_trained is not None:
+            on_trained(model)
         seconds["total"] = time.perf_counter() - t0
         return TrialResult(
             status="ok", objective=objective_of(metric_values(after, task_values), ctx.weights),

@@ -49,7 +49,7 @@ def test_search_benchmark_problem_and_one_searcher():
     problem = sb.Problem()
     assert problem.n_plans == 256 and 0 < problem.n_feasible < 256 and problem.exact_hv > 0
     assert len(problem.seeds(0)) >= 3
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sb)  # workers cannot import bench/ by name
     try:
         ratios = sb.run_searcher(problem, "random", False, 0, 4)

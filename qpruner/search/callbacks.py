@@ -73,7 +73,9 @@ class PersistTrials(tune.Callback):
             logger.info("trial %s stopped early at step %s (objective %.4g)", trial.trial_id, result.get("step"),
                         result.get("objective", float("nan")))
         elif "objective" in result:
-            self.log.add(trial.trial_id, TrialResult.from_metrics(result), **node)
+            checkpoint = getattr(trial, "checkpoint", None)
+            adapter = {"adapter_path": checkpoint.path} if checkpoint is not None else {}
+            self.log.add(trial.trial_id, TrialResult.from_metrics(result), **node, **adapter)
             logger.info("trial %s: %s", trial.trial_id, describe(result))
         self._done()
 

@@ -45,18 +45,25 @@ def _ray():
     return ray, tune
 
 
+def in_submitted_job() -> bool:
+    """True inside the entrypoint of a Ray job (`ray job submit`): Ray's job supervisor sets these."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and bool(os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(job: JobConfig) -> bool:
     """Connect to (or start) Ray. Returns True when this call started it (and should stop it)."""
     ray, _ = _ray()
     if ray.is_initialized():
         return False
     cfg = job.search
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, log_to_driver=True)
+    address = cfg.ray_address or ("auto" if in_submitted_job() else None)
+    if address:  # a submitted job (`ray job submit`) runs on its cluster even without search.ray_address
+        ray.init(address=address, log_to_driver=True)
         return True
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
+    # address="local": always a new local instance, never a `ray start` cluster found on this machine
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
              log_to_driver=True)
     return True
 
@@ -81,13 +88,27 @@ class OverBudget:
         return self.precheck(plan, self.device)[1]
 
 
-def _trainable(config: dict, context: TrialContext, decode: PlanDecoder, threads: int):
+def _trainable(config: dict, context: TrialContext, decode: PlanDecoder, threads: int, save_adapters: bool = True):
+    import tempfile
+
     import ray
     from ray import tune
+
+    from ..finetune import save_adapter
     torch.set_num_threads(threads)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    result = run_trial(context, decode(config), device, on_report=tune.report)  # intermediate evaluations, if any
-    tune.report({**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id()})
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = []
+
+        def keep(model):
+            save_adapter(model, tmp)
+            saved.append(tmp)
+
+        result = run_trial(context, decode(config), device, on_report=tune.report,  # intermediate evaluations
+                           on_trained=keep if save_adapters else None)
+        metrics = {**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id()}
+        # the adapter becomes a Tune checkpoint: persisted with the experiment, found again by `qpruner export`
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if saved else None)
 
 
 class _NoParameterColumns(dict):
@@ -123,6 +144,31 @@ def _scheduler(job: JobConfig, own_metric: bool):
     return FIFOScheduler()
 
 
+def tracking_callbacks(job: JobConfig, directory: Path) -> list:
+    """Ray Tune's own experiment-tracking callbacks named in ``search.loggers``."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # only the loggers the job asks for ...
+    from ray.tune.logger import JsonLoggerCallback
+    out = [JsonLoggerCallback()]                            # ... and result.json, which Tune reads back
+    for name in job.search.loggers:
+        if name == "tensorboard":
+            from ray.tune.logger import TBXLoggerCallback
+            out.append(TBXLoggerCallback())
+        elif name == "csv":
+            from ray.tune.logger import CSVLoggerCallback
+            out.append(CSVLoggerCallback())
+        elif name == "mlflow":
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+            uri = os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:  # a local store next to the results; MLflow 3 wants this opt-in for file stores
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                uri = (directory.resolve() / "mlruns").as_uri()
+            out.append(MLflowLoggerCallback(tracking_uri=uri, experiment_name=job.name, save_artifact=False))
+        elif name == "wandb":
+            from ray.air.integrations.wandb import WandbLoggerCallback
+            out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "qpruner"), group=job.name))
+    return out
+
+
 def storage_path(job: JobConfig, log: TrialLog) -> str:
     """Where Tune keeps its experiment: ``search.storage_path`` (a shared filesystem or a URI such as
     s3://bucket/prefix for multi-node runs) or ``results/<job>/ray``."""
@@ -141,7 +187,7 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
         n_units = context.n_layers * units_per_layer(context.unit)
         decode = PlanDecoder(n_units, job.quant.four_bit, context.unit)
         trainable = tune.with_parameters(_trainable, context=context, decode=decode,
-                                         threads=max(1, int(cfg.cpus_per_trial)))
+                                         threads=max(1, int(cfg.cpus_per_trial)), save_adapters=cfg.save_adapters)
         trainable = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
         experiment = os.path.join(storage_path(job, log), "tune")
         if resume:
@@ -175,7 +221,8 @@ def _new_tuner(job, context, seeds, log, decode, trainable, n_units):
                                     metric=None if multi else "objective", mode=None if multi else "max",
                                     max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path(job, log),
-                                  callbacks=[PersistTrials(log, decode, job.name)],
+                                  callbacks=[PersistTrials(log, decode, job.name),
+                                             *tracking_callbacks(job, Path(log.directory))],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   progress_reporter=_reporter(), verbose=cfg.verbose),
     )

@@ -1,0 +1,152 @@
+"""Any point of the front -> a directory you can load, evaluate and serve.
+
+``qpruner export RESULTS_DIR --point K`` writes ``results/<job>/exports/point<K>-<trial>/``:
+
+* the pruned model — ``model.safetensors``, ``config.json`` (with its per-layer widths), tokenizer;
+* ``adapter/`` — the trial's trained LoRA adapter (``adapter_model.safetensors``), taken from the
+  trial's Tune checkpoint; if the search did not keep adapters, the plan is trained again, which
+  gives the same adapter (trials are deterministic);
+* ``qpruner_plan.json`` — the precision plan, the quantization, LoRA and evaluation settings, and the
+  trial's metrics;
+* ``README.md`` — a model card.
+
+:func:`load` rebuilds the quantized model exactly as the trial had it — same LoftQ base weights, same
+bitsandbytes modules — with the adapter attached; evaluating it reproduces the trial's metrics.
+``--lm-eval TASKS`` additionally runs lm-evaluation-harness on the export (optional extra ``lm-eval``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from .config import EvalConfig, FinetuneConfig, QuantConfig, build_job, to_dict
+from .errors import ConfigError
+from .pareto import PARETO_FILE
+from .plan import PrecisionPlan
+
+logger = logging.getLogger(__name__)
+PLAN_FILE = "qpruner_plan.json"
+
+
+def _front(directory: Path) -> pd.DataFrame:
+    if not (directory / PARETO_FILE).is_file():
+        raise ConfigError([f"{directory} has no {PARETO_FILE}; run `qpruner search` first"])
+    front = pd.read_parquet(directory / PARETO_FILE)
+    if front.empty:
+        raise ConfigError([f"the front of {directory} is empty: no completed trial to export"])
+    return front
+
+
+def _retrain_adapter(directory: Path, job, plan: PrecisionPlan, into: Path) -> None:
+    """Train ``plan`` again (deterministic: same seeds, same data order) and keep its adapter."""
+    from .finetune import save_adapter
+    from .job import prepare
+    from .trial import run_trial
+    logger.info("the search kept no adapter for this plan; training it again")
+    prepared = prepare(job, directory)
+    run_trial(prepared.context, plan, "cuda" if torch.cuda.is_available() else "cpu",
+              on_trained=lambda model: save_adapter(model, into))
+
+
+def export_point(directory: str | Path, point: int = 0, out: str | Path | None = None) -> Path:
+    """Export front point ``point`` (0 = the smallest model) of the search in ``directory``."""
+    directory = Path(directory)
+    front = _front(directory)
+    if not 0 <= point < len(front):
+        raise ConfigError([f"--point {point}: the front has {len(front)} plans (0..{len(front) - 1}, smallest first)"])
+    row = front.iloc[point]
+    job = build_job(yaml.safe_load((directory / "job.yaml").read_text()))
+    plan = PrecisionPlan(tuple(row["plan_formats"].split(",")), row.get("plan_unit") or "layer")
+    out = Path(out) if out else directory / "exports" / f"point{point}-{row['trial_id']}"
+    pruned = directory / "pruned"
+    if not (pruned / "model.safetensors").is_file():
+        raise ConfigError([f"{pruned} has no pruned model; run `qpruner prune` or `qpruner search` for this job"])
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(pruned, out, ignore=shutil.ignore_patterns("qpruner_prune.json"))
+    adapter = out / "adapter"
+    source = row.get("adapter_path")
+    if isinstance(source, str) and (Path(source) / "adapter_model.safetensors").is_file():
+        shutil.copytree(source, adapter)
+    else:
+        _retrain_adapter(directory, job, plan, adapter)
+    metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
+               if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes")
+               or ":" in k}
+    (out / PLAN_FILE).write_text(json.dumps({
+        "plan": plan.to_dict(), "quant": to_dict(job.quant), "finetune": to_dict(job.finetune),
+        "eval": to_dict(job.eval), "data": to_dict(job.data), "metric": job.search.metric, "trial": metrics,
+        "job": job.name}, indent=2, default=str))
+    (out / "README.md").write_text(_model_card(job, plan, metrics, point))
+    logger.info("exported front point %d (trial %s) to %s", point, row["trial_id"], out)
+    return out
+
+
+def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int) -> str:
+    lines = [f"# {job.name}: QPruner export, front point {point}", "",
+             f"Pruned from `{job.model.source}` ({job.prune.scope} scope, {job.prune.importance} importance), "
+             f"quantized per {plan.unit} with bitsandbytes, LoRA adapter (r={job.finetune.lora_r}) fine-tuned for "
+             f"{job.finetune.steps} steps on `{job.data.source}`.", "",
+             f"* plan: `{plan.code()}` (4 = nf4, f = fp4, 8 = int8, H = bf16), {metrics.get('avg_bits', 0):.2f} "
+             f"average bits, {metrics.get('weight_bytes', 0) / 1e6:.1f} MB of weights",
+             f"* held-out perplexity {metrics.get('perplexity')}, next-token accuracy {metrics.get('accuracy')}",
+             "", "```python", "import qpruner", "model, tokenizer = qpruner.load('<this directory>')", "```", "",
+             "Files: `model.safetensors` + `config.json` (the pruned model; `import qpruner` makes it loadable by "
+             "`transformers.AutoModelForCausalLM`), `adapter/` (LoRA, safetensors), `qpruner_plan.json` (plan, "
+             "quantization, LoRA and evaluation settings, the trial's metrics). No pickled files."]
+    return "\n".join(lines) + "\n"
+
+
+def read_plan(directory: str | Path) -> dict:
+    path = Path(directory) / PLAN_FILE
+    if not path.is_file():
+        raise ConfigError([f"{directory} is not a QPruner export (no {PLAN_FILE})"])
+    return json.loads(path.read_text())
+
+
+def load(directory: str | Path, device: str | torch.device | None = None):
+    """(quantized model with its trained adapter, tokenizer) from an export directory."""
+    from .pruned_model import load_pruned
+    from .trial import quantized_with_lora
+    directory = Path(directory)
+    meta = read_plan(directory)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = load_pruned(directory, dtype=torch.float32)
+    ft = FinetuneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["finetune"].items()})
+    quant = QuantConfig(**meta["quant"])
+    model, _ = quantized_with_lora(model, PrecisionPlan.from_dict(meta["plan"]), quant, ft, device,
+                                   adapter_dir=str(directory / "adapter"))
+    return model.eval(), tokenizer
+
+
+def evaluation_config(directory: str | Path) -> tuple:
+    """(DataConfig, EvalConfig) the trial was evaluated with, to reproduce its metrics."""
+    from .config import DataConfig
+    meta = read_plan(directory)
+    ev = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["eval"].items()}
+    return DataConfig(**meta["data"]), EvalConfig(**ev)
+
+
+def lm_eval(directory: str | Path, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+    """Run lm-evaluation-harness on an export (needs the optional ``lm-eval`` package and its datasets)."""
+    try:
+        import lm_eval as harness
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise ConfigError(["--lm-eval needs lm-evaluation-harness: pip install 'qpruner[lm-eval]' "
+                           "(and network access for its datasets)"]) from None
+    model, tokenizer = load(directory)
+    results = harness.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                                      tasks=list(tasks), limit=limit)
+    summary = results.get("results", {})
+    (Path(directory) / "lm_eval.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+

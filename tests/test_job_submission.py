@@ -1,0 +1,86 @@
+"""`ray job submit` path: Ray's JobSubmissionClient against a local head on 127.0.0.1 (token auth on)."""
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_session(sid: int) -> None:
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, session = (int(x) for x in line.split())
+        if session == sid and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def head(tmp_path, monkeypatch):
+    token = tmp_path / "token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    port, dash = _free_port(), _free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                             "--include-dashboard=true"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    # Ray caches the token per process; an earlier local ray.init() in this process (Ray 2.60 enables token
+    # auth by default and uses ~/.ray/auth_token) would otherwise leave that other token in the cache
+    from ray._raylet import AuthenticationTokenLoader
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        from ray.job_submission import JobSubmissionClient
+        deadline = time.time() + 120
+        while True:  # the head takes a few seconds to serve its API
+            try:
+                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        yield client
+    finally:
+        _kill_session(proc.pid)  # the head and every process it started (all ours)
+        monkeypatch.undo()
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+def test_ray_job_submit_runs_a_search_and_results_land(head, tmp_path):
+    from ray.job_submission import JobStatus
+    results = tmp_path / "results"
+    job_id = head.submit_job(
+        # no search.ray_address: a submitted job joins the cluster it was submitted to by itself
+        entrypoint=f"qpruner search tune_jobs/tiny_smoke.yaml results_dir={results} search.num_trials=3",
+        runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "results", ".git", ".whl", "**/__pycache__"]})
+    deadline = time.time() + 400
+    while head.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, "the job did not finish"
+        time.sleep(1)
+    logs = head.get_job_logs(job_id)
+    assert head.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "Pareto front" in logs
+    assert "Connecting to existing Ray cluster" in logs  # the head's Ray, not a private local one
+    for name in ("trials.parquet", "pareto.parquet", "report.html", "pruned/model.safetensors"):
+        assert (results / "tiny_smoke" / name).is_file(), name

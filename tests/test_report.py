@@ -1,0 +1,67 @@
+"""report.html: self-contained, rendered by headless Chromium with the front plot showing."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qpruner.pareto import TrialLog
+from qpruner.plan import PrecisionPlan
+from qpruner.report import hypervolume_curve, write_report
+from qpruner.trial import TrialResult
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _results(tmp_path) -> Path:
+    log = TrialLog(tmp_path, "accuracy")
+    for i, (code, acc, mb) in enumerate([("4444", 0.20, 1.0), ("8888", 0.30, 2.0), ("4848", 0.25, 1.5),
+                                         ("8484", 0.22, 1.5)]):
+        plan = PrecisionPlan.from_bits([{"4": 4, "8": 8}[c] for c in code])
+        log.add(f"t{i}", TrialResult(plan=plan, status="ok", objective=acc, weight_bytes=int(mb * 1e6),
+                                     weight_bytes_predicted=int(mb * 1e6), avg_bits=6.0, accuracy=acc,
+                                     perplexity=1 / acc, seconds={"total": 1.0}))
+    plan = PrecisionPlan.from_bits([16] * 4)
+    log.add("x1", TrialResult(plan=plan, status="infeasible", objective=-1000.5, weight_bytes=int(4e6),
+                              weight_bytes_predicted=int(4e6), avg_bits=16.0))
+    return tmp_path
+
+
+def test_report_is_self_contained(tmp_path):
+    out = write_report(_results(tmp_path), "accuracy")
+    text = out.read_text()
+    for name in ("pareto.png", "bits.png", "hypervolume.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert text.count("data:image/png;base64,") == 3
+    assert not re.search(r'(src|href)="(https?:)?//', text)   # nothing to fetch: opens offline
+    assert text.count("<tr") >= 5 + 6 and 'class="front"' in text
+
+
+def test_hypervolume_curve_grows_with_the_front(tmp_path):
+    import pandas as pd
+    trials = pd.read_parquet(_results(tmp_path) / "trials.parquet")
+    curve = hypervolume_curve(trials, "accuracy")
+    assert len(curve) == 5 and curve == sorted(curve) and curve[-1] > curve[0]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_chromium_renders_the_front_plot(tmp_path):
+    out = write_report(_results(tmp_path), "accuracy")
+    profile = tmp_path / "profile"
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", out.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    assert int(re.search(r'data-front-loaded="(\d+)"', body).group(1)) > 100  # the front PNG decoded
+    assert re.search(r'data-rows="(\d+)"', body).group(1) == "5"
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}2", "--window-size=1200,1400",
+                    f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 1400)
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert len(colours) > 50                     # a rendered page with plots, not a blank or error page

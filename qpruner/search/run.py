@@ -60,8 +60,12 @@ def init_ray(job: JobConfig) -> bool:
     if address:  # a submitted job (`ray job submit`) runs on its cluster even without search.ray_address
         ray.init(address=address, log_to_driver=True)
         return True
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
+    # keep a local Ray on 127.0.0.1 (unless the user set the variable). Ray reads it when it is imported,
+    # which has happened by now, so the flag it derived is set too; its child processes read the variable.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
     # address="local": always a new local instance, never a `ray start` cluster found on this machine
     ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
              log_to_driver=True)

@@ -110,7 +110,10 @@ def hypervolume_curve(trials: pd.DataFrame, metric: str) -> list[float]:
     if ok.empty:
         return [0.0] * len(ordered)
     q_all, m_all = quality_values(ok, metric), ok["weight_bytes"].astype(float).tolist()
-    ref = (min(q_all) - 1e-9, max(m_all) + 1.0)
+    # reference point 10% of the range beyond the worst quality and the largest memory seen, so that the
+    # extreme points of the front (e.g. the smallest, least accurate plan) add area too
+    q_span, m_span = max(q_all) - min(q_all), max(m_all) - min(m_all)
+    ref = (min(q_all) - 0.1 * (q_span or abs(min(q_all)) or 1.0), max(m_all) + 0.1 * (m_span or max(m_all) or 1.0))
     curve, q, m = [], [], []
     for _, row in ordered.iterrows():
         if row["status"] == "ok" and pd.notna(row.get(metric)):
@@ -126,7 +129,7 @@ def plot_hypervolume(curve: list[float], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3), dpi=120)
     ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3)
     ax.set_xlabel("trials finished (trained, screened or failed)")
-    ax.set_ylabel("hypervolume")
+    ax.set_ylabel("hypervolume (quality x bytes)")
     ax.set_title("hypervolume of the front over the search")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -156,7 +159,8 @@ const r=(!isNaN(na)&&!isNaN(nc))?na-nc:String(a).localeCompare(String(c));return
 rows.forEach(r=>b.appendChild(r));t.dataset.col=col;t.dataset.dir=asc?'asc':'desc';}
 window.addEventListener('load',()=>{const img=document.getElementById('front-plot');
 document.body.dataset.frontLoaded=(img&&img.complete&&img.naturalWidth>0)?img.naturalWidth:0;
-document.body.dataset.rows=document.getElementById('trials').tBodies[0].rows.length;});"""
+document.body.dataset.rows=document.getElementById('trials').tBodies[0].rows.length;
+if(img){const r=img.getBoundingClientRect();document.body.dataset.frontBox=[r.left+1,r.top+1,r.width-2,r.height-2].map(Math.round).join(',');}});"""
 
 
 def _img(path: Path, alt: str, ident: str = "") -> str:

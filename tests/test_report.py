@@ -52,7 +52,8 @@ def test_hypervolume_curve_grows_with_the_front(tmp_path):
 def test_chromium_renders_the_front_plot(tmp_path):
     out = write_report(_results(tmp_path), "accuracy")
     profile = tmp_path / "profile"
-    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", out.as_uri()],
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--window-size=1200,1400", "--dump-dom",
+                          out.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert int(re.search(r'data-front-loaded="(\d+)"', body).group(1)) > 100  # the front PNG decoded
@@ -60,8 +61,20 @@ def test_chromium_renders_the_front_plot(tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}2", "--window-size=1200,1400",
                     f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=120)
-    from PIL import Image
+    from PIL import Image, ImageChops, ImageStat
     image = Image.open(shot).convert("RGB")
     assert image.size == (1200, 1400)
     colours = image.getcolors(maxcolors=1 << 20)
     assert len(colours) > 50                     # a rendered page with plots, not a blank or error page
+    # where the page laid out the front plot (inside its 1px border), the screenshot shows pareto.png
+    x, y, w, h = (int(v) for v in re.search(r'data-front-box="([\d,]+)"', body).group(1).split(","))
+    assert w > 300 and h > 200 and y + h <= 1400
+    shown = image.crop((x, y, x + w, y + h))
+    plot = Image.open(out.parent / "pareto.png").convert("RGB").resize((w, h))
+    def distance(a, b):
+        return max(ImageStat.Stat(ImageChops.difference(a, b)).mean)
+    blank = Image.new("RGB", (w, h), "white")
+    print("screenshot vs plot", distance(shown, plot), "plot vs blank", distance(plot, blank))
+    assert distance(shown, plot) < 0.2 * distance(plot, blank)   # that plot, not an empty box or another plot
+    other = Image.open(out.parent / "hypervolume.png").convert("RGB").resize((w, h))
+    assert distance(shown, other) > 0.5 * distance(plot, blank)

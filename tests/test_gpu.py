@@ -59,3 +59,24 @@ def test_sensitivity_scores_on_cuda(tiny, tiny_splits):
     from qpruner.importance import score_units
     scores = score_units(tiny.to("cuda"), tiny_splits.calib, ScoreConfig(method="sensitivity"), "layer", QuantConfig())
     assert len(scores) == 4 and all(s >= 0 for s in scores.scores)
+
+
+def test_saved_adapter_reloads_and_reproduces_the_trial_on_cuda(tiny, tiny_splits, tmp_path):
+    """What `qpruner.load` does with an export, on CUDA: same LoftQ base, same bnb modules, same metrics."""
+    from qpruner.evaluate import evaluate
+    from qpruner.finetune import save_adapter
+    from qpruner.trial import quantized_with_lora
+    prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5))
+    config_dict, state = models.model_state(tiny)
+    ft = FinetuneConfig(steps=3, batch_size=2, lora_r=2)
+    ctx = TrialContext(config_dict, state, memory.ModelLayout.from_model(tiny), tiny_splits.train[:64],
+                       tiny_splits.eval, QuantConfig(), ft, EvalConfig(), memory.Budget())
+    plan = PrecisionPlan(("nf4", "int8", "bf16", "fp4"))
+    r = run_trial(ctx, plan, "cuda", on_trained=lambda m: save_adapter(m, tmp_path / "adapter"))
+    assert r.status == "ok", r.error
+    model, _ = quantized_with_lora(models.build_model(config_dict, state), plan, QuantConfig(), ft,
+                                   torch.device("cuda"), adapter_dir=str(tmp_path / "adapter"))
+    assert quantize.applied_formats(model) == plan.per_linear()
+    ev = evaluate(model.eval(), tiny_splits.eval, EvalConfig().batch_size, "cuda", EvalConfig().context,
+                  EvalConfig().stride)
+    assert ev.perplexity == pytest.approx(r.perplexity, rel=1e-4) and ev.accuracy == pytest.approx(r.accuracy, abs=1e-6)

@@ -134,19 +134,50 @@ def evaluation_config(directory: str | Path) -> tuple:
     return DataConfig(**meta["data"]), EvalConfig(**ev)
 
 
+def _harness_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:
+    """Task names for the harness, and folders of local task YAML files to include: an entry that is a
+    ``.yaml`` file is a custom task (e.g. a local JSON dataset: runs offline), named by its ``task`` key."""
+    names, include = [], []
+    for task in tasks:
+        path = Path(task)
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise ConfigError([f"--lm-eval: task file {task} not found"])
+            doc = yaml.safe_load(path.read_text()) or {}
+            if "task" not in doc:
+                raise ConfigError([f"--lm-eval: {task} has no 'task' key (an lm-evaluation-harness task YAML)"])
+            names.append(str(doc["task"]))
+            if str(path.parent.resolve()) not in include:
+                include.append(str(path.parent.resolve()))
+        else:
+            names.append(task)
+    return names, include
+
+
 def lm_eval(directory: str | Path, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
-    """Run lm-evaluation-harness on an export (needs the optional ``lm-eval`` package and its datasets)."""
+    """Run lm-evaluation-harness on an export (needs the optional ``lm-eval`` package).
+
+    ``tasks`` are harness task names (their datasets come from the Hugging Face hub: online) or paths to
+    task YAML files (custom tasks, e.g. over a local JSON file: offline). The harness gets the quantized
+    model with its adapter, as :func:`load` returns it. A tokenizer with neither BOS nor EOS (the ``tiny``
+    test model's byte tokenizer) gets token 0 as the harness's prefix token."""
     try:
         import lm_eval as harness
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise ConfigError(["--lm-eval needs lm-evaluation-harness: pip install 'qpruner[lm-eval]' "
-                           "(and network access for its datasets)"]) from None
+                           "(and network access for the datasets of its built-in tasks)"]) from None
+    names, include = _harness_tasks(list(tasks))
     model, tokenizer = load(directory)
-    results = harness.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-                                      tasks=list(tasks), limit=limit)
+    extra = {}
+    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+        extra["prefix_token_id"] = 0
+    kwargs = {}
+    if include:
+        from lm_eval.tasks import TaskManager
+        kwargs["task_manager"] = TaskManager(include_path=include)
+    results = harness.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **extra),
+                                      tasks=names, limit=limit, **kwargs)
     summary = results.get("results", {})
     (Path(directory) / "lm_eval.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-

@@ -80,13 +80,13 @@ def test_tracking_loggers_write_their_files(searched):
 
 
 def test_lm_eval_hands_the_loaded_model_to_the_harness(searched, monkeypatch):
-    """Only the harness is faked: it records what qpruner passes (model object, tasks, limit)."""
+    """The harness faked (the real one is checked below): it records what qpruner passes."""
     out = export_point(searched, 0)
     calls = {}
 
     class HFLM:
-        def __init__(self, pretrained, tokenizer, batch_size):
-            calls["model"], calls["tokenizer"] = pretrained, tokenizer
+        def __init__(self, pretrained, tokenizer, batch_size, **kwargs):
+            calls["model"], calls["tokenizer"], calls["hflm"] = pretrained, tokenizer, kwargs
 
     def simple_evaluate(model, tasks, limit):
         calls["tasks"], calls["limit"] = tasks, limit
@@ -99,6 +99,7 @@ def test_lm_eval_hands_the_loaded_model_to_the_harness(searched, monkeypatch):
     summary = lm_eval(out, ["piqa"], limit=10)
     assert summary == {"piqa": {"acc,none": 0.5}} and calls["tasks"] == ["piqa"] and calls["limit"] == 10
     assert applied_formats(calls["model"])  # the quantized model itself, adapters attached
+    assert calls["hflm"] == {"prefix_token_id": 0}  # the byte tokenizer has neither BOS nor EOS
     assert json.loads((out / "lm_eval.json").read_text()) == summary
 
 
@@ -113,3 +114,72 @@ def test_mlflow_and_wandb_tracking(tmp_path, monkeypatch):
     runs = [p for p in (tmp_path / "tiny_smoke" / "mlruns").glob("*/*") if (p / "meta.yaml").is_file()]
     assert len(runs) == 2 and all((p / "metrics" / "objective").is_file() for p in runs)
     assert len(list((tmp_path / "tiny_smoke" / "ray" / "tune").glob("*/wandb/offline-run-*"))) == 2
+
+
+MC_ITEMS = [
+    {"context": "The module json can encode and", "choices": [" decode data", " fly south", " melt"], "label": 0},
+    {"context": "A list in Python is", "choices": [" mutable", " a mountain"], "label": 0},
+    {"context": "To read a file, first", "choices": [" open it", " paint it", " eat it", " sing"], "label": 0},
+    {"context": "The return value of len() is an", "choices": [" integer", " orange"], "label": 0},
+    {"context": "Exceptions are raised with the keyword", "choices": [" banana", " raise"], "label": 1},
+    {"context": "A dictionary maps keys to", "choices": [" values", " oceans", " chairs"], "label": 0},
+    {"context": "Threads share the same", "choices": [" memory", " birthday"], "label": 0},
+    {"context": "The function returns None if", "choices": [" the key is missing", " it rains"], "label": 0},
+]
+
+MC_TASK_YAML = """task: qpruner_mc_check
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+  - {{metric: acc_norm, aggregation: mean, higher_is_better: true}}
+"""
+
+
+def test_lm_eval_harness_agrees_with_our_multiple_choice_scorer(searched, tmp_path, monkeypatch):
+    """The real lm-evaluation-harness, offline, on the exported quantized model, over a local JSON task:
+    its per-choice log-likelihoods, acc and acc_norm equal what qpruner's own scorer computes."""
+    harness = pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from qpruner import tasks as mc
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data_file = tmp_path / "mc.jsonl"
+    data_file.write_text("".join(json.dumps(i) + "\n" for i in MC_ITEMS))
+    task_file = tmp_path / "tasks" / "qpruner_mc_check.yaml"
+    task_file.parent.mkdir()
+    task_file.write_text(MC_TASK_YAML.format(data=data_file))
+    out = export_point(searched, 0)
+
+    summary = lm_eval(out, [str(task_file)])["qpruner_mc_check"]
+    model, tokenizer = qpruner.load(out, "cpu")
+    ours = mc.tokenize_task("mc", mc.load_jsonl(data_file), tokenizer, max_length=1024)
+    result = mc.score(model, ours, batch_size=4)
+    assert summary["acc,none"] == pytest.approx(result.acc) and summary["acc_norm,none"] == pytest.approx(result.acc_norm)
+    assert json.loads((out / "lm_eval.json").read_text())["qpruner_mc_check"]["acc,none"] == summary["acc,none"]
+
+    raw = harness.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, prefix_token_id=0),
+                                  tasks=["qpruner_mc_check"], log_samples=True,
+                                  task_manager=TaskManager(include_path=str(task_file.parent)))
+    samples = sorted(raw["samples"]["qpruner_mc_check"], key=lambda s: s["doc_id"])
+    theirs = [float(choice[0][0]) for s in samples for choice in s["resps"]]
+    assert theirs == pytest.approx(mc.loglikelihoods(model, ours, batch_size=4), rel=1e-4, abs=1e-4)
+
+
+def test_lm_eval_task_files_are_checked(searched, tmp_path):
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed")
+    out = export_point(searched, 0)
+    with pytest.raises(ConfigError, match="not found"):
+        lm_eval(out, [str(tmp_path / "missing.yaml")])
+    (tmp_path / "bad.yaml").write_text("dataset_path: json\n")
+    with pytest.raises(ConfigError, match="no 'task' key"):
+        lm_eval(out, [str(tmp_path / "bad.yaml")])

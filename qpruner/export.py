@@ -44,12 +44,38 @@ def _front(directory: Path) -> pd.DataFrame:
     return front
 
 
+def _fetch_adapter(source: str, into: Path) -> bool:
+    """Copy a trial's adapter checkpoint (a local path, or a URI such as ``s3://`` / ``gs://`` when the
+    search kept its checkpoints in an object store) into ``into``. False when it is not readable here."""
+    if "://" not in source:
+        if not (Path(source) / "adapter_model.safetensors").is_file():
+            logger.warning("the trial's adapter checkpoint %s is not readable from here", source)
+            return False
+        shutil.copytree(source, into)
+        return True
+    from pyarrow import fs as pafs
+    try:
+        remote, path = pafs.FileSystem.from_uri(source)
+        if remote.get_file_info(f"{path}/adapter_model.safetensors").type != pafs.FileType.File:
+            logger.warning("the trial's adapter checkpoint %s has no adapter_model.safetensors", source)
+            return False
+        into.mkdir(parents=True)
+        pafs.copy_files(path, str(into.resolve()), source_filesystem=remote,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return True
+    except (OSError, ValueError) as exc:  # no credentials, no such bucket, unsupported scheme
+        logger.warning("could not read the trial's adapter checkpoint %s (%s)", source, exc)
+        if into.exists():
+            shutil.rmtree(into)
+        return False
+
+
 def _retrain_adapter(directory: Path, job, plan: PrecisionPlan, into: Path) -> None:
     """Train ``plan`` again (deterministic: same seeds, same data order) and keep its adapter."""
     from .finetune import save_adapter
     from .job import prepare
     from .trial import run_trial
-    logger.info("the search kept no adapter for this plan; training it again")
+    logger.warning("no adapter checkpoint for this plan here: training it again (same seeds, same result)")
     prepared = prepare(job, directory)
     run_trial(prepared.context, plan, "cuda" if torch.cuda.is_available() else "cpu",
               on_trained=lambda model: save_adapter(model, into))
@@ -73,9 +99,7 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
     shutil.copytree(pruned, out, ignore=shutil.ignore_patterns("qpruner_prune.json"))
     adapter = out / "adapter"
     source = row.get("adapter_path")
-    if isinstance(source, str) and (Path(source) / "adapter_model.safetensors").is_file():
-        shutil.copytree(source, adapter)
-    else:
+    if not (isinstance(source, str) and source and _fetch_adapter(source, adapter)):
         _retrain_adapter(directory, job, plan, adapter)
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
                if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes")

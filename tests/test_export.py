@@ -1,6 +1,7 @@
 """Export a front point, load it with qpruner.load, and reproduce the trial's metrics."""
 
 import json
+from pathlib import Path
 import sys
 import types
 
@@ -62,6 +63,42 @@ def test_without_kept_adapters_the_plan_is_trained_again(searched, tmp_path):
     front.assign(adapter_path=None).to_parquet(copy / "pareto.parquet")
     out = export_point(copy, 0)
     _reproduce(out, front.iloc[0])                      # deterministic training: the same adapter again
+
+
+def _with_adapter_paths(searched, tmp_path, transform):
+    import shutil
+    copy = tmp_path / "tiny_smoke"
+    shutil.copytree(searched, copy, ignore=shutil.ignore_patterns("exports"))
+    front = pd.read_parquet(searched / "pareto.parquet")
+    front.assign(adapter_path=front["adapter_path"].map(transform)).to_parquet(copy / "pareto.parquet")
+    return copy, front
+
+
+def test_adapters_kept_in_an_object_store_are_fetched_by_uri(searched, tmp_path, monkeypatch):
+    """search.storage_path = s3://... records checkpoint URIs; pyarrow's file:// transport stands in for S3."""
+    import qpruner.export as export_module
+    copy, front = _with_adapter_paths(searched, tmp_path, lambda p: Path(p).resolve().as_uri())
+    assert front["adapter_path"].notna().all()
+    monkeypatch.setattr(export_module, "_retrain_adapter", lambda *a: pytest.fail("fetched, not retrained"))
+    out = export_point(copy, 0)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    _reproduce(out, front.iloc[0])
+
+
+def test_an_unreadable_adapter_uri_falls_back_to_training_again(searched, tmp_path):
+    copy, front = _with_adapter_paths(searched, tmp_path, lambda p: f"file://{tmp_path}/gone/checkpoint_000000")
+    _reproduce(export_point(copy, 0), front.iloc[0])
+
+
+def test_checkpoint_locations_are_uris_for_object_stores():
+    from qpruner.search.callbacks import checkpoint_location
+
+    def checkpoint(kind, path):
+        return types.SimpleNamespace(filesystem=types.SimpleNamespace(type_name=kind), path=path)
+    assert checkpoint_location(checkpoint("local", "/r/ray/tune/t/checkpoint_000000")) == "/r/ray/tune/t/checkpoint_000000"
+    assert checkpoint_location(checkpoint("s3", "bucket/qp/tune/t/checkpoint_000000")) == "s3://bucket/qp/tune/t/checkpoint_000000"
+    assert checkpoint_location(checkpoint("gcs", "bucket/qp/c")) == "gs://bucket/qp/c"
+    assert checkpoint_location(checkpoint("py::fsspec+memory", "qp/c")) == "qp/c"
 
 
 def test_bad_points_and_directories(searched, tmp_path):

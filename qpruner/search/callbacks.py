@@ -74,7 +74,7 @@ class PersistTrials(tune.Callback):
                         result.get("objective", float("nan")))
         elif "objective" in result:
             checkpoint = getattr(trial, "checkpoint", None)
-            adapter = {"adapter_path": checkpoint.path} if checkpoint is not None else {}
+            adapter = {"adapter_path": checkpoint_location(checkpoint)} if checkpoint is not None else {}
             self.log.add(trial.trial_id, TrialResult.from_metrics(result), **node, **adapter)
             logger.info("trial %s: %s", trial.trial_id, describe(result))
         self._done()
@@ -85,6 +85,19 @@ class PersistTrials(tune.Callback):
         self.log.add_error(trial.trial_id, self._plan(trial), reason)
         logger.warning("trial %s errored: %s", trial.trial_id, reason)
         self._done()
+
+
+def checkpoint_location(checkpoint) -> str:
+    """Where a trial's checkpoint lives, readable later by `qpruner export`: a local path, or a URI
+    (``s3://bucket/...``, ``gs://bucket/...``) when ``search.storage_path`` is an object store."""
+    kind = getattr(checkpoint.filesystem, "type_name", "local")
+    if kind == "local":
+        return checkpoint.path
+    scheme = {"gcs": "gs"}.get(kind, kind)
+    if not scheme.isalnum():  # e.g. an fsspec-backed filesystem: no URI pyarrow could open again
+        logger.warning("trial checkpoint on a %s filesystem: recording its path only", kind)
+        return checkpoint.path
+    return f"{scheme}://{checkpoint.path}"
 
 
 def describe(result: dict) -> str:

@@ -27,7 +27,8 @@ def main(results: str = "results/smollm2_demo", out: str = "results/bench/report
         sys.exit("needs Debian's chromium (apt-get install chromium)")
     html = write_report(results)  # the metric is read from the saved job.yaml
     with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}/a", "--dump-dom", html.resolve().as_uri()],
+        dom = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}/a", "--window-size=1280,1800",
+                              "--dump-dom", html.resolve().as_uri()],
                              capture_output=True, text=True, timeout=120).stdout
         body = re.search(r"<body[^>]*>", dom)
         print("page:", body.group(0) if body else "(no body rendered)")

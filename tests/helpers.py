@@ -1,6 +1,9 @@
 """Test helpers shared by the pruning tests (tiny and real models)."""
 
 import copy
+import os
+import signal
+import subprocess
 
 import torch
 
@@ -43,3 +46,15 @@ def prune_and_reference(model, calib, cfg):
     predicted = prune.params_after(model, sel)
     prune.apply_(model, sel)
     return ref, predicted, sel
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process left in the session a test started (by its pid): all of them are the test's."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, session = (int(x) for x in line.split())
+        if session == sid and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -2,7 +2,6 @@
 
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import kill_session
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,17 +19,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _kill_session(sid: int) -> None:
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        pid, session = (int(x) for x in line.split())
-        if session == sid and pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture
@@ -45,9 +35,11 @@ def head(tmp_path, monkeypatch):
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    # Ray caches the token per process; an earlier local ray.init() in this process (Ray 2.60 enables token
-    # auth by default and uses ~/.ray/auth_token) would otherwise leave that other token in the cache
-    from ray._raylet import AuthenticationTokenLoader
+    # Ray caches its config (auth mode included) and the token per process; an earlier Ray in this process
+    # (a local ray.init() turns token auth on with ~/.ray/auth_token, a test Cluster may run without) would
+    # otherwise leave its mode or token in the caches. Refresh both from the environment, as Ray itself does.
+    from ray._raylet import AuthenticationTokenLoader, Config
+    Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     try:
         from ray.job_submission import JobSubmissionClient
@@ -62,8 +54,9 @@ def head(tmp_path, monkeypatch):
                 time.sleep(1)
         yield client
     finally:
-        _kill_session(proc.pid)  # the head and every process it started (all ours)
+        kill_session(proc.pid)  # the head and every process it started (all ours)
         monkeypatch.undo()
+        Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
 
 

@@ -17,6 +17,8 @@ from ray.cluster_utils import Cluster
 from qpruner.config import load_job
 from qpruner.job import run_job
 
+from helpers import kill_session
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tune_jobs" / "tiny_smoke.yaml"
 
@@ -100,7 +102,7 @@ def test_driver_killed_then_resume(tmp_path):
         os.kill(driver.pid, signal.SIGKILL)      # the driver dies mid-search
         driver.wait(timeout=30)
     finally:
-        _kill_session(driver.pid)                 # Ray processes this driver started
+        kill_session(driver.pid)                 # Ray processes this driver started
     before = _trials(tmp_path)
     assert (before["status"] == "ok").sum() < 8
     proc = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -111,13 +113,3 @@ def test_driver_killed_then_resume(tmp_path):
     assert "resuming" in proc.stderr or "Restoring" in proc.stderr
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process left in the session the test started (by pid)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        pid, session = (int(x) for x in line.split())
-        if session == sid and pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass

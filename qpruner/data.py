@@ -60,20 +60,26 @@ def load_texts(cfg: DataConfig) -> list[str]:
     return _load_hf_dataset(source, cfg.text_field)
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    texts = []
-    with path.open(encoding="utf-8") as fh:
+def iter_jsonl(path: str | Path, where: str = ""):
+    """(line number, parsed row) of every non-blank line; invalid JSON is a ConfigError that names the
+    line (``where`` prefixes the message, e.g. the config key)."""
+    with Path(path).open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigError([f"data.source: {path}:{lineno} is not valid JSON ({exc.msg})"]) from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise ConfigError([f"data.source: {path}:{lineno} has no string field {field!r}; "
-                                   "set data.text_field to the field holding the text"])
-            texts.append(row[field])
+                raise ConfigError([f"{where}{path}:{lineno} is not valid JSON ({exc.msg})"]) from None
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    for lineno, row in iter_jsonl(path, "data.source: "):
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise ConfigError([f"data.source: {path}:{lineno} has no string field {field!r}; "
+                               "set data.text_field to the field holding the text"])
+        texts.append(row[field])
     return texts
 
 

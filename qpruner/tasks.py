@@ -21,7 +21,6 @@ Sources:
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .data import iter_jsonl
 from .errors import ConfigError
 
 
@@ -74,17 +74,10 @@ def item_from_json(row: dict, where: str) -> MCItem:
 
 def load_jsonl(path: str | Path, limit: int | None = None) -> list[MCItem]:
     items = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError([f"{path}:{lineno} is not valid JSON ({exc.msg})"]) from None
-            items.append(item_from_json(row, f"{path}:{lineno}"))
-            if limit and len(items) >= limit:
-                break
+    for lineno, row in iter_jsonl(path):
+        items.append(item_from_json(row, f"{path}:{lineno}"))
+        if limit and len(items) >= limit:
+            break
     return items
 
 

@@ -58,3 +58,15 @@ def kill_session(sid: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def evaluate_export(directory, device: str = "cpu"):
+    """(model, EvalMetrics): an export loaded with qpruner.load and evaluated as its trial was."""
+    import qpruner
+    from qpruner import data
+    from qpruner.evaluate import evaluate
+    from qpruner.export import evaluation_config
+    model, tokenizer = qpruner.load(directory, device)
+    data_cfg, eval_cfg = evaluation_config(directory)
+    splits = data.load_splits(data_cfg, tokenizer)
+    return model, evaluate(model, splits.eval, eval_cfg.batch_size, device, eval_cfg.context, eval_cfg.stride)

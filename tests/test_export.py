@@ -1,22 +1,21 @@
 """Export a front point, load it with qpruner.load, and reproduce the trial's metrics."""
 
 import json
-from pathlib import Path
 import sys
 import types
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 import qpruner
-from qpruner import data
 from qpruner.config import load_job
 from qpruner.errors import ConfigError
-from qpruner.evaluate import evaluate
-from qpruner.export import evaluation_config, export_point, lm_eval
+from qpruner.export import export_point, lm_eval
 from qpruner.job import run_job
 from qpruner.quantize import applied_formats
 
+from helpers import evaluate_export
 from test_search_e2e import ROOT
 
 
@@ -30,10 +29,7 @@ def searched(tmp_path_factory):
 
 
 def _reproduce(directory, row):
-    model, tokenizer = qpruner.load(directory, "cpu")
-    data_cfg, eval_cfg = evaluation_config(directory)
-    splits = data.load_splits(data_cfg, tokenizer)
-    ev = evaluate(model, splits.eval, eval_cfg.batch_size, "cpu", eval_cfg.context, eval_cfg.stride)
+    model, ev = evaluate_export(directory)
     assert ev.perplexity == pytest.approx(row["perplexity"], rel=1e-5)
     assert ev.accuracy == pytest.approx(row["accuracy"], abs=1e-9)
     meta = json.loads((directory / "qpruner_plan.json").read_text())

@@ -6,13 +6,11 @@ is re-tokenized from the export, so this also checks the tokenizer's save/load r
 import pandas as pd
 import pytest
 
-import qpruner
-from qpruner import data
 from qpruner.config import load_job
-from qpruner.evaluate import evaluate
-from qpruner.export import evaluation_config, export_point
+from qpruner.export import export_point
 from qpruner.job import run_job
 
+from helpers import evaluate_export
 from test_search_e2e import ROOT
 
 pytestmark = pytest.mark.slow
@@ -29,9 +27,6 @@ def test_exported_smollm2_point_reproduces_its_trial(tmp_path):
     out = export_point(results, 0)
     assert (out / "model.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
-    model, tokenizer = qpruner.load(out, "cpu")
-    data_cfg, eval_cfg = evaluation_config(out)
-    splits = data.load_splits(data_cfg, tokenizer)
-    ev = evaluate(model, splits.eval, eval_cfg.batch_size, "cpu", eval_cfg.context, eval_cfg.stride)
+    _, ev = evaluate_export(out)
     assert ev.perplexity == pytest.approx(row["perplexity"], rel=1e-4)
     assert ev.accuracy == pytest.approx(row["accuracy"], abs=1e-6)

@@ -94,7 +94,7 @@ def run(model_name: str, random_plans: int) -> dict:
     rng = np.random.default_rng(0)
     for label, bits, budget in settings:
         formats = ["nf4" if b == 4 else "int8" if b == 8 else "bf16" for b in bits]
-        costs = policy._Costs(memory, "layer", formats, budget)
+        costs = policy.unit_costs(memory, "layer", formats, budget)
         for method in ESTIMATORS:
             idx = policy.best_guess(scores[method], costs, bits)
             plan = PrecisionPlan(tuple(formats[i] for i in idx))

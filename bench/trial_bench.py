@@ -62,7 +62,7 @@ def run(model_name: str, steps: int) -> dict:
     n = layout.n_layers
     scores = importance.score_units(model, splits.calib, ScoreConfig(method="fisher"))
     memory = policy.PlanMemory(layout, QuantConfig(), "float32")
-    costs = policy._Costs(memory, "layer", ["nf4", "int8", "bf16"], Budget(avg_bits=8.5))
+    costs = policy.unit_costs(memory, "layer", ["nf4", "int8", "bf16"], Budget(avg_bits=8.5))
     mixed = PrecisionPlan(tuple(("nf4", "int8", "bf16")[i] for i in policy.best_guess(scores, costs, [4, 8, 16])))
     config_dict, state = models.model_state(model)
     ft = FinetuneConfig(steps=steps, batch_size=4, lr=3e-4, eval_every=max(1, steps // 2))

@@ -10,6 +10,13 @@ token at least ``context - stride`` tokens of left context, and costs ``context 
 * ``perplexity = exp(sum NLL / scored tokens)``;
 * ``accuracy`` = fraction of scored tokens whose argmax prediction is the true next token.
 
+Standard errors. Tokens of one window are not independent, so the unit of resampling is the window:
+with per-window sums ``s_i`` (NLL, or correct predictions) over ``c_i`` scored tokens and the mean
+``m = sum s / sum c``, the ratio-estimator variance is
+``n / (n - 1) * sum_i (s_i - m c_i)^2 / (sum c)^2`` (the delta-method form of the block bootstrap).
+The per-window sums are kept (``window_nll``, ``window_tokens``), so two evaluations on the same
+tokens give a *paired* difference with its own, much smaller, standard error (:func:`paired_diff`).
+
 Zero-shot multiple choice, computed as lm-evaluation-harness does, lives in :mod:`qpruner.tasks`.
 """
 
@@ -31,10 +38,35 @@ class EvalMetrics:
     nll: float
     tokens: int
     seconds: float
+    nll_se: float = float("nan")
+    accuracy_se: float = float("nan")
+    window_nll: tuple[float, ...] = ()      # NLL summed over each window's scored tokens
+    window_tokens: tuple[int, ...] = ()     # scored tokens per window
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def ratio_se(sums, counts) -> float:
+    """Standard error of ``sum(sums) / sum(counts)`` with windows as the resampling unit (nan for < 2)."""
+    n = len(sums)
+    total = float(sum(counts))
+    if n < 2 or total <= 0:
+        return float("nan")
+    m = float(sum(sums)) / total
+    ss = sum((float(s) - m * float(c)) ** 2 for s, c in zip(sums, counts))
+    return math.sqrt(n / (n - 1) * ss) / total
+
+
+def paired_diff(nll_a, nll_b, tokens) -> tuple[float, float]:
+    """Mean per-token NLL difference ``a - b`` of two evaluations on the same windows, and its standard
+    error (paired: the text's own difficulty cancels)."""
+    if not (len(nll_a) == len(nll_b) == len(tokens)) or not tokens:
+        raise ValueError(f"paired difference needs evaluations on the same windows "
+                         f"({len(nll_a)}, {len(nll_b)} and {len(tokens)} windows)")
+    diff = [float(a) - float(b) for a, b in zip(nll_a, nll_b)]
+    return sum(diff) / float(sum(tokens)), ratio_se(diff, tokens)
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -61,7 +93,9 @@ def evaluate(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, device: s
     stride = min(stride or context, context)
     was_training = model.training
     model.eval()
-    nll_sum, correct, count = 0.0, 0, 0
+    w_nll: list[float] = []
+    w_correct: list[int] = []
+    w_count: list[int] = []
     spans = windows(stream.numel(), context, stride)
     by_length: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:
@@ -76,11 +110,15 @@ def evaluate(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, device: s
             for row, (_, _, scored) in enumerate(chunk):
                 mask[row, length - 1 - scored:] = True
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-            nll_sum += float(nll[mask.reshape(-1)].sum())
-            correct += int(((logits.argmax(-1) == target) & mask).sum())
-            count += int(mask.sum())
+            nll = nll.view(target.shape) * mask
+            w_nll += nll.double().sum(1).tolist()
+            w_correct += ((logits.argmax(-1) == target) & mask).sum(1).tolist()
+            w_count += mask.sum(1).tolist()
     if was_training:
         model.train()
-    nll = nll_sum / count
-    return EvalMetrics(perplexity=math.exp(min(nll, 700.0)), accuracy=correct / count, nll=nll,
-                       tokens=count, seconds=time.perf_counter() - t0)
+    count = sum(w_count)
+    nll = sum(w_nll) / count
+    return EvalMetrics(perplexity=math.exp(min(nll, 700.0)), accuracy=sum(w_correct) / count, nll=nll,
+                       tokens=count, seconds=time.perf_counter() - t0, nll_se=ratio_se(w_nll, w_count),
+                       accuracy_se=ratio_se(w_correct, w_count), window_nll=tuple(w_nll),
+                       window_tokens=tuple(int(c) for c in w_count))

@@ -200,7 +200,7 @@ def run_job(job: JobConfig, resume: bool = False) -> JobOutcome:
     prepared = prepare(job, out)
     origins = {s.plan.formats: f"seed:{s.origin}" for s in prepared.seeds}
     log = TrialLog(out, front_metric(job), origins)
-    run_search(job, prepared.context, prepared.seeds, log, resume=resume)
+    run_search(job, prepared.context, prepared.seeds, log, resume=resume, scores=prepared.scores)
     trials, front = log.frame(), log.front()
     report.write_report(out, front_metric(job))
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0)

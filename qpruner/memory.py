@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -271,3 +272,47 @@ class Budget:
         if self.total_bytes is not None:
             parts.append(f"<= {self.total_bytes / GB:.3f} GB of weights")
         return " and ".join(parts) or "no budget"
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Exact memory of plans given as option indices, from per-unit tables (memory is additive)."""
+    weights: np.ndarray       # [U, K] bytes of each unit's linear weights in each option
+    biases: np.ndarray        # [U, K] bytes of its biases
+    fixed: float              # everything else (embeddings, norms, head): the same for every plan
+    numel: int                # decoder-linear weights (the denominator of average bits)
+    budget: Budget
+
+    def total(self, idx) -> float:
+        rows = np.arange(len(idx))
+        return float(self.fixed + self.weights[rows, idx].sum() + self.biases[rows, idx].sum())
+
+    def avg_bits(self, idx) -> float:
+        return 8.0 * float(self.weights[np.arange(len(idx)), idx].sum()) / self.numel
+
+    def fits_sums(self, weights: float, biases: float) -> bool:
+        """Does a plan whose units sum to these weight and bias bytes fit the budget? (the one test)"""
+        b = self.budget
+        return ((b.avg_bits is None or 8.0 * weights / self.numel <= b.avg_bits)
+                and (b.total_bytes is None or self.fixed + weights + biases <= b.total_bytes))
+
+    def fits(self, idx) -> bool:
+        rows = np.arange(len(idx))
+        return self.fits_sums(float(self.weights[rows, idx].sum()), float(self.biases[rows, idx].sum()))
+
+    def expected_fits(self, p: np.ndarray) -> bool:
+        """Does the expected plan under option probabilities ``p`` ``[U, K]`` fit?"""
+        return self.fits_sums(float((p * self.weights).sum()), float((p * self.biases).sum()))
+
+    @property
+    def unit_cost(self) -> np.ndarray:
+        return self.weights + self.biases
+
+    def capacity(self) -> float:
+        """Bound on ``sum(unit_cost)`` that the budget implies (exact without biases)."""
+        cap = float(self.unit_cost.max(axis=1).sum())
+        if self.budget.total_bytes is not None:
+            cap = min(cap, self.budget.total_bytes - self.fixed)
+        if self.budget.avg_bits is not None:
+            cap = min(cap, self.budget.avg_bits * self.numel / 8.0 + float(self.biases.max(axis=1).sum()))
+        return cap

@@ -19,7 +19,11 @@ Seed plans (:func:`seed_plans`): the uniform plans that fit the budget; a determ
 upgrade with the largest ``s'_u * (4**-b - 4**-b') / extra bytes`` that still fits — ``4**-b`` is the
 relative noise power of ``b``-bit quantization and ``s'_u`` the score shifted to be positive); and
 ``policy.seed_plans`` distinct plans sampled from ``P``, each repaired to fit by lowering the least
-important units first. Every seed plan meets the budget exactly (memory is computed, not estimated).
+important units first. Sampled seed ``j`` of ``n`` gets its own ``beta``: the one whose expected plan
+has the memory target ``low + (high - low) (j + 1) / (n + 1)`` between the smallest plan and the
+largest other seed, so the seeds cover the memory axis (with a loose budget, calibrating every sample
+to the budget gave copies of the uniform high plan). Every seed plan meets the budget exactly (memory
+is computed, not estimated).
 
 Search-space encoding: one categorical ``bits_<unit>`` per unit over the allowed precisions, so every
 point of the space decodes to a complete, valid plan (:func:`encode` / :func:`decode`).
@@ -28,7 +32,7 @@ point of the space decodes to a complete, valid plan (:func:`encode` / :func:`de
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 
 import numpy as np
@@ -36,7 +40,7 @@ import numpy as np
 from .config import LINEAR_NAMES, PolicyConfig, QuantConfig
 from .errors import PlanError
 from .importance import LayerScores
-from .memory import Budget, ModelLayout, bias_bytes, format_bytes, plan_bytes
+from .memory import Budget, ModelLayout, UnitCosts, bias_bytes, format_bytes, plan_bytes
 from .plan import UNIT_MEMBERS, PrecisionPlan, format_for_bits, units_per_layer
 
 logger = logging.getLogger(__name__)
@@ -108,33 +112,15 @@ class PlanMemory:
         return weights, biases
 
 
-class _Costs:
-    """Budget arithmetic on option indices, from the exact per-unit tables."""
-
-    def __init__(self, memory: PlanMemory, unit: str, formats: list[str], budget: Budget):
-        self.weights, self.biases = memory.unit_costs(unit, formats)
-        probe = memory(PrecisionPlan.uniform(formats[0], self.weights.shape[0], unit))
-        self.fixed = probe.total_bytes - probe.linear_weight_bytes - probe.bias_bytes
-        self.numel = probe.linear_numel
-        self.budget = budget
-
-    def _values(self, w: float, b: float) -> tuple[float, float]:
-        return 8.0 * w / self.numel, w + b + self.fixed
-
-    def fits_values(self, w: float, b: float) -> bool:
-        avg_bits, total = self._values(w, b)
-        return ((self.budget.avg_bits is None or avg_bits <= self.budget.avg_bits)
-                and (self.budget.total_bytes is None or total <= self.budget.total_bytes))
-
-    def fits(self, idx: np.ndarray) -> bool:
-        rows = np.arange(len(idx))
-        return self.fits_values(self.weights[rows, idx].sum(), self.biases[rows, idx].sum())
-
-    def expected_fits(self, p: np.ndarray) -> bool:
-        return self.fits_values(float((p * self.weights).sum()), float((p * self.biases).sum()))
+def unit_costs(memory: PlanMemory, unit: str, formats: list[str], budget: Budget) -> UnitCosts:
+    """Exact per-unit cost tables of ``memory`` for plans over ``formats`` (option indices), under ``budget``."""
+    weights, biases = memory.unit_costs(unit, formats)
+    probe = memory(PrecisionPlan.uniform(formats[0], weights.shape[0], unit))
+    fixed = probe.total_bytes - probe.linear_weight_bytes - probe.bias_bytes
+    return UnitCosts(weights, biases, float(fixed), int(probe.linear_numel), budget)
 
 
-def _calibrated_beta(z_scores: LayerScores, m: int, temperature: float, costs: _Costs) -> float:
+def _calibrated_beta(z_scores: LayerScores, m: int, temperature: float, costs: UnitCosts) -> float:
     """Smallest shift of the thresholds whose expected plan fits the budget (0 without a budget)."""
     if costs.budget.unlimited:
         return 0.0
@@ -147,7 +133,7 @@ def _calibrated_beta(z_scores: LayerScores, m: int, temperature: float, costs: _
     return hi
 
 
-def _repair(idx: np.ndarray, low_first: list[int], costs: _Costs) -> np.ndarray | None:
+def _repair(idx: np.ndarray, low_first: list[int], costs: UnitCosts) -> np.ndarray | None:
     """Lower the least important units one precision step at a time until the plan fits."""
     idx = idx.copy()
     while not costs.fits(idx):
@@ -160,7 +146,7 @@ def _repair(idx: np.ndarray, low_first: list[int], costs: _Costs) -> np.ndarray 
     return idx
 
 
-def best_guess(scores: LayerScores, costs: _Costs, bits: list[int]) -> np.ndarray:
+def best_guess(scores: LayerScores, costs: UnitCosts, bits: list[int]) -> np.ndarray:
     """Greedy multiple-choice knapsack on importance x noise reduction per extra byte."""
     s = np.asarray(scores.scores, dtype=np.float64)
     s = s - s.min() + 1e-12 * (abs(s).max() + 1.0) if np.any(s <= 0) else s
@@ -173,7 +159,7 @@ def best_guess(scores: LayerScores, costs: _Costs, bits: list[int]) -> np.ndarra
             k = idx[u]
             dw = costs.weights[u, k + 1] - costs.weights[u, k]
             db = costs.biases[u, k + 1] - costs.biases[u, k]
-            if not costs.fits_values(w_sum + dw, b_sum + db):
+            if not costs.fits_sums(w_sum + dw, b_sum + db):
                 continue
             ratio = s[u] * (noise[k] - noise[k + 1]) / max(dw + db, 1.0)
             if ratio > best_ratio:
@@ -186,9 +172,55 @@ def best_guess(scores: LayerScores, costs: _Costs, bits: list[int]) -> np.ndarra
         idx[best] += 1
 
 
+def memory_targets(costs: UnitCosts, feasible: list[np.ndarray], n: int) -> list[float]:
+    """``n`` total-memory targets evenly inside (lowest plan, largest feasible seed): the sampled seeds
+    cover the whole memory range, not just the budget (where a loose budget would make every sample
+    the same uniform plan)."""
+    low = costs.total(np.zeros(costs.weights.shape[0], dtype=int))
+    high = max([costs.total(idx) for idx in feasible] + [low])
+    return [low + (high - low) * (j + 1) / (n + 1) for j in range(n)]
+
+
+def seed_indices(scores: LayerScores, costs: UnitCosts, bits: list[int], policy: PolicyConfig,
+                 seed: int = 0) -> list[tuple[tuple[int, ...], str]]:
+    """The seed plans as option indices over ``costs`` (any unit tables: layers, groups, tied layers)."""
+    n = costs.weights.shape[0]
+    out: list[tuple[tuple[int, ...], str]] = []
+
+    def add(idx, origin) -> bool:
+        key = tuple(int(i) for i in idx)
+        if any(key == k for k, _ in out):
+            return False
+        out.append((key, origin))
+        return True
+
+    if policy.include_uniform:
+        for k in range(len(bits)):
+            if costs.fits(np.full(n, k)):
+                add(np.full(n, k), "uniform")
+    add(best_guess(scores, costs, bits), "best_guess")
+    rng = np.random.default_rng(seed)
+    low_first = [int(i) for i in np.argsort(scores.scores, kind="stable")]
+    targets = memory_targets(costs, [np.array(k) for k, _ in out], policy.seed_plans)
+    sampled = 0
+    for target in targets:  # one sampled plan per memory target, spread low to high
+        aimed = replace(costs, budget=Budget(total_bytes=int(target)))
+        probs = probabilities(scores, len(bits), policy.temperature,
+                              _calibrated_beta(scores, len(bits), policy.temperature, aimed))
+        for _ in range(50):
+            idx = _repair(np.array([rng.choice(len(bits), p=row / row.sum()) for row in probs]), low_first, costs)
+            if idx is not None and add(idx, "sampled"):
+                sampled += 1
+                break
+    if sampled < policy.seed_plans:
+        logger.warning("only %d distinct sampled seed plans of %d requested fit the budget", sampled, policy.seed_plans)
+    return out
+
+
 def seed_plans(scores: LayerScores, memory: PlanMemory, policy: PolicyConfig, budget: Budget,
                seed: int = 0) -> list[SeedPlan]:
-    """Uniform plans that fit (if enabled), the best guess, then ``policy.seed_plans`` distinct sampled plans."""
+    """Uniform plans that fit (if enabled), the best guess, then ``policy.seed_plans`` distinct sampled plans,
+    each aimed at its own memory target between the smallest plan and the largest of the others."""
     bits = sorted(policy.bits)
     four_bit, unit = memory.quant.four_bit, scores.unit
     formats = [format_for_bits(b, four_bit) for b in bits]
@@ -197,42 +229,14 @@ def seed_plans(scores: LayerScores, memory: PlanMemory, policy: PolicyConfig, bu
     if n != want_units:
         raise PlanError(f"{n} unit scores but the pruned model has {want_units} {unit} units; "
                         "re-run scoring after pruning")
-    costs = _Costs(memory, unit, formats, budget)
+    costs = unit_costs(memory, unit, formats, budget)
     if not costs.fits(np.zeros(n, dtype=int)):
         low = memory(PrecisionPlan.uniform(formats[0], n, unit))
         raise PlanError(f"even the all-{bits[0]}-bit plan ({low.avg_bits:.2f} average bits, "
                         f"{low.total_bytes / 1e9:.3f} GB) exceeds the budget ({budget.describe()}); "
                         "raise the budget or allow fewer bits")
-    to_plan = lambda idx: PrecisionPlan(tuple(formats[i] for i in idx), unit)
-    out: list[SeedPlan] = []
-    seen: set[tuple[str, ...]] = set()
-
-    def add(idx, origin):
-        plan = to_plan(idx)
-        if plan.formats not in seen:
-            seen.add(plan.formats)
-            out.append(SeedPlan(plan, origin))
-
-    if policy.include_uniform:
-        for k in range(len(bits)):
-            if costs.fits(np.full(n, k)):
-                add(np.full(n, k), "uniform")
-    add(best_guess(scores, costs, bits), "best_guess")
-    beta = _calibrated_beta(scores, len(bits), policy.temperature, costs)
-    probs = probabilities(scores, len(bits), policy.temperature, beta)
-    rng = np.random.default_rng(seed)
-    low_first = [int(i) for i in np.argsort(scores.scores, kind="stable")]
-    sampled = 0
-    for _ in range(50 * max(1, policy.seed_plans)):
-        if sampled >= policy.seed_plans:
-            break
-        idx = np.array([rng.choice(len(bits), p=row / row.sum()) for row in probs])
-        idx = _repair(idx, low_first, costs)
-        if idx is not None and to_plan(idx).formats not in seen:
-            add(idx, "sampled")
-            sampled += 1
-    if sampled < policy.seed_plans:
-        logger.warning("only %d distinct sampled seed plans of %d requested fit the budget", sampled, policy.seed_plans)
+    out = [SeedPlan(PrecisionPlan(tuple(formats[i] for i in idx), unit), origin)
+           for idx, origin in seed_indices(scores, costs, bits, policy, seed)]
     for s in out:  # the tables are exact; this is the contract, checked on the real memory model
         if not budget.fits(memory(s.plan)):
             raise PlanError(f"internal: seed plan {s.plan.code()} breaks the budget")

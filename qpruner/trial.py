@@ -82,9 +82,17 @@ class TrialResult:
     budget_excess: float = 0.0
     accuracy: float | None = None
     perplexity: float | None = None
+    nll: float | None = None                      # mean held-out NLL per token (= log perplexity)
+    nll_se: float | None = None                   # standard errors over evaluation windows (evaluate.py)
+    accuracy_se: float | None = None
+    perplexity_se: float | None = None
+    objective_se: float | None = None
     perplexity_before: float | None = None
     accuracy_before: float | None = None
-    tasks: dict = field(default_factory=dict)     # "<task>:acc" / "<task>:acc_norm" -> value
+    nll_before: float | None = None
+    tasks: dict = field(default_factory=dict)     # "<task>:acc" / "<task>:acc_norm" (+ "_se") -> value
+    eval_window_nll: tuple = ()                   # per-window NLL sums: paired differences between trials
+    eval_window_tokens: tuple = ()
     adapter_bytes: int | None = None
     peak_bytes: int | None = None
     peak_kind: str = "none"
@@ -116,6 +124,8 @@ class TrialResult:
         kwargs = {k: v for k, v in d.items() if k in names and k not in ("plan", "seconds", "tasks")}
         seconds = {k[len("seconds_"):]: v for k, v in d.items() if k.startswith("seconds_")}
         tasks = {k: v for k, v in d.items() if ":" in k}
+        for name in ("eval_window_nll", "eval_window_tokens"):
+            kwargs[name] = tuple(kwargs[name]) if kwargs.get(name) is not None else ()
         plan = PrecisionPlan(tuple(d["plan_formats"].split(",")), d.get("plan_unit", "layer"))
         return cls(plan=plan, seconds=seconds, tasks=tasks, **kwargs)
 
@@ -124,12 +134,23 @@ def metric_values(ev: EvalMetrics, tasks: dict[str, float]) -> dict[str, float]:
     return {"accuracy": ev.accuracy, "perplexity": ev.perplexity, **tasks}
 
 
+def metric_ses(ev: EvalMetrics, tasks: dict[str, float]) -> dict[str, float]:
+    """Standard error of each objective term (perplexity's term is -log(perplexity) = -nll)."""
+    return {"accuracy": ev.accuracy_se, "perplexity": ev.nll_se,
+            **{k[:-3]: v for k, v in tasks.items() if k.endswith("_se")}}
+
+
 def objective_of(values: dict[str, float], weights: dict[str, float]) -> float:
     total = 0.0
     for name, w in weights.items():
         v = values[name]
         total += w * (-math.log(v) if name == "perplexity" else v)
     return total
+
+
+def objective_se_of(ses: dict[str, float], weights: dict[str, float]) -> float:
+    """Standard error of the objective, treating its terms as independent (exact for one term)."""
+    return math.sqrt(sum((w * ses.get(name, float("nan"))) ** 2 for name, w in weights.items()))
 
 
 def _release(device: torch.device) -> None:
@@ -240,16 +261,23 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
         task_values = {}
         for task in ctx.tasks:
             r = score(model, task, ctx.evaluation.batch_size, device)
-            task_values[f"{task.name}:acc"], task_values[f"{task.name}:acc_norm"] = r.acc, r.acc_norm
+            for name, p in ((f"{task.name}:acc", r.acc), (f"{task.name}:acc_norm", r.acc_norm)):
+                task_values[name] = p
+                task_values[f"{name}_se"] = math.sqrt(p * (1 - p) / max(1, r.items - 1))  # binomial
             seconds[f"task_{task.name}"] = r.seconds
         if on_trained is not None:
             on_trained(model)
         seconds["total"] = time.perf_counter() - t0
         return TrialResult(
             status="ok", objective=objective_of(metric_values(after, task_values), ctx.weights),
+            objective_se=objective_se_of(metric_ses(after, task_values), ctx.weights),
             weight_bytes=measured.total_bytes, accuracy=after.accuracy, perplexity=after.perplexity,
+            nll=after.nll, nll_se=after.nll_se, accuracy_se=after.accuracy_se,
+            perplexity_se=after.perplexity * after.nll_se,
+            eval_window_nll=after.window_nll, eval_window_tokens=after.window_tokens,
             perplexity_before=before.perplexity if before else None,
-            accuracy_before=before.accuracy if before else None, tasks=task_values,
+            accuracy_before=before.accuracy if before else None, nll_before=before.nll if before else None,
+            tasks=task_values,
             adapter_bytes=adapter_bytes(model), peak_bytes=peak.peak_bytes, peak_kind=peak.kind,
             train_loss_first=stats.first_loss, train_loss_final=stats.final_loss, train_steps=stats.steps,
             train_stopped=stats.stopped, eval_tokens_per_s=after.tokens_per_second, seconds=seconds, **common)

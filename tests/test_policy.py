@@ -75,10 +75,10 @@ def test_best_guess_spends_the_budget_on_the_important_units():
     memory = _memory()
     scores = LayerScores("x", (1.0, 100.0, 1.0, 1.0))
     # all-nf4 is 5.46 average bits on the tiny model, each int8 layer adds ~0.74: room for one upgrade
-    costs = policy._Costs(memory, "layer", ["nf4", "int8"], Budget(avg_bits=6.3))
+    costs = policy.unit_costs(memory, "layer", ["nf4", "int8"], Budget(avg_bits=6.3))
     idx = policy.best_guess(scores, costs, [4, 8])
     assert list(idx) == [0, 1, 0, 0]          # room for one upgrade: the important layer gets it
-    no_budget = policy._Costs(memory, "layer", ["nf4", "int8", "bf16"], Budget())
+    no_budget = policy.unit_costs(memory, "layer", ["nf4", "int8", "bf16"], Budget())
     assert list(policy.best_guess(scores, no_budget, [4, 8, 16])) == [2, 2, 2, 2]
 
 
@@ -87,7 +87,7 @@ def test_sampling_is_centred_on_the_budget():
     memory = _memory()
     scores = LayerScores("x", tuple(np.linspace(1, 10, 8)), "group")
     budget = Budget(avg_bits=7.0)
-    costs = policy._Costs(memory, "group", ["nf4", "int8", "bf16"], budget)
+    costs = policy.unit_costs(memory, "group", ["nf4", "int8", "bf16"], budget)
     beta = policy._calibrated_beta(scores, 3, 1.0, costs)
     assert costs.expected_fits(policy.probabilities(scores, 3, 1.0, beta))
     assert not costs.expected_fits(policy.probabilities(scores, 3, 1.0, beta - 0.05))

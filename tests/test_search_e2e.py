@@ -25,17 +25,15 @@ def test_qpruner_search_tiny_smoke(tmp_path):
         assert (out / name).is_file(), name
     trials = pd.read_parquet(out / "trials.parquet")
     trained = trials[trials["status"] == "ok"]
-    assert len(trained) == 7 and set(trials["status"]) <= {"ok", "infeasible", "cached"}
+    assert len(trained) == 7
+    assert set(trials["status"]) == {"ok"}       # the default (additive) searcher proposes no over-budget plan, no repeat
     assert (trained["weight_bytes"] == trained["weight_bytes_predicted"]).all()
     assert (trained["node_ip"] == "127.0.0.1").all()               # a local Ray stays on loopback
     assert trained["plan_formats"].is_unique                    # no plan trained twice
     assert (trained["avg_bits"] <= 10.0).all()                   # no trained plan over the budget
     # 2 uniform plans that fit + the best guess + 2 sampled, then the searcher's own
     assert sorted(trained["origin"]) == ["searcher"] * 2 + ["seed:best_guess"] + ["seed:sampled"] * 2 + ["seed:uniform"] * 2
-    infeasible = trials[trials["status"] == "infeasible"]
-    assert (infeasible["avg_bits"] > 10.0).all() and infeasible["seconds_quantize"].isna().all()  # never built
-    cached = trials[trials["status"] == "cached"]
-    assert set(cached["cached_from"]) <= set(trained["trial_id"])
+    assert (trained["nll_se"] > 0).all() and (trained["objective_se"] > 0).all()
     front = pd.read_parquet(out / "pareto.parquet")
     assert len(front) >= 1 and set(front["trial_id"]) <= set(trained["trial_id"])
     assert all(front_mask(front["accuracy"].tolist(), front["weight_bytes"].tolist()))

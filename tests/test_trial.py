@@ -88,8 +88,14 @@ def test_tasks_and_a_weighted_objective(context, tmp_path):
     task = tasks.tokenize_task("toy", tasks.load_task(str(path)), models.byte_tokenizer(), 64)
     ctx = replace(context, tasks=(task,), objective={"accuracy": 1.0, "toy:acc_norm": 0.5, "perplexity": 0.1})
     r = run_trial(ctx, PrecisionPlan(("int8",) * 4))
-    assert set(r.tasks) == {"toy:acc", "toy:acc_norm"} and 0 <= r.tasks["toy:acc"] <= 1
+    assert set(r.tasks) == {"toy:acc", "toy:acc_norm", "toy:acc_se", "toy:acc_norm_se"} and 0 <= r.tasks["toy:acc"] <= 1
     assert r.objective == pytest.approx(r.accuracy + 0.5 * r.tasks["toy:acc_norm"] - 0.1 * math.log(r.perplexity))
+    p = r.tasks["toy:acc_norm"]
+    assert r.tasks["toy:acc_norm_se"] == pytest.approx(math.sqrt(p * (1 - p) / 3))
+    assert r.objective_se == pytest.approx(math.sqrt(r.accuracy_se ** 2 + (0.5 * r.tasks["toy:acc_norm_se"]) ** 2
+                                                     + (0.1 * r.nll_se) ** 2))
+    assert r.nll == pytest.approx(math.log(r.perplexity)) and r.nll_se > 0
+    assert len(r.eval_window_nll) == len(r.eval_window_tokens) == ctx.eval.shape[0]
     again = TrialResult.from_metrics(r.to_metrics())
     assert again.tasks == r.tasks and again == r
 

@@ -28,10 +28,10 @@ from .. import policy
 from ..config import JobConfig
 from ..errors import BackendError, ConfigError
 from ..pareto import TrialLog
-from ..plan import PrecisionPlan, units_per_layer
+from ..plan import PrecisionPlan, format_for_bits, units_per_layer
 from ..trial import Precheck, TrialContext, TrialResult, run_trial
 from .callbacks import PersistTrials
-from .searchers import BudgetedSearcher, PlanScreen, make_searcher
+from .searchers import BudgetedSearcher, PlanScreen, SearchSpace, make_searcher
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def storage_path(job: JobConfig, log: TrialLog) -> str:
 
 
 def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPlan], log: TrialLog,
-               resume: bool = False) -> TrialLog:
+               resume: bool = False, scores=None) -> TrialLog:
     """Run ``search.num_trials`` trained trials; every finished or screened trial lands in ``log``."""
     ray, tune = _ray()
     cfg = job.search
@@ -200,7 +200,7 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
             logger.info("resuming the search in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _new_tuner(job, context, seeds, log, decode, trainable, n_units)
+            tuner = _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores)
         tuner.fit()
     finally:
         if started:
@@ -208,12 +208,23 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
     return log
 
 
-def _new_tuner(job, context, seeds, log, decode, trainable, n_units):
+def search_space(job: JobConfig, context: TrialContext, n_units: int, scores=None) -> SearchSpace:
+    """Keys, options and exact memory tables of the search space (what memory-aware searchers use)."""
+    from ..job import trial_compute_dtype
+    options = sorted(job.policy.bits)
+    formats = [format_for_bits(b, job.quant.four_bit) for b in options]
+    memory = policy.PlanMemory(context.layout, job.quant, trial_compute_dtype(job))
+    costs = policy.unit_costs(memory, context.unit, formats, context.budget)
+    return SearchSpace([policy.key(i) for i in range(n_units)], options, costs,
+                       tuple(scores.scores) if scores is not None else None)
+
+
+def _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores=None):
     _, tune = _ray()
     cfg = job.search
     space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(n_units)}
     points = [policy.encode(s.plan) for s in seeds][: cfg.num_trials]
-    inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup)
+    inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup, search_space(job, context, n_units, scores))
     device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
     screen = PlanScreen(decode, OverBudget(Precheck.of(context), device), log)
     searcher = BudgetedSearcher(inner, screen, cfg.max_rejections)

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 from ray.tune.search import Searcher
 
+from ..memory import UnitCosts
 from ..pareto import TrialLog
 from ..plan import PrecisionPlan
 from ..trial import TrialResult
@@ -65,7 +66,7 @@ class PlanScreen:
 
 def _answer(result: TrialResult) -> dict:
     """What the wrapped searcher is told about a trial (every metric a multi-objective searcher uses)."""
-    return {"objective": result.objective, "weight_bytes": result.weight_bytes}
+    return {"objective": result.objective, "objective_se": result.objective_se, "weight_bytes": result.weight_bytes}
 
 
 class BudgetedSearcher(Searcher):
@@ -183,9 +184,25 @@ class RandomPlanSearcher(Searcher):
         self.rng.bit_generator.state = state["rng"]
 
 
-def make_searcher(kind: str, points: list[dict], seed: int, random_warmup: int) -> Searcher:
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a memory-aware searcher knows before any trial: the space's keys and options (bits, in
+    increasing order), the exact per-unit memory tables and budget, and the unit scores (its prior)."""
+    keys: list[str]
+    options: list
+    costs: UnitCosts
+    scores: tuple | None = None
+
+
+def make_searcher(kind: str, points: list[dict], seed: int, random_warmup: int,
+                  space: SearchSpace | None = None) -> Searcher:
     """The wrapped searcher for ``search.searcher``; multi-objective ones carry their metrics."""
     startup = max(1, len(points) + random_warmup)
+    if kind == "additive":
+        if space is None:
+            raise ValueError("the additive searcher needs the search space's memory tables (SearchSpace)")
+        from .additive import AdditiveSearcher
+        return AdditiveSearcher(space.keys, space.options, space.costs, space.scores, points, seed)
     if kind == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
         return HyperOptSearch(points_to_evaluate=points or None, random_state_seed=seed, n_initial_points=startup)

@@ -1,0 +1,222 @@
+"""Record a real accuracy/memory landscape: every plan of a small search space, trained as a real trial.
+
+Model and space: SmolLM2-135M pruned exactly as the demo (`tune_jobs/smollm2_demo.yaml`: same model,
+data and pruning settings, so the same pruned weights). The 30 decoder layers are tied into 8
+contiguous groups (4,4,4,4,4,4,3,3 layers); each group is nf4 or int8, so the space has 2^8 = 256
+plans — small enough to record completely, large enough that the order of the groups matters.
+Contiguous groups keep neighbouring layers (which behave alike) together and give every group a
+similar share of the memory.
+
+Every plan runs as a real trial through QPruner's own Ray Tune search (2 at a time, 1 CPU each):
+quantize with bitsandbytes, LoftQ-initialised LoRA, fine-tune, evaluate the quantized model on the
+held-out split (64 x 128 tokens, per-window NLL kept for paired differences). Stages:
+
+    zero     all 256 plans, 0 fine-tuning steps (LoftQ initialisation, evaluated as quantized)
+    demo     all 256 plans, the demo's 10 steps
+    seed1/2  8 plans again at 10 steps with fine-tuning seeds 1 and 2 (trial-to-trial noise)
+    long     24 plans at 40 steps (does the brief fine-tune rank plans like a 4x longer one?)
+
+Each stage is its own job under results/landscape_smollm2_<stage>/; re-running a stage trains only
+the plans it has not recorded yet (resumable). ``export`` merges what is recorded into
+results/bench/landscape_smollm2.parquet (one row per trained trial; commit, command and settings in
+the file's metadata and in landscape_smollm2.json).
+
+    python bench/landscape.py record --stage zero
+    python bench/landscape.py export
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from provenance import stamp  # noqa: E402
+
+DEMO = ROOT / "tune_jobs" / "smollm2_demo.yaml"
+N_GROUPS = 8
+FORMATS = ("nf4", "int8")
+STAGES = {  # name: (fine-tuning steps, fine-tuning seed, how many plans of the recording order)
+    "zero": (0, 0, 256),
+    "demo": (10, 0, 256),
+    "seed1": (10, 1, 8),
+    "seed2": (10, 2, 8),
+    "long": (40, 0, 24),
+}
+OUT = ROOT / "results" / "bench" / "landscape_smollm2"
+logger = logging.getLogger("landscape")
+
+
+def groups(n_layers: int, n_groups: int = N_GROUPS) -> list[list[int]]:
+    return [list(map(int, g)) for g in np.array_split(np.arange(n_layers), n_groups)]
+
+
+def group_code(choice: tuple[int, ...]) -> str:
+    return "".join("48"[c] for c in choice)
+
+
+def layer_plan(choice: tuple[int, ...], n_layers: int):
+    from qpruner.plan import PrecisionPlan
+    formats = [None] * n_layers
+    for g, layers in zip(choice, groups(n_layers, len(choice))):
+        for layer in layers:
+            formats[layer] = FORMATS[g]
+    return PrecisionPlan(tuple(formats))
+
+
+def recording_order(seed: int = 0) -> list[tuple[int, ...]]:
+    """Uniform nf4, uniform int8, then the other 254 plans in a seeded random order (so that any
+    prefix of a partial recording is a random sample of the space)."""
+    every = [tuple((i >> (N_GROUPS - 1 - k)) & 1 for k in range(N_GROUPS)) for i in range(2 ** N_GROUPS)]
+    ends = [every[0], every[-1]]
+    rest = [every[i] for i in np.random.default_rng(seed).permutation(range(1, 2 ** N_GROUPS - 1))]
+    return ends + rest
+
+
+def stage_job(stage: str):
+    from qpruner.config import load_job
+    steps, seed, _ = STAGES[stage]
+    return load_job(DEMO, [f"name=landscape_smollm2_{stage}", f"finetune.steps={steps}", f"finetune.seed={seed}",
+                           "policy.bits=[4, 8]", "policy.budget_avg_bits=null", "policy.budget_gb=null",
+                           "search.searcher=random", "search.save_adapters=false", "search.metric=perplexity",
+                           "search.objective=null", "search.max_concurrent=2", "search.cpus_per_trial=1",
+                           "search.num_cpus=2", "search.scheduler=none", "eval.before_finetune=false"])
+
+
+def record(stage: str) -> None:
+    import pandas as pd
+
+    from qpruner import job as driver
+    from qpruner.config import save_job
+    from qpruner.pareto import TrialLog
+    from qpruner.policy import SeedPlan
+    from qpruner.search import run_search
+
+    job = stage_job(stage)
+    out = job.results_path
+    out.mkdir(parents=True, exist_ok=True)
+    save_job(job, out / "job.yaml")
+    prepared = driver.prepare(job, out)
+    n_layers = prepared.context.n_layers
+    wanted = [layer_plan(c, n_layers) for c in recording_order()[: STAGES[stage][2]]]
+    done = set()
+    if (out / "trials.parquet").is_file():
+        frame = pd.read_parquet(out / "trials.parquet")
+        done = set(frame.loc[frame["status"] == "ok", "plan_formats"])
+    todo = [p for p in wanted if ",".join(p.formats) not in done]
+    logger.info("stage %s: %d of %d plans recorded, %d to train", stage, len(wanted) - len(todo), len(wanted), len(todo))
+    if not todo:
+        return
+    log = TrialLog(out, "perplexity", {p.formats: "landscape" for p in wanted})
+    job = _with(job, num_trials=len(todo))
+    run_search(job, prepared.context, [SeedPlan(p, "landscape") for p in todo], log)
+
+
+def _with(job, **search):
+    from dataclasses import replace
+    return replace(job, search=replace(job.search, **search))
+
+
+COLUMNS = ["stage", "steps", "ft_seed", "group_code", "plan_code", "weight_bytes", "avg_bits", "nll", "nll_se",
+           "perplexity", "accuracy", "accuracy_se", "train_loss_first", "train_loss_final", "seconds_quantize",
+           "seconds_finetune", "seconds_eval", "seconds_total", "eval_window_nll", "eval_window_tokens", "trial_id"]
+
+
+def export(out: Path = OUT) -> Path:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frames = []
+    settings = {}
+    for stage, (steps, seed, _) in STAGES.items():
+        path = ROOT / "results" / f"landscape_smollm2_{stage}" / "trials.parquet"
+        if not path.is_file():
+            continue
+        frame = pd.read_parquet(path)
+        frame = frame[frame["status"] == "ok"].drop_duplicates("plan_formats", keep="first").copy()
+        n_layers = len(frame["plan_code"].iloc[0]) if len(frame) else 0
+        firsts = [g[0] for g in groups(n_layers)] if n_layers else []
+        frame["group_code"] = frame["plan_code"].map(lambda code: "".join(code[i] for i in firsts))
+        frame["stage"], frame["steps"], frame["ft_seed"] = stage, steps, seed
+        frames.append(frame[[c for c in COLUMNS if c in frame]])
+        job_yaml = path.parent / "job.yaml"
+        settings[stage] = job_yaml.read_text() if job_yaml.is_file() else None
+    if not frames:
+        raise SystemExit("nothing recorded yet: run `python bench/landscape.py record --stage zero` first")
+    table = pd.concat(frames, ignore_index=True)
+    meta = {**stamp(), **space_tables(), "what": "REAL trials (not a proxy): every plan trained and evaluated by qpruner.trial.run_trial "
+                               "through Ray Tune", "model": "SmolLM2-135M-Instruct pruned as tune_jobs/smollm2_demo.yaml",
+            "groups": groups(30), "formats": {"4": "nf4", "8": "int8"},
+            "counts": table.groupby("stage").size().to_dict(), "job_yaml_by_stage": settings}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"qpruner": json.dumps(meta).encode()})
+    pq.write_table(arrow, out.with_suffix(".parquet"))
+    out.with_suffix(".json").write_text(json.dumps({k: v for k, v in meta.items() if k != "job_yaml_by_stage"}, indent=2)
+                                        + "\n")
+    logger.info("wrote %s (%s)", out.with_suffix(".parquet"), meta["counts"])
+    return out.with_suffix(".parquet")
+
+
+def space_tables() -> dict:
+    """What a searcher may know before any trial, from the recorded job's own pruned model and scores:
+    exact per-group memory tables (nf4, int8) and the project's layer scores summed per group."""
+    import torch
+
+    from qpruner import policy
+    from qpruner.memory import Budget, ModelLayout
+    from qpruner.pruned_model import load_pruned
+    job = stage_job("zero")
+    model, _ = load_pruned(job.results_path / "pruned", torch.float32, "cpu")
+    layout = ModelLayout.from_model(model)
+    costs = policy.unit_costs(policy.PlanMemory(layout, job.quant, "float32"), "layer", list(FORMATS), Budget())
+    scores = json.loads((job.results_path / "layer_scores.json").read_text())
+    parts = groups(layout.n_layers)
+    return {"group_costs": {"weights": [costs.weights[g].sum(axis=0).tolist() for g in parts],
+                            "biases": [costs.biases[g].sum(axis=0).tolist() for g in parts],
+                            "fixed": costs.fixed, "numel": costs.numel},
+            "layer_scores": {"method": scores["method"], "scores": scores["scores"]},
+            "group_scores": [float(sum(scores["scores"][i] for i in g)) for g in parts]}
+
+
+def load(path: Path = OUT.with_suffix(".parquet")):
+    """(table, metadata) of a recorded landscape."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    meta = json.loads(pq.read_schema(path).metadata[b"qpruner"])
+    return pd.read_parquet(path), meta
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("--stage", choices=list(STAGES), action="append", required=True)
+    sub.add_parser("export")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if args.cmd == "record":
+        for stage in args.stage:
+            record(stage)
+        export()
+    else:
+        export()
+
+
+if __name__ == "__main__":
+    main()

@@ -195,8 +195,9 @@ class SearchConfig:
                                         "MLFLOW_TRACKING_URI is set; wandb needs a login or WANDB_MODE=offline")
     storage_path: Optional[str] = opt(None, help="Ray Tune's experiment storage: shared filesystem or URI "
                                                  "(s3://...) for multi-node runs; default results/<job>/ray")
-    metric: str = opt("accuracy", help="quality axis of the front and default objective: accuracy (next token, max), "
-                                       "perplexity (min), or <task>:acc / <task>:acc_norm for a task in eval.tasks")
+    metric: str = opt("perplexity", help="quality axis of the front and default objective: perplexity (held-out, min; "
+                                         "the least noisy signal), accuracy (next token, max), or <task>:acc / "
+                                         "<task>:acc_norm for a task in eval.tasks")
     objective: Optional[dict[str, float]] = opt(None, help="weighted mix maximised by the search, e.g. "
                                                            "{accuracy: 1.0, piqa:acc: 0.5}; perplexity enters as -log")
     seed: int = opt(0)

@@ -42,6 +42,7 @@ class EvalMetrics:
     accuracy_se: float = float("nan")
     window_nll: tuple[float, ...] = ()      # NLL summed over each window's scored tokens
     window_tokens: tuple[int, ...] = ()     # scored tokens per window
+    window_correct: tuple[int, ...] = ()    # correct next-token predictions per window
 
     @property
     def tokens_per_second(self) -> float:
@@ -60,9 +61,9 @@ def ratio_se(sums, counts) -> float:
 
 
 def paired_diff(nll_a, nll_b, tokens) -> tuple[float, float]:
-    """Mean per-token NLL difference ``a - b`` of two evaluations on the same windows, and its standard
-    error (paired: the text's own difficulty cancels)."""
-    if not (len(nll_a) == len(nll_b) == len(tokens)) or not tokens:
+    """Mean per-token difference ``a - b`` of two evaluations on the same windows (per-window sums of NLL,
+    or of correct predictions), and its standard error (paired: the text's own difficulty cancels)."""
+    if not (len(nll_a) == len(nll_b) == len(tokens)) or len(tokens) == 0:
         raise ValueError(f"paired difference needs evaluations on the same windows "
                          f"({len(nll_a)}, {len(nll_b)} and {len(tokens)} windows)")
     diff = [float(a) - float(b) for a, b in zip(nll_a, nll_b)]
@@ -121,4 +122,4 @@ def evaluate(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, device: s
     return EvalMetrics(perplexity=math.exp(min(nll, 700.0)), accuracy=sum(w_correct) / count, nll=nll,
                        tokens=count, seconds=time.perf_counter() - t0, nll_se=ratio_se(w_nll, w_count),
                        accuracy_se=ratio_se(w_correct, w_count), window_nll=tuple(w_nll),
-                       window_tokens=tuple(int(c) for c in w_count))
+                       window_tokens=tuple(int(c) for c in w_count), window_correct=tuple(int(c) for c in w_correct))

@@ -5,6 +5,15 @@ and the objective: higher is better; perplexity: lower is better) and total weig
 better) — and strictly better on one. The front is the set of completed (``status == "ok"``) trials
 that no other completed trial dominates; of several trials with the same plan only the first counts.
 
+Telling neighbours apart: every front point (after the first) carries ``gain`` — how much better its
+quality is than the next cheaper front point's (NLL saved for perplexity, accuracy gained) — with
+``gain_se`` and ``separable = gain > 2 * gain_se``. All trials are evaluated on the same held-out
+tokens, so for perplexity and next-token accuracy the difference is *paired* over evaluation windows
+(:func:`qpruner.evaluate.paired_diff`): the text's own difficulty cancels and the standard error is far
+smaller than either trial's own. Other metrics (multiple-choice tasks, mixed objectives) use the
+unpaired ``sqrt(se_a^2 + se_b^2)``. This is evaluation-sample noise only: a trial is deterministic for
+its fine-tuning seed, and the seed-to-seed spread is measured in ``results/bench/landscape.md``.
+
 Hypervolume: the area dominated by the front and bounded by a reference point ``(q_ref, m_ref)``
 (worse than every point: quality ``q_ref``, memory ``m_ref``), with quality as ``-log(perplexity)``
 when the metric is perplexity. The live log uses the lowest quality seen and the largest memory
@@ -198,11 +207,57 @@ def _missing(v) -> bool:
 
 
 def pareto_front(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Non-dominated completed trials, sorted by memory."""
+    """Non-dominated completed trials, sorted by memory, with ``gain``/``gain_se``/``separable`` (see above)."""
     if trials.empty or "status" not in trials or metric not in trials:
         return trials.iloc[0:0]
     ok = trials[(trials["status"] == "ok") & trials[metric].notna()].drop_duplicates("plan_formats", keep="first")
     if ok.empty:
         return ok
     mask = front_mask(ok[metric].astype(float).tolist(), ok["weight_bytes"].astype(float).tolist(), maximize(metric))
-    return ok[mask].sort_values("weight_bytes").reset_index(drop=True)
+    front = ok[mask].sort_values("weight_bytes").reset_index(drop=True)
+    gains = [neighbour_gain(front.iloc[i - 1], front.iloc[i], metric) if i else (None, None)
+             for i in range(len(front))]
+    front["gain"] = [g for g, _ in gains]
+    front["gain_se"] = [se for _, se in gains]
+    front["separable"] = [None if g is None or se is None or not math.isfinite(se) else bool(g > 2 * se)
+                          for g, se in gains]
+    return front
+
+
+def se_column(metric: str) -> str:
+    """The column holding ``metric``'s standard error (perplexity's is of the perplexity itself)."""
+    return f"{metric}_se"
+
+
+def _windows(row, name: str):
+    v = row.get(name) if hasattr(row, "get") else None
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) or len(v) == 0 else list(v)
+
+
+def neighbour_gain(cheaper, dearer, metric: str) -> tuple[float, float | None]:
+    """How much better ``dearer``'s quality is than ``cheaper``'s, and its standard error (paired when both
+    were evaluated on the same windows)."""
+    from .evaluate import paired_diff
+    if metric in ("perplexity", "accuracy"):
+        name = "eval_window_nll" if metric == "perplexity" else "eval_window_correct"
+        a, b = _windows(cheaper, name), _windows(dearer, name)
+        ta, tb = _windows(cheaper, "eval_window_tokens"), _windows(dearer, "eval_window_tokens")
+        if a and b and ta == tb and len(a) == len(b) == len(ta):
+            diff, se = paired_diff(a, b, ta)        # cheaper - dearer
+            return (diff, se) if metric == "perplexity" else (-diff, se)
+    if metric == "perplexity":
+        gain = math.log(float(cheaper["perplexity"])) - math.log(float(dearer["perplexity"]))
+        ses = [_num(r, "nll_se") for r in (cheaper, dearer)]
+    else:
+        gain = float(dearer[metric]) - float(cheaper[metric])
+        ses = [_num(r, se_column(metric)) for r in (cheaper, dearer)]
+    return gain, (math.sqrt(ses[0] ** 2 + ses[1] ** 2) if None not in ses else None)
+
+
+def _num(row, name: str) -> float | None:
+    v = row.get(name) if hasattr(row, "get") else None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v

@@ -19,24 +19,45 @@ from pathlib import Path
 
 import pandas as pd
 
-from .pareto import PARETO_FILE, TRIALS_FILE, hypervolume, maximize, pareto_front, quality_values
+from .pareto import PARETO_FILE, TRIALS_FILE, hypervolume, maximize, pareto_front, quality_values, se_column
 
 logger = logging.getLogger(__name__)
 
 
+def _fmt_se(value, se, digits: int) -> str:
+    return f"{value:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None and pd.notna(se) else "")
+
+
 def front_table(front: pd.DataFrame, metric: str) -> str:
-    """The front as a fixed-width text table, smallest model first."""
+    """The front as a fixed-width text table, smallest model first, with standard errors and whether each
+    point is better than its cheaper neighbour by more than noise (2 SE of the paired difference)."""
     if front.empty:
         return "(no completed trial: the front is empty)"
     extra = metric not in ("accuracy", "perplexity")
-    header = (f"{'trial':<10} {'weights MB':>10} {'avg bits':>8} {'perplexity':>10} {'accuracy':>8}"
-              + (f" {metric:>14}" if extra else "") + "  plan (4=nf4 f=fp4 8=int8 H=bf16)")
+    unit = "NLL" if metric == "perplexity" else metric
+    header = (f"{'trial':<10} {'weights MB':>10} {'avg bits':>8} {'perplexity':>17} {'accuracy':>17}"
+              + (f" {metric:>18}" if extra else "") + f" {'gain vs cheaper (' + unit + ')':>26}"
+              + "  plan (4=nf4 f=fp4 8=int8 H=bf16)")
     lines = [header, "-" * len(header)]
+    unclear = 0
     for _, r in front.iterrows():
+        gain = r.get("gain")
+        if gain is None or pd.isna(gain):
+            vs = "-"
+        else:
+            sep = r.get("separable")
+            unclear += sep is False
+            vs = _fmt_se(gain, r.get("gain_se"), 4) + ("" if sep is not False else " ~")
         lines.append(f"{str(r['trial_id']):<10} {r['weight_bytes'] / 1e6:>10.2f} {r['avg_bits']:>8.2f} "
-                     f"{r['perplexity']:>10.3f} {r['accuracy']:>8.4f}" + (f" {r[metric]:>14.4f}" if extra else "")
-                     + f"  {r['plan_code']}")
-    lines.append(f"objective: {'max' if maximize(metric) else 'min'} {metric}")
+                     f"{_fmt_se(r['perplexity'], r.get('perplexity_se'), 2):>17} "
+                     f"{_fmt_se(r['accuracy'], r.get('accuracy_se'), 4):>17}"
+                     + (f" {_fmt_se(r[metric], r.get(metric + '_se'), 4):>18}" if extra else "")
+                     + f" {vs:>26}  {r['plan_code']}")
+    lines.append(f"objective: {'max' if maximize(metric) else 'min'} {metric}; ± one standard error over evaluation "
+                 "windows; gain: paired difference on the same tokens")
+    if unclear:
+        lines.append(f"~ : {unclear} point(s) not better than the cheaper neighbour by more than 2 SE "
+                     "(within evaluation noise)")
     return "\n".join(lines)
 
 
@@ -53,17 +74,26 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ok = trials[trials["status"] == "ok"] if not trials.empty and "status" in trials else trials.iloc[0:0]
+    se = se_column(metric)
     if not ok.empty:
         for origin, marker in (("searcher", "o"), ("seed:sampled", "s"), ("seed:best_guess", "^"),
                                ("seed:uniform", "D")):
             part = ok[ok["origin"] == origin]
             if not part.empty:
-                ax.scatter(part["weight_bytes"] / 1e6, part[metric], marker=marker, alpha=0.6,
-                           label=f"{origin} ({len(part)})")
+                ax.errorbar(part["weight_bytes"] / 1e6, part[metric],
+                            yerr=part[se].astype(float) if se in part else None, fmt=marker, alpha=0.6,
+                            capsize=2, elinewidth=0.8, label=f"{origin} ({len(part)})")
     if not front.empty:
         ax.step(front["weight_bytes"] / 1e6, front[metric], where="post" if maximize(metric) else "pre",
                 color="black", linewidth=1.2, label=f"Pareto front ({len(front)})")
+        ax.errorbar(front["weight_bytes"] / 1e6, front[metric],
+                    yerr=front[se].astype(float) if se in front else None, fmt="none", ecolor="black",
+                    capsize=3, elinewidth=1.0)
         ax.scatter(front["weight_bytes"] / 1e6, front[metric], facecolors="none", edgecolors="black", s=90)
+        unclear = front[front["separable"] == False] if "separable" in front else front.iloc[0:0]  # noqa: E712
+        if not unclear.empty:
+            ax.scatter(unclear["weight_bytes"] / 1e6, unclear[metric], marker="x", color="red", s=70, zorder=5,
+                       label=f"within noise of the cheaper neighbour ({len(unclear)})")
         for _, r in front.iterrows():
             ax.annotate(f"{r['avg_bits']:.2f}b", (r["weight_bytes"] / 1e6, r[metric]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -143,8 +173,8 @@ def plot_hypervolume(curve: list[float], path: str | Path) -> Path:
 
 
 _COLUMNS = [("trial_id", "trial"), ("status", "status"), ("origin", "origin"), ("avg_bits", "avg bits"),
-            ("weight_bytes", "weights MB"), ("perplexity", "perplexity"), ("accuracy", "accuracy"),
-            ("objective", "objective"), ("peak_bytes_estimate", "FT peak est. MB"), ("seconds_total", "seconds"),
+            ("weight_bytes", "weights MB"), ("perplexity", "perplexity"), ("perplexity_se", "± SE"),
+            ("accuracy", "accuracy"), ("accuracy_se", "± SE"), ("objective", "objective"), ("peak_bytes_estimate", "FT peak est. MB"), ("seconds_total", "seconds"),
             ("plan_code", "plan")]
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}h2{font-size:17px;margin-top:28px}
@@ -220,6 +250,9 @@ def write_report(directory: str | Path, metric: str | None = None) -> Path:
 <h1>QPruner report: {html.escape(directory.name)}</h1>
 <table class="kv">{''.join(f'<tr><th class="l">{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in summary)}</table>
 <h2>Pareto front</h2>{_img(pngs['front'], 'quality vs memory with the Pareto front', 'front-plot')}
+<p>Error bars: one standard error over evaluation windows. A red cross marks a front point that is not better than
+its cheaper neighbour by more than 2 standard errors of their paired difference.</p>
+<pre>{html.escape(front_table(front, metric))}</pre>
 <h2>Bits per unit of each front plan</h2>{_img(pngs['bits'], 'bits heat-map')}
 <h2>Hypervolume over trials</h2>{_img(pngs['hv'], 'hypervolume over trials')}
 <h2>All trials <small>(click a header to sort; front plans highlighted)</small></h2>

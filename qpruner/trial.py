@@ -93,6 +93,7 @@ class TrialResult:
     tasks: dict = field(default_factory=dict)     # "<task>:acc" / "<task>:acc_norm" (+ "_se") -> value
     eval_window_nll: tuple = ()                   # per-window NLL sums: paired differences between trials
     eval_window_tokens: tuple = ()
+    eval_window_correct: tuple = ()
     adapter_bytes: int | None = None
     peak_bytes: int | None = None
     peak_kind: str = "none"
@@ -124,7 +125,7 @@ class TrialResult:
         kwargs = {k: v for k, v in d.items() if k in names and k not in ("plan", "seconds", "tasks")}
         seconds = {k[len("seconds_"):]: v for k, v in d.items() if k.startswith("seconds_")}
         tasks = {k: v for k, v in d.items() if ":" in k}
-        for name in ("eval_window_nll", "eval_window_tokens"):
+        for name in ("eval_window_nll", "eval_window_tokens", "eval_window_correct"):
             kwargs[name] = tuple(kwargs[name]) if kwargs.get(name) is not None else ()
         plan = PrecisionPlan(tuple(d["plan_formats"].split(",")), d.get("plan_unit", "layer"))
         return cls(plan=plan, seconds=seconds, tasks=tasks, **kwargs)
@@ -275,6 +276,7 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
             nll=after.nll, nll_se=after.nll_se, accuracy_se=after.accuracy_se,
             perplexity_se=after.perplexity * after.nll_se,
             eval_window_nll=after.window_nll, eval_window_tokens=after.window_tokens,
+            eval_window_correct=after.window_correct,
             perplexity_before=before.perplexity if before else None,
             accuracy_before=before.accuracy if before else None, nll_before=before.nll if before else None,
             tasks=task_values,

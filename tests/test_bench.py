@@ -41,20 +41,46 @@ def test_trial_benchmark_runs_on_tiny(tmp_path):
     assert {t["format"] for t in res["throughput"]} == {"nf4", "int8", "bf16"}
 
 
-def test_search_benchmark_problem_and_one_searcher():
-    """The proxy problem is solved exactly, and a searcher run through Tune yields hypervolume ratios in [0, 1]."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import ray
-    import search_bench as sb
-    problem = sb.Problem()
-    assert problem.n_plans == 256 and 0 < problem.n_feasible < 256 and problem.exact_hv > 0
-    assert len(problem.seeds(0)) >= 3
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sb)  # workers cannot import bench/ by name
-    try:
-        ratios = sb.run_searcher(problem, "random", False, 0, 4)
-    finally:
-        ray.shutdown()
-    hv = [r[0] for r in ratios]
-    assert len(ratios) == 4 and all(0 <= h <= 1 + 1e-9 for h in hv) and hv == sorted(hv)
-    assert all(0 <= r[1] <= 1 for r in ratios)
+def _synthetic_landscape(path):
+    """A SYNTHETIC 8-group landscape in the recorded file format (additive NLL), to test the replay machinery."""
+    import itertools
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    w = np.array([[6e6, 11.6e6]] + [[5.5e6, 10.8e6]] * 7)
+    fixed, numel = 5e7, int(w[:, 0].sum() * 8 / 4.15)
+    sens = np.random.default_rng(0).lognormal(0, 0.7, 8) * 0.03
+    rows = []
+    for p in itertools.product((0, 1), repeat=8):
+        idx = np.array(p)
+        nll = 3.8 + float(sum(sens[u] for u in range(8) if p[u] == 0))
+        code = "".join("48"[i] for i in p)
+        rows.append({"stage": "zero", "group_code": code, "plan_code": code, "nll": nll, "nll_se": 0.05,
+                     "weight_bytes": int(fixed + w[np.arange(8), idx].sum()),
+                     "avg_bits": 8 * w[np.arange(8), idx].sum() / numel, "perplexity": float(np.exp(nll)),
+                     "accuracy": 0.3})
+    meta = {"commit": "synthetic", "group_costs": {"weights": w.tolist(), "biases": np.zeros_like(w).tolist(),
+                                                   "fixed": fixed, "numel": numel},
+            "layer_scores": {"method": "fisher", "scores": [1.0] * 30}, "group_scores": [1.0] * 8}
+    table = pa.Table.from_pandas(pd.DataFrame(rows), preserve_index=False)
+    pq.write_table(table.replace_schema_metadata({b"qpruner": json.dumps(meta).encode()}), path)
+    return sens
+
+
+def test_search_benchmark_replays_a_landscape_through_tune(tmp_path):
+    """The replay benchmark end to end on a synthetic landscape: exact front, real Tune loop, result file."""
+    _synthetic_landscape(tmp_path / "land.parquet")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "search_bench.py"), "--landscape",
+                           str(tmp_path / "land.parquet"), "--seeds", "1", "--trials", "8", "--searchers", "additive",
+                           "random", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads((tmp_path / "search.json").read_text())
+    assert res["source"].endswith("land.parquet") and res["default_searcher"] == "additive"
+    assert "REPLAY" in res["what"] and res["plans"] == 256 and 0 < res["feasible"] < 256
+    for kind in ("additive", "random"):
+        hv = res["searchers"][kind]["hv_ratio_median"]["8"]
+        assert 0 < hv <= 1 + 1e-9
+    assert res["searchers"]["additive"]["trained_over_budget"] == 0
+    assert res["searchers"]["additive"]["wasted_proposals_median"] == 0
+    assert "replay of recorded real trials" in (tmp_path / "search.md").read_text()

@@ -70,3 +70,24 @@ def test_strided_perplexity_equals_a_token_by_token_reference(tiny):
 
 
 import pytest  # noqa: E402
+
+
+def test_window_standard_errors_and_paired_differences():
+    import math
+    from qpruner.evaluate import paired_diff, ratio_se
+    sums, counts = [2.0, 4.0, 6.0], [2, 2, 2]                  # window means 1, 2, 3
+    assert ratio_se(sums, counts) == pytest.approx(math.sqrt(3 / 2 * (4 + 0 + 4)) / 6)
+    assert math.isnan(ratio_se([1.0], [1]))
+    diff, se = paired_diff([3.0, 5.0, 7.0], sums, counts)      # +1 NLL per window of 2 tokens
+    assert diff == pytest.approx(0.5) and se == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        paired_diff([1.0], [1.0, 2.0], [1, 1])
+
+
+def test_evaluate_reports_window_sums_that_add_up(tiny, tiny_splits):
+    from qpruner.evaluate import evaluate
+    m = evaluate(tiny, tiny_splits.eval, batch_size=3)
+    assert len(m.window_nll) == len(m.window_tokens) == len(m.window_correct) == tiny_splits.eval.shape[0]
+    assert sum(m.window_nll) / sum(m.window_tokens) == pytest.approx(m.nll)
+    assert sum(m.window_correct) / sum(m.window_tokens) == pytest.approx(m.accuracy)
+    assert m.nll_se > 0 and 0 < m.accuracy_se < 0.5

@@ -61,3 +61,42 @@ def test_repeated_plans_appear_once_on_the_front(tmp_path):
     log.add("b", _result("44", 0.2, 1.0))
     assert list(log.front()["trial_id"]) == ["a"]
     assert pareto_front(pd.DataFrame(), "accuracy").empty
+
+
+def _row(tid, mb, windows, tokens=(10, 10, 10, 10)):
+    import math
+    nll = sum(windows) / sum(tokens)
+    return {"trial_id": tid, "status": "ok", "plan_formats": tid, "plan_code": tid, "weight_bytes": mb * 1e6,
+            "avg_bits": 4.0, "perplexity": math.exp(nll), "accuracy": 0.3, "nll_se": 0.5,
+            "eval_window_nll": list(windows), "eval_window_tokens": list(tokens)}
+
+
+def test_front_neighbours_are_told_apart_by_paired_differences():
+    """Same tokens: a small but consistent gain is separable although each trial's own SE is large."""
+    import pandas as pd
+    from qpruner.pareto import pareto_front
+    from qpruner.report import front_table
+    base = [30.0, 50.0, 20.0, 40.0]                        # windows of very different difficulty
+    trials = pd.DataFrame([_row("a", 100, base),
+                           _row("b", 110, [w - 1.0 for w in base]),                    # 0.1 NLL better everywhere
+                           _row("c", 120, [w - 1.0 - d for w, d in zip(base, (0.3, -0.3, 0.2, -0.1))])])
+    front = pareto_front(trials, "perplexity")
+    assert list(front["trial_id"]) == ["a", "b", "c"]
+    assert front.loc[1, "gain"] == pytest.approx(0.1) and front.loc[1, "gain_se"] == pytest.approx(0.0, abs=1e-12)
+    assert bool(front.loc[1, "separable"]) is True
+    assert front.loc[2, "gain"] == pytest.approx(0.1 / 40) and bool(front.loc[2, "separable"]) is False
+    table = front_table(front, "perplexity")
+    assert "~" in table and "1 point(s) not better" in table
+
+
+def test_front_gain_without_windows_is_unpaired():
+    import math
+    import pandas as pd
+    from qpruner.pareto import pareto_front
+    rows = [_row("a", 100, [40, 40, 40, 40]), _row("b", 110, [39, 39, 39, 39])]
+    for r in rows:
+        r.pop("eval_window_nll")
+    front = pareto_front(pd.DataFrame(rows), "perplexity")
+    assert front.loc[1, "gain"] == pytest.approx(0.1)
+    assert front.loc[1, "gain_se"] == pytest.approx(math.sqrt(0.5))
+    assert bool(front.loc[1, "separable"]) is False

@@ -14,7 +14,9 @@ turns it into a trial:
 So ``search.num_trials`` counts trained trials only. The wrapper keeps the wrapped searcher in its
 ``searcher`` attribute, which is how Ray Tune checkpoints and restores wrapper chains.
 
-Searchers (``search.searcher``): ``hyperopt`` (TPE, seeded with the probabilistic-decision plans),
+Searchers (``search.searcher``): ``additive`` (the default: the memory-aware Bayesian searcher of
+:mod:`.additive`), ``hyperopt`` (TPE, seeded with the probabilistic-decision plans, scored above the
+uniform-quantization line by :class:`AboveTheLine`),
 ``optuna_mo`` (Optuna's multivariate TPE on two objectives: objective up, weight bytes down),
 ``optuna_gp`` (Optuna's Gaussian-process sampler, same two objectives) and ``random`` (uniform per
 unit, the baseline; seeded plans first as well).
@@ -148,6 +150,80 @@ class BudgetedSearcher(Searcher):
                              Verdict("cached", TrialResult.from_metrics(result), trial_id))
 
 
+class AboveTheLine(Searcher):
+    """Makes a single-objective searcher (HyperOpt's TPE) memory-aware: it is told each plan's quality
+    *above the straight line* through the smallest and the largest plan of the seed phase,
+    ``y - slope * (memory - memory_small)``, instead of the quality itself.
+
+    Told the quality alone, TPE piles its proposals against the budget (more bits always help). Above
+    the line, a plan is good when it buys more quality per byte than uniform quantization does, at any
+    memory — which is what a mixed plan on the front is for. The slope is fixed once from the first
+    ``freeze_after`` results (the seed plans, which include both uniform ends); results until then are
+    held back and handed over together, so the wrapped searcher sees one consistent objective.
+    Answers without training (over budget, ``objective <= -999``) pass through unchanged."""
+
+    def __init__(self, searcher: Searcher, freeze_after: int = 2):
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher = searcher
+        self.freeze_after = max(2, freeze_after)
+        self.slope: float | None = None
+        self.anchor = 0.0
+        self.held: list[tuple[str, dict]] = []
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        ok = self.searcher.set_search_properties(metric, mode, config, **spec)
+        self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        return ok
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return self.searcher.set_max_concurrency(max_concurrent)
+
+    def get_state(self) -> dict:
+        return {"slope": self.slope, "anchor": self.anchor, "held": self.held}
+
+    def set_state(self, state: dict) -> None:
+        self.slope, self.anchor, self.held = state["slope"], state["anchor"], list(state["held"])
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+    def suggest(self, trial_id: str):
+        return self.searcher.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.slope is not None:
+            self.searcher.on_trial_result(trial_id, self._scored(result))
+
+    def _scored(self, result: dict) -> dict:
+        y = result.get("objective")
+        if y is None or y <= -999 or "weight_bytes" not in result:
+            return result
+        return {**result, "objective": y - self.slope * (float(result["weight_bytes"]) - self.anchor)}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self.slope is not None:
+            self.searcher.on_trial_complete(trial_id, result=self._scored(result) if result else result, error=error)
+            return
+        self.held.append((trial_id, {"result": result, "error": error}))
+        trained = [r["result"] for _, r in self.held if r["result"] and r["result"].get("objective", -1e9) > -999
+                   and "weight_bytes" in r["result"]]
+        memories = {float(r["weight_bytes"]) for r in trained}
+        if len(trained) >= self.freeze_after and len(memories) >= 2:
+            small = min(trained, key=lambda r: float(r["weight_bytes"]))
+            large = max(trained, key=lambda r: float(r["weight_bytes"]))
+            self.anchor = float(small["weight_bytes"])
+            self.slope = (large["objective"] - small["objective"]) / (float(large["weight_bytes"]) - self.anchor)
+            logger.info("TPE scores plans above the line through %s and %s (slope %.3g per MB)",
+                        small.get("plan_code"), large.get("plan_code"), self.slope * 1e6)
+            held, self.held = self.held, []
+            for tid, r in held:
+                self.searcher.on_trial_complete(tid, result=self._scored(r["result"]) if r["result"] else None,
+                                                error=r["error"])
+
+
 class RandomPlanSearcher(Searcher):
     """Uniformly random precision per unit (the baseline); ``points_to_evaluate`` first."""
 
@@ -205,7 +281,8 @@ def make_searcher(kind: str, points: list[dict], seed: int, random_warmup: int,
         return AdditiveSearcher(space.keys, space.options, space.costs, space.scores, points, seed)
     if kind == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
-        return HyperOptSearch(points_to_evaluate=points or None, random_state_seed=seed, n_initial_points=startup)
+        tpe = HyperOptSearch(points_to_evaluate=points or None, random_state_seed=seed, n_initial_points=startup)
+        return AboveTheLine(tpe, freeze_after=len(points))
     if kind == "random":
         return RandomPlanSearcher(points, seed)
     import optuna

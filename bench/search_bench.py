@@ -59,7 +59,8 @@ from qpruner.search.searchers import BudgetedSearcher, PlanScreen, SearchSpace, 
 from qpruner.trial import INFEASIBLE_OBJECTIVE, TrialResult  # noqa: E402
 
 LANDSCAPE = ROOT / "results" / "bench" / "landscape_smollm2.parquet"
-SEARCHERS = {"additive": "additive (memory-aware Bayesian)", "hyperopt": "TPE above the line",
+SEARCHERS = {"additive": "additive (memory-aware Bayesian)",
+             "additive_ends": "additive, seeded with uniform plans + best guess only", "hyperopt": "TPE above the line",
              "optuna_mo": "Optuna multi-objective TPE", "optuna_gp": "Optuna GP",
              "random_seeded": "seed plans, then random", "random": "random (no seeds)"}
 OPTIONS = [4, 8]
@@ -102,9 +103,9 @@ class Landscape:
         r = self.rows[code]
         return float(r["weight_bytes"]), -float(r["nll"])
 
-    def seeds(self, seed: int) -> list[dict]:
+    def seeds(self, seed: int, sampled: bool = True) -> list[dict]:
         scores = LayerScores(self.meta["layer_scores"]["method"], tuple(self.meta["group_scores"]), "layer")
-        cfg = PolicyConfig(bits=tuple(OPTIONS), seed_plans=4)
+        cfg = PolicyConfig(bits=tuple(OPTIONS), seed_plans=4 if sampled else 0)
         return [{policy.key(u): OPTIONS[k] for u, k in enumerate(idx)}
                 for idx, _ in policy.seed_indices(scores, self.costs, OPTIONS, cfg, seed)]
 
@@ -155,8 +156,9 @@ def run_searcher(land: Landscape, kind: str, seed: int, n_trials: int, concurren
     with tempfile.TemporaryDirectory() as tmp:
         log = TrialLog(tmp, "perplexity")
         decode = GroupDecoder(land.n_groups)
-        points = [] if kind == "random" else land.seeds(seed)
-        inner = make_searcher(kind.removesuffix("_seeded"), points, seed, random_warmup=2, space=land.space())
+        points = [] if kind == "random" else land.seeds(seed, sampled=kind != "additive_ends")
+        base = kind.removesuffix("_seeded").removesuffix("_ends")
+        inner = make_searcher(base, points, seed, random_warmup=2, space=land.space())
         searcher = BudgetedSearcher(inner, PlanScreen(decode, GroupPrecheck(land.costs, land.budget_bits), log), 2000)
         multi = isinstance(inner.metric, list)
         space = {policy.key(u): tune.choice(OPTIONS) for u in range(land.n_groups)}

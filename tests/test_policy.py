@@ -101,3 +101,21 @@ def test_impossible_budget_is_an_error():
 def test_scores_must_match_units():
     with pytest.raises(PlanError, match="3 unit scores but the pruned model has 4 layer units"):
         policy.seed_plans(LayerScores("x", (1, 2, 3)), _memory(), PolicyConfig(), Budget(), 0)
+
+
+def test_sampled_seeds_spread_over_memory_when_the_budget_does_not_bind():
+    """Budget just above uniform int8: the samples used to collapse onto uniform int8; now each aims at
+    its own memory target between uniform nf4 and the largest other seed."""
+    from qpruner.memory import LinearShape, ModelLayout
+    from qpruner.config import QuantConfig
+    shapes = (LinearShape(64, 64, False),) * 7
+    layout = ModelLayout((shapes,) * 12, vocab=100, hidden=64, tied=True, head_bias=False, other_numel=64 * 25)
+    memory = policy.PlanMemory(layout, QuantConfig(), "float32")
+    all8 = memory(PrecisionPlan.uniform("int8", 12)).avg_bits
+    scores = LayerScores("x", tuple(float(i + 1) for i in range(12)))
+    seeds = policy.seed_plans(scores, memory, PolicyConfig(bits=(4, 8), seed_plans=4), Budget(avg_bits=all8 + 0.05), 0)
+    sampled = [s for s in seeds if s.origin == "sampled"]
+    assert len(sampled) == 4 and len({s.plan.formats for s in seeds}) == len(seeds)
+    bits = sorted(memory(s.plan).avg_bits for s in sampled)
+    low, high = memory(PrecisionPlan.uniform("nf4", 12)).avg_bits, all8
+    assert low < bits[0] < bits[-1] < high and bits[-1] - bits[0] > 0.4 * (high - low)   # spread, not piled up

@@ -111,3 +111,33 @@ def test_hypervolume_by_hand():
     assert hypervolume([1.0, 2.0], [1.0, 3.0], (0.0, 4.0)) == pytest.approx(1 * 2 + 2 * 1)
     assert hypervolume([1.0, 0.5], [1.0, 2.0], (0.0, 4.0)) == pytest.approx(1 * 3)  # dominated point adds nothing
     assert hypervolume([], [], (0.0, 1.0)) == 0.0
+
+
+class Recorder(RandomPlanSearcher):
+    def __init__(self):
+        super().__init__([])
+        self.told = []
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.told.append((trial_id, result))
+
+
+def test_tpe_is_told_quality_above_the_uniform_line():
+    """Results are held until the seed phase fixes the line, then every result is scored against it."""
+    from qpruner.search.searchers import AboveTheLine
+    inner = Recorder()
+    wrapper = AboveTheLine(inner, freeze_after=2)
+    wrapper.on_trial_complete("small", {"objective": -4.0, "weight_bytes": 100e6, "plan_code": "44"})
+    assert inner.told == []                                      # the line is not known yet
+    wrapper.on_trial_complete("over", {"objective": -1000.2, "weight_bytes": 200e6})   # over budget: no anchor
+    assert inner.told == []
+    wrapper.on_trial_complete("large", {"objective": -3.8, "weight_bytes": 140e6, "plan_code": "88"})
+    told = dict(inner.told)
+    assert told["small"]["objective"] == pytest.approx(0.0) and told["large"]["objective"] == pytest.approx(0.0)
+    assert told["over"]["objective"] == -1000.2                  # not-trained answers pass unchanged
+    wrapper.on_trial_complete("mixed", {"objective": -3.85, "weight_bytes": 120e6})
+    assert dict(inner.told)["mixed"]["objective"] == pytest.approx(0.05)   # 0.05 above the line at 120 MB
+    state = wrapper.get_state()
+    again = AboveTheLine(Recorder(), 2)
+    again.set_state(state)
+    assert again.slope == pytest.approx(wrapper.slope) and again.anchor == wrapper.anchor

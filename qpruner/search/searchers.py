@@ -153,7 +153,7 @@ class BudgetedSearcher(Searcher):
 class AboveTheLine(Searcher):
     """Makes a single-objective searcher (HyperOpt's TPE) memory-aware: it is told each plan's quality
     *above the straight line* through the smallest and the largest plan of the seed phase,
-    ``y - slope * (memory - memory_small)``, instead of the quality itself.
+    ``y - y_small - slope * (memory - memory_small)``, instead of the quality itself.
 
     Told the quality alone, TPE piles its proposals against the budget (more bits always help). Above
     the line, a plan is good when it buys more quality per byte than uniform quantization does, at any
@@ -167,7 +167,7 @@ class AboveTheLine(Searcher):
         self.searcher = searcher
         self.freeze_after = max(2, freeze_after)
         self.slope: float | None = None
-        self.anchor = 0.0
+        self.anchor = self.base = 0.0            # the line: base + slope * (memory - anchor)
         self.held: list[tuple[str, dict]] = []
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -179,10 +179,11 @@ class AboveTheLine(Searcher):
         return self.searcher.set_max_concurrency(max_concurrent)
 
     def get_state(self) -> dict:
-        return {"slope": self.slope, "anchor": self.anchor, "held": self.held}
+        return {"slope": self.slope, "anchor": self.anchor, "base": self.base, "held": self.held}
 
     def set_state(self, state: dict) -> None:
-        self.slope, self.anchor, self.held = state["slope"], state["anchor"], list(state["held"])
+        self.slope, self.anchor, self.base = state["slope"], state["anchor"], state["base"]
+        self.held = list(state["held"])
 
     def save(self, checkpoint_path: str) -> None:
         self.searcher.save(checkpoint_path)
@@ -201,7 +202,7 @@ class AboveTheLine(Searcher):
         y = result.get("objective")
         if y is None or y <= -999 or "weight_bytes" not in result:
             return result
-        return {**result, "objective": y - self.slope * (float(result["weight_bytes"]) - self.anchor)}
+        return {**result, "objective": y - self.base - self.slope * (float(result["weight_bytes"]) - self.anchor)}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self.slope is not None:
@@ -214,7 +215,7 @@ class AboveTheLine(Searcher):
         if len(trained) >= self.freeze_after and len(memories) >= 2:
             small = min(trained, key=lambda r: float(r["weight_bytes"]))
             large = max(trained, key=lambda r: float(r["weight_bytes"]))
-            self.anchor = float(small["weight_bytes"])
+            self.anchor, self.base = float(small["weight_bytes"]), float(small["objective"])
             self.slope = (large["objective"] - small["objective"]) / (float(large["weight_bytes"]) - self.anchor)
             logger.info("TPE scores plans above the line through %s and %s (slope %.3g per MB)",
                         small.get("plan_code"), large.get("plan_code"), self.slope * 1e6)

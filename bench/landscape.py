@@ -91,7 +91,7 @@ def stage_job(stage: str):
     steps, seed, _ = STAGES[stage]
     return load_job(DEMO, [f"name=landscape_smollm2_{stage}", f"finetune.steps={steps}", f"finetune.seed={seed}",
                            "policy.bits=[4, 8]", "policy.budget_avg_bits=null", "policy.budget_gb=null",
-                           "search.searcher=random", "search.save_adapters=false", "search.metric=perplexity",
+                           "search.searcher=points", "search.save_adapters=false", "search.metric=perplexity",
                            "search.objective=null", "search.max_concurrent=2", "search.cpus_per_trial=1",
                            "search.num_cpus=2", "search.scheduler=none", "eval.before_finetune=false"])
 
@@ -115,7 +115,7 @@ def record(stage: str) -> None:
     done = set()
     if (out / "trials.parquet").is_file():
         frame = pd.read_parquet(out / "trials.parquet")
-        done = set(frame.loc[frame["status"] == "ok", "plan_formats"])
+        done = set(frame.loc[frame["status"].isin(["ok", "failed"]), "plan_formats"])   # failed: not retried
     todo = [p for p in wanted if ",".join(p.formats) not in done]
     logger.info("stage %s: %d of %d plans recorded, %d to train", stage, len(wanted) - len(todo), len(wanted), len(todo))
     if not todo:
@@ -123,6 +123,7 @@ def record(stage: str) -> None:
     log = TrialLog(out, "perplexity", {p.formats: "landscape" for p in wanted})
     job = _with(job, num_trials=len(todo))
     run_search(job, prepared.context, [SeedPlan(p, "landscape") for p in todo], log)
+    # the recording searcher proposes its points only (search.searcher=points): nothing but the listed plans
 
 
 def _with(job, **search):
@@ -132,7 +133,8 @@ def _with(job, **search):
 
 COLUMNS = ["stage", "steps", "ft_seed", "group_code", "plan_code", "weight_bytes", "avg_bits", "nll", "nll_se",
            "perplexity", "accuracy", "accuracy_se", "train_loss_first", "train_loss_final", "seconds_quantize",
-           "seconds_finetune", "seconds_eval", "seconds_total", "eval_window_nll", "eval_window_tokens", "trial_id"]
+           "seconds_finetune", "seconds_eval", "seconds_total", "eval_window_nll", "eval_window_tokens",
+           "eval_window_correct", "worker_rss_bytes", "trial_id"]
 
 
 def export(out: Path = OUT) -> Path:
@@ -149,8 +151,12 @@ def export(out: Path = OUT) -> Path:
         frame = pd.read_parquet(path)
         frame = frame[frame["status"] == "ok"].drop_duplicates("plan_formats", keep="first").copy()
         n_layers = len(frame["plan_code"].iloc[0]) if len(frame) else 0
-        firsts = [g[0] for g in groups(n_layers)] if n_layers else []
-        frame["group_code"] = frame["plan_code"].map(lambda code: "".join(code[i] for i in firsts))
+        parts = groups(n_layers) if n_layers else []
+        tied = frame["plan_code"].map(lambda code: all(len({code[i] for i in g}) == 1 for g in parts))
+        if not tied.all():
+            logger.warning("stage %s: %d recorded plans are not tied by layer group; left out", stage, int((~tied).sum()))
+        frame = frame[tied].copy()
+        frame["group_code"] = frame["plan_code"].map(lambda code: "".join(code[g[0]] for g in parts))
         frame["stage"], frame["steps"], frame["ft_seed"] = stage, steps, seed
         frames.append(frame[[c for c in COLUMNS if c in frame]])
         job_yaml = path.parent / "job.yaml"

@@ -177,10 +177,10 @@ class SearchConfig:
     max_concurrent: int = opt(2, min=1)
     cpus_per_trial: float = opt(1.0, min=0.0)
     gpus_per_trial: float = opt(0.0, min=0.0, help="fractions share a GPU, e.g. 0.5")
-    searcher: str = opt("additive", choices=("additive", "hyperopt", "optuna_mo", "optuna_gp", "random"),
+    searcher: str = opt("additive", choices=("additive", "hyperopt", "optuna_mo", "optuna_gp", "random", "points"),
                         help="additive: memory-aware Bayesian (additive surrogate, Thompson sampling, knapsack); "
                              "hyperopt: TPE, scored against the nf4-int8 line; optuna_mo / optuna_gp: objective "
-                             "and memory; random: baseline")
+                             "and memory; random: baseline; points: only the seed plans")
     random_warmup: int = opt(2, min=0, help="random points after the seed plans before the model-based search")
     scheduler: str = opt("none", choices=("none", "asha", "median"),
                          help="early stopping on intermediate reports (needs finetune.eval_every > 0)")

@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, ids: torch.Tensor, batch_size: int = 8, device: s
             for row, (_, _, scored) in enumerate(chunk):
                 mask[row, length - 1 - scored:] = True
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-            nll = nll.view(target.shape) * mask
+            nll = torch.where(mask, nll.view(target.shape), 0.0)   # an unscored position never poisons a sum
             w_nll += nll.double().sum(1).tolist()
             w_correct += ((logits.argmax(-1) == target) & mask).sum(1).tolist()
             w_count += mask.sum(1).tolist()

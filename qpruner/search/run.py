@@ -110,9 +110,39 @@ def _trainable(config: dict, context: TrialContext, decode: PlanDecoder, threads
 
         result = run_trial(context, decode(config), device, on_report=tune.report,  # intermediate evaluations
                            on_trained=keep if save_adapters else None)
-        metrics = {**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id()}
+        release_memory()
+        metrics = {**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id(),
+                   "worker_rss_bytes": _rss_bytes()}
         # the adapter becomes a Tune checkpoint: persisted with the experiment, found again by `qpruner export`
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if saved else None)
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the operating system after a trial (glibc only; a no-op elsewhere).
+
+    Every trial runs in a fresh thread of a reused Ray actor, and glibc gives threads their own malloc
+    arenas: the model a trial built and freed stays resident in its arena. Measured on SmolLM2 (steps 0,
+    one actor): worker RSS grew 1.9 -> 4.3 GB over 5 trials and reached 8.4 GB per worker in a long
+    search, until Ray's OOM killer ended it; with this call it stays flat (tests/test_search_e2e.py)."""
+    import ctypes
+    import ctypes.util
+    import gc
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory of this worker process (Linux), recorded with every trial: a growing value over
+    reused actors would be a leak."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _NoParameterColumns(dict):

@@ -226,10 +226,14 @@ class AboveTheLine(Searcher):
 
 
 class RandomPlanSearcher(Searcher):
-    """Uniformly random precision per unit (the baseline); ``points_to_evaluate`` first."""
+    """Uniformly random precision per unit (the baseline); ``points_to_evaluate`` first. With
+    ``points_only`` it proposes exactly those points and then finishes (``search.searcher: points``:
+    evaluate a given list of plans, e.g. to record a landscape)."""
 
-    def __init__(self, points_to_evaluate: list[dict] | None = None, seed: int = 0, metric=None, mode=None):
+    def __init__(self, points_to_evaluate: list[dict] | None = None, seed: int = 0, metric=None, mode=None,
+                 points_only: bool = False):
         super().__init__(metric=metric, mode=mode)
+        self.points_only = points_only
         self.points = list(points_to_evaluate or [])
         self.rng = np.random.default_rng(seed)
         self.choices: dict[str, list] = {}
@@ -245,6 +249,8 @@ class RandomPlanSearcher(Searcher):
     def suggest(self, trial_id: str):
         if self.points:
             return self.points.pop(0)
+        if self.points_only:
+            return Searcher.FINISHED
         return {k: v[int(self.rng.integers(len(v)))] for k, v in self.choices.items()}
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
@@ -284,8 +290,8 @@ def make_searcher(kind: str, points: list[dict], seed: int, random_warmup: int,
         from ray.tune.search.hyperopt import HyperOptSearch
         tpe = HyperOptSearch(points_to_evaluate=points or None, random_state_seed=seed, n_initial_points=startup)
         return AboveTheLine(tpe, freeze_after=len(points))
-    if kind == "random":
-        return RandomPlanSearcher(points, seed)
+    if kind in ("random", "points"):
+        return RandomPlanSearcher(points, seed, points_only=kind == "points")
     import optuna
     from ray.tune.search.optuna import OptunaSearch
     optuna.logging.set_verbosity(optuna.logging.WARNING)

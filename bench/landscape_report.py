@@ -96,10 +96,20 @@ def analyse(table, meta) -> dict:
         i, j = rng.choice(len(codes), 2, replace=False)
         pair_se.append(paired_diff(windows(main.loc[codes[i]])[0], windows(main.loc[codes[j]])[0],
                                    windows(main.loc[codes[i]])[1])[1])
+    has_correct = [c for c in codes if "eval_window_correct" in main and main.loc[c, "eval_window_correct"] is not None
+                   and len(main.loc[c, "eval_window_correct"]) > 0]
+    acc_pair_se = []
+    for _ in range(200 if len(has_correct) >= 2 else 0):
+        i, j = rng.choice(len(has_correct), 2, replace=False)
+        ri, rj = main.loc[has_correct[i]], main.loc[has_correct[j]]
+        acc_pair_se.append(paired_diff(np.asarray(ri["eval_window_correct"], float),
+                                       np.asarray(rj["eval_window_correct"], float), windows(ri)[1])[1])
     out["noise"] = {
         "nll_se_one_trial_median": round(float(main["nll_se"].median()), 4),
         "accuracy_se_one_trial_median": round(float(main["accuracy_se"].median()), 4),
         "paired_nll_se_random_pairs_median": round(float(np.median(pair_se)), 4),
+        "paired_accuracy_se_random_pairs_median": round(float(np.median(acc_pair_se)), 4) if acc_pair_se else None,
+        "paired_accuracy_plans": len(has_correct),
         "nf4_vs_int8": {"nll_diff": round(d, 4), "paired_se": round(se, 4),
                         "accuracy_diff": round(float(high["accuracy"] - low["accuracy"]), 4),
                         "accuracy_unpaired_se": round(math.hypot(low["accuracy_se"], high["accuracy_se"]), 4)},
@@ -121,7 +131,10 @@ def analyse(table, meta) -> dict:
                      "accuracy_range": round(float(np.ptp(main["accuracy"])), 4),
                      "accuracy_sd": round(float(main["accuracy"].std()), 4)}
     out["signal"]["nll_sd_over_paired_se"] = round(out["signal"]["nll_sd"] / out["noise"]["paired_nll_se_random_pairs_median"], 1)
-    out["signal"]["accuracy_sd_over_se"] = round(out["signal"]["accuracy_sd"] / (math.sqrt(2) * out["noise"]["accuracy_se_one_trial_median"]), 1)
+    acc_noise = out["noise"]["paired_accuracy_se_random_pairs_median"]
+    out["signal"]["accuracy_noise_kind"] = "paired" if acc_noise else "unpaired (no per-window counts recorded)"
+    acc_noise = acc_noise or math.sqrt(2) * out["noise"]["accuracy_se_one_trial_median"]
+    out["signal"]["accuracy_sd_over_se"] = round(out["signal"]["accuracy_sd"] / acc_noise, 1)
 
     # --- additivity and per-group effects ----------------------------------------------------------------
     x = np.array([[1.0] + [float(ch == "8") for ch in code] for code in main.index])
@@ -203,9 +216,12 @@ def to_markdown(r: dict) -> str:
     for k, x in n["by_eval_windows"].items():
         lines.append(f"| {k} | {int(k) * 128} | {x['nll_se_one_trial']} | {x['paired_se_nf4_vs_int8']} |")
     lines += ["", "## Signal vs noise: which objective can rank plans?", "",
-              f"* NLL: spread across the 256 plans (SD) {s['nll_sd']}, range {s['nll_range']} — "
+              f"* NLL: spread across the {r['counts'].get(r['main_stage'])} plans (SD) {s['nll_sd']}, range {s['nll_range']} — "
               f"**{s['nll_sd_over_paired_se']} x** the paired noise.",
-              f"* Accuracy: SD {s['accuracy_sd']}, range {s['accuracy_range']} — **{s['accuracy_sd_over_se']} x** its noise.",
+              f"* Accuracy: SD {s['accuracy_sd']}, range {s['accuracy_range']} — **{s['accuracy_sd_over_se']} x** its "
+              f"{s['accuracy_noise_kind']} noise"
+              + (f" (paired over {n['paired_accuracy_plans']} plans that kept per-window counts)."
+                 if n.get('paired_accuracy_se_random_pairs_median') else "."),
               "", "So the default objective is held-out perplexity (`search.metric: perplexity`).", "",
               "## Additivity over layer groups", "",
               f"Least squares of NLL on one int8 indicator per group: R^2 = **{a['r2']}**, residual SD {a['residual_sd']}.",

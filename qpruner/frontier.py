@@ -82,6 +82,19 @@ class AdditiveModel:
         mean = cov @ (prior_mean / prior_var + x.T @ y / noise_var)
         return mean, cov
 
+    def _deviation_sd(self, g: float) -> np.ndarray:
+        """Prior sd of each deviation: ``deviation_scale * g`` times the unit's prior share (at least equal)."""
+        share = np.maximum(self.prior[:, 1:], 1.0 / (self.U * max(1, self.K - 1)))
+        return self.deviation_scale * g * share.reshape(-1)
+
+    def prior_only(self, center: float = 0.0) -> "AdditiveModel":
+        """The model before two distinct qualities are known: quality grows by ``g = 1`` (arbitrary units)
+        over the prior shares, deviations of the same relative size as after fitting."""
+        self.mean = np.zeros(self.dim)
+        self.mean[0], self.mean[1] = center, 1.0
+        self.cov = np.diag(np.r_[1.0, 0.25, np.maximum(self._deviation_sd(1.0), 1e-9) ** 2])
+        return self
+
     def fit(self, idx_rows, y) -> "AdditiveModel":
         x = self.features(np.asarray(idx_rows))
         y = np.asarray(y, dtype=np.float64)
@@ -97,9 +110,7 @@ class AdditiveModel:
         mean, _ = self._posterior(x, y, prior_mean, var, noise_var)
         g = max(abs(float(mean[1])), 0.1 * scale)
         # pass 2: deviations may carry a unit's share of g (at least an equal share), times deviation_scale
-        share = np.maximum(self.prior[:, -1:] if self.K > 1 else self.prior, 1.0 / (self.U * max(1, self.K - 1)))
-        dev_sd = self.deviation_scale * g * np.repeat(share, self.K - 1, axis=1).reshape(-1)
-        var[2:] = np.maximum(dev_sd, 1e-9 * scale) ** 2
+        var[2:] = np.maximum(self._deviation_sd(g), 1e-9 * scale) ** 2
         self.mean, self.cov = self._posterior(x, y, prior_mean, var, noise_var)
         self.fitted = True
         return self
@@ -120,8 +131,9 @@ class AdditiveModel:
 
 def knapsack_front(values: np.ndarray, costs: np.ndarray, capacity: float, bins: int = 2048) -> np.ndarray:
     """Distinct option-index plans that maximise ``sum values`` at each memory capacity up to
-    ``capacity`` (multiple-choice knapsack, exact on costs discretised into ``bins`` steps), sorted by
-    cost. Rows: ``[n_plans, U]``."""
+    ``capacity`` (multiple-choice knapsack, exact on costs rounded to ``bins`` steps of the room above
+    the cheapest plan — so a plan may overshoot ``capacity`` by rounding; callers re-check the exact
+    budget), sorted by cost. Rows: ``[n_plans, U]``."""
     values, costs = np.asarray(values, dtype=np.float64), np.asarray(costs, dtype=np.float64)
     U, K = values.shape
     base = costs.argmin(axis=1)
@@ -129,9 +141,11 @@ def knapsack_front(values: np.ndarray, costs: np.ndarray, capacity: float, bins:
     room = capacity - float(costs[np.arange(U), base].sum())
     if room < 0:
         return np.zeros((0, U), dtype=int)
-    step = max(room / bins, 1e-12)
-    d = np.rint(extra / step).astype(np.int64)
-    n = int(np.floor(room / step + 1e-9)) + 1
+    if room <= 1e-9 * max(1.0, float(costs.max())):   # no room above the cheapest plan
+        return base[None, :].astype(int)
+    step = room / bins
+    d = np.rint(np.minimum(extra / step, bins + 1.0)).astype(np.int64)   # beyond the room: never taken
+    n = bins + 1
     best = np.zeros(n)
     rel = values - values[np.arange(U), base][:, None]
     choice = np.zeros((U, n), dtype=np.int8 if K < 127 else np.int32)

@@ -151,3 +151,26 @@ def test_over_budget_answers_are_remembered_not_fitted():
     assert set(config.values()) == {4}
     searcher.on_trial_complete("a", {"objective": -1000.5})
     assert searcher.observed == {} and len(searcher.evaluated) == 1
+
+
+def test_tight_budget_on_many_units_never_ends_early():
+    """30 units, room for only a few upgrades: random plans almost never fit, the fallback still finds new ones."""
+    w = np.stack([np.full(30, 1e6), np.full(30, 2e6)], axis=1)
+    numel = int(w[:, 0].sum() * 8 / 4)
+    costs = UnitCosts(w, np.zeros_like(w), 1e7, numel, Budget(avg_bits=4.5))   # <= 3 upgrades of 30
+    keys = [f"bits_{i:03d}" for i in range(30)]
+    searcher = AdditiveSearcher(keys, [4, 8], costs, None, None, 0)
+    got = []
+    for i in range(40):
+        config = searcher.suggest(f"t{i}")
+        assert config is not None and config != AdditiveSearcher.FINISHED
+        idx = searcher._idx(config)
+        assert costs.fits(np.array(idx)) and idx not in got
+        got.append(idx)
+        searcher.on_trial_complete(f"t{i}", {"objective": -float(sum(k == 0 for k in idx))})
+
+
+def test_knapsack_with_no_room_returns_the_cheapest_plan():
+    costs = np.array([[1e6, 2e6], [1e6, 3e6]])
+    rows = knapsack_front(np.array([[0.0, 1.0], [0.0, 1.0]]), costs, capacity=2e6)
+    assert rows.tolist() == [[0, 0]]

@@ -34,6 +34,7 @@ def test_qpruner_search_tiny_smoke(tmp_path):
     # 2 uniform plans that fit + the best guess + 2 sampled, then the searcher's own
     assert sorted(trained["origin"]) == ["searcher"] * 2 + ["seed:best_guess"] + ["seed:sampled"] * 2 + ["seed:uniform"] * 2
     assert (trained["nll_se"] > 0).all() and (trained["objective_se"] > 0).all()
+    assert (trained["worker_rss_bytes"] > 0).all()              # recorded per trial (leak watch)
     front = pd.read_parquet(out / "pareto.parquet")
     assert len(front) >= 1 and set(front["trial_id"]) <= set(trained["trial_id"])
     assert all(front_mask(front["accuracy"].tolist(), front["weight_bytes"].tolist()))

@@ -14,6 +14,7 @@ as evaluated and never fitted.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import pickle
 
@@ -79,10 +80,9 @@ class AdditiveSearcher(Searcher):
         model = AdditiveModel(self.prior)
         if len(set(self.observed.values())) >= 2:
             plans = list(self.observed)
-            model.fit(np.array(plans), np.array([self.observed[p] for p in plans]))
-        else:  # the prior alone: quality grows with the prior share of the upgraded units
-            model.mean[1], model.cov = 1.0, np.diag(np.r_[1.0, 0.25, np.full(model.dim - 2, 0.01)])
-        return model
+            return model.fit(np.array(plans), np.array([self.observed[p] for p in plans]))
+        # the prior alone: quality grows with the prior share of the upgraded units
+        return model.prior_only(float(np.mean(list(self.observed.values()))) if self.observed else 0.0)
 
     def _propose(self):
         model = self._model()
@@ -114,12 +114,25 @@ class AdditiveSearcher(Searcher):
         return best if best is not None else self._fallback()
 
     def _fallback(self):
-        """No knapsack plan is new: a random feasible plan not evaluated yet (or None when none is left)."""
+        """No knapsack plan is new: a random plan, lowered unit by unit (in random order) until it fits,
+        that was not evaluated yet; in a small space, the first such plan by enumeration. ``None`` only
+        when every feasible plan has been evaluated (small spaces) or 2000 tries found nothing new."""
         U, K = len(self.keys), len(self.options)
         for _ in range(2000):
             row = self.rng.integers(K, size=U)
-            if not self._taken(tuple(int(i) for i in row)) and self.costs.fits(row):
-                return tuple(int(i) for i in row)
+            for u in self.rng.permutation(U):
+                if self.costs.fits(row):
+                    break
+                row[u] = 0
+            idx = tuple(int(i) for i in row)
+            if self.costs.fits(row) and not self._taken(idx):
+                return idx
+        if K ** U <= 200_000:
+            for idx in itertools.product(range(K), repeat=U):
+                if not self._taken(idx) and self.costs.fits(np.array(idx)):
+                    return idx
+            return None
+        logger.warning("additive searcher: 2000 random feasible plans were all evaluated already")
         return None
 
     # --- results --------------------------------------------------------------------------------------

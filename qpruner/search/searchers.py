@@ -157,9 +157,10 @@ class AboveTheLine(Searcher):
 
     Told the quality alone, TPE piles its proposals against the budget (more bits always help). Above
     the line, a plan is good when it buys more quality per byte than uniform quantization does, at any
-    memory — which is what a mixed plan on the front is for. The slope is fixed once from the first
-    ``freeze_after`` results (the seed plans, which include both uniform ends); results until then are
-    held back and handed over together, so the wrapped searcher sees one consistent objective.
+    memory — which is what a mixed plan on the front is for. The line is fixed once ``freeze_after``
+    trials (the seed plans, which include both uniform ends) have completed, whatever their result, and
+    two trained plans of different memory are known; results until then are held back and handed over
+    together, so the wrapped searcher sees one consistent objective.
     Answers without training (over budget, ``objective <= -999``) pass through unchanged."""
 
     def __init__(self, searcher: Searcher, freeze_after: int = 2):
@@ -212,7 +213,7 @@ class AboveTheLine(Searcher):
         trained = [r["result"] for _, r in self.held if r["result"] and r["result"].get("objective", -1e9) > -999
                    and "weight_bytes" in r["result"]]
         memories = {float(r["weight_bytes"]) for r in trained}
-        if len(trained) >= self.freeze_after and len(memories) >= 2:
+        if len(self.held) >= self.freeze_after and len(memories) >= 2:   # the seed phase is over
             small = min(trained, key=lambda r: float(r["weight_bytes"]))
             large = max(trained, key=lambda r: float(r["weight_bytes"]))
             self.anchor, self.base = float(small["weight_bytes"]), float(small["objective"])

@@ -82,13 +82,16 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
             if not part.empty:
                 ax.errorbar(part["weight_bytes"] / 1e6, part[metric],
                             yerr=part[se].astype(float) if se in part else None, fmt=marker, alpha=0.6,
-                            capsize=2, elinewidth=0.8, label=f"{origin} ({len(part)})")
+                            capsize=2, elinewidth=0.7, label=f"{origin} ({len(part)})")
     if not front.empty:
         ax.step(front["weight_bytes"] / 1e6, front[metric], where="post" if maximize(metric) else "pre",
                 color="black", linewidth=1.2, label=f"Pareto front ({len(front)})")
-        ax.errorbar(front["weight_bytes"] / 1e6, front[metric],
-                    yerr=front[se].astype(float) if se in front else None, fmt="none", ecolor="black",
-                    capsize=3, elinewidth=1.0)
+        if "gain_se" in front:  # bold: the paired SE of each step up the front, in the metric's units
+            step_se = front["gain_se"].astype(float).fillna(0.0)
+            if metric == "perplexity":
+                step_se = step_se * front["perplexity"].astype(float)
+            ax.errorbar(front["weight_bytes"] / 1e6, front[metric], yerr=step_se, fmt="none", ecolor="black",
+                        capsize=4, elinewidth=2.5, label="step up the front: ±1 SE (paired)")
         ax.scatter(front["weight_bytes"] / 1e6, front[metric], facecolors="none", edgecolors="black", s=90)
         unclear = front[front["separable"] == False] if "separable" in front else front.iloc[0:0]  # noqa: E712
         if not unclear.empty:
@@ -97,7 +100,8 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
         for _, r in front.iterrows():
             ax.annotate(f"{r['avg_bits']:.2f}b", (r["weight_bytes"] / 1e6, r[metric]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("weight memory (MB)")
+    ax.set_xlabel("weight memory (MB)    [thin bars: ±1 SE of each value; bold: ±1 SE of each front step, paired]",
+                  fontsize=8)
     ax.set_ylabel(f"{metric} ({'higher' if maximize(metric) else 'lower'} is better)")
     ax.set_title("QPruner: quality vs. memory of the quantized pruned model")
     ax.grid(alpha=0.3)
@@ -250,8 +254,10 @@ def write_report(directory: str | Path, metric: str | None = None) -> Path:
 <h1>QPruner report: {html.escape(directory.name)}</h1>
 <table class="kv">{''.join(f'<tr><th class="l">{html.escape(k)}</th><td>{html.escape(v)}</td></tr>' for k, v in summary)}</table>
 <h2>Pareto front</h2>{_img(pngs['front'], 'quality vs memory with the Pareto front', 'front-plot')}
-<p>Error bars: one standard error over evaluation windows. A red cross marks a front point that is not better than
-its cheaper neighbour by more than 2 standard errors of their paired difference.</p>
+<p>Thin error bars: one standard error of each value over evaluation windows (how far it could move on other text).
+Bold bars on the front: one standard error of each step up the front, paired on the same tokens (what tells
+neighbours apart). A red cross marks a front point that is not better than its cheaper neighbour by more than 2
+paired standard errors.</p>
 <pre>{html.escape(front_table(front, metric))}</pre>
 <h2>Bits per unit of each front plan</h2>{_img(pngs['bits'], 'bits heat-map')}
 <h2>Hypervolume over trials</h2>{_img(pngs['hv'], 'hypervolume over trials')}

@@ -22,6 +22,7 @@ results/bench/landscape_smollm2.parquet (one row per trained trial; commit, comm
 the file's metadata and in landscape_smollm2.json).
 
     python bench/landscape.py record --stage zero
+    python bench/landscape.py record --stage demo --limit 24     # a prefix first (resumable: re-run for more)
     python bench/landscape.py export
 """
 
@@ -96,7 +97,7 @@ def stage_job(stage: str):
                            "search.num_cpus=2", "search.scheduler=none", "eval.before_finetune=false"])
 
 
-def record(stage: str) -> None:
+def record(stage: str, limit: int | None = None) -> None:
     import pandas as pd
 
     from qpruner import job as driver
@@ -111,7 +112,7 @@ def record(stage: str) -> None:
     save_job(job, out / "job.yaml")
     prepared = driver.prepare(job, out)
     n_layers = prepared.context.n_layers
-    wanted = [layer_plan(c, n_layers) for c in recording_order()[: STAGES[stage][2]]]
+    wanted = [layer_plan(c, n_layers) for c in recording_order()[: min(STAGES[stage][2], limit or 10 ** 9)]]
     done = set()
     if (out / "trials.parquet").is_file():
         frame = pd.read_parquet(out / "trials.parquet")
@@ -212,13 +213,14 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     rec = sub.add_parser("record")
     rec.add_argument("--stage", choices=list(STAGES), action="append", required=True)
+    rec.add_argument("--limit", type=int, default=None, help="only the first N plans of each stage's order")
     sub.add_parser("export")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.cmd == "record":
         for stage in args.stage:
-            record(stage)
+            record(stage, args.limit)
         export()
     else:
         export()

@@ -56,7 +56,8 @@ class DataConfig:
     calib_samples: int = opt(8, min=1, help="samples for pruning and layer scoring (LLM-Pruner: 10)")
     calib_seq_len: Optional[int] = opt(None, min=2, help="tokens per calibration sample (<= seq_len; "
                                                          "default seq_len; LLM-Pruner: 64)")
-    eval_samples: int = opt(16, min=1, help="held-out samples for evaluation")
+    eval_samples: int = opt(64, min=1, help="held-out samples for evaluation (64 x 128 tokens: adjacent front "
+                                             "plans separable on SmolLM2, results/bench/landscape.md)")
     seed: int = opt(0, help="seed of the deterministic split")
 
 

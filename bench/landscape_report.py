@@ -40,6 +40,8 @@ from qpruner.memory import Budget, UnitCosts  # noqa: E402
 
 
 def spearman(a, b) -> float:
+    if len(set(np.asarray(a).tolist())) < 2 or len(set(np.asarray(b).tolist())) < 2:
+        return float("nan")
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
 
@@ -52,6 +54,8 @@ def bootstrap_spearman(a, b, n: int = 2000, seed: int = 0) -> list[float]:
         i = rng.integers(0, len(a), len(a))
         if len(set(a[i])) > 1 and len(set(b[i])) > 1:
             vals.append(spearman(a[i], b[i]))
+    if not vals:   # a constant input: no rank correlation
+        return [None, None]
     return [round(float(np.percentile(vals, 2.5)), 3), round(float(np.percentile(vals, 97.5)), 3)]
 
 

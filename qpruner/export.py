@@ -102,7 +102,8 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
     if not (isinstance(source, str) and source and _fetch_adapter(source, adapter)):
         _retrain_adapter(directory, job, plan, adapter)
     metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
-               if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes")
+               if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes",
+                        "nll", "nll_se", "perplexity_se", "accuracy_se", "objective_se")
                or ":" in k}
     (out / PLAN_FILE).write_text(json.dumps({
         "plan": plan.to_dict(), "quant": to_dict(job.quant), "finetune": to_dict(job.finetune),

@@ -52,14 +52,18 @@ def _synthetic_landscape(path):
     fixed, numel = 5e7, int(w[:, 0].sum() * 8 / 4.15)
     sens = np.random.default_rng(0).lognormal(0, 0.7, 8) * 0.03
     rows = []
+    rng = np.random.default_rng(1)
+    difficulty = np.array([-0.5, 0.3, 0.1, 0.1])              # per-window offsets (cancel when paired)
     for p in itertools.product((0, 1), repeat=8):
         idx = np.array(p)
         nll = 3.8 + float(sum(sens[u] for u in range(8) if p[u] == 0))
         code = "".join("48"[i] for i in p)
-        rows.append({"stage": "zero", "group_code": code, "plan_code": code, "nll": nll, "nll_se": 0.05,
-                     "weight_bytes": int(fixed + w[np.arange(8), idx].sum()),
+        windows = 100 * (nll + difficulty + rng.normal(0, 0.002, 4))
+        rows.append({"stage": "zero", "group_code": code, "plan_code": code, "nll": float(windows.sum() / 400),
+                     "nll_se": 0.05, "weight_bytes": int(fixed + w[np.arange(8), idx].sum()),
                      "avg_bits": 8 * w[np.arange(8), idx].sum() / numel, "perplexity": float(np.exp(nll)),
-                     "accuracy": 0.3})
+                     "accuracy": 0.3, "accuracy_se": 0.01, "seconds_total": 1.0,
+                     "eval_window_nll": windows.tolist(), "eval_window_tokens": [100] * 4})
     meta = {"commit": "synthetic", "group_costs": {"weights": w.tolist(), "biases": np.zeros_like(w).tolist(),
                                                    "fixed": fixed, "numel": numel},
             "layer_scores": {"method": "fisher", "scores": [1.0] * 30}, "group_scores": [1.0] * 8}
@@ -84,3 +88,21 @@ def test_search_benchmark_replays_a_landscape_through_tune(tmp_path):
     assert res["searchers"]["additive"]["trained_over_budget"] == 0
     assert res["searchers"]["additive"]["wasted_proposals_median"] == 0
     assert "replay of recorded real trials" in (tmp_path / "search.md").read_text()
+
+
+def test_landscape_report_on_a_synthetic_landscape(tmp_path):
+    """Additivity, paired noise and the exact front come out right on a landscape whose truth is known."""
+    sens = _synthetic_landscape(tmp_path / "land.parquet")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import landscape_report as lr
+    import landscape as rec
+    table, meta = rec.load(tmp_path / "land.parquet")
+    res = lr.analyse(table, meta)
+    assert res["additivity"]["r2"] > 0.99
+    gains = res["additivity"]["group_gain_int8_over_nf4"]
+    assert max(abs(g - s) for g, s in zip(gains, sens)) < 0.005            # the true per-group effects
+    assert res["noise"]["paired_nll_se_random_pairs_median"] < res["noise"]["nll_se_one_trial_median"] / 5
+    assert res["front_all"][0]["group_code"] == "44444444" and res["front_all"][-1]["group_code"] == "88888888"
+    assert res["vs_line"]["mixed_plans"] == 254
+    assert "## Noise" in lr.to_markdown({**res, **{"source": "x", "landscape_commit": "synthetic", "command": "c",
+                                                   "commit": "0" * 10, "dirty": False, "machine": "m", "date": "d"}})

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -38,15 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from provenance import stamp  # noqa: E402
+from provenance import setup, stamp  # noqa: E402
+
+setup()
 from qpruner import policy  # noqa: E402
 from qpruner.config import PolicyConfig  # noqa: E402
 from qpruner.frontier import hypervolume  # noqa: E402

@@ -71,18 +71,15 @@ def _answer(result: TrialResult) -> dict:
     return {"objective": result.objective, "objective_se": result.objective_se, "weight_bytes": result.weight_bytes}
 
 
-class BudgetedSearcher(Searcher):
-    def __init__(self, searcher: Searcher, screen: PlanScreen, max_rejections: int = 1000):
+class _Wrapper(Searcher):
+    """A searcher wrapping another one. Ray Tune checkpoints wrapper chains through the ``searcher``
+    attribute: each wrapper's ``get_state`` / ``set_state``, and the innermost searcher's ``save`` /
+    ``restore``."""
+
+    def __init__(self, searcher: Searcher):
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
-        self.screen = screen
-        self.max_rejections = max_rejections
-        self.live: dict[str, str] = {}            # Tune trial id -> id the wrapped searcher knows it by
-        self.in_flight: dict[str, str] = {}       # Tune trial id -> plan key
-        self.waiting: dict[str, list[str]] = {}   # plan key of a running trial -> duplicate proposals' ids
-        self.counter = 0
 
-    # --- plumbing to the wrapped searcher --------------------------------------------------------------
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         ok = self.searcher.set_search_properties(metric, mode, config, **spec)
         self._metric, self._mode = self.searcher.metric, self.searcher.mode
@@ -91,18 +88,30 @@ class BudgetedSearcher(Searcher):
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         return self.searcher.set_max_concurrency(max_concurrent)
 
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.searcher.restore(checkpoint_path)
+
+
+class BudgetedSearcher(_Wrapper):
+    def __init__(self, searcher: Searcher, screen: PlanScreen, max_rejections: int = 1000):
+        super().__init__(searcher)
+        self.screen = screen
+        self.max_rejections = max_rejections
+        self.live: dict[str, str] = {}            # Tune trial id -> id the wrapped searcher knows it by
+        self.in_flight: dict[str, str] = {}       # Tune trial id -> plan key
+        self.waiting: dict[str, list[str]] = {}   # plan key of a running trial -> duplicate proposals' ids
+        self.counter = 0
+
+    # --- state (the wrapped searcher saves its own) ------------------------------------------------------
     def get_state(self) -> dict:
         return {"live": self.live, "in_flight": self.in_flight, "waiting": self.waiting, "counter": self.counter}
 
     def set_state(self, state: dict) -> None:
         self.live, self.in_flight = dict(state["live"]), dict(state["in_flight"])
         self.waiting, self.counter = {k: list(v) for k, v in state["waiting"].items()}, state["counter"]
-
-    def save(self, checkpoint_path: str) -> None:
-        self.searcher.save(checkpoint_path)
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.searcher.restore(checkpoint_path)
 
     # --- the screening ---------------------------------------------------------------------------------
     def _record(self, plan: PrecisionPlan, verdict: Verdict) -> None:
@@ -150,7 +159,7 @@ class BudgetedSearcher(Searcher):
                              Verdict("cached", TrialResult.from_metrics(result), trial_id))
 
 
-class AboveTheLine(Searcher):
+class AboveTheLine(_Wrapper):
     """Makes a single-objective searcher (HyperOpt's TPE) memory-aware: it is told each plan's quality
     *above the straight line* through the smallest and the largest plan of the seed phase,
     ``y - y_small - slope * (memory - memory_small)``, instead of the quality itself.
@@ -164,20 +173,11 @@ class AboveTheLine(Searcher):
     Answers without training (over budget, ``objective <= -999``) pass through unchanged."""
 
     def __init__(self, searcher: Searcher, freeze_after: int = 2):
-        super().__init__(metric=searcher.metric, mode=searcher.mode)
-        self.searcher = searcher
+        super().__init__(searcher)
         self.freeze_after = max(2, freeze_after)
         self.slope: float | None = None
         self.anchor = self.base = 0.0            # the line: base + slope * (memory - anchor)
         self.held: list[tuple[str, dict]] = []
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        ok = self.searcher.set_search_properties(metric, mode, config, **spec)
-        self._metric, self._mode = self.searcher.metric, self.searcher.mode
-        return ok
-
-    def set_max_concurrency(self, max_concurrent: int) -> bool:
-        return self.searcher.set_max_concurrency(max_concurrent)
 
     def get_state(self) -> dict:
         return {"slope": self.slope, "anchor": self.anchor, "base": self.base, "held": self.held}
@@ -185,12 +185,6 @@ class AboveTheLine(Searcher):
     def set_state(self, state: dict) -> None:
         self.slope, self.anchor, self.base = state["slope"], state["anchor"], state["base"]
         self.held = list(state["held"])
-
-    def save(self, checkpoint_path: str) -> None:
-        self.searcher.save(checkpoint_path)
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.searcher.restore(checkpoint_path)
 
     def suggest(self, trial_id: str):
         return self.searcher.suggest(trial_id)

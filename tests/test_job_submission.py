@@ -28,10 +28,12 @@ def head(tmp_path, monkeypatch):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, runtime_env, metrics = (_free_port() for _ in range(5))
+    # every port of its own: another Ray on this machine (e.g. a benchmark) holds the default agent ports
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                             "--include-dashboard=true"], env=env, stdout=subprocess.DEVNULL,
+                             "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
+                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
@@ -63,10 +65,19 @@ def head(tmp_path, monkeypatch):
 def test_ray_job_submit_runs_a_search_and_results_land(head, tmp_path):
     from ray.job_submission import JobStatus
     results = tmp_path / "results"
-    job_id = head.submit_job(
+    submit = dict(
         # no search.ray_address: a submitted job joins the cluster it was submitted to by itself
         entrypoint=f"qpruner search tune_jobs/tiny_smoke.yaml results_dir={results} search.num_trials=3",
         runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "results", ".git", ".whl", "**/__pycache__"]})
+    agent_deadline = time.time() + 120
+    while True:  # the API can answer before the head's job agent has registered (slow on a loaded machine)
+        try:
+            job_id = head.submit_job(**submit)
+            break
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.time() > agent_deadline:
+                raise
+            time.sleep(2)
     deadline = time.time() + 400
     while head.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         assert time.time() < deadline, "the job did not finish"

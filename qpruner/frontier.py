@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .memory import UnitCosts  # noqa: F401  (re-exported: the searcher's cost tables)
-
 
 def prior_gain(scores, bits) -> np.ndarray:
     """``[U, K]`` share of the all-upgrade gain that each unit in each option carries, a priori.

@@ -59,13 +59,8 @@ def front_mask(quality: list[float], cost: list[float], maximize_quality: bool =
 
 def hypervolume(quality: list[float], cost: list[float], ref: tuple[float, float]) -> float:
     """2-D hypervolume (quality maximised, cost minimised) w.r.t. ``ref = (q_ref, cost_ref)``."""
-    pts = sorted((c, q) for q, c in zip(quality, cost) if q > ref[0] and c < ref[1])
-    area, best_q = 0.0, ref[0]
-    for i, (c, q) in enumerate(pts):  # sweep by increasing cost; each step adds a strip of width next-c
-        best_q = max(best_q, q)
-        next_c = pts[i + 1][0] if i + 1 < len(pts) else ref[1]
-        area += (next_c - c) * (best_q - ref[0])
-    return area
+    from .frontier import hypervolume as area
+    return area(list(zip(cost, quality)), (ref[1], ref[0]))
 
 
 def quality_values(frame: pd.DataFrame, metric: str) -> list[float]:

@@ -21,8 +21,8 @@ import pickle
 import numpy as np
 from ray.tune.search import Searcher
 
-from ..frontier import (AdditiveModel, UnitCosts, front_points, gap_to_front, hv_improvement, knapsack_front,
-                        prior_gain)
+from ..frontier import AdditiveModel, front_points, gap_to_front, hv_improvement, knapsack_front, prior_gain
+from ..memory import UnitCosts
 
 logger = logging.getLogger(__name__)
 FEASIBLE_FLOOR = -999.0   # objectives at or below this are the wrapper's "not trained" answers
@@ -104,8 +104,8 @@ class AdditiveSearcher(Searcher):
                 idx = tuple(int(i) for i in row)
                 if self._taken(idx) or not self.costs.fits(row):
                     continue
-                point = (self.costs.total(row), float(effects[np.arange(len(row)), row].sum()) + 0.0)
-                point = (point[0], point[1] + float(model.mean[0]))
+                value = float(model.mean[0] + effects[np.arange(len(row)), row].sum())
+                point = (self.costs.total(row), value)
                 key = (hv_improvement(front, point, ref), gap_to_front(front, point))
                 if key > best_key:
                     best, best_key = idx, key

@@ -16,7 +16,8 @@ import sys
 
 from . import __version__
 from .config import load_job, to_dict
-from .errors import QPrunerError
+from .errors import QPrunerError, ResultsError
+from .rundir import front_metric
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -29,47 +30,53 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _cmd_validate(args) -> int:
+    from .config import lowest_avg_bits
     job = load_job(args.job, args.overrides)
     sections = ", ".join(k for k, v in to_dict(job).items() if isinstance(v, dict))
     print(f"OK: {args.job} is a valid job '{job.name}' ({sections}); results -> {job.results_path}")
+    if job.policy.budget_avg_bits is not None:
+        lows = ", ".join(f"{b}-bit >= {lowest_avg_bits(b, job.quant):.3f}" for b in sorted(job.policy.bits))
+        print(f"budget: <= {job.policy.budget_avg_bits:g} average bits (uniform plans need {lows} average bits; "
+              "the exact sizes, and which uniform plans the budget admits, are printed after pruning)")
+    if job.model.trust_remote_code:
+        print(f"warning: model.trust_remote_code is on: {job.model.source} may run its own code here", file=sys.stderr)
     return 0
 
 
+def _run_dir(path: str):
+    from .rundir import RunDir
+    run = RunDir(path)
+    if not run.path.is_dir():
+        raise ResultsError(f"{run.path} is not a directory (expected a results/<job>/ directory)")
+    return run
+
+
 def _cmd_status(args) -> int:
-    from pathlib import Path
-
-    import yaml
-
-    from .config import build_job
-    from .job import front_metric
-    from .pareto import TRIALS_FILE, TrialLog
+    from .pareto import TrialLog
     from .report import front_table
 
-    directory = Path(args.results)
-    if not (directory / TRIALS_FILE).is_file():
-        print(f"error: {directory} has no {TRIALS_FILE} yet (is it a results/<job>/ directory?)", file=sys.stderr)
-        return 2
-    job = build_job(yaml.safe_load((directory / "job.yaml").read_text())) if (directory / "job.yaml").is_file() else None
+    run = _run_dir(args.results)
+    job = run.read_job() if run.job_file.is_file() else None
     metric = front_metric(job) if job else "accuracy"
-    log = TrialLog(directory, metric)
+    if not run.has_trials():
+        print(f"{run.path}: no trial finished yet" + (f" (job '{job.name}', {job.search.num_trials} trials wanted)"
+                                                        if job else ""))
+        return 0
+    log = TrialLog(run.path, metric)
     summary = log.summary()
     counts = ", ".join(f"{v} {k[2:]}" for k, v in summary.items() if k.startswith("n_"))
-    print(f"{directory}: {summary['trials']} trials ({counts}); front {summary['front_size']} plans, "
+    print(f"{run.path}: {summary['trials']} trials ({counts}); front {summary['front_size']} plans, "
           f"hypervolume {summary['hypervolume']:.4g}")
     print(front_table(log.front(), metric))
     return 0
 
 
 def _cmd_report(args) -> int:
-    from pathlib import Path
-
     from .report import write_report
 
-    directory = Path(args.results)
-    if not (directory / "trials.parquet").is_file():
-        print(f"error: {directory} has no trials.parquet (is it a results/<job>/ directory?)", file=sys.stderr)
-        return 2
-    print(f"wrote {write_report(directory)} (and pareto.png, bits.png, hypervolume.png)")
+    run = _run_dir(args.results)
+    run.trials()  # a clear error when missing or unreadable
+    print(f"wrote {write_report(run.path)} (and pareto.png, bits.png, hypervolume.png)")
     return 0
 
 
@@ -86,26 +93,37 @@ def _cmd_export(args) -> int:
 
 def _cmd_prune(args) -> int:
     from .job import load_or_prune, resolve_device
+    from .rundir import MARKER, RunDir
 
     job = load_job(args.job, args.overrides)
-    pruned = load_or_prune(job, resolve_device(job.device), force=args.force)
+    run = RunDir(job.results_path)
+    if not run.is_empty() and not run.is_ours():
+        raise ResultsError(f"{run.path} exists and was not written by qpruner (no {MARKER}); nothing was changed. "
+                           "Choose another name (name=...) or results_dir")
+    with run.lock("prune"):
+        run.write_marker(job, searched=False)
+        pruned = load_or_prune(job, resolve_device(job.device), force=args.force)
     print(("reused: " if pruned.reused else "") + pruned.report.summary())
-    print(f"pruned model: {job.results_path / 'pruned'}/ (load it with `import qpruner` and "
+    print(f"pruned model: {run.pruned}/ (load it with `import qpruner` and "
           "transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def _cmd_search(args) -> int:
-    from .job import front_metric, run_job
+    from .job import describe_uniform, run_job
+    from .memory import Budget
     from .report import front_table
 
     job = load_job(args.job, args.overrides)
-    outcome = run_job(job, resume=args.resume)
+    outcome = run_job(job, resume=args.resume, overwrite=args.overwrite)
     trials = outcome.trials
     counts = trials["status"].value_counts().to_dict() if not trials.empty else {}
     print()
-    print(f"QPruner job '{job.name}' finished in {outcome.seconds:.0f}s")
+    if outcome.moved_aside:
+        print(f"the earlier run was moved aside to {outcome.moved_aside}/ (nothing was deleted)")
+    print(f"QPruner job '{job.name}' {'continued and ' if outcome.continued else ''}finished in {outcome.seconds:.0f}s")
     print(outcome.prepared.prune.summary())
+    print(describe_uniform(outcome.prepared.uniform, Budget.from_policy(job.policy)))
     print(f"trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"Pareto front ({len(outcome.front)} plans):")
     print(front_table(outcome.front, front_metric(job)))
@@ -128,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prune":
             p.add_argument("--force", action="store_true", help="prune again even if a matching pruned model exists")
         if name == "search":
-            p.add_argument("--resume", action="store_true", help="continue an interrupted search of this job")
+            p.add_argument("--resume", action="store_true", help="continue an interrupted search of this job "
+                           "(refused when the job's settings changed)")
+            p.add_argument("--overwrite", action="store_true", help="move an earlier, different run in "
+                           "results/<job>/ aside (to <job>.replaced-<time>/; never deleted) and start anew")
         p.set_defaults(func=func)
     p = sub.add_parser("export", help="export a front point as a loadable model directory")
     p.add_argument("results", help="a results/<job>/ directory")
@@ -153,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except QPrunerError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the user named or owns: one clear line, not a traceback
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

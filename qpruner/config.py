@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import os
 import re
 import typing
@@ -26,6 +28,8 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 BUILTIN_MODELS = ("tiny", "builtin:smollm2-135m")
 BUILTIN_DATA = ("builtin:pydoc",)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.json model_type (models.py adapts these)
+PRUNED_PREFIX = "qpruner_"  # model_type of a saved pruned model: qpruner_<base>
 ONLINE_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
@@ -226,8 +230,10 @@ class JobConfig:
 
     def _check(self) -> list[str]:
         problems = []
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            problems.append(f"name: expected letters, digits, '_', '-' or '.', got {self.name!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name):
+            problems.append(f"name: expected one directory name (letters, digits, '_', '-', '.'; not starting "
+                            f"with '.'), got {self.name!r}")
+        problems += _check_budget(self)
         if self.data.calib_seq_len is not None and self.data.calib_seq_len > self.data.seq_len:
             problems.append(f"data.calib_seq_len: {self.data.calib_seq_len} is longer than data.seq_len "
                             f"({self.data.seq_len}); calibration samples are cut from seq_len blocks")
@@ -284,13 +290,51 @@ def _check_model_source(source: str) -> list[str]:
     if path.exists():
         if not path.is_dir():
             return [f"model.source: {source!r} is a file; expected a directory saved by save_pretrained"]
-        return []
+        return _check_model_dir(path, source)
     if source.startswith((".", "/", "~")):
         return [f"model.source: directory {source!r} does not exist"]
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         return []  # hub id: resolved at load time (online only)
     return [f"model.source: {source!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), "
             "an existing directory, nor a hub id like 'org/name'"]
+
+
+def _check_model_dir(path: Path, source: str) -> list[str]:
+    """The architecture named in a local model directory's config.json (read without loading weights)."""
+    config = path / "config.json"
+    if not config.is_file():
+        return [f"model.source: {source!r} has no config.json; expected a directory saved by save_pretrained"]
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+        return [f"model.source: {config} is not a readable JSON config ({exc})"]
+    base = str(model_type).removeprefix(PRUNED_PREFIX)
+    if base not in SUPPORTED_ARCHITECTURES:
+        return [f"model.source: {source!r} is a {model_type!r} model (config.json model_type); supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"]
+    return []
+
+
+def lowest_avg_bits(bits: int, quant: "QuantConfig") -> float:
+    """A lower bound, for any layer shapes, of the average bits of a weight stored at ``bits``: nf4/fp4
+    packs 4 bits plus one absmax per block (1 byte with double quantization, else 4); int8 keeps one
+    float32 scale per row on top of 8 bits (not counted here); 16 is 16."""
+    if bits == 4:
+        return 4.0 + (8.0 if quant.double_quant else 32.0) / quant.blocksize
+    return float(bits)
+
+
+def _check_budget(job: "JobConfig") -> list[str]:
+    avg = job.policy.budget_avg_bits
+    if avg is None:
+        return []
+    floor = lowest_avg_bits(min(job.policy.bits), job.quant)
+    if avg < floor:
+        return [f"policy.budget_avg_bits: {avg:g} is below what the all-{min(job.policy.bits)}-bit plan needs "
+                f"(at least {floor:.3f} average bits with quant.blocksize={job.quant.blocksize}, double_quant="
+                f"{str(job.quant.double_quant).lower()}; the exact value, a little higher, depends on the pruned "
+                "shapes: 4.15 on the demo's pruned SmolLM2): no plan would fit"]
+    return []
 
 
 def _check_data_source(source: str) -> list[str]:
@@ -353,13 +397,19 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            problems.append(f"{where}: expected a finite number, got {value!r}")
+            return None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -442,8 +492,9 @@ def _apply_override(data: dict, override: str, problems: list[str]) -> None:
 
 def build_job(data: dict | None, overrides: list[str] | tuple[str, ...] = (), source: str = "job config") -> JobConfig:
     """Validate a job given as a dict (after YAML parsing). Raises ConfigError listing all problems."""
+    import copy
     problems: list[str] = []
-    data = dict(data or {})
+    data = copy.deepcopy(dict(data or {}))  # overrides must not write into the caller's nested dicts
     for ov in overrides:
         _apply_override(data, ov, problems)
     job = _build(JobConfig, data, "", problems)
@@ -458,9 +509,19 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
     if not path.is_file():
         raise ConfigError([f"job file {str(path)!r} does not exist"], str(path))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text ({exc.reason} at byte {exc.start}); save the job file as UTF-8"],
+                          str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read the job file ({exc.strerror})"], str(path)) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if data is None:
+        raise ConfigError(["the job file is empty; start from tune_jobs/smollm2_demo.yaml (every key is optional, "
+                           "but an empty file is more likely a mistake than a request for all defaults)"], str(path))
     if not isinstance(data, dict):
         raise ConfigError([f"expected a mapping at the top level, got {type(data).__name__}"], str(path))
     data.setdefault("name", path.stem)

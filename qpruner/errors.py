@@ -29,3 +29,7 @@ class BackendError(QPrunerError):
 
 class TrialFailed(QPrunerError):
     """A trial could not produce a result (NaN loss, out of memory ...). The search goes on."""
+
+
+class ResultsError(QPrunerError):
+    """A results directory is missing, corrupt, in use, or holds a different run than the one asked for."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +29,7 @@ import torch
 import yaml
 
 from .config import EvalConfig, FinetuneConfig, QuantConfig, build_job, to_dict
-from .errors import ConfigError
+from .errors import ConfigError, ResultsError
 from .pareto import PARETO_FILE
 from .plan import PrecisionPlan
 
@@ -35,13 +37,31 @@ logger = logging.getLogger(__name__)
 PLAN_FILE = "qpruner_plan.json"
 
 
-def _front(directory: Path) -> pd.DataFrame:
-    if not (directory / PARETO_FILE).is_file():
-        raise ConfigError([f"{directory} has no {PARETO_FILE}; run `qpruner search` first"])
-    front = pd.read_parquet(directory / PARETO_FILE)
+def _front(run) -> pd.DataFrame:
+    if not run.pareto_file.is_file():
+        raise ResultsError(f"{run.path} has no {PARETO_FILE}; run `qpruner search` first")
+    front = run.front()
     if front.empty:
-        raise ConfigError([f"the front of {directory} is empty: no completed trial to export"])
+        raise ResultsError(f"the front of {run.path} is empty: no completed trial to export")
     return front
+
+
+def _existing_export(out: Path, job_name: str, trial_id: str) -> bool:
+    """True when ``out`` already holds this very export; raises when it holds anything else (never deleted)."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ResultsError(f"--out {out} is a file; choose a new directory")
+    if not any(out.iterdir()):
+        return False
+    try:
+        record = json.loads((out / PLAN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        record = None
+    if record and record.get("job") == job_name and record.get("trial", {}).get("trial_id") == trial_id:
+        return True
+    raise ResultsError(f"--out {out} is not empty and does not hold this export (job '{job_name}', trial "
+                       f"{trial_id}); nothing was changed. Choose a new or empty directory")
 
 
 def _fetch_adapter(source: str, into: Path) -> bool:
@@ -83,35 +103,48 @@ def _retrain_adapter(directory: Path, job, plan: PrecisionPlan, into: Path) -> N
 
 def export_point(directory: str | Path, point: int = 0, out: str | Path | None = None) -> Path:
     """Export front point ``point`` (0 = the smallest model) of the search in ``directory``."""
-    directory = Path(directory)
-    front = _front(directory)
+    from .rundir import RunDir
+    run = RunDir(directory)
+    directory = run.path
+    job = run.read_job()
+    front = _front(run)
     if not 0 <= point < len(front):
         raise ConfigError([f"--point {point}: the front has {len(front)} plans (0..{len(front) - 1}, smallest first)"])
     row = front.iloc[point]
-    job = build_job(yaml.safe_load((directory / "job.yaml").read_text()))
     plan = PrecisionPlan(tuple(row["plan_formats"].split(",")), row.get("plan_unit") or "layer")
-    out = Path(out) if out else directory / "exports" / f"point{point}-{row['trial_id']}"
-    pruned = directory / "pruned"
+    final = Path(out) if out else directory / "exports" / f"point{point}-{row['trial_id']}"
+    if _existing_export(final, job.name, str(row["trial_id"])):
+        logger.info("front point %d (trial %s) is already exported to %s", point, row["trial_id"], final)
+        return final
+    pruned = run.pruned
     if not (pruned / "model.safetensors").is_file():
-        raise ConfigError([f"{pruned} has no pruned model; run `qpruner prune` or `qpruner search` for this job"])
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(pruned, out, ignore=shutil.ignore_patterns("qpruner_prune.json"))
-    adapter = out / "adapter"
-    source = row.get("adapter_path")
-    if not (isinstance(source, str) and source and _fetch_adapter(source, adapter)):
-        _retrain_adapter(directory, job, plan, adapter)
-    metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
-               if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes",
-                        "nll", "nll_se", "perplexity_se", "accuracy_se", "objective_se")
-               or ":" in k}
-    (out / PLAN_FILE).write_text(json.dumps({
-        "plan": plan.to_dict(), "quant": to_dict(job.quant), "finetune": to_dict(job.finetune),
-        "eval": to_dict(job.eval), "data": to_dict(job.data), "metric": job.search.metric, "trial": metrics,
-        "job": job.name}, indent=2, default=str))
-    (out / "README.md").write_text(_model_card(job, plan, metrics, point))
-    logger.info("exported front point %d (trial %s) to %s", point, row["trial_id"], out)
-    return out
+        raise ResultsError(f"{pruned} has no pruned model; run `qpruner prune` or `qpruner search` for this job")
+    # written to a temporary sibling, renamed into place when complete: no half-written export survives
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        shutil.copytree(pruned, out, ignore=shutil.ignore_patterns("qpruner_prune.json"), dirs_exist_ok=True)
+        adapter = out / "adapter"
+        source = row.get("adapter_path")
+        if not (isinstance(source, str) and source and _fetch_adapter(source, adapter)):
+            _retrain_adapter(directory, job, plan, adapter)
+        metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
+                   if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes",
+                            "nll", "nll_se", "perplexity_se", "accuracy_se", "objective_se")
+                   or ":" in k}
+        (out / PLAN_FILE).write_text(json.dumps({
+            "plan": plan.to_dict(), "quant": to_dict(job.quant), "finetune": to_dict(job.finetune),
+            "eval": to_dict(job.eval), "data": to_dict(job.data), "metric": job.search.metric, "trial": metrics,
+            "job": job.name}, indent=2, default=str))
+        (out / "README.md").write_text(_model_card(job, plan, metrics, point))
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # only our own temporary directory
+        raise
+    if final.exists():  # an empty directory named by --out
+        final.rmdir()
+    os.replace(out, final)
+    logger.info("exported front point %d (trial %s) to %s", point, row["trial_id"], final)
+    return final
 
 
 def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,13 +20,14 @@ import pandas as pd
 import torch
 
 from . import __version__, data, importance, models, policy, prune, report, tasks
-from .config import JobConfig, save_job, to_dict
-from .pruned_model import load_pruned, read_meta, save_pruned
+from .config import JobConfig, to_dict
+from .pruned_model import clear_pruned, foreign_files, load_pruned, read_meta, save_pruned
 from .errors import ConfigError
 from .importance import LayerScores
 from .memory import Budget, ModelLayout
 from .pareto import TrialLog
 from .prune import PruneReport
+from .rundir import RunDir, front_metric, open_for_search, trial_compute_dtype, trial_key
 from .trial import TrialContext
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Prepared:
     seeds: list[policy.SeedPlan]
     prune: PruneReport
     scores: LayerScores
+    uniform: list[dict]
 
 
 @dataclass
@@ -48,6 +49,8 @@ class JobOutcome:
     trials: pd.DataFrame
     front: pd.DataFrame
     seconds: float
+    continued: bool = False
+    moved_aside: Path | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,13 +59,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(["device: 'cuda' was asked for but no CUDA device is visible; use auto or cpu"])
     return torch.device(name)
-
-
-def trial_compute_dtype(job: JobConfig) -> str:
-    """The compute dtype trials will use (it decides bias storage in the memory model)."""
-    if job.quant.compute_dtype != "auto":
-        return job.quant.compute_dtype
-    return "bfloat16" if job.search.gpus_per_trial > 0 else "float32"
 
 
 def _write_json(path: Path, obj) -> None:
@@ -99,10 +95,14 @@ class PrunedModel:
 
 def load_or_prune(job: JobConfig, device: torch.device, force: bool = False) -> PrunedModel:
     """The pruned model of ``job``: read from ``results/<job>/pruned/`` when it was written for the same
-    model, pruning config and calibration data, else pruned now and saved there (safetensors)."""
+    model, pruning config and calibration data, else pruned now and saved there (safetensors). A
+    ``pruned/`` holding files qpruner did not write is refused before any work (nothing is deleted)."""
     directory, key = pruned_dir(job), prune_key(job)
     meta = read_meta(directory)
-    if not force and meta is not None and meta.get("key") == key:
+    reuse = not force and meta is not None and meta.get("key") == key
+    if not reuse and foreign_files(directory):
+        clear_pruned(directory)  # raises: names the files, deletes nothing
+    if reuse:
         t = time.perf_counter()
         model, tokenizer = load_pruned(directory, models.DTYPES[job.model.dtype], device)
         logger.info("reusing the pruned model in %s (key %s, %.1fs)", directory, key, time.perf_counter() - t)
@@ -115,8 +115,7 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False) -> 
     splits = data.load_splits(job.data, loaded.tokenizer)
     report_ = prune.prune_(loaded.model, splits.calib, job.prune, batch_size=job.prune.batch_size,
                            seed=job.data.seed)
-    if directory.exists():
-        shutil.rmtree(directory)
+    clear_pruned(directory)  # only the files an earlier save_pruned wrote
     # save_pruned writes the record last: a directory without it (an interrupted save) is never reused
     save_pruned(loaded.model, loaded.tokenizer, directory,
                 {"key": key, "source": loaded.name, "report": report_.to_dict(),
@@ -158,20 +157,40 @@ def load_tasks(job: JobConfig, tokenizer, model) -> tuple[tasks.TokenizedTask, .
     return tuple(out)
 
 
-def front_metric(job: JobConfig) -> str:
-    """The quality axis of the front: the objective when it mixes metrics, else ``search.metric``."""
-    return "objective" if job.search.objective else job.search.metric
+def uniform_plans(memory: policy.PlanMemory, budget: Budget, n_units: int, unit: str, job: JobConfig) -> list[dict]:
+    """Every uniform plan of ``policy.bits`` with its exact memory and whether the budget admits it."""
+    from .plan import PrecisionPlan, format_for_bits
+    out = []
+    for bits in sorted(job.policy.bits):
+        mem = memory(PrecisionPlan.uniform(format_for_bits(bits, job.quant.four_bit), n_units, unit))
+        out.append({"bits": bits, "avg_bits": mem.avg_bits, "weight_bytes": mem.total_bytes,
+                    "fits": budget.fits(mem)})
+    return out
+
+
+def describe_uniform(plans: list[dict], budget: Budget) -> str:
+    parts = [f"all-{p['bits']}-bit {p['avg_bits']:.2f} bits / {p['weight_bytes'] / 1e6:.1f} MB "
+             f"({'admitted' if p['fits'] else 'over budget'})" for p in plans]
+    return f"budget {budget.describe()}: " + "; ".join(parts)
 
 
 def prepare(job: JobConfig, out: Path) -> Prepared:
     """Driver stages: prune once (or reuse), score layers, sample seed plans."""
+    from .errors import PlanError
+    from .plan import units_per_layer
     device = resolve_device(job.device)
     pruned = load_or_prune(job, device)
     model, splits, prune_report = pruned.model, pruned.splits, pruned.report
-    scores = load_or_score(job, model, splits.calib, out / "layer_scores.json")
     layout = ModelLayout.from_model(model)
     budget = Budget.from_policy(job.policy)
     memory = policy.PlanMemory(layout, job.quant, trial_compute_dtype(job))
+    uniform = uniform_plans(memory, budget, layout.n_layers * units_per_layer(job.policy.unit), job.policy.unit, job)
+    logger.info("%s", describe_uniform(uniform, budget))
+    if not any(p["fits"] for p in uniform[:1]):
+        raise PlanError(f"no plan fits: the smallest, all-{uniform[0]['bits']}-bit, needs {uniform[0]['avg_bits']:.3f} "
+                        f"average bits / {uniform[0]['weight_bytes'] / 1e9:.4f} GB on the pruned model, over the "
+                        f"{budget.describe()}; raise policy.budget_avg_bits / budget_gb")
+    scores = load_or_score(job, model, splits.calib, out / "layer_scores.json")
     seeds = policy.seed_plans(scores, memory, job.policy, budget, seed=job.search.seed)
     config_dict, state_dict = models.model_state(model)
     context = TrialContext(config_dict=config_dict, state_dict=state_dict, layout=layout,
@@ -183,24 +202,44 @@ def prepare(job: JobConfig, out: Path) -> Prepared:
                                       "avg_bits": memory(s.plan).avg_bits,
                                       "weight_bytes": memory(s.plan).total_bytes} for s in seeds])
     logger.info("%d seed plans (budget: %s)", len(seeds), budget.describe())
-    return Prepared(context, seeds, prune_report, scores)
+    return Prepared(context, seeds, prune_report, scores, uniform)
 
 
-def run_job(job: JobConfig, resume: bool = False) -> JobOutcome:
-    """Prune (or reuse), score (or reuse), seed and search; with ``resume`` continue an interrupted search."""
+def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> JobOutcome:
+    """Prune (or reuse), score (or reuse), seed and search, holding the results directory's lock.
+
+    The directory is checked before any work (:func:`qpruner.rundir.open_for_search`): a different run
+    there is refused (``overwrite`` moves it aside, never deletes it); the same job found unfinished is
+    continued, as with ``resume``."""
     from .search import run_search  # keeps `qpruner validate` free of the Ray import
-    t0 = time.perf_counter()
-    out = job.results_path
     from .search.run import in_submitted_job
+    t0 = time.perf_counter()
+    run, continuing = open_for_search(job, resume=resume, overwrite=overwrite)
+    moved = None
+    if overwrite and not run.is_empty():
+        with run.lock("overwrite"):
+            moved = run.move_aside()
+        logger.warning("moved the earlier run in %s aside to %s (nothing was deleted)", run.path, moved)
+    out = run.path
     if in_submitted_job() and not out.is_absolute():
         logger.warning("results go to %s, inside the job's temporary working directory, which Ray may delete; "
                        "pass results_dir=/an/absolute/path (shared storage on a multi-node cluster)", out.resolve())
-    out.mkdir(parents=True, exist_ok=True)
-    save_job(job, out / "job.yaml")
-    prepared = prepare(job, out)
-    origins = {s.plan.formats: f"seed:{s.origin}" for s in prepared.seeds}
-    log = TrialLog(out, front_metric(job), origins)
-    run_search(job, prepared.context, prepared.seeds, log, resume=resume, scores=prepared.scores)
-    trials, front = log.frame(), log.front()
-    report.write_report(out, front_metric(job))
-    return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0)
+    with run.lock("search"):
+        run, continuing = open_for_search(job, resume=resume)  # again, now that no one else can write here
+        finished = continuing and run.has_trials() and len(TrialLog(out, front_metric(job)).trained()) >= \
+            job.search.num_trials
+        if finished:
+            logger.warning("%s holds this same job, finished (%d trained trials): reporting it, training nothing",
+                           out, job.search.num_trials)
+        elif continuing and not resume:
+            logger.warning("%s holds this same job, unfinished: continuing it (as with --resume)", out)
+        run.write_marker(job, searched=True)
+        run.write_job(job)
+        prepared = prepare(job, out)
+        origins = {s.plan.formats: f"seed:{s.origin}" for s in prepared.seeds}
+        log = TrialLog(out, front_metric(job), origins, run_key=trial_key(job))
+        if not finished:
+            run_search(job, prepared.context, prepared.seeds, log, resume=continuing, scores=prepared.scores)
+        trials, front = log.frame(), log.front()
+        report.write_report(out, front_metric(job))
+    return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0, continuing, moved)

@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LINEAR_NAMES, ModelConfig
+from .config import LINEAR_NAMES, SUPPORTED_ARCHITECTURES, ModelConfig
 from .errors import ModelError
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -127,6 +126,9 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
         model, tok = _load_smollm2(dtype)
         return LoadedModel(model.to(device), tok, "SmolLM2-135M-Instruct")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if cfg.trust_remote_code:
+        logger.warning("model.trust_remote_code is on: %s may run its own Python code on this machine; keep it "
+                       "on only for a repository you trust", cfg.source)
     kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(cfg.source, **kw)

@@ -28,6 +28,8 @@ stale file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
 import time
@@ -38,8 +40,10 @@ import pandas as pd
 from .plan import PrecisionPlan
 from .trial import TrialResult
 
-TRIALS_FILE = "trials.parquet"
-PARETO_FILE = "pareto.parquet"
+from .rundir import PARETO_FILE, TRIALS_FILE, read_table  # noqa: F401  (re-exported: the files' one definition)
+
+TRAINED = ("ok", "failed", "stopped", "error")   # statuses of trials that ran (not answered without training)
+SCREENED = ("infeasible", "cached")              # answered without training; ids "<status>-<n>"
 
 
 def maximize(metric: str) -> bool:
@@ -77,11 +81,13 @@ def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
 class TrialLog:
     """Every finished or screened trial of one search, persisted as it arrives."""
 
-    def __init__(self, directory: str | os.PathLike, metric: str, origins: dict[tuple, str] | None = None):
+    def __init__(self, directory: str | os.PathLike, metric: str, origins: dict[tuple, str] | None = None,
+                 run_key: str | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.metric = metric
         self.origins = dict(origins or {})   # plan formats -> "seed:uniform" | "seed:best_guess" | "seed:sampled"
+        self.run_key = run_key               # rundir.trial_key of the job: stamped on rows, required by lookup
         self.rows: list[dict] = []
         self._stamp = None
         self.refresh()
@@ -98,9 +104,9 @@ class TrialLog:
             stat = self.path.stat()
         except FileNotFoundError:
             return
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if stamp != self._stamp:
-            frame = pd.read_parquet(self.path)
+            frame = read_table(self.path, "the trial log")
             self.rows = [{k: v for k, v in row.items() if not _missing(v)} for row in frame.to_dict("records")]
             self._stamp = stamp
 
@@ -109,7 +115,18 @@ class TrialLog:
         atomic_write_parquet(frame, self.path)
         atomic_write_parquet(pareto_front(frame, self.metric), self.directory / PARETO_FILE)
         stat = self.path.stat()
-        self._stamp = (stat.st_mtime_ns, stat.st_size)
+        self._stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """An exclusive lock on the log for one read-modify-write (writers in other processes wait)."""
+        fd = os.open(self.directory / ".trials.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __getstate__(self):  # Ray pickles the tuner; after unpickling, the file is the truth
         state = dict(self.__dict__)
@@ -126,17 +143,24 @@ class TrialLog:
         return self.origins.get(plan.formats, "searcher") if plan is not None else "searcher"
 
     def _put(self, row: dict) -> None:
-        self.refresh()
-        row["finished_at"] = time.time()
-        for i, existing in enumerate(self.rows):
-            if existing.get("trial_id") == row["trial_id"]:
-                row["number"] = existing.get("number", i)
-                self.rows[i] = row
-                break
-        else:
-            row["number"] = len(self.rows)
-            self.rows.append(row)
-        self.write()
+        with self._writing():
+            self.refresh()
+            row["finished_at"] = time.time()
+            if self.run_key is not None:
+                row.setdefault("run_key", self.run_key)
+            if row["trial_id"] is None:  # a screened proposal: the next unused "<status>-<n>"
+                used = [int(r["trial_id"].rsplit("-", 1)[1]) for r in self.rows
+                        if str(r.get("trial_id", "")).startswith(SCREENED) and r["trial_id"].rsplit("-", 1)[1].isdigit()]
+                row["trial_id"] = f"{row['status']}-{max(used, default=0) + 1:05d}"
+            for i, existing in enumerate(self.rows):
+                if existing.get("trial_id") == row["trial_id"]:
+                    row["number"] = existing.get("number", i)
+                    self.rows[i] = row
+                    break
+            else:
+                row["number"] = len(self.rows)
+                self.rows.append(row)
+            self.write()
 
     def add(self, trial_id: str, result: TrialResult, **extra) -> None:
         row = {"trial_id": trial_id, "origin": self._origin(result.plan), "plan_code": result.plan.code(),
@@ -144,6 +168,16 @@ class TrialLog:
         row.update(result.to_metrics())
         row.update(extra)
         self._put(row)
+
+    def add_screened(self, status: str, result: TrialResult, **extra) -> str:
+        """A proposal answered without training (``infeasible`` / ``cached``), under a new, never reused id."""
+        row = {"trial_id": None, "origin": self._origin(result.plan), "plan_code": result.plan.code(),
+               "bits": list(result.plan.bits)}
+        row.update(result.to_metrics())
+        row.update(extra)
+        row["status"] = status
+        self._put(row)
+        return row["trial_id"]
 
     def add_partial(self, trial_id: str, plan: PrecisionPlan | None, status: str, metrics: dict, **extra) -> None:
         """A trial without a final result: ``stopped`` early (last intermediate metrics) or ``error``."""
@@ -172,9 +206,15 @@ class TrialLog:
         self.refresh()
         key = ",".join(plan.formats)
         for row in self.rows:
-            if row.get("plan_formats") == key and row.get("status") in ("ok", "failed") and not row.get("cached_from"):
+            if (row.get("plan_formats") == key and row.get("status") in ("ok", "failed") and not row.get("cached_from")
+                    and (self.run_key is None or row.get("run_key", self.run_key) == self.run_key)):
                 return row
         return None
+
+    def trained(self) -> dict[str, dict]:
+        """Rows of trials that were trained (not screened), by trial id."""
+        self.refresh()
+        return {str(r["trial_id"]): r for r in self.rows if r.get("status") in TRAINED}
 
     def summary(self) -> dict:
         """Counts by status, front size, best quality and hypervolume (live reference point)."""

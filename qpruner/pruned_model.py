@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import PRUNED_PREFIX as PREFIX
+
 logger = logging.getLogger(__name__)
 
-PREFIX = "qpruner_"
 META_FILE = "qpruner_prune.json"
+PARTIAL_FILE = "qpruner_prune.partial"  # present while save_pruned writes
 _CLASSES: dict[str, tuple[type, type]] = {}
 
 
@@ -129,12 +131,53 @@ def save_pruned(model: nn.Module, tokenizer, directory: str | Path, meta: dict |
     """Write ``model`` (safetensors + config), its tokenizer and ``meta`` (the pruning record)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in directory.iterdir()}
+    (directory / PARTIAL_FILE).write_text("a qpruner save in progress (or interrupted)\n")
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(directory)
-    if meta is not None:
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    if meta is not None:  # the record, written last, lists the files written (what clear_pruned may delete)
+        files = sorted({p.name for p in directory.iterdir()} - before | {META_FILE})
+        (directory / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
+    (directory / PARTIAL_FILE).unlink()
     return directory
+
+
+# files save_pretrained writes for a model and its tokenizer (a record of an earlier version lists none)
+_WRITTEN = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer*",
+            "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template*",
+            META_FILE, PARTIAL_FILE)
+
+
+def foreign_files(directory: str | Path) -> list[str]:
+    """Files in ``directory`` that :func:`save_pruned` did not write (all of them when it has no record)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    meta = read_meta(directory)
+    present = sorted(p.name for p in directory.iterdir())
+    if meta is None and not (directory / PARTIAL_FILE).is_file():
+        return present
+    listed = set((meta or {}).get("files") or [])  # none: an interrupted save, or a record of an earlier version
+    return [name for name in present
+            if name not in listed and not (not listed and any(Path(name).match(g) for g in _WRITTEN))]
+
+
+def clear_pruned(directory: str | Path) -> None:
+    """Delete a pruned model that :func:`save_pruned` wrote, and nothing else: a directory holding any file
+    it did not write is refused (:class:`~qpruner.errors.ResultsError`) before anything is deleted."""
+    from .errors import ResultsError
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    foreign = foreign_files(directory)
+    if foreign:
+        raise ResultsError(f"{directory} holds files qpruner did not write ({', '.join(foreign[:5])}"
+                           f"{' ...' if len(foreign) > 5 else ''}); nothing was deleted. Move them elsewhere, "
+                           "then run again")
+    for path in directory.iterdir():
+        path.unlink()
+    directory.rmdir()
 
 
 def read_meta(directory: str | Path) -> dict | None:

@@ -223,13 +223,12 @@ def _read_json(path: Path):
 
 def write_report(directory: str | Path, metric: str | None = None) -> Path:
     """Write pareto.png, bits.png, hypervolume.png and report.html into ``directory``."""
-    directory = Path(directory)
-    trials = pd.read_parquet(directory / TRIALS_FILE) if (directory / TRIALS_FILE).is_file() else pd.DataFrame()
+    from .rundir import RunDir
+    run = RunDir(directory)
+    directory = run.path
+    trials = run.trials() if run.has_trials() else pd.DataFrame()
     if metric is None:
-        import yaml
-        job = yaml.safe_load((directory / "job.yaml").read_text()) if (directory / "job.yaml").is_file() else {}
-        search = job.get("search", {})
-        metric = "objective" if search.get("objective") else search.get("metric", "accuracy")
+        metric = run.front_metric() if run.job_file.is_file() else "accuracy"
     front = pareto_front(trials, metric)
     curve = hypervolume_curve(trials, metric)
     pngs = {"front": plot_front(trials, front, metric, directory / "pareto.png"),

@@ -10,7 +10,7 @@ import pytest
 
 import qpruner
 from qpruner.config import load_job
-from qpruner.errors import ConfigError
+from qpruner.errors import ConfigError, ResultsError
 from qpruner.export import export_point, lm_eval
 from qpruner.job import run_job
 from qpruner.quantize import applied_formats
@@ -100,8 +100,22 @@ def test_checkpoint_locations_are_uris_for_object_stores():
 def test_bad_points_and_directories(searched, tmp_path):
     with pytest.raises(ConfigError, match="the front has"):
         export_point(searched, 99)
-    with pytest.raises(ConfigError, match="no pareto.parquet"):
+    with pytest.raises(ResultsError, match="job.yaml does not exist"):
         export_point(tmp_path, 0)
+
+
+def test_export_never_deletes_what_it_did_not_write(searched, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ResultsError, match="not empty"):
+        export_point(searched, 0, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    out = export_point(searched, 0, tmp_path / "fresh")
+    stamp = (out / "qpruner_plan.json").stat().st_mtime_ns
+    assert export_point(searched, 0, out) == out          # the same export again: found, not rewritten
+    assert (out / "qpruner_plan.json").stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
     with pytest.raises(ConfigError, match="not a QPruner export"):
         qpruner.load(tmp_path)
 

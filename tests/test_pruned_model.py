@@ -53,8 +53,8 @@ def test_load_pruned_keeps_ties_and_widths(tmp_path, tiny, tiny_splits):
     assert tok.encode("ab", add_special_tokens=False) == [97, 98]
 
 
-def _job(tmp_path, **prune_kw):
-    return build_job({"name": "j", "results_dir": str(tmp_path), "device": "cpu", "model": {"source": "tiny"},
+def _job(tmp_path, name="j", **prune_kw):
+    return build_job({"name": name, "results_dir": str(tmp_path), "device": "cpu", "model": {"source": "tiny"},
                       "data": {"seq_len": 64, "calib_samples": 4, "eval_samples": 8},
                       "prune": {"ratio": 0.5, **prune_kw}})
 
@@ -79,6 +79,25 @@ def test_a_different_config_or_an_interrupted_save_prunes_again(tmp_path):
     other = _job(tmp_path, ratio=0.25)
     assert prune_key(other) != prune_key(job)
     assert not load_or_prune(other, torch.device("cpu")).reused
-    (tmp_path / "j" / "pruned" / "qpruner_prune.json").unlink()  # as if the save had been interrupted
+    pruned = tmp_path / "j" / "pruned"
+    (pruned / "qpruner_prune.json").unlink()  # as an interrupted save leaves it: no record, the partial marker
+    (pruned / "qpruner_prune.partial").write_text("")
     assert not load_or_prune(other, torch.device("cpu")).reused
     assert load_or_prune(other, torch.device("cpu")).reused
+
+
+def test_pruning_again_never_deletes_a_file_qpruner_did_not_write(tmp_path):
+    from qpruner.errors import ResultsError
+    job = _job(tmp_path)
+    load_or_prune(job, torch.device("cpu"))
+    mine = tmp_path / "j" / "pruned" / "notes.txt"
+    mine.write_text("my notes")
+    with pytest.raises(ResultsError, match="notes.txt"):
+        load_or_prune(job, torch.device("cpu"), force=True)
+    assert mine.read_text() == "my notes" and (mine.parent / "model.safetensors").is_file()
+    foreign = tmp_path / "k" / "pruned"   # a directory with no qpruner record at all
+    foreign.mkdir(parents=True)
+    (foreign / "model.safetensors").write_text("not ours")
+    with pytest.raises(ResultsError, match="did not write"):
+        load_or_prune(_job(tmp_path, name="k"), torch.device("cpu"))
+    assert (foreign / "model.safetensors").read_text() == "not ours"

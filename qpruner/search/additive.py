@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import pickle
+import json
 
 import numpy as np
 from ray.tune.search import Searcher
@@ -149,13 +149,21 @@ class AdditiveSearcher(Searcher):
 
     # --- checkpointing --------------------------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump({"points": self.points, "rng": self.rng.bit_generator.state, "observed": self.observed,
-                         "evaluated": self.evaluated, "pending": self.pending}, fh)
+        """The searcher's state as JSON (never pickle: a checkpoint may come from shared storage)."""
+        def ints(p):
+            return [int(i) for i in p]
+        state = {"points": [ints(p) for p in self.points], "rng": self.rng.bit_generator.state,
+                 "observed": [[ints(p), float(q)] for p, q in self.observed.items()],
+                 "evaluated": [ints(p) for p in self.evaluated],
+                 "pending": {t: ints(p) for t, p in self.pending.items()}}
+        with open(checkpoint_path, "w") as fh:
+            json.dump(state, fh)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            state = pickle.load(fh)
-        self.points, self.observed, self.evaluated = state["points"], state["observed"], state["evaluated"]
-        self.pending = state["pending"]
+        with open(checkpoint_path) as fh:
+            state = json.load(fh)
+        self.points = [tuple(p) for p in state["points"]]
+        self.observed = {tuple(p): float(q) for p, q in state["observed"]}
+        self.evaluated = {tuple(p) for p in state["evaluated"]}
+        self.pending = {t: tuple(p) for t, p in state["pending"].items()}
         self.rng.bit_generator.state = state["rng"]

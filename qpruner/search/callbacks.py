@@ -69,7 +69,9 @@ class PersistTrials(tune.Callback):
         result = trial.last_result or {}
         node = {"node_ip": result.get("node_ip"), "node_id": result.get("node_id"), "failures": trial.num_failures,
                 "worker_rss_bytes": result.get("worker_rss_bytes")}
-        if result.get("status") == "running":  # stopped early by the scheduler: keep its last evaluation
+        if result.get("replayed"):  # recorded before a driver restart (see run._trainable): the row stands
+            logger.info("trial %s: already recorded before the restart, not trained again", trial.trial_id)
+        elif result.get("status") == "running":  # stopped early by the scheduler: keep its last evaluation
             self.log.add_partial(trial.trial_id, self._plan(trial), "stopped", result, **node)
             logger.info("trial %s stopped early at step %s (objective %.4g)", trial.trial_id, result.get("step"),
                         result.get("objective", float("nan")))

@@ -18,6 +18,7 @@ stats off and the dashboard (when enabled) on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -92,29 +93,72 @@ class OverBudget:
         return self.precheck(plan, self.device)[1]
 
 
-def _trainable(config: dict, context: TrialContext, decode: PlanDecoder, threads: int, save_adapters: bool = True):
+def _trainable(config: dict, context: TrialContext, decode: PlanDecoder, threads: int, save_adapters: bool = True,
+               done: dict | None = None):
     import tempfile
 
     import ray
     from ray import tune
 
     from ..finetune import save_adapter
+    trial_id = tune.get_context().get_trial_id()
+    if done and trial_id in done:
+        # finished and recorded before the driver died, but Tune's last checkpoint still had it running:
+        # hand back the recorded result instead of training it again (the callback keeps the row as it is)
+        tune.report({**done[trial_id], "replayed": True})
+        return
     torch.set_num_threads(threads)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        saved = []
-
-        def keep(model):
-            save_adapter(model, tmp)
-            saved.append(tmp)
-
         result = run_trial(context, decode(config), device, on_report=tune.report,  # intermediate evaluations
-                           on_trained=keep if save_adapters else None)
+                           on_trained=(lambda model: save_adapter(model, tmp)) if save_adapters else None)
         release_memory()
+        _note_training(trial_id, result)
         metrics = {**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id(),
                    "worker_rss_bytes": _rss_bytes()}
-        # the adapter becomes a Tune checkpoint: persisted with the experiment, found again by `qpruner export`
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp) if saved else None)
+        # the result (and the adapter) become a Tune checkpoint, persisted by this worker before the driver
+        # hears of it: `qpruner export` finds the adapter there, and a resumed driver the result (recover_results)
+        with open(os.path.join(tmp, RESULT_FILE), "w") as fh:
+            json.dump({"trial_id": trial_id, "metrics": metrics}, fh)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+RESULT_FILE = "qpruner_result.json"
+
+
+def recover_results(experiment: str, log: TrialLog) -> list[str]:
+    """Trials whose result a worker persisted (``RESULT_FILE`` in their checkpoint) but that the driver
+    died before recording: added to ``log`` (so they are neither lost nor trained again). Local storage
+    only; returns the recovered trial ids."""
+    if "://" in experiment or not os.path.isdir(experiment):
+        return []
+    recorded, out = set(log.trained()), []
+    for path in sorted(Path(experiment).glob(f"*/checkpoint_*/{RESULT_FILE}")):
+        try:
+            saved = json.loads(path.read_text())
+            trial_id, metrics = str(saved["trial_id"]), saved["metrics"]
+            result = TrialResult.from_metrics(metrics)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("could not read %s (%s); that trial may be trained again", path, exc)
+            continue
+        if trial_id in recorded:
+            continue
+        log.add(trial_id, result, node_id=metrics.get("node_id"), worker_rss_bytes=metrics.get("worker_rss_bytes"),
+                adapter_path=str(path.parent), recovered=True)
+        recorded.add(trial_id)
+        out.append(trial_id)
+        logger.warning("trial %s finished before the driver died but was not recorded: recovered from %s",
+                       trial_id, path.parent)
+    return out
+
+
+def _note_training(trial_id: str, result: TrialResult) -> None:
+    """Diagnostics: with ``QPRUNER_TRAINING_LOG`` set (bench/reliability.py does), append one line per
+    completed training, so that a benchmark can count trainings independently of trials.parquet."""
+    path = os.environ.get("QPRUNER_TRAINING_LOG")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"{trial_id} {result.plan.code()} {result.status}\n")
 
 
 def release_memory() -> None:
@@ -221,13 +265,18 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
     try:
         n_units = context.n_layers * units_per_layer(context.unit)
         decode = PlanDecoder(n_units, job.quant.four_bit, context.unit)
-        trainable = tune.with_parameters(_trainable, context=context, decode=decode,
+        experiment = os.path.join(storage_path(job, log), "tune")
+        if resume and not tune.Tuner.can_restore(experiment):
+            raise ConfigError([f"--resume: no Ray Tune experiment to resume in {experiment}"])
+        if resume:
+            recover_results(experiment, log)
+        # after a restart, trials Tune's last checkpoint still had running may be finished and recorded
+        done = {tid: TrialResult.from_metrics(row).to_metrics() for tid, row in log.trained().items()
+                if row.get("status") in ("ok", "failed") and not row.get("cached_from")} if resume else {}
+        trainable = tune.with_parameters(_trainable, context=context, decode=decode, done=done,
                                          threads=max(1, int(cfg.cpus_per_trial)), save_adapters=cfg.save_adapters)
         trainable = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
-        experiment = os.path.join(storage_path(job, log), "tune")
         if resume:
-            if not tune.Tuner.can_restore(experiment):
-                raise ConfigError([f"--resume: no Ray Tune experiment to resume in {experiment}"])
             logger.info("resuming the search in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -241,7 +290,7 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
 
 def search_space(job: JobConfig, context: TrialContext, n_units: int, scores=None) -> SearchSpace:
     """Keys, options and exact memory tables of the search space (what memory-aware searchers use)."""
-    from ..job import trial_compute_dtype
+    from ..rundir import trial_compute_dtype
     options = sorted(job.policy.bits)
     formats = [format_for_bits(b, job.quant.four_bit) for b in options]
     memory = policy.PlanMemory(context.layout, job.quant, trial_compute_dtype(job))
@@ -258,7 +307,7 @@ def _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores=None
     inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup, search_space(job, context, n_units, scores))
     device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
     screen = PlanScreen(decode, OverBudget(Precheck.of(context), device), log)
-    searcher = BudgetedSearcher(inner, screen, cfg.max_rejections)
+    searcher = BudgetedSearcher(inner, screen, cfg.max_rejections, num_trials=cfg.num_trials)
     multi = isinstance(inner.metric, list)
     return tune.Tuner(
         trainable,

@@ -24,8 +24,8 @@ unit, the baseline; seeded plans first as well).
 
 from __future__ import annotations
 
+import json
 import logging
-import pickle
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,10 +96,14 @@ class _Wrapper(Searcher):
 
 
 class BudgetedSearcher(_Wrapper):
-    def __init__(self, searcher: Searcher, screen: PlanScreen, max_rejections: int = 1000):
+    def __init__(self, searcher: Searcher, screen: PlanScreen, max_rejections: int = 1000,
+                 num_trials: int | None = None):
         super().__init__(searcher)
         self.screen = screen
         self.max_rejections = max_rejections
+        # trained trials wanted in all: trials.parquet is the truth, so that a driver killed after a trial
+        # finished but before Tune's next experiment checkpoint does not train one more after --resume
+        self.num_trials = num_trials
         self.live: dict[str, str] = {}            # Tune trial id -> id the wrapped searcher knows it by
         self.in_flight: dict[str, str] = {}       # Tune trial id -> plan key
         self.waiting: dict[str, list[str]] = {}   # plan key of a running trial -> duplicate proposals' ids
@@ -115,12 +119,17 @@ class BudgetedSearcher(_Wrapper):
 
     # --- the screening ---------------------------------------------------------------------------------
     def _record(self, plan: PrecisionPlan, verdict: Verdict) -> None:
-        extra = {"status": verdict.status}
-        if verdict.cached_from:
-            extra["cached_from"] = verdict.cached_from
-        self.screen.log.add(f"{verdict.status}-{self.counter:05d}", verdict.result, **extra)
+        extra = {"cached_from": verdict.cached_from} if verdict.cached_from else {}
+        self.screen.log.add_screened(verdict.status, verdict.result, **extra)
+
+    def _enough(self) -> bool:
+        if self.num_trials is None:
+            return False
+        return len(set(self.screen.log.trained()) | set(self.live)) >= self.num_trials
 
     def suggest(self, trial_id: str):
+        if self._enough():
+            return Searcher.FINISHED
         for _ in range(self.max_rejections):
             self.counter += 1
             inner_id = f"{trial_id}~{self.counter}"
@@ -251,13 +260,13 @@ class RandomPlanSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         pass
 
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump({"points": self.points, "rng": self.rng.bit_generator.state, "choices": self.choices}, fh)
+    def save(self, checkpoint_path: str) -> None:  # JSON, never pickle (see AdditiveSearcher.save)
+        with open(checkpoint_path, "w") as fh:
+            json.dump({"points": self.points, "rng": self.rng.bit_generator.state, "choices": self.choices}, fh)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            state = pickle.load(fh)
+        with open(checkpoint_path) as fh:
+            state = json.load(fh)
         self.points, self.choices = state["points"], state["choices"]
         self.rng.bit_generator.state = state["rng"]
 

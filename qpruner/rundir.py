@@ -1,0 +1,339 @@
+"""One owner for a run's directory, ``<results_dir>/<name>/``: its paths, its ``job.yaml``, its identity,
+its lock, and safe reads of its tables. The CLI, the driver, the search, export and report all go
+through this module; nothing else decides where a run's files live or whether it may write there.
+
+Layout of a run directory::
+
+    .qpruner-run.json  marker: written by qpruner, {"identity", "trial_key", "created", "version"}
+    .lock              exclusive lock while a search or a prune writes here (holder: pid, host, command)
+    job.yaml           the resolved job (every default filled in); validated whenever it is read
+    trials.parquet     every trial (one row per trial id)      pareto.parquet   the front
+    pruned/            the pruned model (with its own marker, ``qpruner_prune.json``)
+    layer_scores.json, prune.json, seeds.json, report.html, *.png, ray/ (Ray Tune's experiment), exports/
+
+Identity. ``identity(job)`` hashes every setting of the job except those that only say where and how
+visibly it runs (:data:`RUNTIME_KEYS`). A search into a directory holding a run of another identity
+refuses (use ``--resume`` only for the same job, a new ``name``, or ``--overwrite``, which moves the old
+run aside and never deletes it). ``trial_key(job)`` hashes what changes one trial's result (model, data,
+pruning, quantization, fine-tuning, evaluation, metric, trial compute dtype); every row of
+``trials.parquet`` carries it, and the cache answers a proposal only from rows with the same key.
+
+Lock. ``RunDir.lock()`` takes an exclusive ``flock`` on ``.lock`` for the whole search (or prune); a
+second writer fails at once with a message naming the holder. Readers never need it: every table is
+replaced atomically (temp file + rename) and :func:`read_table` reads through one open file handle, so
+it sees either the old or the new file, never a mix.
+
+This module imports no torch: ``qpruner status`` and ``validate`` stay light.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError, ResultsError
+
+MARKER = ".qpruner-run.json"
+LOCK = ".lock"
+JOB_FILE = "job.yaml"
+TRIALS_FILE = "trials.parquet"
+PARETO_FILE = "pareto.parquet"
+# settings that change where and how visibly a run executes, never what it computes
+RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", "search.dashboard",
+                "search.verbose", "search.loggers", "search.storage_path", "search.max_failures")
+# of these sections, every key changes a trained trial's result
+TRIAL_SECTIONS = ("model", "data", "prune", "quant", "finetune", "eval")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "objective":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _settings(job) -> dict:
+    from .config import to_dict
+    return {k: v for k, v in flatten(to_dict(job)).items() if k not in RUNTIME_KEYS}
+
+
+def identity(job) -> str:
+    """Hash of every setting except :data:`RUNTIME_KEYS` (and this package's version)."""
+    from . import __version__
+    return _hash({"settings": _settings(job), "version": __version__})
+
+
+def trial_compute_dtype(job) -> str:
+    """The compute dtype trials will use (it decides bias storage in the memory model and the result)."""
+    if job.quant.compute_dtype != "auto":
+        return job.quant.compute_dtype
+    return "bfloat16" if job.search.gpus_per_trial > 0 else "float32"
+
+
+def trial_key(job) -> str:
+    """Hash of what changes one trained trial's result: the cache's key, next to the plan."""
+    from . import __version__
+    from .config import to_dict
+    d = to_dict(job)
+    return _hash({"sections": {s: d[s] for s in TRIAL_SECTIONS}, "metric": job.search.metric,
+                  "objective": job.search.objective, "unit": job.policy.unit, "device": job.device,
+                  "compute_dtype": trial_compute_dtype(job), "version": __version__})
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every setting that differs (runtime keys ignored)."""
+    a = {k: v for k, v in flatten(old).items() if k not in RUNTIME_KEYS}
+    b = {k: v for k, v in flatten(new).items() if k not in RUNTIME_KEYS}
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)]
+
+
+def front_metric(job) -> str:
+    """The quality axis of the front: the objective when it mixes metrics, else ``search.metric``."""
+    return "objective" if job.search.objective else job.search.metric
+
+
+def read_table(path: str | os.PathLike, what: str = "results table"):
+    """A parquet table read through one open file handle (consistent under concurrent atomic
+    replacement). A missing or corrupt file raises :class:`ResultsError` with the path and a way out."""
+    import pandas as pd
+    import pyarrow as pa
+    path = Path(path)
+    last = None
+    for attempt in range(3):
+        try:
+            with open(path, "rb") as fh:
+                return pd.read_parquet(fh)
+        except FileNotFoundError:
+            raise ResultsError(f"{path} does not exist (is {path.parent} a results/<job>/ directory of a "
+                               "search that has finished at least one trial?)") from None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            last = exc
+            time.sleep(0.05 * (attempt + 1))
+    raise ResultsError(f"{path} ({what}) is unreadable: {type(last).__name__}: {last}. It may be truncated "
+                       f"(a full disk, a copy cut short). Restore it from a backup, or move the run aside and "
+                       "search again") from None
+
+
+class RunDir:
+    """``<results_dir>/<name>/`` of one run."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd = None
+
+    # paths ---------------------------------------------------------------------------------------
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def marker(self) -> Path:
+        return self.path / MARKER
+
+    @property
+    def job_file(self) -> Path:
+        return self.path / JOB_FILE
+
+    @property
+    def trials_file(self) -> Path:
+        return self.path / TRIALS_FILE
+
+    @property
+    def pareto_file(self) -> Path:
+        return self.path / PARETO_FILE
+
+    @property
+    def pruned(self) -> Path:
+        return self.path / "pruned"
+
+    # what is in it -------------------------------------------------------------------------------
+    def read_marker(self) -> dict | None:
+        try:
+            return json.loads(self.marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def write_marker(self, job, searched: bool) -> None:
+        from . import __version__
+        old = self.read_marker() or {}
+        record = {"version": __version__, "created": old.get("created", time.time()), "job": job.name,
+                  "identity": identity(job) if searched else old.get("identity"),
+                  "trial_key": trial_key(job) if searched else old.get("trial_key")}
+        _atomic_text(self.marker, json.dumps(record, indent=2))
+
+    def is_ours(self) -> bool:
+        """Written by qpruner: the marker, or (runs of earlier versions) a job.yaml that parses as a job."""
+        if self.marker.is_file():
+            return True
+        if self.job_file.is_file():
+            try:
+                self.read_job()
+                return True
+            except QPrunerErrorTypes:
+                return False
+        return False
+
+    def is_empty(self) -> bool:
+        """Absent, or holding nothing but the lock file."""
+        return not self.path.exists() or (self.path.is_dir() and all(p.name == LOCK for p in self.path.iterdir()))
+
+    def read_job(self):
+        """The run's job.yaml, validated (an error names the file)."""
+        from .config import build_job
+        if not self.job_file.is_file():
+            raise ResultsError(f"{self.job_file} does not exist: {self.path} is not a results/<job>/ directory "
+                               "written by `qpruner search` (or it was not finished setting up)")
+        try:
+            data = yaml.safe_load(self.job_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ResultsError(f"{self.job_file} is not readable YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise ResultsError(f"{self.job_file} does not hold a job (got {type(data).__name__})")
+        return build_job(data, source=str(self.job_file))
+
+    def write_job(self, job) -> None:
+        from .config import to_dict
+        _atomic_text(self.job_file, yaml.safe_dump(to_dict(job), sort_keys=False))
+
+    def front_metric(self) -> str:
+        return front_metric(self.read_job())
+
+    def trials(self):
+        return read_table(self.trials_file, "the trial log")
+
+    def front(self):
+        return read_table(self.pareto_file, "the Pareto front")
+
+    def has_trials(self) -> bool:
+        return self.trials_file.is_file()
+
+    # the lock ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, purpose: str):
+        """Hold the directory's exclusive lock (creating the directory) for the ``with`` block."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ResultsError(f"{self.path} is in use by {holder}; wait for it to finish, or stop it "
+                               "(then `qpruner search JOB --resume`)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"qpruner {purpose} (pid {os.getpid()} on {socket.gethostname()}, since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]})\n").encode(), 0)
+        self._lock_fd = fd
+        try:
+            yield self
+        finally:
+            self._lock_fd = None
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    # moving a run aside --------------------------------------------------------------------------
+    def move_aside(self) -> Path:
+        """Rename the directory to ``<name>.replaced-<timestamp>`` (never deletes); returns the new path."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.replaced-{stamp}-{n}")
+        os.rename(self.path, target)
+        return target
+
+
+QPrunerErrorTypes = (ConfigError, ResultsError)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def experiment_dir(job, run: RunDir) -> str:
+    """Ray Tune's experiment of the run: ``<search.storage_path or results/<job>/ray>/tune``."""
+    base = job.search.storage_path or str(run.path.resolve() / "ray")
+    return base.rstrip("/") + "/tune"
+
+
+def can_restore(job, run: RunDir) -> bool:
+    """Whether a Tune experiment to resume exists (a local check needs no Ray import)."""
+    where = experiment_dir(job, run)
+    if "://" not in where:
+        return (Path(where) / "tuner.pkl").is_file()
+    from ray import tune
+    return tune.Tuner.can_restore(where)
+
+
+def open_for_search(job, resume: bool = False, overwrite: bool = False) -> tuple[RunDir, bool]:
+    """Decide, before any work, how a search of ``job`` may use its directory. Returns the RunDir and
+    whether the search continues an earlier one (``--resume``, or the same job found unfinished).
+
+    * absent or empty: a new run;
+    * the same run (same identity): continued when a Tune experiment exists, else started afresh;
+      ``--resume`` with nothing to resume is an error;
+    * another run, or files qpruner did not write: refused, naming the differences, unless
+      ``overwrite`` (the old directory is moved aside, never deleted)."""
+    run = RunDir(job.results_path)
+    if run.path.exists() and not run.path.is_dir():
+        raise ResultsError(f"{run.path} is a file, not a results directory; choose another name or results_dir")
+    if overwrite and resume:
+        raise ResultsError("--overwrite and --resume contradict each other: --resume continues the run in "
+                           f"{run.path}, --overwrite moves it aside and starts a new one")
+    if run.is_empty():
+        if resume:
+            raise ResultsError(f"--resume: {run.path} holds no search to resume; run without --resume")
+        return run, False
+    if overwrite:
+        return run, False  # moved aside under the lock by the caller (see RunDir.move_aside)
+    if not run.is_ours():
+        raise ResultsError(f"{run.path} exists and was not written by qpruner (no {MARKER}, no valid {JOB_FILE}); "
+                           "nothing was changed. Choose another name (name=...) or results_dir, or pass "
+                           "--overwrite to move that directory aside (it is never deleted)")
+    marker = run.read_marker() or {}
+    old_identity = marker.get("identity")
+    if old_identity is None and run.job_file.is_file() and (run.has_trials() or can_restore(job, run)):
+        old_identity = identity(run.read_job())  # a run of an earlier version (no marker)
+    same = old_identity is None or old_identity == identity(job)
+    if not same:
+        try:
+            diff = differences(_plain(run.read_job()), _plain(job))
+        except QPrunerErrorTypes:
+            diff = []
+        shown = "\n".join(f"    {d}" for d in diff[:20]) or "    (the qpruner version)"
+        what = "--resume: the job changed since" if resume else "holds a different run than"
+        raise ResultsError(f"{run.path} {what} this one; settings that differ (stored -> asked):\n{shown}\n"
+                           "  Keep both: give this job a new name (name=...). Or continue the stored run with its "
+                           f"own settings: qpruner search {run.job_file} --resume. Or pass --overwrite to move the "
+                           "old run aside (it is never deleted) and start this one")
+    restorable = can_restore(job, run)
+    if resume and not restorable:
+        raise ResultsError(f"--resume: {run.path} has no Ray Tune experiment to resume "
+                           f"({experiment_dir(job, run)}); run without --resume")
+    return run, restorable
+
+
+def _plain(job) -> dict:
+    from .config import to_dict
+    return to_dict(job)

@@ -1,0 +1,248 @@
+"""The run directory's owner (qpruner.rundir): identity, refusals, lock, consistent reads, and the CLI's
+hard edges (every bad input: exit code 2, one message naming the key or file, nothing written)."""
+
+import json
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qpruner import rundir
+from qpruner.cli import main
+from qpruner.config import build_job
+from qpruner.errors import ConfigError, ResultsError
+from qpruner.pareto import TrialLog
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "tune_jobs" / "tiny_smoke.yaml")
+
+
+def _job(tmp_path, **changes):
+    data = {"name": "r", "results_dir": str(tmp_path), "model": {"source": "tiny"},
+            "finetune": {"steps": 2}, "search": {"num_trials": 3}}
+    for key, value in changes.items():
+        section, name = key.split(".")
+        data.setdefault(section, {})[name] = value
+    return build_job(data)
+
+
+def _started(job):
+    """A directory as a search of ``job`` leaves it after its first trial."""
+    run = rundir.RunDir(job.results_path)
+    run.path.mkdir(parents=True)
+    run.write_marker(job, searched=True)
+    run.write_job(job)
+    (run.path / "ray" / "tune").mkdir(parents=True)
+    (run.path / "ray" / "tune" / "tuner.pkl").write_bytes(b"")
+    pd.DataFrame([{"trial_id": "a", "status": "ok"}]).to_parquet(run.trials_file)
+    return run
+
+
+def test_identity_ignores_where_a_run_executes_but_not_what_it_computes(tmp_path):
+    job = _job(tmp_path)
+    assert rundir.identity(job) == rundir.identity(_job(tmp_path, **{"search.num_cpus": 7, "search.verbose": 0}))
+    assert rundir.identity(job) != rundir.identity(_job(tmp_path, **{"finetune.steps": 3}))
+    assert rundir.trial_key(job) == rundir.trial_key(_job(tmp_path, **{"search.num_trials": 9}))
+    assert rundir.trial_key(job) != rundir.trial_key(_job(tmp_path, **{"data.eval_samples": 8}))
+
+
+def test_search_refuses_a_different_run_and_names_the_keys(tmp_path):
+    job = _job(tmp_path)
+    run = _started(job)
+    changed = _job(tmp_path, **{"finetune.steps": 5, "policy.budget_avg_bits": 6.0})
+    for resume in (False, True):
+        with pytest.raises(ResultsError) as err:
+            rundir.open_for_search(changed, resume=resume)
+        assert "finetune.steps: 2 -> 5" in str(err.value) and "policy.budget_avg_bits: None -> 6.0" in str(err.value)
+        assert "--overwrite" in str(err.value)
+    assert rundir.open_for_search(job)[1] is True  # the same job, unfinished: continued
+    assert run.path.is_dir()
+    assert rundir.open_for_search(changed, overwrite=True)[1] is False
+
+
+def test_resume_with_nothing_to_resume_fails_before_any_work(tmp_path):
+    with pytest.raises(ResultsError, match="no search to resume"):
+        rundir.open_for_search(_job(tmp_path), resume=True)
+    assert not (tmp_path / "r").exists()
+    run = rundir.RunDir(tmp_path / "r")
+    run.path.mkdir()
+    run.write_marker(_job(tmp_path), searched=False)  # pruned only
+    with pytest.raises(ResultsError, match="no Ray Tune experiment"):
+        rundir.open_for_search(_job(tmp_path), resume=True)
+
+
+def test_a_directory_qpruner_did_not_write_is_refused_and_untouched(tmp_path):
+    mine = tmp_path / "r"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    with pytest.raises(ResultsError, match="not written by qpruner"):
+        rundir.open_for_search(_job(tmp_path))
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path):
+    run = _started(_job(tmp_path))
+    moved = run.move_aside()
+    assert moved.name.startswith("r.replaced-") and (moved / "trials.parquet").is_file() and not run.path.exists()
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    run = rundir.RunDir(tmp_path / "r")
+    with run.lock("search"):
+        with pytest.raises(ResultsError, match=r"in use by qpruner search \(pid \d+"):
+            with rundir.RunDir(tmp_path / "r").lock("search"):
+                pass
+    with run.lock("search"):  # released: free again
+        pass
+
+
+def _rewrite(path, n, stop_after):
+    from qpruner.pareto import atomic_write_parquet
+    frame = pd.DataFrame({"x": list(range(n))})
+    end = time.time() + stop_after
+    while time.time() < end:
+        atomic_write_parquet(frame.sample(frac=1.0), Path(path))
+
+
+def test_readers_never_fail_while_the_writer_replaces_the_file(tmp_path):
+    path = tmp_path / "trials.parquet"
+    pd.DataFrame({"x": [0]}).to_parquet(path)
+    writer = mp.get_context("spawn").Process(target=_rewrite, args=(str(path), 5000, 4.0))
+    writer.start()
+    reads = failures = 0
+    try:
+        deadline = time.time() + 3.5
+        while time.time() < deadline:
+            try:
+                assert len(rundir.read_table(path)) in (1, 5000)
+            except ResultsError:
+                failures += 1
+            reads += 1
+    finally:
+        writer.join()
+    assert reads > 50 and failures == 0
+
+
+def test_a_truncated_table_is_one_clear_error(tmp_path, capsys):
+    run = _started(_job(tmp_path))
+    run.trials_file.write_bytes(run.trials_file.read_bytes()[:40])
+    with pytest.raises(ResultsError, match="unreadable.*truncated"):
+        rundir.read_table(run.trials_file)
+    for argv in (["status", str(run.path)], ["report", str(run.path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "trials.parquet" in err and "Traceback" not in err
+
+
+def _append(directory, who, n):
+    log = TrialLog(directory, "accuracy")
+    for i in range(n):
+        log._put({"trial_id": f"{who}-{i}", "status": "ok"})
+
+
+def test_two_writers_of_one_log_lose_nothing(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append, args=(str(tmp_path), w, 40)) for w in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert len(pd.read_parquet(tmp_path / "trials.parquet")) == 80
+
+
+def test_screened_rows_get_fresh_ids_even_after_a_restart(tmp_path):
+    from qpruner.plan import PrecisionPlan
+    from qpruner.trial import TrialResult
+    plan = PrecisionPlan(("nf4", "int8"))
+    result = TrialResult(plan=plan, status="infeasible", objective=-1000.5, weight_bytes=10,
+                         weight_bytes_predicted=10, avg_bits=6.0, budget_excess=0.5)
+    first = [TrialLog(tmp_path, "accuracy").add_screened("infeasible", result) for _ in range(2)]
+    again = TrialLog(tmp_path, "accuracy").add_screened("infeasible", result)  # a new driver, same log
+    assert first == ["infeasible-00001", "infeasible-00002"] and again == "infeasible-00003"
+
+
+def test_the_cache_answers_only_from_rows_of_the_same_trial_key(tmp_path):
+    from qpruner.plan import PrecisionPlan
+    plan = PrecisionPlan(("nf4", "int8"))
+    log = TrialLog(tmp_path, "accuracy", run_key="k1")
+    log._put({"trial_id": "t1", "status": "ok", "plan_formats": "nf4,int8"})
+    assert log.lookup(plan)["trial_id"] == "t1"
+    assert TrialLog(tmp_path, "accuracy", run_key="k2").lookup(plan) is None
+
+
+# --- bad inputs: exit code 2, one message naming the key or file, nothing written -----------------------
+
+BAD_JOBS = [
+    ("prune:\n  ratio: .nan\n", "prune.ratio"),
+    ("finetune:\n  lr: .inf\n", "finetune.lr"),
+    ("name: ..\n", "name"),
+    ("policy:\n  budget_avg_bits: 3.5\n", "policy.budget_avg_bits"),
+    ("", "empty"),
+]
+
+
+@pytest.mark.parametrize("text,named", BAD_JOBS)
+def test_bad_job_files_exit_2_name_the_key_and_write_nothing(tmp_path, capsys, monkeypatch, text, named):
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    for verb in ("validate", "search", "prune"):
+        assert main([verb, str(job), f"results_dir={tmp_path / 'out'}"]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+def test_undecodable_job_file(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_bytes(b"name: caf\xe9\n")
+    assert main(["validate", str(job)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_unsupported_model_type_is_caught_from_config_json(tmp_path, capsys):
+    model = tmp_path / "gpt2dir"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert main(["validate", SMOKE, f"model.source={model}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.source" in err and "'gpt2'" in err
+
+
+def test_trust_remote_code_warns(capsys):
+    assert main(["validate", SMOKE, "model.trust_remote_code=true"]) == 0
+    assert "trust_remote_code is on" in capsys.readouterr().err
+
+
+def test_results_commands_on_bad_directories_exit_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for argv in (["export", str(tmp_path / "empty")], ["report", str(tmp_path / "empty")],
+                 ["status", str(tmp_path / "nothing")], ["search", SMOKE, f"results_dir={tmp_path}", "--resume"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_status_before_the_first_trial_says_so(tmp_path, capsys):
+    job = _job(tmp_path)
+    run = rundir.RunDir(job.results_path)
+    run.path.mkdir()
+    run.write_job(job)
+    assert main(["status", str(run.path)]) == 0
+    assert "no trial finished yet" in capsys.readouterr().out
+
+
+def test_build_job_does_not_write_into_the_callers_dict():
+    data = {"finetune": {"steps": 2}}
+    build_job(data, ["finetune.steps=7"])
+    assert data == {"finetune": {"steps": 2}}
+
+
+def test_config_error_is_a_config_error():
+    with pytest.raises(ConfigError, match="finite"):
+        build_job({"prune": {"ratio": float("nan")}})
+    assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"

@@ -56,8 +56,12 @@ def _cmd_status(args) -> int:
     from .report import front_table
 
     run = _run_dir(args.results)
+    if not run.is_ours():
+        raise ResultsError(f"{run.path} is not a results/<job>/ directory of qpruner (no job.yaml, no marker)")
     job = run.read_job() if run.job_file.is_file() else None
     metric = front_metric(job) if job else "accuracy"
+    holder = run.holder()
+    print(f"{run.path}: " + (f"running: {holder}" if holder else "not running (no search holds it)"))
     if not run.has_trials():
         print(f"{run.path}: no trial finished yet" + (f" (job '{job.name}', {job.search.num_trials} trials wanted)"
                                                         if job else ""))
@@ -92,7 +96,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    from .job import load_or_prune, resolve_device
+    from .job import load_or_prune, prune_key, resolve_device
     from .rundir import MARKER, RunDir
 
     job = load_job(args.job, args.overrides)
@@ -101,6 +105,11 @@ def _cmd_prune(args) -> int:
         raise ResultsError(f"{run.path} exists and was not written by qpruner (no {MARKER}); nothing was changed. "
                            "Choose another name (name=...) or results_dir")
     with run.lock("prune"):
+        stored = (run.read_marker() or {}).get("identity") and run.job_file.is_file() and run.read_job()
+        if stored and prune_key(stored) != prune_key(job):
+            raise ResultsError(f"{run.path} holds a searched run whose model was pruned with other settings; "
+                               "pruning again there would leave its trials without their model. Give this job a "
+                               "new name (name=...)")
         run.write_marker(job, searched=False)
         pruned = load_or_prune(job, resolve_device(job.device), force=args.force)
     print(("reused: " if pruned.reused else "") + pruned.report.summary())

@@ -249,6 +249,21 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
+    def holder(self) -> str | None:
+        """Who holds the lock (e.g. a running search), or None: a check that writes nothing."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+
     # moving a run aside --------------------------------------------------------------------------
     def move_aside(self) -> Path:
         """Rename the directory to ``<name>.replaced-<timestamp>`` (never deletes); returns the new path."""

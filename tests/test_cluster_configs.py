@@ -51,3 +51,23 @@ def test_kuberay_manifests_validate(name):
     assert "kind: Ingress" not in text and "LoadBalancer" not in text
     if doc["kind"] == "RayJob":
         assert doc["spec"]["entrypoint"].startswith("qpruner search tune_jobs/")
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml"])
+def test_kuberay_manifests_turn_token_auth_on_and_label_pods_for_the_network_policy(name):
+    _, cr = _cluster_spec(name)
+    assert cr["spec"]["authOptions"] == {"mode": "token"}
+    groups = [cr["spec"]["headGroupSpec"], *cr["spec"]["workerGroupSpecs"]]
+    policy = yaml.safe_load((CLUSTER / "kuberay-networkpolicy.yaml").read_text())
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert all(g["template"]["metadata"]["labels"].items() >= selected.items() for g in groups)
+
+
+def test_network_policy_admits_only_ray_pods_the_operator_and_labelled_clients():
+    policy = yaml.safe_load((CLUSTER / "kuberay-networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    peers = [peer for rule in rules for peer in rule["from"]]
+    assert all("ipBlock" not in p and (p.get("podSelector") or {}).get("matchLabels") for p in peers)  # no open peer
+    outside = [r for r in rules if r["from"][0]["podSelector"]["matchLabels"] != policy["spec"]["podSelector"]["matchLabels"]]
+    assert all([p["port"] for p in r["ports"]] == [8265] for r in outside)  # clients: dashboard / job API only

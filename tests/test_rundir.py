@@ -246,3 +246,29 @@ def test_config_error_is_a_config_error():
     with pytest.raises(ConfigError, match="finite"):
         build_job({"prune": {"ratio": float("nan")}})
     assert os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
+
+
+def test_prune_does_not_swap_the_model_under_a_searched_run(tmp_path, capsys):
+    from qpruner.config import load_job
+    assert main(["prune", SMOKE, f"results_dir={tmp_path}"]) == 0
+    run = rundir.RunDir(tmp_path / "tiny_smoke")
+    job = load_job(SMOKE, [f"results_dir={tmp_path}"])
+    run.write_marker(job, searched=True)   # as a search leaves it
+    run.write_job(job)
+    before = (run.pruned / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["prune", SMOKE, f"results_dir={tmp_path}", "prune.ratio=0.25", "--force"]) == 2
+    assert "pruned with other settings" in capsys.readouterr().err
+    assert (run.pruned / "model.safetensors").read_bytes() == before
+
+
+def test_status_says_whether_a_search_is_running(tmp_path, capsys):
+    job = _job(tmp_path)
+    run = _started(job)
+    assert run.holder() is None
+    with run.lock("search"):
+        assert "qpruner search (pid" in run.holder()
+        assert main(["status", str(run.path)]) == 0
+        assert "running: qpruner search" in capsys.readouterr().out
+    assert main(["status", str(run.path)]) == 0
+    assert "not running" in capsys.readouterr().out

@@ -40,6 +40,32 @@ def test_qpruner_search_tiny_smoke(tmp_path):
     assert all(front_mask(front["accuracy"].tolist(), front["weight_bytes"].tolist()))
     assert "Pareto front" in proc.stdout and "finished in" in proc.stdout
 
+    # the same job again: found finished, reported, nothing trained, nothing rewritten
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert again.returncode == 0 and "continued and finished" in again.stdout
+    assert pd.read_parquet(out / "trials.parquet").equals(trials)
+    # a changed job into the same directory: refused, naming the key; nothing written
+    changed = subprocess.run(cmd + ["finetune.steps=4"], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert changed.returncode == 2 and "finetune.steps: 3 -> 4" in changed.stderr and "Traceback" not in changed.stderr
+    assert pd.read_parquet(out / "trials.parquet").equals(trials)
+    # --overwrite: the old run moves aside, whole, and the new one starts in its place
+    fresh = subprocess.run(cmd + ["search.num_trials=1", "--overwrite"], capture_output=True, text=True, timeout=600,
+                           cwd=tmp_path, env=env)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("tiny_smoke.replaced-")]
+    assert len(aside) == 1 and pd.read_parquet(aside[0] / "trials.parquet").equals(trials)
+    assert len(pd.read_parquet(out / "trials.parquet")) == 1
+
+
+def test_killed_driver_resumes_with_nothing_lost_and_no_trial_trained_twice(tmp_path):
+    """SIGKILL of the driver's process group mid-search, then --resume (bench/reliability.py, one round)."""
+    import random
+    sys.path.insert(0, str(ROOT / "bench"))
+    import reliability
+    r = reliability.one_round(0, 1, tmp_path, random.Random(4))
+    assert r["kills"] == 1 and r["rows_lost"] == 0 and r["rows_duplicated"] == 0 and r["failed_reads"] == 0
+    assert r["trained"] == 7 and r["extra_trainings"] == 0
+
 
 def test_trials_that_diverge_are_failed_and_the_search_completes(tmp_path):
     """Real divergence (float16 overflow with an absurd learning rate), through real Ray."""
@@ -90,4 +116,4 @@ def test_status_command(tmp_path):
     assert proc.returncode == 0 and "hypervolume" in proc.stdout and "5 ok" in proc.stdout
     assert "plan (4=nf4" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "qpruner.cli", "status", str(tmp_path)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "no trials.parquet" in bad.stderr
+    assert bad.returncode == 2 and "not a results/<job>/ directory" in bad.stderr

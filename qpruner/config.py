@@ -210,6 +210,10 @@ class SearchConfig:
                                          "cluster); 'auto': join a running cluster; or an address")
     num_cpus: Optional[int] = opt(None, min=1, help="CPUs of a local Ray (default: all)")
     dashboard: bool = opt(False, help="start the Ray dashboard of a local Ray (on 127.0.0.1)")
+    metrics_linger_s: Optional[float] = opt(None, min=0.0, max=3600.0,
+                                            help="keep the driver up this long after the last trial so that "
+                                                 "Prometheus scrapes the final metrics (default: 30 on a "
+                                                 "cluster, 0 locally)")
     verbose: int = opt(1, choices=(0, 1, 2), help="Ray Tune console output")
 
 

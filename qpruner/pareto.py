@@ -216,8 +216,9 @@ class TrialLog:
         self.refresh()
         return {str(r["trial_id"]): r for r in self.rows if r.get("status") in TRAINED}
 
-    def summary(self) -> dict:
-        """Counts by status, front size, best quality and hypervolume (live reference point)."""
+    def summary(self, ref: tuple[float, float] | None = None) -> dict:
+        """Counts by status, front size, best quality and hypervolume: against ``ref = (q_ref, cost_ref)``
+        when given (fixed, comparable over time), else the live reference (lowest quality, largest memory seen)."""
         frame = self.frame()
         counts = frame["status"].value_counts().to_dict() if not frame.empty and "status" in frame else {}
         front = pareto_front(frame, self.metric)
@@ -225,8 +226,8 @@ class TrialLog:
                "best": None, "hypervolume": 0.0}
         ok = frame[frame["status"] == "ok"] if counts else frame
         if not front.empty:
-            q_all = quality_values(ok, self.metric)
-            ref = (min(q_all) - 1e-9, float(ok["weight_bytes"].max()) + 1.0)
+            if ref is None:
+                ref = (min(quality_values(ok, self.metric)) - 1e-9, float(ok["weight_bytes"].max()) + 1.0)
             out["hypervolume"] = hypervolume(quality_values(front, self.metric), front["weight_bytes"].astype(float).tolist(),
                                              ref)
             best = front[self.metric].max() if maximize(self.metric) else front[self.metric].min()

@@ -49,7 +49,7 @@ TRIALS_FILE = "trials.parquet"
 PARETO_FILE = "pareto.parquet"
 # settings that change where and how visibly a run executes, never what it computes
 RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", "search.dashboard",
-                "search.verbose", "search.loggers", "search.storage_path", "search.max_failures")
+                "search.verbose", "search.loggers", "search.metrics_linger_s", "search.storage_path", "search.max_failures")
 # of these sections, every key changes a trained trial's result
 TRIAL_SECTIONS = ("model", "data", "prune", "quant", "finetune", "eval")
 

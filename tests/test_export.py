@@ -121,7 +121,7 @@ def test_export_never_deletes_what_it_did_not_write(searched, tmp_path):
 
 
 def test_tracking_loggers_write_their_files(searched):
-    trial_dirs = [p for p in (searched / "ray" / "tune").iterdir() if p.name.startswith("_trainable")]
+    trial_dirs = [p for p in (searched / "ray" / "tune").iterdir() if p.name.startswith("trial_")]
     assert trial_dirs and all(list(p.glob("events.out.tfevents*")) and (p / "progress.csv").is_file()
                               for p in trial_dirs)
 

@@ -1,57 +1,96 @@
 """The driver-side Tune callback: persist every finished trial, keep the front live, publish metrics.
 
-Ray metrics (visible in the Ray dashboard's metrics view / Prometheus when the dashboard runs):
-``qpruner_trials{job, status}`` (ok, failed, infeasible, cached, stopped, error), ``qpruner_front_size``,
-``qpruner_hypervolume`` and ``qpruner_best_quality``, all tagged with the job name, updated after
-every trial.
+Ray metrics (Ray's metrics agent exports them to Prometheus with the prefix ``ray_``; labels
+``qpruner_job`` = the job name and ``submission_id`` = the Ray job submission id, or ``local-<Ray job id>``):
+
+* ``ray_qpruner_trials{status}``: trials by status (ok, failed, infeasible, cached, stopped, error);
+  published as zeros when the search starts;
+* ``ray_qpruner_front_size``, ``ray_qpruner_best_quality`` (the front's best value of the quality metric);
+* ``ray_qpruner_hypervolume``: against a reference fixed before the first trial (quality of a model that
+  knows nothing: 0 accuracy, perplexity = vocabulary size; memory of the largest plan in the space), so
+  it only ever grows;
+* per trial, labelled ``trial`` (its name, e.g. ``t0007-44448888``) and ``plan`` (the plan code):
+  ``ray_qpruner_trial_quality``, ``ray_qpruner_trial_quality_se``, ``ray_qpruner_trial_weight_mb``,
+  ``ray_qpruner_trial_avg_bits``.
+
+The series live as long as the driver: ``search.metrics_linger_s`` keeps it up after the last trial so
+that Prometheus scrapes the final values (default: 30 s when running on a cluster, 0 locally).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 from ray import tune
 
-from ..pareto import TrialLog
+from ..pareto import TrialLog, se_column
 from ..plan import PrecisionPlan
 from ..trial import TrialResult
 
 logger = logging.getLogger(__name__)
 STATUSES = ("ok", "failed", "infeasible", "cached", "stopped", "error")
+SERIES = {  # name: (description, extra tag keys)
+    "qpruner_trials": ("trials by status", ("status",)),
+    "qpruner_front_size": ("plans on the Pareto front", ()),
+    "qpruner_hypervolume": ("hypervolume of the front against a fixed reference", ()),
+    "qpruner_best_quality": ("best value of the front's quality metric", ()),
+    "qpruner_trial_quality": ("a trial's value of the quality metric", ("trial", "plan")),
+    "qpruner_trial_quality_se": ("its standard error over evaluation windows", ("trial", "plan")),
+    "qpruner_trial_weight_mb": ("a trial's weight memory, MB", ("trial", "plan")),
+    "qpruner_trial_avg_bits": ("a trial's average bits per decoder-linear weight", ("trial", "plan")),
+}
 
 
 class LiveMetrics:
-    """Ray metrics gauges for one job (no-ops where Ray's metrics agent is not running)."""
+    """Ray metrics gauges for one search (no-ops where Ray's metrics agent is not running)."""
 
-    def __init__(self, job: str):
-        self.job = job
+    def __init__(self, job: str, submission: str = "", metric: str = "perplexity"):
+        self.tags = {"qpruner_job": job, "submission_id": submission or "unknown"}
+        self.metric = metric
         self.gauges = None
+
+    def _gauges(self) -> dict:
+        if self.gauges is None:
+            from ray.util.metrics import Gauge
+            self.gauges = {name: Gauge(name, desc, tag_keys=("qpruner_job", "submission_id", *extra))
+                           for name, (desc, extra) in SERIES.items()}
+        return self.gauges
+
+    def _set(self, name: str, value, **tags) -> None:
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return
+        self._gauges()[name].set(float(value), tags={**self.tags, **tags})
 
     def publish(self, summary: dict) -> None:
         try:
-            if self.gauges is None:
-                from ray.util.metrics import Gauge
-                self.gauges = {
-                    "trials": Gauge("qpruner_trials", "trials by status", tag_keys=("job", "status")),
-                    "front": Gauge("qpruner_front_size", "plans on the Pareto front", tag_keys=("job",)),
-                    "hv": Gauge("qpruner_hypervolume", "hypervolume of the front (live reference)", tag_keys=("job",)),
-                    "best": Gauge("qpruner_best_quality", "best value of the front's quality metric", tag_keys=("job",)),
-                }
-            tags = {"job": self.job}
             for status in STATUSES:
-                self.gauges["trials"].set(summary.get(f"n_{status}", 0), tags={**tags, "status": status})
-            self.gauges["front"].set(summary["front_size"], tags=tags)
-            self.gauges["hv"].set(summary["hypervolume"], tags=tags)
-            if summary["best"] is not None:
-                self.gauges["best"].set(summary["best"], tags=tags)
+                self._set("qpruner_trials", summary.get(f"n_{status}", 0), status=status)
+            self._set("qpruner_front_size", summary["front_size"])
+            self._set("qpruner_hypervolume", summary["hypervolume"])
+            self._set("qpruner_best_quality", summary["best"])
         except Exception as exc:  # metrics are best effort; never break a search for them
+            logger.debug("could not publish Ray metrics: %s", exc)
+
+    def trial(self, name: str, plan: str, result: dict) -> None:
+        try:
+            tags = {"trial": name, "plan": plan}
+            self._set("qpruner_trial_quality", result.get(self.metric), **tags)
+            self._set("qpruner_trial_quality_se", result.get(se_column(self.metric)), **tags)
+            if result.get("weight_bytes") is not None:
+                self._set("qpruner_trial_weight_mb", result["weight_bytes"] / 1e6, **tags)
+            self._set("qpruner_trial_avg_bits", result.get("avg_bits"), **tags)
+        except Exception as exc:
             logger.debug("could not publish Ray metrics: %s", exc)
 
 
 class PersistTrials(tune.Callback):
-    def __init__(self, log: TrialLog, decode, job: str):
-        self.log, self.decode = log, decode
-        self.metrics = LiveMetrics(job)
+    def __init__(self, log: TrialLog, decode, job: str, submission: str = "", ref: tuple | None = None):
+        self.log, self.decode, self.ref = log, decode, ref
+        self.metrics = LiveMetrics(job, submission, log.metric)
+
+    def setup(self, **info):
+        self._done()  # zeros (or, after a restart, the counts so far) before the first trial ends
 
     def _plan(self, trial) -> PrecisionPlan | None:
         try:
@@ -60,7 +99,7 @@ class PersistTrials(tune.Callback):
             return None
 
     def _done(self) -> None:
-        summary = self.log.summary()
+        summary = self.log.summary(self.ref)
         self.metrics.publish(summary)
         logger.info("trials %d, front %d plans, hypervolume %.4g", summary["trials"], summary["front_size"],
                     summary["hypervolume"])
@@ -78,8 +117,9 @@ class PersistTrials(tune.Callback):
         elif "objective" in result:
             checkpoint = getattr(trial, "checkpoint", None)
             adapter = {"adapter_path": checkpoint_location(checkpoint)} if checkpoint is not None else {}
-            self.log.add(trial.trial_id, TrialResult.from_metrics(result), **node, **adapter)
-            logger.info("trial %s: %s", trial.trial_id, describe(result))
+            self.log.add(trial.trial_id, TrialResult.from_metrics(result), **node, **adapter, trial_name=str(trial))
+            self.metrics.trial(str(trial), str(result.get("plan_code")), result)
+            logger.info("trial %s: %s", trial, describe(result))
         self._done()
 
     def on_trial_error(self, iteration, trials, trial, **info):

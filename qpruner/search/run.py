@@ -23,6 +23,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import policy
@@ -49,6 +50,39 @@ def _ray():
 def in_submitted_job() -> bool:
     """True inside the entrypoint of a Ray job (`ray job submit`): Ray's job supervisor sets these."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and bool(os.environ.get("RAY_ADDRESS"))
+
+
+def submission_id() -> str:
+    """The Ray job submission id of this driver (`ray job submit`), else ``local-<Ray job id>``."""
+    import json as _json
+    try:
+        meta = _json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {})
+        if meta.get("job_submission_id"):
+            return str(meta["job_submission_id"])
+    except (ValueError, AttributeError):
+        pass
+    try:
+        import ray
+        return f"local-{ray.get_runtime_context().get_job_id()}"
+    except Exception:  # noqa: BLE001 - a label, never worth failing for
+        return "local"
+
+
+def reference_point(job: JobConfig, context: TrialContext, memory_of_largest: float) -> tuple[float, float]:
+    """The fixed hypervolume reference ``(q_ref, cost_ref)`` of a search: the quality of a model that knows
+    nothing (0 accuracy; perplexity = vocabulary size, i.e. -log(vocab) as quality) and the memory of the
+    largest plan in the space (+1 byte)."""
+    import math
+    vocab = float(context.config_dict.get("vocab_size") or 32000)
+
+    def worst(metric: str) -> float:
+        return -math.log(vocab) if metric == "perplexity" else 0.0
+
+    if job.search.objective:
+        q_ref = sum(w * worst(k) for k, w in job.search.objective.items())
+    else:
+        q_ref = worst(job.search.metric)
+    return q_ref, float(memory_of_largest) + 1.0
 
 
 def init_ray(job: JobConfig) -> bool:
@@ -93,7 +127,7 @@ class OverBudget:
         return self.precheck(plan, self.device)[1]
 
 
-def _trainable(config: dict, context: TrialContext, decode: PlanDecoder, threads: int, save_adapters: bool = True,
+def qpruner_trial(config: dict, context: TrialContext, decode: PlanDecoder, threads: int, save_adapters: bool = True,
                done: dict | None = None):
     import tempfile
 
@@ -190,6 +224,25 @@ def _rss_bytes() -> int | None:
         return None
 
 
+class TrialNames:
+    """Names people can read, in the Tune table, the dashboard and the experiment directory: the trial's
+    number and its plan code (``t0007-44448888``; directory ``trial_0007_<id>_44448888``)."""
+
+    def __init__(self, decode: PlanDecoder, directory: bool = False):
+        self.decode, self.directory = decode, directory
+
+    def __call__(self, trial) -> str:
+        number = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+        number = int(number) if number.isdigit() else 0
+        try:
+            code = self.decode(trial.config).code()
+        except Exception:  # a malformed config still needs a name
+            code = "plan"
+        if self.directory:
+            return f"trial_{number:04d}_{trial.trial_id}_{code[:64]}"
+        return f"t{number:04d}-{code}"
+
+
 class _NoParameterColumns(dict):
     """An empty column mapping that Tune does not replace by one column per unit (it tests truth)."""
 
@@ -200,8 +253,13 @@ class _NoParameterColumns(dict):
 def _reporter():
     """Ray Tune's trial table with the plan code and our metrics instead of one column per unit."""
     from ray.tune import CLIReporter
+
+    class FrontReporter(CLIReporter):
+        def _current_best_trial(self, trials):  # no "best trial ... parameters={}": a front has no single best
+            return None, None
+
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # a custom table needs Tune's classic output
-    return CLIReporter(
+    return FrontReporter(
         metric_columns={"plan_code": "plan", "status": "result", "avg_bits": "bits", "weight_bytes": "weight B",
                         "perplexity": "ppl", "accuracy": "acc", "objective": "objective"},
         parameter_columns=_NoParameterColumns(), max_report_frequency=30, max_column_length=48)
@@ -273,7 +331,7 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
         # after a restart, trials Tune's last checkpoint still had running may be finished and recorded
         done = {tid: TrialResult.from_metrics(row).to_metrics() for tid, row in log.trained().items()
                 if row.get("status") in ("ok", "failed") and not row.get("cached_from")} if resume else {}
-        trainable = tune.with_parameters(_trainable, context=context, decode=decode, done=done,
+        trainable = tune.with_parameters(qpruner_trial, context=context, decode=decode, done=done,
                                          threads=max(1, int(cfg.cpus_per_trial)), save_adapters=cfg.save_adapters)
         trainable = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
         if resume:
@@ -282,6 +340,12 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
         else:
             tuner = _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores)
         tuner.fit()
+        linger = cfg.metrics_linger_s if cfg.metrics_linger_s is not None else (
+            30.0 if (cfg.ray_address or in_submitted_job()) else 0.0)
+        if linger:
+            logger.info("keeping the final metrics up for %.0f s (search.metrics_linger_s)", linger)
+            import time
+            time.sleep(linger)
     finally:
         if started:
             ray.shutdown()
@@ -302,21 +366,25 @@ def search_space(job: JobConfig, context: TrialContext, n_units: int, scores=Non
 def _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores=None):
     _, tune = _ray()
     cfg = job.search
-    space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(n_units)}
+    param_space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(n_units)}
     points = [policy.encode(s.plan) for s in seeds][: cfg.num_trials]
-    inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup, search_space(job, context, n_units, scores))
+    space = search_space(job, context, n_units, scores)
+    inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup, space)
     device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
     screen = PlanScreen(decode, OverBudget(Precheck.of(context), device), log)
     searcher = BudgetedSearcher(inner, screen, cfg.max_rejections, num_trials=cfg.num_trials)
+    ref = reference_point(job, context, space.costs.total(np.full(n_units, len(space.options) - 1)))
     multi = isinstance(inner.metric, list)
     return tune.Tuner(
         trainable,
-        param_space=space,
+        param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(job, multi), num_samples=cfg.num_trials,
                                     metric=None if multi else "objective", mode=None if multi else "max",
-                                    max_concurrent_trials=cfg.max_concurrent, reuse_actors=True),
+                                    max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
+                                    trial_name_creator=TrialNames(decode),
+                                    trial_dirname_creator=TrialNames(decode, directory=True)),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path(job, log),
-                                  callbacks=[PersistTrials(log, decode, job.name),
+                                  callbacks=[PersistTrials(log, decode, job.name, submission_id(), ref),
                                              *tracking_callbacks(job, Path(log.directory))],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   progress_reporter=_reporter(), verbose=cfg.verbose),

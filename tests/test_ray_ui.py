@@ -1,0 +1,80 @@
+"""What Ray users see: trial names, the metrics' names, labels and values (Ray's Gauge recorded)."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from qpruner.config import build_job
+from qpruner.pareto import TrialLog
+from qpruner.search import callbacks
+from qpruner.search.run import PlanDecoder, TrialNames, reference_point, submission_id
+
+
+class FakeGauge:
+    values: dict = {}
+
+    def __init__(self, name, description="", tag_keys=()):
+        self.name, self.tag_keys = name, tuple(tag_keys)
+
+    def set(self, value, tags=None):
+        assert set(tags) == set(self.tag_keys), (self.name, tags)
+        FakeGauge.values[(self.name, tuple(sorted(tags.items())))] = value
+
+
+@pytest.fixture
+def gauges(monkeypatch):
+    import ray.util.metrics
+    FakeGauge.values = {}
+    monkeypatch.setattr(ray.util.metrics, "Gauge", FakeGauge)
+    return FakeGauge.values
+
+
+def _value(values, name, **tags):
+    hits = [v for (n, t), v in values.items() if n == name and tags.items() <= dict(t).items()]
+    assert len(hits) == 1, (name, tags, hits)
+    return hits[0]
+
+
+def test_trials_are_named_by_number_and_plan():
+    decode = PlanDecoder(4, "nf4", "layer")
+    trial = SimpleNamespace(experiment_tag="7_bits_000=4,bits_001=8", trial_id="5570af3b",
+                            config={"bits_000": 4, "bits_001": 8, "bits_002": 8, "bits_003": 16})
+    assert TrialNames(decode)(trial) == "t0007-488H"
+    assert TrialNames(decode, directory=True)(trial) == "trial_0007_5570af3b_488H"
+
+
+def test_metrics_carry_job_and_submission_labels_zeros_first_and_per_trial_series(tmp_path, gauges):
+    log = TrialLog(tmp_path, "perplexity")
+    persist = callbacks.PersistTrials(log, PlanDecoder(2, "nf4", "layer"), "demo", "raysubmit_X", ref=(-10.0, 1e6))
+    persist.setup()
+    assert _value(gauges, "qpruner_trials", status="ok", qpruner_job="demo", submission_id="raysubmit_X") == 0
+    assert _value(gauges, "qpruner_hypervolume") == 0.0
+    row = {"trial_id": "a", "status": "ok", "perplexity": 30.0, "perplexity_se": 0.5, "weight_bytes": 2e5,
+           "avg_bits": 6.0, "plan_code": "48", "plan_formats": "nf4,int8"}
+    log._put(dict(row))
+    persist._done()
+    persist.metrics.trial("t0001-48", "48", row)
+    first = _value(gauges, "qpruner_hypervolume")
+    assert first == pytest.approx((1e6 - 2e5) * (-math.log(30.0) + 10.0))   # against the fixed reference
+    assert _value(gauges, "qpruner_trial_quality", trial="t0001-48", plan="48") == 30.0
+    assert _value(gauges, "qpruner_trial_quality_se", trial="t0001-48") == 0.5
+    assert _value(gauges, "qpruner_trial_weight_mb", trial="t0001-48") == pytest.approx(0.2)
+    log._put({**row, "trial_id": "b", "perplexity": 40.0, "weight_bytes": 1e5, "plan_formats": "nf4,nf4"})
+    persist._done()
+    assert _value(gauges, "qpruner_hypervolume") > first                     # never jumps down
+    assert _value(gauges, "qpruner_trials", status="ok") == 2
+
+
+def test_reference_point_is_a_model_that_knows_nothing():
+    job = build_job({"model": {"source": "tiny"}})
+    context = SimpleNamespace(config_dict={"vocab_size": 49152})
+    assert reference_point(job, context, 1000.0) == (pytest.approx(-math.log(49152)), 1001.0)
+    acc = build_job({"model": {"source": "tiny"}, "search": {"metric": "accuracy"}})
+    assert reference_point(acc, context, 5.0) == (0.0, 6.0)
+
+
+def test_submission_id_from_the_job_supervisor(monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
+    assert submission_id() == "raysubmit_1"

@@ -6,6 +6,7 @@
     qpruner report   RESULTS_DIR               report.html (front, bits heat-map, hypervolume, trial table)
     qpruner export   RESULTS_DIR --point K     a front point as a loadable model (safetensors + adapter)
     qpruner validate JOB.yaml [key=value ...]   check a job file (and overrides) without running it
+    qpruner dashboard [--out FILE]              the Grafana dashboard of the qpruner Ray metrics
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import load_job, to_dict
@@ -140,6 +142,19 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _cmd_dashboard(args) -> int:
+    from .dashboards import GRAFANA
+    if args.out is None:
+        print(GRAFANA.read_text(), end="")
+        return 0
+    out = Path(args.out)
+    if out.exists():
+        raise ResultsError(f"{out} exists; choose a new file name (nothing was changed)")
+    out.write_text(GRAFANA.read_text())
+    print(f"wrote {out}: import it in Grafana (Dashboards -> New -> Import)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qpruner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "download) or task YAML files (custom tasks, e.g. over local JSON: offline)")
     p.add_argument("--lm-eval-limit", type=int, default=None, help="items per lm-eval task")
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("dashboard", help="the Grafana dashboard JSON for the qpruner Ray metrics")
+    p.add_argument("--out", default=None, help="write it to this new file (default: print it)")
+    p.set_defaults(func=_cmd_dashboard)
     for name, func, help_ in (("status", _cmd_status, "print the front of a (running) search"),
                               ("report", _cmd_report, "write report.html and the plots of a search")):
         p = sub.add_parser(name, help=help_)

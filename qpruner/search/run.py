@@ -52,6 +52,19 @@ def in_submitted_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and bool(os.environ.get("RAY_ADDRESS"))
 
 
+def _provision_dashboard() -> None:
+    """QPruner's Grafana dashboard next to Ray's own, in this node's Ray session (best effort)."""
+    from ..dashboards import provision
+    try:
+        from ray._private import worker
+        session = worker._global_node.get_session_dir_path() if worker._global_node else None
+    except Exception:  # noqa: BLE001 - Ray internals; the dashboard is a convenience
+        session = None
+    where = provision(session)
+    if where:
+        logger.info("Grafana dashboard for the qpruner metrics: %s", where)
+
+
 def submission_id() -> str:
     """The Ray job submission id of this driver (`ray job submit`), else ``local-<Ray job id>``."""
     import json as _json
@@ -321,6 +334,7 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
     cfg = job.search
     started = init_ray(job)
     try:
+        _provision_dashboard()
         n_units = context.n_layers * units_per_layer(context.unit)
         decode = PlanDecoder(n_units, job.quant.four_bit, context.unit)
         experiment = os.path.join(storage_path(job, log), "tune")

@@ -2,7 +2,8 @@
 
     qpruner search   JOB.yaml [key=value ...]   prune once, search mixed precision, write results
     qpruner prune    JOB.yaml [key=value ...]   only prune, save to results/<job>/pruned/ (reused by search)
-    qpruner status   RESULTS_DIR               the front and trial counts of a search (also while it runs)
+    qpruner status   DIR|JOB.yaml|SUBMISSION_ID  progress and front of a search (also while it runs; a
+                                               submission id through the Ray job API, no files needed)
     qpruner report   RESULTS_DIR               report.html (front, bits heat-map, hypervolume, trial table)
     qpruner export   RESULTS_DIR --point K     a front point as a loadable model (safetensors + adapter)
     qpruner validate JOB.yaml [key=value ...]   check a job file (and overrides) without running it
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -53,10 +56,51 @@ def _run_dir(path: str):
     return run
 
 
+PROGRESS = re.compile(r"(\d\d:\d\d:\d\d) INFO qpruner\.search\.callbacks: progress: (\d+)/(\S+) trained, (\d+) rows, "
+                      r"front (\d+) plans, hypervolume (\S+)")
+
+
+def _status_of_submission(submission: str, address: str | None) -> int:
+    """A search submitted with `ray job submit`, through the Ray job API (no access to the head's files)."""
+    from .errors import BackendError
+    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    try:
+        from ray.job_submission import JobSubmissionClient
+        client = JobSubmissionClient(address)
+        status = str(client.get_job_status(submission))
+        logs = client.get_job_logs(submission)
+    except Exception as exc:  # noqa: BLE001 - the transport's errors vary (HTTP, auth, unknown id)
+        raise BackendError(f"cannot read job {submission!r} from the Ray job API at {address}: "
+                           f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}. "
+                           "Pass --address http://HEAD:8265 (or set RAY_ADDRESS); with token authentication set "
+                           "RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN_PATH)") from None
+    status = status.rsplit(".", 1)[-1]
+    progress = PROGRESS.findall(logs)
+    if not progress:
+        print(f"{submission}: {status}" + (", 0 trials finished" if status in ("RUNNING", "PENDING") else ""))
+        return 0
+    stamp, done, wanted, _, front, hv = progress[-1]
+    line = f"{submission}: {status}, {done} of {wanted} trials finished; front {front} plans, hypervolume {hv}"
+    if status == "RUNNING" and wanted.isdigit() and int(done) < int(wanted):
+        seconds = [int(h) * 3600 + int(m) * 60 + int(s) for h, m, s in (p[0].split(":") for p in progress)]
+        trained = [int(p[1]) for p in progress]
+        if trained[-1] > trained[0]:
+            pace = ((seconds[-1] - seconds[0]) % 86400) / (trained[-1] - trained[0])
+            line += f"; about {pace * (int(wanted) - int(done)) / 60:.0f} min left at the current pace"
+    print(line)
+    print("\n".join(l for l in logs.splitlines() if "qpruner.search.callbacks: trial " in l)[-3000:])
+    return 0
+
+
 def _cmd_status(args) -> int:
     from .pareto import TrialLog
     from .report import front_table
 
+    target = Path(args.results)
+    if args.address or (not target.exists() and re.fullmatch(r"[\w-]+", args.results)):
+        return _status_of_submission(args.results, args.address)
+    if target.is_file() and target.suffix in (".yaml", ".yml"):
+        args.results = str(load_job(target).results_path)
     run = _run_dir(args.results)
     if not run.is_ours():
         raise ResultsError(f"{run.path} is not a results/<job>/ directory of qpruner (no job.yaml, no marker)")
@@ -186,11 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dashboard", help="the Grafana dashboard JSON for the qpruner Ray metrics")
     p.add_argument("--out", default=None, help="write it to this new file (default: print it)")
     p.set_defaults(func=_cmd_dashboard)
-    for name, func, help_ in (("status", _cmd_status, "print the front of a (running) search"),
-                              ("report", _cmd_report, "write report.html and the plots of a search")):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("results", help="a results/<job>/ directory")
-        p.set_defaults(func=func)
+    p = sub.add_parser("status", help="progress and front of a (running) search")
+    p.add_argument("results", help="a results/<job>/ directory, a job file, or a Ray job submission id")
+    p.add_argument("--address", default=None, help="Ray job API of a submission id (default $RAY_ADDRESS, "
+                   "else http://127.0.0.1:8265)")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("report", help="write report.html and the plots of a search")
+    p.add_argument("results", help="a results/<job>/ directory")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -62,12 +62,13 @@ def head(tmp_path, monkeypatch):
         AuthenticationTokenLoader.instance().reset_cache()
 
 
-def test_ray_job_submit_runs_a_search_and_results_land(head, tmp_path):
+def test_ray_job_submit_runs_a_search_and_results_land(head, tmp_path, capsys):
     from ray.job_submission import JobStatus
     results = tmp_path / "results"
     submit = dict(
         # no search.ray_address: a submitted job joins the cluster it was submitted to by itself
-        entrypoint=f"qpruner search tune_jobs/tiny_smoke.yaml results_dir={results} search.num_trials=3",
+        entrypoint=f"qpruner search tune_jobs/tiny_smoke.yaml results_dir={results} search.num_trials=3 "
+                   "search.metrics_linger_s=0",
         runtime_env={"working_dir": str(ROOT), "excludes": [".venv", "results", ".git", ".whl", "**/__pycache__"]})
     agent_deadline = time.time() + 120
     while True:  # the API can answer before the head's job agent has registered (slow on a loaded machine)
@@ -88,3 +89,8 @@ def test_ray_job_submit_runs_a_search_and_results_land(head, tmp_path):
     assert "Connecting to existing Ray cluster" in logs  # the head's Ray, not a private local one
     for name in ("trials.parquet", "pareto.parquet", "report.html", "pruned/model.safetensors"):
         assert (results / "tiny_smoke" / name).is_file(), name
+    # `qpruner status <submission id>` from "a laptop": only the job API and the token, no files
+    from qpruner.cli import main
+    assert main(["status", job_id, "--address", head.get_address()]) == 0
+    out = capsys.readouterr().out
+    assert f"{job_id}: SUCCEEDED, 3 of 3 trials finished" in out and "trial t000" in out

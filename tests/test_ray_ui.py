@@ -78,3 +78,30 @@ def test_reference_point_is_a_model_that_knows_nothing():
 def test_submission_id_from_the_job_supervisor(monkeypatch):
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
     assert submission_id() == "raysubmit_1"
+
+
+def test_status_of_a_running_submission_reads_only_the_job_api(monkeypatch, capsys):
+    import ray.job_submission
+    from qpruner.cli import main
+    logs = {"raysubmit_A": "", "raysubmit_B": (
+        "10:00:00 INFO qpruner.search.callbacks: progress: 1/7 trained, 1 rows, front 1 plans, hypervolume 3.1\n"
+        "10:02:00 INFO qpruner.search.callbacks: trial t0002-4884: ppl 30.1\n"
+        "10:02:00 INFO qpruner.search.callbacks: progress: 3/7 trained, 4 rows, front 2 plans, hypervolume 5.2\n")}
+
+    class Client:  # the transport, faked: what the head's job API answers
+        def __init__(self, address):
+            assert address == "http://head:8265"
+
+        def get_job_status(self, job_id):
+            return ray.job_submission.JobStatus.RUNNING
+
+        def get_job_logs(self, job_id):
+            return logs[job_id]
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert main(["status", "raysubmit_A"]) == 0
+    assert "raysubmit_A: RUNNING, 0 trials finished" in capsys.readouterr().out
+    assert main(["status", "raysubmit_B"]) == 0
+    out = capsys.readouterr().out
+    assert "RUNNING, 3 of 7 trials finished; front 2 plans" in out and "about 4 min left" in out and "t0002-4884" in out

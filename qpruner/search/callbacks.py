@@ -85,8 +85,9 @@ class LiveMetrics:
 
 
 class PersistTrials(tune.Callback):
-    def __init__(self, log: TrialLog, decode, job: str, submission: str = "", ref: tuple | None = None):
-        self.log, self.decode, self.ref = log, decode, ref
+    def __init__(self, log: TrialLog, decode, job: str, submission: str = "", ref: tuple | None = None,
+                 num_trials: int | None = None):
+        self.log, self.decode, self.ref, self.num_trials = log, decode, ref, num_trials
         self.metrics = LiveMetrics(job, submission, log.metric)
 
     def setup(self, **info):
@@ -101,8 +102,9 @@ class PersistTrials(tune.Callback):
     def _done(self) -> None:
         summary = self.log.summary(self.ref)
         self.metrics.publish(summary)
-        logger.info("trials %d, front %d plans, hypervolume %.4g", summary["trials"], summary["front_size"],
-                    summary["hypervolume"])
+        # `qpruner status <submission id>` reads this line from the job's log (PROGRESS in cli.py)
+        logger.info("progress: %d/%s trained, %d rows, front %d plans, hypervolume %.4g", len(self.log.trained()),
+                    self.num_trials or "?", summary["trials"], summary["front_size"], summary["hypervolume"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}

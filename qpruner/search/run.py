@@ -115,8 +115,15 @@ def init_ray(job: JobConfig) -> bool:
     from ray._private import ray_constants
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
     # address="local": always a new local instance, never a `ray start` cluster found on this machine
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+    context = ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
+                       dashboard_host="127.0.0.1", log_to_driver=True)
+    if cfg.dashboard and getattr(context, "dashboard_url", None):
+        token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        auth = (f"; it asks for the token in {token}" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+                else "")
+        logger.warning("Ray dashboard of this search: http://%s (127.0.0.1 only%s). It stops with the search; for "
+                       "one that stays, start `ray start --head --dashboard-host=127.0.0.1` and set "
+                       "search.ray_address=auto", context.dashboard_url, auth)
     return True
 
 
@@ -398,7 +405,7 @@ def _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores=None
                                     trial_name_creator=TrialNames(decode),
                                     trial_dirname_creator=TrialNames(decode, directory=True)),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path(job, log),
-                                  callbacks=[PersistTrials(log, decode, job.name, submission_id(), ref),
+                                  callbacks=[PersistTrials(log, decode, job.name, submission_id(), ref, cfg.num_trials),
                                              *tracking_callbacks(job, Path(log.directory))],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   progress_reporter=_reporter(), verbose=cfg.verbose),

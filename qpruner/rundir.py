@@ -286,10 +286,15 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def storage_dir(job, run_path: str | os.PathLike) -> str:
+    """Where Ray Tune keeps the run's experiment: ``search.storage_path`` (a shared filesystem or a URI such
+    as s3://bucket/prefix for multi-node runs), else ``results/<job>/ray``."""
+    return job.search.storage_path or str(Path(run_path).resolve() / "ray")
+
+
 def experiment_dir(job, run: RunDir) -> str:
-    """Ray Tune's experiment of the run: ``<search.storage_path or results/<job>/ray>/tune``."""
-    base = job.search.storage_path or str(run.path.resolve() / "ray")
-    return base.rstrip("/") + "/tune"
+    """Ray Tune's experiment of the run: ``<storage_dir>/tune``."""
+    return storage_dir(job, run.path).rstrip("/") + "/tune"
 
 
 def can_restore(job, run: RunDir) -> bool:

@@ -327,11 +327,9 @@ def tracking_callbacks(job: JobConfig, directory: Path) -> list:
 
 
 def storage_path(job: JobConfig, log: TrialLog) -> str:
-    """Where Tune keeps its experiment: ``search.storage_path`` (a shared filesystem or a URI such as
-    s3://bucket/prefix for multi-node runs) or ``results/<job>/ray``."""
-    if job.search.storage_path:
-        return job.search.storage_path
-    return str(Path(log.directory).resolve() / "ray")
+    """Where Tune keeps its experiment (:func:`qpruner.rundir.storage_dir`)."""
+    from ..rundir import storage_dir
+    return storage_dir(job, log.directory)
 
 
 def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPlan], log: TrialLog,

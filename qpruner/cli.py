@@ -151,7 +151,8 @@ def _cmd_prune(args) -> int:
         raise ResultsError(f"{run.path} exists and was not written by qpruner (no {MARKER}); nothing was changed. "
                            "Choose another name (name=...) or results_dir")
     with run.lock("prune"):
-        stored = (run.read_marker() or {}).get("identity") and run.job_file.is_file() and run.read_job()
+        searched = (run.read_marker() or {}).get("identity") or run.has_trials()  # (no marker: an earlier version)
+        stored = searched and run.job_file.is_file() and run.read_job()
         if stored and prune_key(stored) != prune_key(job):
             raise ResultsError(f"{run.path} holds a searched run whose model was pruned with other settings; "
                                "pruning again there would leave its trials without their model. Give this job a "

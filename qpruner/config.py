@@ -9,6 +9,7 @@ No ``assert`` is used for user input.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -199,7 +200,8 @@ class SearchConfig:
                                    help="Ray Tune experiment tracking; mlflow logs to results/<job>/mlruns unless "
                                         "MLFLOW_TRACKING_URI is set; wandb needs a login or WANDB_MODE=offline")
     storage_path: Optional[str] = opt(None, help="Ray Tune's experiment storage: shared filesystem or URI "
-                                                 "(s3://...) for multi-node runs; default results/<job>/ray")
+                                                 "(s3://...) for multi-node runs, one folder per job name under it; "
+                                                 "default results/<job>/ray")
     metric: str = opt("perplexity", help="quality axis of the front and default objective: perplexity (held-out, min; "
                                          "the least noisy signal), accuracy (next token, max), or <task>:acc / "
                                          "<task>:acc_norm for a task in eval.tasks")
@@ -241,8 +243,9 @@ class JobConfig:
         if self.data.calib_seq_len is not None and self.data.calib_seq_len > self.data.seq_len:
             problems.append(f"data.calib_seq_len: {self.data.calib_seq_len} is longer than data.seq_len "
                             f"({self.data.seq_len}); calibration samples are cut from seq_len blocks")
-        problems += _check_model_source(self.model.source)
-        problems += _check_data_source(self.data.source)
+        if _CHECK_FILES.get():
+            problems += _check_model_source(self.model.source)
+            problems += _check_data_source(self.data.source)
         if self.score.method in ("block_influence", "mutual_information") and self.policy.unit == "linear":
             problems.append(f"score.method: {self.score.method} scores layers or module groups; with "
                             "policy.unit=linear use fisher, taylor or sensitivity")
@@ -273,7 +276,7 @@ def _check_metrics(job: "JobConfig") -> list[str]:
     problems = []
     for i, task in enumerate(job.eval.tasks):
         if task.endswith(".jsonl"):
-            if not Path(task).expanduser().is_file():
+            if _CHECK_FILES.get() and not Path(task).expanduser().is_file():
                 problems.append(f"eval.tasks[{i}]: file {task!r} does not exist")
         elif task not in ONLINE_TASKS:
             problems.append(f"eval.tasks[{i}]: unknown task {task!r}; expected a .jsonl file or one of "
@@ -494,14 +497,24 @@ def _apply_override(data: dict, override: str, problems: list[str]) -> None:
     node[parts[-1]] = value
 
 
-def build_job(data: dict | None, overrides: list[str] | tuple[str, ...] = (), source: str = "job config") -> JobConfig:
-    """Validate a job given as a dict (after YAML parsing). Raises ConfigError listing all problems."""
+_CHECK_FILES = contextvars.ContextVar("qpruner_check_files", default=True)
+
+
+def build_job(data: dict | None, overrides: list[str] | tuple[str, ...] = (), source: str = "job config",
+              check_files: bool = True) -> JobConfig:
+    """Validate a job given as a dict (after YAML parsing). Raises ConfigError listing all problems.
+    ``check_files=False`` checks the structure only, not that the model, data and task files exist here
+    (a stored job.yaml read by status / report / export, possibly on another machine or directory)."""
     import copy
     problems: list[str] = []
     data = copy.deepcopy(dict(data or {}))  # overrides must not write into the caller's nested dicts
     for ov in overrides:
         _apply_override(data, ov, problems)
-    job = _build(JobConfig, data, "", problems)
+    token = _CHECK_FILES.set(check_files)
+    try:
+        job = _build(JobConfig, data, "", problems)
+    finally:
+        _CHECK_FILES.reset(token)
     if problems:
         raise ConfigError(problems, source)
     return job

@@ -127,7 +127,8 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
         adapter = out / "adapter"
         source = row.get("adapter_path")
         if not (isinstance(source, str) and source and _fetch_adapter(source, adapter)):
-            _retrain_adapter(directory, job, plan, adapter)
+            with run.lock("export (training a front plan's adapter again)"):  # prepare() writes in the run
+                _retrain_adapter(directory, job, plan, adapter)
         metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
                    if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes",
                             "nll", "nll_se", "perplexity_se", "accuracy_se", "objective_se")

@@ -27,7 +27,7 @@ from .importance import LayerScores
 from .memory import Budget, ModelLayout
 from .pareto import TrialLog
 from .prune import PruneReport
-from .rundir import RunDir, front_metric, open_for_search, trial_compute_dtype, trial_key
+from .rundir import front_metric, open_for_search, set_aside_experiment, trial_compute_dtype, trial_key
 from .trial import TrialContext
 
 logger = logging.getLogger(__name__)
@@ -233,6 +233,10 @@ def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Jo
                            out, job.search.num_trials)
         elif continuing and not resume:
             logger.warning("%s holds this same job, unfinished: continuing it (as with --resume)", out)
+        if not continuing:
+            aside = set_aside_experiment(job, run)
+            if aside:
+                logger.warning("an earlier Ray Tune experiment of this directory was moved to %s", aside)
         run.write_marker(job, searched=True)
         run.write_job(job)
         prepared = prepare(job, out)

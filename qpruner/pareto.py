@@ -81,6 +81,8 @@ def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
 class TrialLog:
     """Every finished or screened trial of one search, persisted as it arrives."""
 
+    run_key = None  # (an instance unpickled from an older experiment lacks it)
+
     def __init__(self, directory: str | os.PathLike, metric: str, origins: dict[tuple, str] | None = None,
                  run_key: str | None = None):
         self.directory = Path(directory)

@@ -69,9 +69,21 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def data_fingerprint(job) -> list | None:
+    """Size and modification time of a local data file (its content changes the splits)."""
+    path = Path(job.data.source).expanduser()
+    try:
+        stat = path.stat() if path.is_file() else None
+    except OSError:
+        stat = None
+    return [stat.st_size, stat.st_mtime_ns] if stat else None
+
+
 def _settings(job) -> dict:
     from .config import to_dict
-    return {k: v for k, v in flatten(to_dict(job)).items() if k not in RUNTIME_KEYS}
+    out = {k: v for k, v in flatten(to_dict(job)).items() if k not in RUNTIME_KEYS}
+    out["data.file"] = data_fingerprint(job)
+    return out
 
 
 def identity(job) -> str:
@@ -92,7 +104,8 @@ def trial_key(job) -> str:
     from . import __version__
     from .config import to_dict
     d = to_dict(job)
-    return _hash({"sections": {s: d[s] for s in TRIAL_SECTIONS}, "metric": job.search.metric,
+    return _hash({"sections": {s: d[s] for s in TRIAL_SECTIONS}, "data_file": data_fingerprint(job),
+                  "metric": job.search.metric,
                   "objective": job.search.objective, "unit": job.policy.unit, "device": job.device,
                   "compute_dtype": trial_compute_dtype(job), "version": __version__})
 
@@ -206,7 +219,7 @@ class RunDir:
             raise ResultsError(f"{self.job_file} is not readable YAML ({exc})") from None
         if not isinstance(data, dict):
             raise ResultsError(f"{self.job_file} does not hold a job (got {type(data).__name__})")
-        return build_job(data, source=str(self.job_file))
+        return build_job(data, source=str(self.job_file), check_files=False)
 
     def write_job(self, job) -> None:
         from .config import to_dict
@@ -229,14 +242,27 @@ class RunDir:
     def lock(self, purpose: str):
         """Hold the directory's exclusive lock (creating the directory) for the ``with`` block."""
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        for attempt in range(20):  # ~2 s: rides over a `qpruner status` probing the lock (holder())
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if holder or attempt == 19:
+                    raise ResultsError(f"{self.path} is in use by {holder or 'another process'}; wait for it to "
+                                       "finish, or stop it (then `qpruner search JOB --resume`)") from None
+                time.sleep(0.1)
+                continue
+            try:  # the file locked must still be this directory's (not one moved aside meanwhile)
+                same = os.fstat(fd).st_ino == os.stat(self.path / LOCK).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            raise ResultsError(f"{self.path} is in use by {holder}; wait for it to finish, or stop it "
-                               "(then `qpruner search JOB --resume`)") from None
+            self.path.mkdir(parents=True, exist_ok=True)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (f"qpruner {purpose} (pid {os.getpid()} on {socket.gethostname()}, since "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]})\n").encode(), 0)
@@ -287,9 +313,11 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def storage_dir(job, run_path: str | os.PathLike) -> str:
-    """Where Ray Tune keeps the run's experiment: ``search.storage_path`` (a shared filesystem or a URI such
-    as s3://bucket/prefix for multi-node runs), else ``results/<job>/ray``."""
-    return job.search.storage_path or str(Path(run_path).resolve() / "ray")
+    """Where Ray Tune keeps the run's experiment: ``<search.storage_path>/<name>`` (a shared filesystem or a
+    URI such as s3://bucket/prefix for multi-node runs), else ``results/<job>/ray``."""
+    if job.search.storage_path:  # shared by many jobs: one folder each
+        return f"{job.search.storage_path.rstrip('/')}/{job.name}"
+    return str(Path(run_path).resolve() / "ray")
 
 
 def experiment_dir(job, run: RunDir) -> str:
@@ -331,27 +359,45 @@ def open_for_search(job, resume: bool = False, overwrite: bool = False) -> tuple
         raise ResultsError(f"{run.path} exists and was not written by qpruner (no {MARKER}, no valid {JOB_FILE}); "
                            "nothing was changed. Choose another name (name=...) or results_dir, or pass "
                            "--overwrite to move that directory aside (it is never deleted)")
-    marker = run.read_marker() or {}
-    old_identity = marker.get("identity")
+    marker = run.read_marker()
+    old_identity = (marker or {}).get("identity")
+    legacy = marker is None  # written by a qpruner before run markers: its Tune state cannot be restored
     if old_identity is None and run.job_file.is_file() and (run.has_trials() or can_restore(job, run)):
-        old_identity = identity(run.read_job())  # a run of an earlier version (no marker)
-    same = old_identity is None or old_identity == identity(job)
+        old_identity = identity(run.read_job())
+    started = run.has_trials() or can_restore(job, run)
+    same = old_identity is None or old_identity == identity(job) or not started  # never trained: start afresh
     if not same:
         try:
             diff = differences(_plain(run.read_job()), _plain(job))
         except QPrunerErrorTypes:
             diff = []
-        shown = "\n".join(f"    {d}" for d in diff[:20]) or "    (the qpruner version)"
+        shown = "\n".join(f"    {d}" for d in diff[:20]) or "    (the data file's content, or the qpruner version)"
         what = "--resume: the job changed since" if resume else "holds a different run than"
         raise ResultsError(f"{run.path} {what} this one; settings that differ (stored -> asked):\n{shown}\n"
                            "  Keep both: give this job a new name (name=...). Or continue the stored run with its "
                            f"own settings: qpruner search {run.job_file} --resume. Or pass --overwrite to move the "
                            "old run aside (it is never deleted) and start this one")
-    restorable = can_restore(job, run)
+    restorable = can_restore(job, run) and not legacy
     if resume and not restorable:
-        raise ResultsError(f"--resume: {run.path} has no Ray Tune experiment to resume "
-                           f"({experiment_dir(job, run)}); run without --resume")
+        why = ("was written by an earlier qpruner, whose Tune state this one cannot restore; run without --resume: "
+               "a fresh search continues from its trials.parquet (trained plans are answered from it)") if legacy \
+            else f"has no Ray Tune experiment to resume ({experiment_dir(job, run)}); run without --resume"
+        raise ResultsError(f"--resume: {run.path} {why}")
     return run, restorable
+
+
+def set_aside_experiment(job, run: RunDir) -> str | None:
+    """Before a fresh Tuner: rename an existing local experiment folder aside (never deleted)."""
+    where = experiment_dir(job, run)
+    if "://" in where or not os.path.isdir(where):
+        return None
+    target = f"{where}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{where}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    os.rename(where, target)
+    return target
 
 
 def _plain(job) -> dict:

@@ -45,9 +45,10 @@ def test_trials_are_named_by_number_and_plan():
     assert TrialNames(decode, directory=True)(trial) == "trial_0007_5570af3b_488H"
 
 
-def test_metrics_carry_job_and_submission_labels_zeros_first_and_per_trial_series(tmp_path, gauges):
+def test_metrics_carry_job_and_submission_labels_zeros_first_and_per_trial_series(tmp_path, gauges, monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_X"}}))
     log = TrialLog(tmp_path, "perplexity")
-    persist = callbacks.PersistTrials(log, PlanDecoder(2, "nf4", "layer"), "demo", "raysubmit_X", ref=(-10.0, 1e6))
+    persist = callbacks.PersistTrials(log, PlanDecoder(2, "nf4", "layer"), "demo", "stale-id", ref=(-10.0, 1e6))
     persist.setup()
     assert _value(gauges, "qpruner_trials", status="ok", qpruner_job="demo", submission_id="raysubmit_X") == 0
     assert _value(gauges, "qpruner_hypervolume") == 0.0

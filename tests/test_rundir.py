@@ -272,3 +272,40 @@ def test_status_says_whether_a_search_is_running(tmp_path, capsys):
         assert "running: qpruner search" in capsys.readouterr().out
     assert main(["status", str(run.path)]) == 0
     assert "not running" in capsys.readouterr().out
+
+
+def test_a_run_that_never_trained_can_be_started_again_with_other_settings(tmp_path):
+    job = _job(tmp_path)
+    run = rundir.RunDir(job.results_path)
+    run.path.mkdir()
+    run.write_marker(job, searched=True)   # as a search that failed during set-up (e.g. no plan fits) leaves it
+    run.write_job(job)
+    fixed = _job(tmp_path, **{"policy.budget_avg_bits": 9.0})
+    assert rundir.open_for_search(fixed)[1] is False  # not refused: nothing was trained
+
+
+def test_a_run_of_an_earlier_version_is_continued_afresh_not_restored(tmp_path):
+    job = _job(tmp_path)
+    run = _started(job)
+    run.marker.unlink()                     # earlier versions wrote no marker
+    assert rundir.open_for_search(job)[1] is False
+    with pytest.raises(ResultsError, match="earlier qpruner"):
+        rundir.open_for_search(job, resume=True)
+    aside = rundir.set_aside_experiment(job, run)
+    assert aside and Path(aside).is_dir() and not (run.path / "ray" / "tune").exists()
+
+
+def test_a_stored_job_is_read_even_where_its_files_are_not(tmp_path, monkeypatch):
+    data = tmp_path / "text.txt"
+    data.write_text("hello " * 500)
+    job = _job(tmp_path, **{"data.source": str(data)})
+    run = _started(job)
+    data.unlink()                           # the run was copied elsewhere: its data file is not here
+    assert run.read_job().data.source == str(data)
+    assert run.is_ours()
+
+
+def test_jobs_sharing_a_storage_path_get_one_folder_each(tmp_path):
+    a = _job(tmp_path, **{"search.storage_path": "s3://bucket/q"})
+    b = build_job({"name": "other", "search": {"storage_path": "s3://bucket/q"}, "model": {"source": "tiny"}})
+    assert rundir.storage_dir(a, tmp_path) == "s3://bucket/q/r" and rundir.storage_dir(b, tmp_path) == "s3://bucket/q/other"

@@ -85,12 +85,17 @@ class LiveMetrics:
 
 
 class PersistTrials(tune.Callback):
+    ref = None          # class-level defaults: a callback unpickled from an older experiment lacks them
+    num_trials = None
+
     def __init__(self, log: TrialLog, decode, job: str, submission: str = "", ref: tuple | None = None,
                  num_trials: int | None = None):
         self.log, self.decode, self.ref, self.num_trials = log, decode, ref, num_trials
         self.metrics = LiveMetrics(job, submission, log.metric)
 
     def setup(self, **info):
+        from .run import submission_id
+        self.metrics.tags["submission_id"] = submission_id()  # this driver's: a resumed one is a new submission
         self._done()  # zeros (or, after a restart, the counts so far) before the first trial ends
 
     def _plan(self, trial) -> PrecisionPlan | None:

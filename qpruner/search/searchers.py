@@ -96,6 +96,8 @@ class _Wrapper(Searcher):
 
 
 class BudgetedSearcher(_Wrapper):
+    num_trials = None  # (an instance unpickled from an older experiment lacks it)
+
     def __init__(self, searcher: Searcher, screen: PlanScreen, max_rejections: int = 1000,
                  num_trials: int | None = None):
         super().__init__(searcher)

@@ -117,3 +117,11 @@ def test_status_command(tmp_path):
     assert "plan (4=nf4" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "qpruner.cli", "status", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a results/<job>/ directory" in bad.stderr
+
+
+def test_a_local_search_asking_for_resources_this_machine_lacks_fails_at_once(tmp_path):
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
+           f"results_dir={tmp_path}", "search.cpus_per_trial=64"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and "64 CPU" in proc.stderr and "no trial could ever start" in proc.stderr
+    assert "Traceback" not in proc.stderr

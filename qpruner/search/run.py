@@ -52,6 +52,17 @@ def in_submitted_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and bool(os.environ.get("RAY_ADDRESS"))
 
 
+def _check_local_resources(cfg, available: dict) -> None:
+    """A local Ray never grows: a trial asking for more than this machine has would wait forever."""
+    wants = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
+    short = {k: v for k, v in wants.items() if v > float(available.get(k, 0.0)) + 1e-9}
+    if short:
+        raise BackendError("each trial asks for " + ", ".join(f"{v:g} {k}" for k, v in short.items())
+                           + " but this machine's Ray has " + ", ".join(f"{available.get(k, 0):g} {k}" for k in short)
+                           + ": no trial could ever start. Lower search.gpus_per_trial / cpus_per_trial, or run on "
+                           "a cluster that has such nodes (search.ray_address)")
+
+
 def _provision_dashboard() -> None:
     """QPruner's Grafana dashboard next to Ray's own, in this node's Ray session (best effort)."""
     from ..dashboards import provision
@@ -339,6 +350,8 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
     cfg = job.search
     started = init_ray(job)
     try:
+        if started and not (cfg.ray_address or in_submitted_job()):
+            _check_local_resources(cfg, ray.cluster_resources())
         _provision_dashboard()
         n_units = context.n_layers * units_per_layer(context.unit)
         decode = PlanDecoder(n_units, job.quant.four_bit, context.unit)

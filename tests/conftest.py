@@ -42,3 +42,24 @@ def tiny_job(tmp_path):
         "policy": {"bits": [4, 8, 16], "seed_plans": 2},
         "finetune": {"steps": 2, "batch_size": 2, "lora_r": 4},
     })
+
+
+# Exit without interpreter finalization once pytest is done (status kept). Observed on 2026-11-30: one full
+# run in three ended with SIGSEGV (exit 139) *after* every test had passed and the summary was printed, with
+# no Python frame: native threads (Ray's core worker from the in-process ray.init of the cluster and bench
+# tests, torch, arrow) torn down in the wrong order at exit. The tests' results are final by then.
+_EXIT = {"status": 0}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT["status"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    import sys
+    if os.environ.get("QPRUNER_TEST_NORMAL_EXIT"):  # set it to see the finalization crash for yourself
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT["status"])

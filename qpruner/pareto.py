@@ -164,22 +164,19 @@ class TrialLog:
                 self.rows.append(row)
             self.write()
 
-    def add(self, trial_id: str, result: TrialResult, **extra) -> None:
+    def add(self, trial_id: str | None, result: TrialResult, **extra) -> str:
+        """A trial's result; ``trial_id=None`` for a proposal answered without training (pass its ``status``):
+        it gets the next unused ``<status>-<n>``. Returns the row's id."""
         row = {"trial_id": trial_id, "origin": self._origin(result.plan), "plan_code": result.plan.code(),
                "bits": list(result.plan.bits)}
         row.update(result.to_metrics())
         row.update(extra)
         self._put(row)
+        return row["trial_id"]
 
     def add_screened(self, status: str, result: TrialResult, **extra) -> str:
         """A proposal answered without training (``infeasible`` / ``cached``), under a new, never reused id."""
-        row = {"trial_id": None, "origin": self._origin(result.plan), "plan_code": result.plan.code(),
-               "bits": list(result.plan.bits)}
-        row.update(result.to_metrics())
-        row.update(extra)
-        row["status"] = status
-        self._put(row)
-        return row["trial_id"]
+        return self.add(None, result, **extra, status=status)
 
     def add_partial(self, trial_id: str, plan: PrecisionPlan | None, status: str, metrics: dict, **extra) -> None:
         """A trial without a final result: ``stopped`` early (last intermediate metrics) or ``error``."""

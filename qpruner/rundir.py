@@ -222,8 +222,8 @@ class RunDir:
         return build_job(data, source=str(self.job_file), check_files=False)
 
     def write_job(self, job) -> None:
-        from .config import to_dict
-        _atomic_text(self.job_file, yaml.safe_dump(to_dict(job), sort_keys=False))
+        from .config import save_job
+        save_job(job, self.job_file)
 
     def front_metric(self) -> str:
         return front_metric(self.read_job())
@@ -343,6 +343,7 @@ def open_for_search(job, resume: bool = False, overwrite: bool = False) -> tuple
       ``--resume`` with nothing to resume is an error;
     * another run, or files qpruner did not write: refused, naming the differences, unless
       ``overwrite`` (the old directory is moved aside, never deleted)."""
+    from .config import to_dict
     run = RunDir(job.results_path)
     if run.path.exists() and not run.path.is_dir():
         raise ResultsError(f"{run.path} is a file, not a results directory; choose another name or results_dir")
@@ -368,7 +369,7 @@ def open_for_search(job, resume: bool = False, overwrite: bool = False) -> tuple
     same = old_identity is None or old_identity == identity(job) or not started  # never trained: start afresh
     if not same:
         try:
-            diff = differences(_plain(run.read_job()), _plain(job))
+            diff = differences(to_dict(run.read_job()), to_dict(job))
         except QPrunerErrorTypes:
             diff = []
         shown = "\n".join(f"    {d}" for d in diff[:20]) or "    (the data file's content, or the qpruner version)"
@@ -399,7 +400,3 @@ def set_aside_experiment(job, run: RunDir) -> str | None:
     os.rename(where, target)
     return target
 
-
-def _plain(job) -> dict:
-    from .config import to_dict
-    return to_dict(job)

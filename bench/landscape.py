@@ -105,6 +105,7 @@ def record(stage: str, limit: int | None = None) -> None:
     job = stage_job(stage)
     out = job.results_path
     out.mkdir(parents=True, exist_ok=True)
+    _same_pruned_model(job, out)
     save_job(job, out / "job.yaml")
     prepared = driver.prepare(job, out)
     n_layers = prepared.context.n_layers
@@ -121,6 +122,19 @@ def record(stage: str, limit: int | None = None) -> None:
     job = _with(job, num_trials=len(todo))
     run_search(job, prepared.context, [SeedPlan(p, "landscape") for p in todo], log)
     # the recording searcher proposes its points only (search.searcher=points): nothing but the listed plans
+
+
+def _same_pruned_model(job, out: Path) -> None:
+    """A stage that has trials continues only on the pruned model it was recorded on: code that prunes
+    differently (e.g. the calibration split changed at the commit after f65bbb3) would prune again and
+    mix two models in one landscape. Continue such a stage from a git worktree at its recording commit."""
+    from qpruner.job import prune_key
+    from qpruner.pruned_model import read_meta
+    meta = read_meta(out / "pruned")
+    if (out / "trials.parquet").is_file() and meta is not None and meta.get("key") != prune_key(job):
+        sys.exit(f"{out} was recorded on a pruned model this code would not reuse (key {meta.get('key')} != "
+                 f"{prune_key(job)}); continue it from a git worktree at the commit that recorded it "
+                 f"(`git worktree add --detach DIR f65bbb3`, PYTHONPATH=DIR), or record into a new stage directory")
 
 
 def _with(job, **search):

@@ -6,11 +6,19 @@ Sources: ``builtin:pydoc`` (the 79 documentation topics of the standard library'
 or a Hugging Face dataset name when online (needs the ``datasets`` package).
 
 Splitting: all documents are tokenized into one stream (EOS between documents when the tokenizer
-has one), cut into non-overlapping blocks of ``seq_len`` tokens, and the block order is shuffled
-with ``seed``. The first ``eval_samples`` blocks are the evaluation split, the next
-``calib_samples`` the calibration split (cut to their first ``calib_seq_len`` tokens when set), and
-every remaining block is fine-tuning data. The splits
-are therefore disjoint by construction and identical for identical (source, tokenizer, config).
+has one) and cut into non-overlapping blocks of ``seq_len`` tokens. With a generator seeded by
+``seed``:
+
+* calibration: the first ``calib_samples`` blocks of a random permutation of all blocks (cut to
+  their first ``calib_seq_len`` tokens when set). It depends only on the text, ``seq_len``,
+  ``calib_samples`` and ``seed``, so changing the evaluation size never changes the pruned model,
+  and more calibration samples are a superset of fewer;
+* evaluation: ``eval_samples`` consecutive blocks of the remaining ones, in text order, from a
+  random start (a contiguous stretch of real text, skipping only calibration blocks);
+* fine-tuning: every other block, shuffled.
+
+The splits are therefore disjoint by construction and identical for identical (source, tokenizer,
+config).
 """
 
 from __future__ import annotations
@@ -117,11 +125,14 @@ def make_splits(stream: torch.Tensor, cfg: DataConfig) -> Splits:
     blocks = stream[: n_blocks * cfg.seq_len].view(n_blocks, cfg.seq_len)
     gen = torch.Generator().manual_seed(cfg.seed)
     e, c = cfg.eval_samples, cfg.calib_samples
-    start = int(torch.randint(0, n_blocks - e + 1, (1,), generator=gen))
-    rest = torch.cat([torch.arange(0, start), torch.arange(start + e, n_blocks)])
-    rest = rest[torch.randperm(len(rest), generator=gen)]
-    calib = blocks[rest[:c]][:, : cfg.calib_seq_len or cfg.seq_len]
-    return Splits(calib=calib.clone(), train=blocks[rest[c:]].clone(), eval=blocks[start:start + e].clone())
+    order = torch.randperm(n_blocks, generator=gen)
+    calib_ids, rest = order[:c], order[c:].sort().values      # calibration: independent of e
+    start = int(torch.randint(0, len(rest) - e + 1, (1,), generator=gen))
+    eval_ids = rest[start:start + e]
+    train_ids = torch.cat([rest[:start], rest[start + e:]])
+    train_ids = train_ids[torch.randperm(len(train_ids), generator=gen)]
+    calib = blocks[calib_ids][:, : cfg.calib_seq_len or cfg.seq_len]
+    return Splits(calib=calib.clone(), train=blocks[train_ids].clone(), eval=blocks[eval_ids].clone())
 
 
 def load_splits(cfg: DataConfig, tokenizer) -> Splits:

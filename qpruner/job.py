@@ -70,7 +70,7 @@ def prune_key(job: JobConfig) -> str:
     Local data files enter with their size and modification time."""
     d = job.data
     calib = {"source": d.source, "text_field": d.text_field, "seq_len": d.seq_len, "calib_samples": d.calib_samples,
-             "calib_seq_len": d.calib_seq_len, "eval_samples": d.eval_samples, "seed": d.seed}
+             "calib_seq_len": d.calib_seq_len, "seed": d.seed}  # not eval_samples: see data.make_splits
     path = Path(d.source).expanduser()
     if path.is_file():
         stat = path.stat()

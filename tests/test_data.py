@@ -22,9 +22,21 @@ def test_splits_are_disjoint_and_deterministic():
     assert not blocks(a.calib) & blocks(a.eval)
     assert not blocks(a.train) & (blocks(a.calib) | blocks(a.eval))
     assert len(blocks(a.calib) | blocks(a.eval) | blocks(a.train)) == 40
-    assert torch.equal(a.eval.reshape(-1), torch.arange(int(a.eval[0, 0]), int(a.eval[0, 0]) + 7 * 32))  # contiguous
+    ev = sorted(blocks(a.eval))   # a stretch of text in order, skipping only calibration blocks
+    assert [int(r[0]) // 32 for r in a.eval] == ev
+    assert set(range(ev[0], ev[-1] + 1)) - set(ev) <= blocks(a.calib)
     other = data.make_splits(stream, DataConfig(seq_len=32, calib_samples=5, eval_samples=7, seed=4))
     assert not torch.equal(other.eval, a.eval)
+
+
+def test_calibration_does_not_depend_on_the_evaluation_size():
+    """Changing data.eval_samples must not change the pruned model (its key leaves eval_samples out)."""
+    stream = torch.arange(32 * 60)
+    small = data.make_splits(stream, DataConfig(seq_len=32, calib_samples=5, eval_samples=4, seed=1))
+    large = data.make_splits(stream, DataConfig(seq_len=32, calib_samples=5, eval_samples=30, seed=1))
+    assert torch.equal(small.calib, large.calib) and small.eval.shape[0] == 4 and large.eval.shape[0] == 30
+    more = data.make_splits(stream, DataConfig(seq_len=32, calib_samples=8, eval_samples=4, seed=1))
+    assert torch.equal(more.calib[:5], small.calib)  # more calibration samples extend the same draw
 
 
 def test_too_little_text_is_a_clear_error():

@@ -71,6 +71,10 @@ def test_search_reuses_a_matching_pruned_model(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(second.model(x).logits, first.model(x).logits)
     assert torch.equal(second.splits.train, first.splits.train)
+    bigger_eval = build_job({"name": "j", "results_dir": str(tmp_path), "device": "cpu", "model": {"source": "tiny"},
+                             "data": {"seq_len": 64, "calib_samples": 4, "eval_samples": 12}, "prune": {"ratio": 0.5}})
+    third = load_or_prune(bigger_eval, torch.device("cpu"))   # only the evaluation size changed: no re-prune
+    assert third.reused and third.splits.eval.shape[0] == 12 and torch.equal(third.splits.calib, first.splits.calib)
 
 
 def test_a_different_config_or_an_interrupted_save_prunes_again(tmp_path):

@@ -24,7 +24,7 @@ from .config import JobConfig, to_dict
 from .pruned_model import clear_pruned, foreign_files, load_pruned, read_meta, save_pruned
 from .errors import ConfigError
 from .importance import LayerScores
-from .memory import Budget, ModelLayout
+from .memory import Budget, ModelLayout, plan_bytes
 from .pareto import TrialLog
 from .prune import PruneReport
 from .rundir import front_metric, open_for_search, set_aside_experiment, trial_compute_dtype, trial_key
@@ -112,6 +112,7 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False) -> 
     loaded = models.load_model(job.model, device)
     logger.info("loaded %s (%s parameters) in %.1fs", loaded.name, f"{models.count_params(loaded.model):,}",
                 time.perf_counter() - t)
+    check_budget_before_pruning(job, loaded.model)
     splits = data.load_splits(job.data, loaded.tokenizer)
     report_ = prune.prune_(loaded.model, splits.calib, job.prune, batch_size=job.prune.batch_size,
                            seed=job.data.seed)
@@ -122,6 +123,30 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False) -> 
                  "job": {"model": to_dict(job.model), "prune": to_dict(job.prune), "data": to_dict(job.data)}})
     logger.info("saved the pruned model to %s", directory)
     return PrunedModel(loaded.model, loaded.tokenizer, splits, report_, False)
+
+
+def check_budget_before_pruning(job: JobConfig, model: torch.nn.Module) -> None:
+    """Refuse a ``policy.budget_gb`` that no plan can meet, before the pruning and scoring work: the
+    all-lowest-bit plan priced on the narrowest layers this pruning config can leave (exact for a fixed
+    ratio with local ranking, a floor otherwise). ``budget_avg_bits`` is checked by ``validate``."""
+    from .errors import PlanError
+    from .plan import PrecisionPlan, format_for_bits
+    if job.policy.budget_gb is None:
+        return
+    before = models.layer_widths(model)
+    after = prune.narrowest_widths(before, job.prune)
+    if after is None:
+        return
+    layout = ModelLayout.from_model(model).narrowed(before, after)
+    bits = min(job.policy.bits)
+    plan = PrecisionPlan.uniform(format_for_bits(bits, job.quant.four_bit), layout.n_layers)
+    mem = plan_bytes(layout, plan, job.quant, trial_compute_dtype(job))
+    budget = Budget.from_policy(job.policy)
+    if not budget.fits(mem):
+        exact = job.prune.ranking == "local" and not job.prune.param_ratio
+        raise PlanError(f"no plan fits policy.budget_gb={job.policy.budget_gb:g}: the smallest, all-{bits}-bit, "
+                        f"{'needs' if exact else 'needs at least'} {mem.total_bytes / 1e9:.4f} GB on this model "
+                        f"pruned with these settings (checked before pruning); raise policy.budget_gb or prune more")
 
 
 def score_key(job: JobConfig) -> str:

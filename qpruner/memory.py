@@ -29,7 +29,7 @@ biases) / number of those weights`` (nf4 with double quantization 4.13, int8 8.0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -83,6 +83,22 @@ class ModelLayout:
         other = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in seen)
         return cls(tuple(layers), emb.num_embeddings, emb.embedding_dim, tied,
                    head is not None and getattr(head, "bias", None) is not None, other)
+
+    def narrowed(self, before, after) -> "ModelLayout":
+        """This layout with each decoder layer's heads and MLP channels cut from widths ``before`` to
+        ``after`` (:class:`qpruner.models.LayerWidth` per layer; embeddings and norms unchanged)."""
+        layers = []
+        for shapes, b, a in zip(self.layers, before, after):
+            q, k, v, o, gate, up, down = shapes
+            h, kv = a.heads / b.heads, a.kv_heads / b.kv_heads
+            layers.append((LinearShape(round(q.out_features * h), q.in_features, q.bias),
+                           LinearShape(round(k.out_features * kv), k.in_features, k.bias),
+                           LinearShape(round(v.out_features * kv), v.in_features, v.bias),
+                           LinearShape(o.out_features, round(o.in_features * h), o.bias),
+                           LinearShape(a.intermediate, gate.in_features, gate.bias),
+                           LinearShape(a.intermediate, up.in_features, up.bias),
+                           LinearShape(down.out_features, a.intermediate, down.bias)))
+        return replace(self, layers=tuple(layers))
 
     @property
     def n_layers(self) -> int:

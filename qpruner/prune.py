@@ -186,6 +186,28 @@ def kept_counts(width: LayerWidth, cfg: PruneConfig, ratio: float | None = None)
     return kv, ch
 
 
+def narrowest_widths(widths: tuple[LayerWidth, ...], cfg: PruneConfig) -> tuple[LayerWidth, ...] | None:
+    """The narrowest layers pruning with ``cfg`` can leave, known before any scoring: exact under local
+    ranking with a fixed ``ratio``; a floor otherwise (global ranking and ``param_ratio`` keep at least
+    one KV group and ``round_to`` channels per layer). ``None`` where pruning can narrow the hidden size
+    or drop whole layers (``scope`` channel / layer): no floor on the layer shapes then."""
+    if cfg.scope != "block":
+        return None
+    start, end = layer_range(cfg, len(widths))
+    out = []
+    for i, w in enumerate(widths):
+        if not start <= i < end:
+            out.append(w)
+            continue
+        if cfg.ranking == "local" and not cfg.param_ratio:
+            kv, ch = kept_counts(w, cfg)
+        else:
+            kv = 1 if cfg.attention else w.kv_heads
+            ch = min(cfg.round_to, w.intermediate) if cfg.mlp else w.intermediate
+        out.append(LayerWidth(heads=w.heads // w.kv_heads * kv, kv_heads=kv, intermediate=ch))
+    return tuple(out)
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k).indices.sort().values
 

@@ -105,3 +105,36 @@ def test_pruning_again_never_deletes_a_file_qpruner_did_not_write(tmp_path):
     with pytest.raises(ResultsError, match="did not write"):
         load_or_prune(_job(tmp_path, name="k"), torch.device("cpu"))
     assert (foreign / "model.safetensors").read_text() == "not ours"
+
+
+@pytest.mark.parametrize("prune_kw", [{"ratio": 0.5}, {"ratio": 0.3, "ranking": "global"}, {"param_ratio": 0.2}])
+def test_layout_before_pruning_is_exact_or_a_floor(prune_kw):
+    """The budget check before pruning prices the narrowest layers the config can leave: exactly the
+    pruned model's shapes under local ranking with a fixed ratio, never more than them otherwise."""
+    from qpruner import prune
+    from qpruner.config import PruneConfig
+    from qpruner.memory import ModelLayout
+    loaded = models.load_model(build_job({"model": {"source": "tiny"}}).model, torch.device("cpu"))
+    before, layout = models.layer_widths(loaded.model), ModelLayout.from_model(loaded.model)
+    cfg = PruneConfig(**prune_kw)
+    predicted = layout.narrowed(before, prune.narrowest_widths(before, cfg))
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    prune.prune_(loaded.model, calib, cfg, batch_size=cfg.batch_size)
+    actual = ModelLayout.from_model(loaded.model)
+    if prune_kw == {"ratio": 0.5}:
+        assert predicted == actual
+    else:
+        assert all(p.numel <= a.numel for lp, la in zip(predicted.layers, actual.layers) for p, a in zip(lp, la))
+        assert predicted.linear_numel < actual.linear_numel
+
+
+def test_a_budget_no_plan_can_meet_fails_before_pruning(tmp_path, monkeypatch):
+    from qpruner.errors import PlanError
+    import qpruner.job as job_mod
+    monkeypatch.setattr(job_mod.prune, "prune_", lambda *a, **k: pytest.fail("pruned before the budget check"))
+    job = build_job({"name": "j", "results_dir": str(tmp_path), "device": "cpu", "model": {"source": "tiny"},
+                     "data": {"seq_len": 64, "calib_samples": 4, "eval_samples": 8}, "prune": {"ratio": 0.5},
+                     "policy": {"budget_gb": 1e-5}})
+    with pytest.raises(PlanError, match=r"budget_gb=1e-05.*all-4-bit, needs .* GB .*before pruning"):
+        load_or_prune(job, torch.device("cpu"))
+    assert not (tmp_path / "j" / "pruned").exists()

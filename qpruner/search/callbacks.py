@@ -155,3 +155,77 @@ def describe(result: dict) -> str:
         return f"{result.get('status')} ({result.get('error') or 'over budget'})"
     return (f"ppl {result['perplexity']:.2f}, acc {result['accuracy']:.4f}, "
             f"{result['weight_bytes'] / 1e6:.1f} MB, {result['avg_bits']:.2f} bits")
+
+
+INFEASIBLE = "No available node types can fulfill resource request"
+
+
+class InfeasibleWatch(tune.Callback):
+    """Fail fast on a cluster that can never run a trial, instead of waiting forever.
+
+    Ray's autoscaler (the cluster launcher's, KubeRay's, or the read-only one of a fixed cluster) tells
+    every driver when no node type can ever hold a resource request; Tune itself only keeps waiting.
+    This listens for that event about the trials' own request (e.g. ``{'CPU': 4.0}``) and, while no
+    trial is running, stops the search with a clear message. It listens on Ray's driver log stream
+    (``global_worker_stdstream_dispatcher``, where those events arrive); where that is unavailable the
+    search simply waits, as Tune does."""
+
+    def __init__(self, cpus: float, gpus: float):
+        self.request = {k: float(v) for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
+        self.problem: str | None = None
+        self._listening = False
+
+    def listen(self) -> "InfeasibleWatch":
+        try:
+            from ray._private.worker import global_worker_stdstream_dispatcher
+            global_worker_stdstream_dispatcher.add_handler("qpruner_infeasible", self.on_log)
+            self._listening = True
+        except Exception as exc:  # noqa: BLE001 - Ray internals: without them the search waits as Tune does
+            logger.debug("cannot watch the autoscaler's events: %s", exc)
+        return self
+
+    def close(self) -> None:
+        if self._listening:
+            from ray._private.worker import global_worker_stdstream_dispatcher
+            global_worker_stdstream_dispatcher.remove_handler("qpruner_infeasible")
+            self._listening = False
+
+    def on_log(self, data: dict) -> None:
+        if data.get("pid") != "autoscaler" or self.problem:
+            return
+        for line in data.get("lines", []):
+            shape = parse_infeasible(line)
+            if shape is not None and self.matches(shape):
+                self.problem = (f"the cluster cannot run a trial: each asks for {_shape(self.request)}, and Ray's "
+                                f"autoscaler reports that no node type can provide {_shape(shape)}. Lower "
+                                "search.cpus_per_trial / gpus_per_trial, or add such a node type to the cluster")
+
+    def matches(self, shape: dict) -> bool:
+        """The event is about a trial's request: at least the trial's CPU/GPU and nothing it does not ask."""
+        return (set(shape) <= set(self.request) | {"memory", "object_store_memory"}
+                and all(abs(shape.get(k, 0.0) - v) < 1e-9 for k, v in self.request.items()))
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.problem and not any(t.status == "RUNNING" for t in trials):
+            raise Infeasible(self.problem)
+
+
+class Infeasible(RuntimeError):
+    """Raised inside Tune's loop; the search turns it into a BackendError."""
+
+
+def parse_infeasible(line: str) -> dict | None:
+    import ast
+    at = line.find(INFEASIBLE)
+    if at < 0:
+        return None
+    start, end = line.find("{", at), line.find("}", at)
+    try:
+        shape = ast.literal_eval(line[start:end + 1])
+        return {str(k): float(v) for k, v in shape.items()}
+    except (ValueError, SyntaxError, AttributeError, TypeError):
+        return None
+
+
+def _shape(request: dict) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in request.items()) or "no resources"

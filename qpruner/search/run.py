@@ -32,7 +32,7 @@ from ..errors import BackendError, ConfigError
 from ..pareto import TrialLog
 from ..plan import PrecisionPlan, format_for_bits, units_per_layer
 from ..trial import Precheck, TrialContext, TrialResult, run_trial
-from .callbacks import PersistTrials
+from .callbacks import InfeasibleWatch, PersistTrials
 from .searchers import BudgetedSearcher, PlanScreen, SearchSpace, make_searcher
 
 logger = logging.getLogger(__name__)
@@ -349,8 +349,10 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
     ray, tune = _ray()
     cfg = job.search
     started = init_ray(job)
+    on_cluster = not started or bool(cfg.ray_address or in_submitted_job())
+    watch = InfeasibleWatch(cfg.cpus_per_trial, cfg.gpus_per_trial).listen() if on_cluster else None
     try:
-        if started and not (cfg.ray_address or in_submitted_job()):
+        if not on_cluster:
             _check_local_resources(cfg, ray.cluster_resources())
         _provision_dashboard()
         n_units = context.n_layers * units_per_layer(context.unit)
@@ -370,8 +372,15 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
             logger.info("resuming the search in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores)
-        tuner.fit()
+            tuner = _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores, watch)
+        try:
+            tuner.fit()
+        except Exception as exc:
+            if watch is not None and watch.problem:
+                raise BackendError(watch.problem) from exc
+            raise
+        if watch is not None and watch.problem:  # in case Tune logged the callback's error and returned
+            raise BackendError(watch.problem)
         linger = cfg.metrics_linger_s if cfg.metrics_linger_s is not None else (
             30.0 if (cfg.ray_address or in_submitted_job()) else 0.0)
         if linger:
@@ -379,6 +388,8 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
             import time
             time.sleep(linger)
     finally:
+        if watch is not None:
+            watch.close()
         if started:
             ray.shutdown()
     return log
@@ -395,7 +406,7 @@ def search_space(job: JobConfig, context: TrialContext, n_units: int, scores=Non
                        tuple(scores.scores) if scores is not None else None)
 
 
-def _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores=None):
+def _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores=None, watch=None):
     _, tune = _ray()
     cfg = job.search
     param_space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(n_units)}
@@ -417,7 +428,8 @@ def _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores=None
                                     trial_dirname_creator=TrialNames(decode, directory=True)),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path(job, log),
                                   callbacks=[PersistTrials(log, decode, job.name, submission_id(), ref, cfg.num_trials),
-                                             *tracking_callbacks(job, Path(log.directory))],
+                                             *tracking_callbacks(job, Path(log.directory)),
+                                             *([watch] if watch is not None else [])],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   progress_reporter=_reporter(), verbose=cfg.verbose),
     )

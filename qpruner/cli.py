@@ -113,10 +113,11 @@ def _cmd_status(args) -> int:
                                                         if job else ""))
         return 0
     log = TrialLog(run.path, metric)
-    summary = log.summary()
+    ref = run.reference()   # the search's fixed reference: the same hypervolume as its log and metrics
+    summary = log.summary(ref)
     counts = ", ".join(f"{v} {k[2:]}" for k, v in summary.items() if k.startswith("n_"))
     print(f"{run.path}: {summary['trials']} trials ({counts}); front {summary['front_size']} plans, "
-          f"hypervolume {summary['hypervolume']:.4g}")
+          f"hypervolume {summary['hypervolume']:.4g}" + ("" if ref else " (against the worst trial so far)"))
     print(front_table(log.front(), metric))
     return 0
 
@@ -184,6 +185,9 @@ def _cmd_search(args) -> int:
     print(f"Pareto front ({len(outcome.front)} plans):")
     print(front_table(outcome.front, front_metric(job)))
     print(f"results: {outcome.directory}/ (report.html, trials.parquet, pareto.parquet, pareto.png, job.yaml, pruned/)")
+    if job.search.keep_dashboard:
+        from .search.run import hold_dashboard
+        hold_dashboard()
     return 0
 
 

@@ -212,6 +212,8 @@ class SearchConfig:
                                          "cluster); 'auto': join a running cluster; or an address")
     num_cpus: Optional[int] = opt(None, min=1, help="CPUs of a local Ray (default: all)")
     dashboard: bool = opt(False, help="start the Ray dashboard of a local Ray (on 127.0.0.1)")
+    keep_dashboard: bool = opt(False, help="with dashboard: keep the local Ray and its dashboard up after the "
+                                           "search until Ctrl-C (to look at the finished trials)")
     metrics_linger_s: Optional[float] = opt(None, min=0.0, max=3600.0,
                                             help="keep the driver up this long after the last trial so that "
                                                  "Prometheus scrapes the final metrics (default: 30 on a "
@@ -256,6 +258,9 @@ class JobConfig:
         if self.search.gpus_per_trial > 1 and self.search.gpus_per_trial != int(self.search.gpus_per_trial):
             problems.append("search.gpus_per_trial: fractions are only allowed below 1 (e.g. 0.5), "
                             f"got {self.search.gpus_per_trial}")
+        if self.search.keep_dashboard and not (self.search.dashboard and self.search.ray_address is None):
+            problems.append("search.keep_dashboard: keeps a local search's dashboard up; set search.dashboard: true "
+                            "(on a cluster, the head's dashboard stays up by itself)")
         return problems
 
     @property

@@ -48,7 +48,7 @@ JOB_FILE = "job.yaml"
 TRIALS_FILE = "trials.parquet"
 PARETO_FILE = "pareto.parquet"
 # settings that change where and how visibly a run executes, never what it computes
-RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", "search.dashboard",
+RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", "search.dashboard", "search.keep_dashboard",
                 "search.verbose", "search.loggers", "search.metrics_linger_s", "search.storage_path", "search.max_failures")
 # of these sections, every key changes a trained trial's result
 TRIAL_SECTIONS = ("model", "data", "prune", "quant", "finetune", "eval")
@@ -188,8 +188,23 @@ class RunDir:
         old = self.read_marker() or {}
         record = {"version": __version__, "created": old.get("created", time.time()), "job": job.name,
                   "identity": identity(job) if searched else old.get("identity"),
-                  "trial_key": trial_key(job) if searched else old.get("trial_key")}
+                  "trial_key": trial_key(job) if searched else old.get("trial_key"),
+                  **({"hv_reference": old["hv_reference"]} if "hv_reference" in old else {})}
         _atomic_text(self.marker, json.dumps(record, indent=2))
+
+    def write_reference(self, ref: tuple[float, float]) -> None:
+        """The search's fixed hypervolume reference (q_ref, cost_ref), kept in the marker so that
+        `qpruner status` reports the same hypervolume as the search's metrics and log."""
+        record = self.read_marker()
+        if record is not None:
+            _atomic_text(self.marker, json.dumps({**record, "hv_reference": [float(ref[0]), float(ref[1])]}, indent=2))
+
+    def reference(self) -> tuple[float, float] | None:
+        ref = (self.read_marker() or {}).get("hv_reference")
+        try:
+            return (float(ref[0]), float(ref[1])) if ref else None
+        except (TypeError, ValueError, IndexError):
+            return None
 
     def is_ours(self) -> bool:
         """Written by qpruner: the marker, or (runs of earlier versions) a job.yaml that parses as a job."""

@@ -1,6 +1,7 @@
 """What Ray users see: trial names, the metrics' names, labels and values (Ray's Gauge recorded)."""
 
 import json
+import os
 import math
 from types import SimpleNamespace
 
@@ -106,3 +107,65 @@ def test_status_of_a_running_submission_reads_only_the_job_api(monkeypatch, caps
     assert main(["status", "raysubmit_B"]) == 0
     out = capsys.readouterr().out
     assert "RUNNING, 3 of 7 trials finished; front 2 plans" in out and "about 4 min left" in out and "t0002-4884" in out
+
+
+def test_keep_dashboard_holds_the_local_dashboard_until_ctrl_c(tmp_path):
+    """search.keep_dashboard: after the search the dashboard still answers; Ctrl-C stops it, exit 0."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "qpruner"), "search", "tune_jobs/tiny_smoke.yaml",
+                             f"results_dir={tmp_path}", "search.num_trials=2", "search.dashboard=true",
+                             "search.keep_dashboard=true"], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines, deadline = [], time.time() + 300
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line, "".join(lines[-40:])
+            lines.append(line)
+            if "stays up at" in line:
+                break
+        url = re.search(r"stays up at (http://\S+)", lines[-1]).group(1)
+        assert "results:" in "".join(lines)   # the search finished and reported first
+        time.sleep(1)
+        try:
+            status = urllib.request.urlopen(url, timeout=10).status
+        except urllib.error.HTTPError as exc:   # token auth on: the dashboard answers, and asks for the token
+            status = exc.code
+        assert status in (200, 401, 403)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        from helpers import kill_session
+        kill_session(proc.pid)
+
+
+def test_keep_dashboard_needs_a_local_dashboard():
+    from qpruner.errors import ConfigError
+    with pytest.raises(ConfigError, match="search.keep_dashboard"):
+        build_job({"model": {"source": "tiny"}, "search": {"keep_dashboard": True}})
+    build_job({"model": {"source": "tiny"}, "search": {"keep_dashboard": True, "dashboard": True}})
+
+
+def test_infeasible_events_are_matched_to_the_trials_request():
+    watch = callbacks.InfeasibleWatch(cpus=4, gpus=0)
+    watch.on_log({"pid": "autoscaler", "lines": [":event_summary:Error: No available node types can fulfill "
+                                                 "resource request {'CPU': 2.0}. Add suitable node types"]})
+    assert watch.problem is None   # someone else's request
+    watch.on_log({"pid": 123, "lines": ["No available node types can fulfill resource request {'CPU': 4.0}"]})
+    assert watch.problem is None   # not the autoscaler's event
+    watch.on_log({"pid": "autoscaler", "lines": ["Error: No available node types can fulfill resource request "
+                                                 "{'CPU': 4.0}. Add suitable node types to this cluster"]})
+    assert "each asks for 4 CPU" in watch.problem
+    with pytest.raises(callbacks.Infeasible):
+        watch.on_step_begin(0, [SimpleNamespace(status="PENDING")])
+    gpu = callbacks.InfeasibleWatch(cpus=1, gpus=0.5)
+    assert gpu.matches({"CPU": 1.0, "GPU": 0.5}) and not gpu.matches({"CPU": 1.0})

@@ -115,6 +115,12 @@ def test_status_command(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "hypervolume" in proc.stdout and "5 ok" in proc.stdout
     assert "plan (4=nf4" in proc.stdout
+    from qpruner.pareto import TrialLog
+    from qpruner.rundir import RunDir
+    ref = RunDir(tmp_path / "tiny_smoke").reference()   # the search's fixed reference, kept for status
+    assert ref is not None and ref[1] > 0
+    hv = TrialLog(tmp_path / "tiny_smoke", "accuracy").summary(ref)["hypervolume"]
+    assert f"hypervolume {hv:.4g}" in proc.stdout and "worst trial so far" not in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "qpruner.cli", "status", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a results/<job>/ directory" in bad.stderr
 

@@ -96,6 +96,9 @@ class PersistTrials(tune.Callback):
     def setup(self, **info):
         from .run import submission_id
         self.metrics.tags["submission_id"] = submission_id()  # this driver's: a resumed one is a new submission
+        if self.ref is not None:
+            from ..rundir import RunDir
+            RunDir(self.log.directory).write_reference(self.ref)   # `qpruner status` uses the same reference
         self._done()  # zeros (or, after a restart, the counts so far) before the first trial ends
 
     def _plan(self, trial) -> PrecisionPlan | None:

@@ -109,6 +109,28 @@ def reference_point(job: JobConfig, context: TrialContext, memory_of_largest: fl
     return q_ref, float(memory_of_largest) + 1.0
 
 
+DASHBOARD_URL: str | None = None   # of the local Ray this process started, when search.dashboard is on
+
+
+def hold_dashboard() -> None:
+    """Keep the local Ray this process started (and its dashboard) up until Ctrl-C, then stop it."""
+    import signal
+    import time
+    ray, _ = _ray()
+    if not ray.is_initialized():
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # Tune's own handler stays installed after fit
+    print(f"the Ray dashboard stays up at http://{DASHBOARD_URL} (search.keep_dashboard); press Ctrl-C to stop it",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray.shutdown()
+
+
 def init_ray(job: JobConfig) -> bool:
     """Connect to (or start) Ray. Returns True when this call started it (and should stop it)."""
     ray, _ = _ray()
@@ -128,12 +150,14 @@ def init_ray(job: JobConfig) -> bool:
     # address="local": always a new local instance, never a `ray start` cluster found on this machine
     context = ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
                        dashboard_host="127.0.0.1", log_to_driver=True)
+    global DASHBOARD_URL
+    DASHBOARD_URL = getattr(context, "dashboard_url", None) if cfg.dashboard else None
     if cfg.dashboard and getattr(context, "dashboard_url", None):
         token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
         auth = (f"; it asks for the token in {token}" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
                 else "")
-        logger.warning("Ray dashboard of this search: http://%s (127.0.0.1 only%s). It stops with the search; for "
-                       "one that stays, start `ray start --head --dashboard-host=127.0.0.1` and set "
+        logger.warning("Ray dashboard of this search: http://%s (127.0.0.1 only%s). It stops with the search "
+                       "(search.keep_dashboard=true holds it until Ctrl-C); for one that outlives searches, start `ray start --head --dashboard-host=127.0.0.1` and set "
                        "search.ray_address=auto", context.dashboard_url, auth)
     return True
 
@@ -390,8 +414,8 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
     finally:
         if watch is not None:
             watch.close()
-        if started:
-            ray.shutdown()
+        if started and not (cfg.keep_dashboard and not on_cluster):
+            ray.shutdown()   # else the CLI holds it up (search.keep_dashboard) and stops it on Ctrl-C
     return log
 
 

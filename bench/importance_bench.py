@@ -71,7 +71,7 @@ def run(model_name: str, random_plans: int) -> dict:
     loaded = models.load_model(job.model)
     splits = data.load_splits(job.data, loaded.tokenizer)
     base = loaded.model
-    prune.prune_(base, splits.calib, job.prune)
+    pruned = prune.prune_(base, splits.calib, job.prune, batch_size=job.prune.batch_size).removed_parts()
     layout = ModelLayout.from_model(base)
     quant = QuantConfig()
     memory = policy.PlanMemory(layout, quant, "float32")
@@ -116,7 +116,7 @@ def run(model_name: str, random_plans: int) -> dict:
     mixed = PrecisionPlan(tuple(("nf4", "int8", "bf16")[i % 3] for i in range(n)))
     peaks = [finetune_peak(base, plan, quant, ft, splits, layout, job.data.seq_len)
              for plan in (PrecisionPlan.uniform("nf4", n), PrecisionPlan.uniform("int8", n), mixed)]
-    return {"model": loaded.name, "layers": n, "calibration": list(splits.calib.shape),
+    return {"model": loaded.name, "pruned": "group ratio 0.2" + pruned, "layers": n, "calibration": list(splits.calib.shape),
             "eval_tokens": int(splits.eval[:, 1:].numel()), "score_seconds": seconds, "spearman_vs_sensitivity": correlation,
             "scores": {m: list(scores[m].scores) for m in ESTIMATORS},
             "uniform": {f: {"perplexity": round(p, 3), "avg_bits": round(memory(PrecisionPlan.uniform(f, n)).avg_bits, 3),
@@ -128,7 +128,7 @@ def run(model_name: str, random_plans: int) -> dict:
 
 
 def to_markdown(r: dict) -> str:
-    out = [f"# Layer importance benchmark: {r['model']} (pruned 20%, {r['layers']} layers)", "",
+    out = [f"# Layer importance benchmark: {r['model']} (pruned as the demo: {r.get('pruned', 'group ratio 0.2')}, {r['layers']} layers)", "",
            f"Calibration {r['calibration'][0]} x {r['calibration'][1]} tokens; perplexity on {r['eval_tokens']} held-out "
            f"tokens right after quantization (no fine-tuning). {r['machine']}, {r['date']}.", "",
            f"Command: `{r['command']}`", "", "## Rank correlation with measured sensitivity", "",

@@ -57,7 +57,7 @@ def run(model_name: str, steps: int) -> dict:
     loaded = models.load_model(job.model)
     splits = data.load_splits(job.data, loaded.tokenizer)
     model = loaded.model
-    prune.prune_(model, splits.calib, job.prune)
+    pruned = prune.prune_(model, splits.calib, job.prune, batch_size=job.prune.batch_size).removed_parts()
     layout = ModelLayout.from_model(model)
     n = layout.n_layers
     scores = importance.score_units(model, splits.calib, ScoreConfig(method="fisher"))
@@ -100,7 +100,7 @@ def run(model_name: str, steps: int) -> dict:
                            "mc_items_per_s": round(statistics.median(item_s), 2), "mc_choices": 4,
                            "synthetic_mc_acc": round(mc.acc, 3)})
         print(throughput[-1], flush=True)
-    return {"model": loaded.name, "steps": steps, "batch": ft.batch_size, "lr": ft.lr, "curves": curves,
+    return {"model": loaded.name, "pruned": "group ratio 0.2" + pruned, "steps": steps, "batch": ft.batch_size, "lr": ft.lr, "curves": curves,
             "throughput": throughput, "eval_tokens": int(splits.eval[:, 1:].numel()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv)}
@@ -108,7 +108,7 @@ def run(model_name: str, steps: int) -> dict:
 
 def to_markdown(r: dict) -> str:
     steps = sorted({int(k) for c in r["curves"] for k in c["perplexity"]})
-    out = [f"# Trial fidelity benchmark: {r['model']} (pruned 20%)", "",
+    out = [f"# Trial fidelity benchmark: {r['model']} (pruned as the demo: {r.get('pruned', 'group ratio 0.2')})", "",
            f"Held-out perplexity ({r['eval_tokens']} tokens) after k LoRA steps (batch {r['batch']} x 128, lr {r['lr']}), "
            f"quantized model with adapters. {r['machine']}, {r['date']}.", "", f"Command: `{r['command']}`", "",
            "| plan | avg bits | init | " + " | ".join(f"k={k}" for k in steps) + " | seconds |",

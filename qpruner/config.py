@@ -248,9 +248,9 @@ class JobConfig:
         if _CHECK_FILES.get():
             problems += _check_model_source(self.model.source)
             problems += _check_data_source(self.data.source)
-        if self.score.method in ("block_influence", "mutual_information") and self.policy.unit == "linear":
-            problems.append(f"score.method: {self.score.method} scores layers or module groups; with "
-                            "policy.unit=linear use fisher, taylor or sensitivity")
+        if self.score.method == "block_influence" and self.policy.unit == "linear":
+            problems.append("score.method: block_influence scores layers or module groups; with "
+                            "policy.unit=linear use fisher, taylor, mutual_information or sensitivity")
         problems += _check_metrics(self)
         if self.search.scheduler != "none" and self.finetune.eval_every == 0:
             problems.append(f"search.scheduler: {self.search.scheduler} stops trials on intermediate evaluations; "

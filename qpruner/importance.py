@@ -9,16 +9,17 @@ that of the mean loss.
 * ``taylor``: ``S_u = sum_{w in W_u} |w * g(w)|`` (first order, as the pruning stage).
 * ``block_influence``: ``S_u = 1 - mean_t cos(x_t, x'_t)`` with ``x``/``x'`` the residual stream before
   and after the unit (ShortGPT's Block Influence). Layer and group units. No gradients.
-* ``mutual_information``: the information about the model's prediction that the unit adds to the
-  residual stream, ``S_u = I_u - I_{u-1}``, where ``I_u`` lower-bounds the mutual information between
-  the residual stream ``X_u`` after unit ``u`` and the prediction ``Y`` (Barber & Agakov's variational
-  bound, with the model's own final norm + unembedding — the "logit lens" — as the decoder ``q``):
-  ``I(X_u; Y) >= H(Y) - E_t[ CE(p_t, q_u,t) ]``, ``p_t`` the model's predictive distribution at token
-  ``t``, ``H(Y)`` the entropy of its average over the calibration tokens. Why this estimator: the exact
-  mutual information between any layer's output and a deterministic network's prediction is the same
-  for every layer (the rest of the network is a function of it), so an informative score has to
-  measure *decodable* information; this bound needs one forward pass, no binning of a 50k-way output
-  and no trained probes, and it is exact at the last layer. Layer and group units.
+* ``mutual_information``: the information about the model's output that quantizing the unit loses.
+  With the model's own predictive distribution ``p`` as the decoder, the Barber-Agakov bound
+  ``I(X; Y) >= H(Y) - E_t[CE(p_t, q_t)]`` is tight for ``q = p``; with unit ``u`` quantized the model
+  predicts ``p~`` and the bound drops by exactly ``E_t KL(p_t || p~_t)`` nats. To second order that is
+  ``0.5 * sum_{w in W_u} F_ww * (d4(w)**2 - d8(w)**2)``: ``F`` the model's Fisher information
+  (gradients of the log-likelihood of tokens *sampled from the model's own predictions*, per
+  calibration sequence) and ``d4`` / ``d8`` each weight's real bitsandbytes round-trip error in the
+  4-bit format and in int8 — so the score is the information lost by storing the unit in 4 instead of
+  8 bits, the choice the search makes. The paper's own MI estimator is not public; ours differs from a
+  "layer output vs model output" MI (which is the same for every layer of a deterministic network)
+  in measuring what quantization destroys, and it needs the gradients of a few sequences, no probes.
 * ``sensitivity``: measured, one forward pass per unit: ``S_u = mean_t KL(p_t || p~_t)``, with
   ``p~`` the predictive distribution of the model with only unit ``u`` quantized to the 4-bit format.
   This is the increase of the loss against the model's own predictions (the distillation loss) — it
@@ -46,9 +47,6 @@ from .plan import UNIT_MEMBERS, units_per_layer
 from .prune_importance import accumulate_gradients
 
 logger = logging.getLogger(__name__)
-
-RESIDUAL_METHODS = ("block_influence", "mutual_information")
-
 
 @dataclass(frozen=True)
 class LayerScores:
@@ -140,27 +138,63 @@ def _block_influence(model, calib, unit, **_) -> list[float]:
     return (sums / count).tolist()
 
 
-def _logit_lens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.get_output_embeddings()(model.model.norm(x)).float().log_softmax(-1)
-
-
-@torch.no_grad()
-def _mutual_information(model, calib, unit, **_) -> list[float]:
-    _check_residual_unit("mutual_information", unit)
+def _model_fisher(model: nn.Module, calib: torch.Tensor, weights, draws: int = 2, seed: int = 0):
+    """Diagonal Fisher information of the decoder-linear weights: per calibration sequence, the squared
+    gradient of the log-likelihood of tokens sampled from the model's own predictions (``draws`` per
+    sequence), averaged. ``weights``: :func:`_weights` of ``model``."""
     device = next(model.parameters()).device
-    ce_sums, p_sum, count = None, None, 0
-    for batch in calib.split(4):
-        streams, logits = _residual_streams(model, batch.to(device), unit)
-        p = logits.float().reshape(-1, logits.shape[-1]).softmax(-1)
-        ce = torch.stack([-(p * _logit_lens(model, x)).sum() for x in streams])   # sum over tokens of CE(p, q)
-        ce_sums = ce if ce_sums is None else ce_sums + ce
-        p_sum = p.sum(0) if p_sum is None else p_sum + p.sum(0)
-        count += p.shape[0]
-    marginal = p_sum / count
-    h_y = float(-(marginal * marginal.clamp_min(1e-30).log()).sum())
-    bounds = [h_y - float(c) / count for c in ce_sums]
-    logger.debug("MI lower bounds (nats) per residual stream: %s", [round(b, 3) for b in bounds])
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = [w for layer in weights for w in layer.values()]
+    wanted = {id(p) for p in params}
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    fisher = [{n: torch.zeros_like(w, dtype=torch.float32) for n, w in layer.items()} for layer in weights]
+    count = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+            p.grad = None
+        for sample in calib.split(1):
+            sample = sample.to(device)
+            logits = model(input_ids=sample).logits.float()
+            probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1]).cpu()
+            for d in range(draws):
+                labels = torch.multinomial(probs, 1, generator=gen).reshape(sample.shape).to(device)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+                loss.backward(retain_graph=d < draws - 1)
+                for acc, layer in zip(fisher, weights):
+                    for name, w in layer.items():
+                        acc[name] += w.grad.float() ** 2
+                        w.grad = None
+                count += 1
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+            p.grad = None
+    return [{n: f / count for n, f in layer.items()} for layer in fisher]
+
+
+def _round_trip_error(lin: nn.Linear, fmt: str, quant: QuantConfig) -> torch.Tensor:
+    """``w - dequantize(quantize(w))`` of a linear stored in ``fmt`` with bitsandbytes (real kernels)."""
+    from .quantize import convert_linear, dequantized   # the bitsandbytes boundary
+    device = lin.weight.device
+    stored = convert_linear(lin, fmt, quant, device, torch.float32)
+    return lin.weight.data.float() - dequantized(stored).to(device)
+
+
+def _mutual_information(model, calib, unit, quant: QuantConfig | None = None, **_) -> list[float]:
+    quant = quant or QuantConfig()
+    weights = _weights(model)
+    fisher = _model_fisher(model, calib, weights)
+    per_linear = []
+    for layer, f in zip(models.decoder_layers(model), fisher):
+        scores = {}
+        with torch.no_grad():
+            for name, lin in models.layer_linears(layer).items():
+                d4 = _round_trip_error(lin, quant.four_bit, quant)
+                d8 = _round_trip_error(lin, "int8", quant)
+                scores[name] = 0.5 * float((f[name] * (d4 ** 2 - d8 ** 2)).sum())
+        per_linear.append(scores)
+    return _by_unit(per_linear, unit)
 
 
 @torch.no_grad()

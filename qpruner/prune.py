@@ -78,7 +78,20 @@ class PruneReport:
                 "layer": f"removed layers {list(self.removed_layers)}"}[self.scope]
         return (f"pruned {what} ({self.scope}, {self.ranking}, {self.importance}, group ratio {self.ratio:.3f}): "
                 f"{self.params_before:,} -> {self.params_after:,} parameters "
-                f"({100 * self.removed_fraction:.1f}% removed) in {self.seconds:.1f}s")
+                f"({100 * self.removed_fraction:.1f}% removed{self.removed_parts()}) in {self.seconds:.1f}s")
+
+    def removed_parts(self) -> str:
+        """What went, in the units the model has: KV groups (with their query heads) and MLP channels."""
+        start, end = self.layers if self.scope == "block" else (0, len(self.widths_before))
+        pairs = list(zip(self.widths_before, self.widths_after))[start:end]
+        kv = [(b.kv_heads, a.kv_heads) for b, a in pairs]
+        ch = [(b.intermediate, a.intermediate) for b, a in pairs]
+        kv_gone, kv_all = sum(b - a for b, a in kv), sum(b for b, _ in kv)
+        ch_gone, ch_all = sum(b - a for b, a in ch), sum(b for b, _ in ch)
+        if not (kv_gone or ch_gone):
+            return ""
+        return (f": {kv_gone} of {kv_all} KV groups ({100 * kv_gone / kv_all:.1f}% of attention) and "
+                f"{ch_gone:,} of {ch_all:,} MLP channels ({100 * ch_gone / ch_all:.1f}%) in the pruned layers")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,6 +221,23 @@ def narrowest_widths(widths: tuple[LayerWidth, ...], cfg: PruneConfig) -> tuple[
     return tuple(out)
 
 
+def attention_rounding(widths: tuple[LayerWidth, ...], cfg: PruneConfig, ratio: float) -> str | None:
+    """A note when a model's KV-group count cannot meet ``ratio`` in attention (GQA: e.g. 3 groups, so
+    0.2 removes 1 = 33%): what it removes, and the amounts it can meet exactly. ``None`` when exact."""
+    if not cfg.attention or cfg.scope != "block" or ratio <= 0:
+        return None
+    start, end = layer_range(cfg, len(widths))
+    counts = sorted({w.kv_heads for w in widths[start:end]})
+    notes = []
+    for kv in counts:
+        removed = kv - max(1, kv - math.floor(ratio * kv + 0.5)) if cfg.ranking == "local" else None
+        if removed is not None and abs(removed / kv - ratio) > 1e-9:
+            exact = ", ".join(f"{100 * k / kv:.1f}%" for k in range(kv))
+            notes.append(f"{kv} KV groups per layer cannot lose {100 * ratio:.1f}%: ratio {ratio:g} removes "
+                         f"{removed} ({100 * removed / kv:.1f}% of attention); exact amounts: {exact}")
+    return "; ".join(notes) or None
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k).indices.sort().values
 
@@ -309,6 +339,10 @@ def prune_(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, batch_siz
         scores = score_groups(model, calib, cfg, batch_size=batch_size, seed=seed)
         ratio = cfg.ratio if not cfg.param_ratio else solve_ratio(scores, model, cfg, cfg.param_ratio)
         sel = select(scores, model, cfg, ratio)
+        note = attention_rounding(widths_before, cfg, ratio)
+        if note:
+            logger.warning("prune.ratio: %s (MLP channels follow the ratio; prune.param_ratio sets the share "
+                           "of all parameters instead)", note)
     predicted = params_after(model, sel)
     apply_(model, sel)
     report = PruneReport(

@@ -262,3 +262,17 @@ def test_report_round_trips(tiny, tiny_splits):
     report = prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5))
     assert prune.PruneReport.from_dict(report.to_dict()) == report
     assert "block" in report.summary()
+
+
+def test_a_ratio_the_kv_groups_cannot_meet_is_said_with_the_exact_amounts(tiny, tiny_splits, caplog):
+    """GQA: with 2 KV groups per layer, ratio 0.3 can only remove 1 group (50%) or none; say which, and
+    what amounts are exact. The report states what went in the model's own units."""
+    import logging
+    widths = models.layer_widths(tiny)
+    assert prune.attention_rounding(widths, PruneConfig(ratio=0.5), 0.5) is None
+    with caplog.at_level(logging.WARNING, logger="qpruner.prune"):
+        report = prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.3))
+    assert "2 KV groups per layer cannot lose 30.0%: ratio 0.3 removes 1 (50.0% of attention); " \
+           "exact amounts: 0.0%, 50.0%" in caplog.text
+    assert "2 of 4 KV groups (50.0% of attention)" in report.summary()
+    assert "MLP channels" in report.summary()

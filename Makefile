@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qpruner-installed
 
-.PHONY: install demo test test-slow test-gpu clean-results
+.PHONY: install demo test test-slow test-gpu bench bench-gpu clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,27 @@ test-slow: $(STAMP)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# Every file in results/bench/ that a CPU can produce, from the scripts that own them (hours on 2 cores;
+# each output records its commit, command and settings). The landscape's real trials are recorded
+# separately and resumably (`bench/landscape.py record --stage ...`, days of CPU); these steps replay
+# and analyse what is recorded. report_screenshot needs a finished demo (`make demo`).
+bench: $(STAMP)
+	$(BIN)/python bench/prune_bench.py
+	$(BIN)/python bench/importance_bench.py
+	$(BIN)/python bench/trial_bench.py
+	$(BIN)/python bench/reliability.py
+	$(BIN)/python bench/landscape.py export
+	$(BIN)/python bench/landscape_report.py
+	$(BIN)/python bench/importance_truth.py
+	$(BIN)/python bench/search_bench.py
+	$(BIN)/python bench/dashboard_screenshot.py
+	test -d results/smollm2_demo && $(BIN)/python bench/report_screenshot.py || echo "no results/smollm2_demo: run make demo for the report screenshot"
+
+# the CUDA allocator measurements (finetune_memory_cuda_*), on a GPU machine
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/finetune_memory_bench.py --device cuda --shape smollm2
+	$(BIN)/python bench/finetune_memory_bench.py --device cuda --shape llama7b-4layers
 
 clean-results:
 	find results -mindepth 1 -maxdepth 1 ! -name bench ! -name README.md -exec rm -rf {} +

@@ -106,3 +106,18 @@ def test_landscape_report_on_a_synthetic_landscape(tmp_path):
     assert res["vs_line"]["mixed_plans"] == 254
     assert "## Noise" in lr.to_markdown({**res, **{"source": "x", "landscape_commit": "synthetic", "command": "c",
                                                    "commit": "0" * 10, "dirty": False, "machine": "m", "date": "d"}})
+
+
+def test_loftq_benchmark_records_resumably_and_reports_paired_differences(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "loftq_bench.py"), "--model", "tiny", "--steps", "1", "--long", "2",
+           "--seeds", "1", "--out", str(tmp_path)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "loftq_runs.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 4 and {r["variant"] for r in rows} == {"plain", "loftq", "loftq x4", "loftq unbalanced"}
+    assert all(set(r["nll"]) == {"0", "1", "2"} and r["commit"] for r in rows)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)   # everything recorded: nothing trained
+    assert again.returncode == 0 and "12 runs recorded, 0 to train" in again.stdout
+    res = json.loads((tmp_path / "loftq.json").read_text())
+    assert set(res["paired_vs_plain"]) == {"loftq", "loftq x4", "loftq unbalanced"}
+    assert res["paired_vs_plain"]["loftq"]["0"]["n"] == 3 and "REAL trials" in res["what"]

@@ -78,7 +78,7 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_splits):
         states.append(_lora_state(model))
     for other in states[1:]:
         for name in states[0]:
-            assert torch.allclose(states[0][name], other[name], atol=1e-6), name
+            assert torch.allclose(states[0][name], other[name], atol=1e-5), name   # Adam step: +-lr, float sums
 
 
 def test_learning_rate_schedules():

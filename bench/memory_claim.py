@@ -77,7 +77,12 @@ def pruned_layout(spec) -> tuple[ModelLayout, float, float]:
     return pruned, ratio, 1 - params(pruned) / total
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=OUT.parent)
+    out = parser.parse_args(argv).out / OUT.name
+    out.parent.mkdir(parents=True, exist_ok=True)
     quant = QuantConfig()
     result = {**stamp(), "what": "ESTIMATES (qpruner.finetune_memory, validated against the CUDA allocator at "
               "0.87-0.98 of the measured peak) of LoRA fine-tuning peak memory, bf16 compute", "shapes": {}}
@@ -99,9 +104,9 @@ def main() -> int:
                              "saving_vs_bf16": round(1 - est.total / base, 3)})
         result["shapes"][name] = {"group_ratio": round(ratio, 4), "params_removed": round(removed, 4), "rows": rows}
         print(name, f"ratio {ratio:.3f}, removed {removed:.3f}", flush=True)
-    OUT.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    OUT.with_suffix(".md").write_text(to_markdown(result))
-    print("wrote", OUT.with_suffix(".md"))
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(result))
+    print("wrote", out.with_suffix(".md"))
     return 0
 
 

@@ -121,3 +121,15 @@ def test_loftq_benchmark_records_resumably_and_reports_paired_differences(tmp_pa
     res = json.loads((tmp_path / "loftq.json").read_text())
     assert set(res["paired_vs_plain"]) == {"loftq", "loftq x4", "loftq unbalanced"}
     assert res["paired_vs_plain"]["loftq"]["0"]["n"] == 3 and "REAL trials" in res["what"]
+
+
+def test_memory_claim_prices_the_pruned_shapes(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_claim.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "memory_claim.json").read_text())
+    llama = res["shapes"]["LLaMA-2-7B, 20% of parameters"]
+    assert abs(llama["params_removed"] - 0.20) < 0.005 and "ESTIMATES" in res["what"] and res["commit"]
+    rows = {(r["plan"], r["batch"]): r for r in llama["rows"]}
+    assert rows[("all bf16 (baseline)", 1)]["saving_vs_bf16"] == 0.0
+    assert rows[("all nf4", 1)]["weights_gb"] < rows[("all int8", 1)]["weights_gb"] < rows[("all bf16 (baseline)", 1)]["weights_gb"]

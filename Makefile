@@ -40,6 +40,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/landscape.py export
 	$(BIN)/python bench/landscape_report.py
 	$(BIN)/python bench/importance_truth.py
+	$(BIN)/python bench/memory_claim.py
+	$(BIN)/python bench/loftq_bench.py
 	$(BIN)/python bench/search_bench.py
 	$(BIN)/python bench/dashboard_screenshot.py
 	test -d results/smollm2_demo && $(BIN)/python bench/report_screenshot.py || echo "no results/smollm2_demo: run make demo for the report screenshot"

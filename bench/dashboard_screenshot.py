@@ -51,7 +51,9 @@ def main(out_dir: str = "results/bench") -> None:
     if chromium is None:
         sys.exit("needs Debian's chromium (apt-get install chromium)")
     out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix="qdash", dir="/tmp"))
+    results = temp / "results"
     port, dash, agent, runtime_env, metrics = (_free_port() for _ in range(5))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -68,7 +70,7 @@ def main(out_dir: str = "results/bench") -> None:
             try:
                 client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
                 job = client.submit_job(
-                    entrypoint="qpruner search tune_jobs/tiny_smoke.yaml results_dir=/tmp/qdash_results "
+                    entrypoint=f"qpruner search tune_jobs/tiny_smoke.yaml results_dir={results} "
                                "search.num_trials=5 search.metrics_linger_s=0 --overwrite",
                     runtime_env={"working_dir": str(ROOT),
                                  "excludes": [".venv", "results", ".git", "**/__pycache__", "*.whl"]},
@@ -78,9 +80,14 @@ def main(out_dir: str = "results/bench") -> None:
                 if time.time() > deadline:
                     raise
                 time.sleep(2)
+        deadline = time.time() + 900
         while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            if time.time() > deadline:
+                raise SystemExit(f"job {job} did not finish within 15 minutes")
             time.sleep(2)
         print("job", job, client.get_job_status(job))
+        if client.get_job_status(job) != JobStatus.SUCCEEDED:
+            raise SystemExit(f"job {job} ended {client.get_job_status(job)}: {client.get_job_logs(job)[-2000:]}")
         (out / "ray_dashboard.json").write_text(json.dumps({**stamp(), "job": job, "status": str(
             client.get_job_status(job)), "pages": ["ray_dashboard_jobs.png", "ray_dashboard_job.png",
                                                    "ray_dashboard_actors.png"]}, indent=2) + "\n")
@@ -90,9 +97,11 @@ def main(out_dir: str = "results/bench") -> None:
             _shoot(chromium, f"{base}/#/jobs/{job}", out / "ray_dashboard_job.png", profile + "/b", height=2400)
             _shoot(chromium, f"{base}/#/actors", out / "ray_dashboard_actors.png", profile + "/c")
     finally:
-        os.killpg(head.pid, signal.SIGKILL)   # the head and everything it started (its own session)
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree("/tmp/qdash_results", ignore_errors=True)
+        try:
+            os.killpg(head.pid, signal.SIGKILL)   # the head and everything it started (its own session)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp, ignore_errors=True)   # its temp dir and the tiny search's results
 
 
 if __name__ == "__main__":

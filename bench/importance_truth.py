@@ -40,7 +40,7 @@ OUT = ROOT / "results" / "bench" / "importance_truth"
 
 def truth(table, stage: str) -> dict | None:
     rows = table[table["stage"] == stage].drop_duplicates("group_code")
-    if len(rows) < 2 * landscape.N_GROUPS:
+    if len(rows) < 2 * landscape.N_GROUPS:   # too few plans to fit 9 coefficients with any precision
         return None
     x = np.array([[1.0] + [float(ch == "8") for ch in code] for code in rows["group_code"]])
     y = rows["nll"].to_numpy()
@@ -63,6 +63,8 @@ def main() -> int:
     torch.manual_seed(0)
     table, _ = landscape.load()
     truths = {s: t for s in ("zero", "demo") if (t := truth(table, s))}
+    if not truths:
+        raise SystemExit("no landscape stage has enough recorded plans: run bench/landscape.py record first")
     job = landscape.stage_job("zero")
     model, tokenizer = load_pruned(job.results_path / "pruned")
     model.eval()
@@ -79,12 +81,14 @@ def main() -> int:
                               "spearman_ci95": {s: bootstrap_spearman(by_group, t["gain_nf4_to_int8"])
                                                 for s, t in truths.items()}}
         print(method, estimators[method]["spearman"], f"{estimators[method]['seconds']}s", flush=True)
-    ranked = sorted(METHODS, key=lambda m: -estimators[m]["spearman"]["zero"])
+    first = next(iter(truths))   # "zero" once that stage is recorded
+    ranked = sorted(METHODS, key=lambda m: -estimators[m]["spearman"][first])
     result = {**stamp(), "what": "qpruner's unit-importance estimators against the per-group effects fitted on the "
               "recorded real landscape (not a proxy)", "source": "results/bench/landscape_smollm2.parquet",
               "model": "SmolLM2-135M-Instruct pruned as tune_jobs/smollm2_demo.yaml (the landscape's own pruned model)",
-              "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens (the job's calibration split)",
-              "groups": parts, "truth": truths, "estimators": estimators, "ranked_by_zero_stage": ranked}
+              "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens (the job's calibration split as this commit "
+                             "draws it; the landscape's model was pruned on the split of its recording commit)",
+              "groups": parts, "truth": truths, "estimators": estimators, "ranked_by": first, "ranked": ranked}
     OUT.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     OUT.with_suffix(".md").write_text(to_markdown(result))
     print("wrote", OUT.with_suffix(".md"))
@@ -102,7 +106,7 @@ def to_markdown(r: dict) -> str:
              f"{r['machine']}, {r['date']}.", "",
              "| estimator | " + " | ".join(f"Spearman vs {s} [95% bootstrap over groups]" for s in stages)
              + " | seconds |", "|---|" + "---:|" * len(stages) + "---:|"]
-    for m in r["ranked_by_zero_stage"]:
+    for m in r["ranked"]:
         e = r["estimators"][m]
         lines.append(f"| {m} | " + " | ".join(f"{e['spearman'][s]} {e['spearman_ci95'][s]}" for s in stages)
                      + f" | {e['seconds']} |")

@@ -96,9 +96,9 @@ def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work:
                         replace(job.eval, before_finetune=True), Budget(), metric="perplexity")
     done = set()
     if runs_file.is_file():
-        done = {(r["plan"], r["variant"], r["seed"]) for r in map(json.loads, runs_file.read_text().splitlines())}
+        done = {(r["code"], r["variant"], r["seed"], r.get("long")) for r in map(json.loads, runs_file.read_text().splitlines())}
     todo = [(label, plan, variant, seed) for label, plan in plans(scores, layout.n_layers).items()
-            for seed in range(seeds) for variant in VARIANTS if (label, variant, seed) not in done]
+            for seed in range(seeds) for variant in VARIANTS if (plan.code(), variant, seed, long) not in done]
     print(f"{len(done)} runs recorded, {len(todo)} to train ({pruned.report.summary()})", flush=True)
     for label, plan, variant, seed in todo:
         ctx = replace(base, finetune=replace(ft, seed=seed, **VARIANTS[variant]))
@@ -109,7 +109,7 @@ def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work:
             continue
         nll = {0: r.nll_before, **{x["step"]: math.log(x["perplexity"]) for x in reports}, r.train_steps: r.nll}
         row = {"plan": label, "code": plan.code(), "avg_bits": round(r.avg_bits, 3), "variant": variant,
-               "seed": seed, "nll": {str(k): round(v, 5) for k, v in sorted(nll.items())},
+               "seed": seed, "long": long, "nll": {str(k): round(v, 5) for k, v in sorted(nll.items())},
                "nll_se_final": round(r.nll_se, 5), "seconds": round(time.perf_counter() - t, 1), **stamp()}
         with runs_file.open("a") as f:   # one line per finished run: a kill loses at most the run in progress
             f.write(json.dumps(row) + "\n")
@@ -117,7 +117,9 @@ def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work:
 
 
 def report(runs_file: Path, out: Path, demo_steps: int) -> dict:
-    rows = [json.loads(line) for line in runs_file.read_text().splitlines()]
+    rows = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
+    if not rows:
+        raise SystemExit(f"nothing recorded in {runs_file} yet: run `python bench/loftq_bench.py` first")
     steps = sorted({int(k) for r in rows for k in r["nll"]})
     marks = [s for s in steps if s in (0, demo_steps, 4 * demo_steps) or s == steps[-1]]
     table, paired = {}, {}

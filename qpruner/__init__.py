@@ -4,7 +4,7 @@ Public entry points: :func:`qpruner.config.load_job`, :func:`qpruner.job.run_job
 command line (:mod:`qpruner.cli`).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: calibration split independent of eval_samples (runs of 0.1 are other runs)
 
 from .pruned_model import register as _register
 

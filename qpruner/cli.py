@@ -159,7 +159,7 @@ def _cmd_prune(args) -> int:
                                "pruning again there would leave its trials without their model. Give this job a "
                                "new name (name=...)")
         run.write_marker(job, searched=False)
-        pruned = load_or_prune(job, resolve_device(job.device), force=args.force)
+        pruned = load_or_prune(job, resolve_device(job.device), force=args.force, check_budget=False)
     print(("reused: " if pruned.reused else "") + pruned.report.summary())
     print(f"pruned model: {run.pruned}/ (load it with `import qpruner` and "
           "transformers.AutoModelForCausalLM.from_pretrained)")

@@ -93,7 +93,7 @@ class PrunedModel:
     reused: bool
 
 
-def load_or_prune(job: JobConfig, device: torch.device, force: bool = False) -> PrunedModel:
+def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, check_budget: bool = True) -> PrunedModel:
     """The pruned model of ``job``: read from ``results/<job>/pruned/`` when it was written for the same
     model, pruning config and calibration data, else pruned now and saved there (safetensors). A
     ``pruned/`` holding files qpruner did not write is refused before any work (nothing is deleted)."""
@@ -112,7 +112,8 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False) -> 
     loaded = models.load_model(job.model, device)
     logger.info("loaded %s (%s parameters) in %.1fs", loaded.name, f"{models.count_params(loaded.model):,}",
                 time.perf_counter() - t)
-    check_budget_before_pruning(job, loaded.model)
+    if check_budget:
+        check_budget_before_pruning(job, loaded.model)
     splits = data.load_splits(job.data, loaded.tokenizer)
     report_ = prune.prune_(loaded.model, splits.calib, job.prune, batch_size=job.prune.batch_size,
                            seed=job.data.seed)
@@ -262,7 +263,7 @@ def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Jo
             aside = set_aside_experiment(job, run)
             if aside:
                 logger.warning("an earlier Ray Tune experiment of this directory was moved to %s", aside)
-        run.write_marker(job, searched=True)
+        run.write_marker(job, searched=True, continuing=continuing)
         run.write_job(job)
         prepared = prepare(job, out)
         origins = {s.plan.formats: f"seed:{s.origin}" for s in prepared.seeds}

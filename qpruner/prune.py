@@ -82,7 +82,9 @@ class PruneReport:
 
     def removed_parts(self) -> str:
         """What went, in the units the model has: KV groups (with their query heads) and MLP channels."""
-        start, end = self.layers if self.scope == "block" else (0, len(self.widths_before))
+        if self.scope != "block":   # layer scope drops layers (widths no longer pair up); channel scope: hidden
+            return ""
+        start, end = self.layers
         pairs = list(zip(self.widths_before, self.widths_after))[start:end]
         kv = [(b.kv_heads, a.kv_heads) for b, a in pairs]
         ch = [(b.intermediate, a.intermediate) for b, a in pairs]
@@ -224,8 +226,8 @@ def narrowest_widths(widths: tuple[LayerWidth, ...], cfg: PruneConfig) -> tuple[
 def attention_rounding(widths: tuple[LayerWidth, ...], cfg: PruneConfig, ratio: float) -> str | None:
     """A note when a model's KV-group count cannot meet ``ratio`` in attention (GQA: e.g. 3 groups, so
     0.2 removes 1 = 33%): what it removes, and the amounts it can meet exactly. ``None`` when exact."""
-    if not cfg.attention or cfg.scope != "block" or ratio <= 0:
-        return None
+    if not cfg.attention or cfg.scope != "block" or ratio <= 0 or cfg.param_ratio:
+        return None   # param_ratio: the solved ratio aims at the share of all parameters, not of the groups
     start, end = layer_range(cfg, len(widths))
     counts = sorted({w.kv_heads for w in widths[start:end]})
     notes = []

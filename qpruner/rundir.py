@@ -183,13 +183,13 @@ class RunDir:
         except (OSError, json.JSONDecodeError):
             return None
 
-    def write_marker(self, job, searched: bool) -> None:
+    def write_marker(self, job, searched: bool, continuing: bool = True) -> None:
         from . import __version__
         old = self.read_marker() or {}
         record = {"version": __version__, "created": old.get("created", time.time()), "job": job.name,
                   "identity": identity(job) if searched else old.get("identity"),
                   "trial_key": trial_key(job) if searched else old.get("trial_key"),
-                  **({"hv_reference": old["hv_reference"]} if "hv_reference" in old else {})}
+                  **({"hv_reference": old["hv_reference"]} if "hv_reference" in old and continuing else {})}
         _atomic_text(self.marker, json.dumps(record, indent=2))
 
     def write_reference(self, ref: tuple[float, float]) -> None:

@@ -165,7 +165,18 @@ def test_infeasible_events_are_matched_to_the_trials_request():
     watch.on_log({"pid": "autoscaler", "lines": ["Error: No available node types can fulfill resource request "
                                                  "{'CPU': 4.0}. Add suitable node types to this cluster"]})
     assert "each asks for 4 CPU" in watch.problem
+    watch.on_step_begin(0, [SimpleNamespace(status="PENDING")])   # once: perhaps a node restarting
+    watch.on_trial_start(0, [], None)                              # a trial started: forgotten
+    assert watch.problem is None
+    event = {"pid": "autoscaler", "lines": ["No available node types can fulfill resource request {'CPU': 4.0}"]}
+    watch.on_log(event)
+    watch.on_log(event)
+    watch.on_step_begin(0, [SimpleNamespace(status="RUNNING")])   # one is running: the cluster can hold trials
     with pytest.raises(callbacks.Infeasible):
         watch.on_step_begin(0, [SimpleNamespace(status="PENDING")])
+    watch.on_log({"pid": "autoscaler", "lines": None})             # malformed: ignored, never raised into Ray
     gpu = callbacks.InfeasibleWatch(cpus=1, gpus=0.5)
     assert gpu.matches({"CPU": 1.0, "GPU": 0.5}) and not gpu.matches({"CPU": 1.0})
+    assert not gpu.matches({"CPU": 1.0, "GPU": 0.5, "memory": 1e12})   # someone else's request
+    import pickle
+    assert pickle.loads(pickle.dumps(watch))._listening is False

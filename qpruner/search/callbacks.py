@@ -167,15 +167,20 @@ class InfeasibleWatch(tune.Callback):
     """Fail fast on a cluster that can never run a trial, instead of waiting forever.
 
     Ray's autoscaler (the cluster launcher's, KubeRay's, or the read-only one of a fixed cluster) tells
-    every driver when no node type can ever hold a resource request; Tune itself only keeps waiting.
-    This listens for that event about the trials' own request (e.g. ``{'CPU': 4.0}``) and, while no
-    trial is running, stops the search with a clear message. It listens on Ray's driver log stream
-    (``global_worker_stdstream_dispatcher``, where those events arrive); where that is unavailable the
-    search simply waits, as Tune does."""
+    every driver, about every 30 s, when no node type can hold a resource request; Tune itself only
+    keeps waiting. This listens for that event about exactly the trials' own request (e.g.
+    ``{'CPU': 4.0}``) on Ray's driver log stream (``global_worker_stdstream_dispatcher``, where those
+    events arrive) and stops the search once the event has come ``sightings`` times with no trial
+    starting in between and none running — a node that is only restarting does not stop it. Where the
+    stream is unavailable the search simply waits, as Tune does. Not active after ``--resume`` (Tune
+    restores its own pickled callbacks)."""
+
+    sightings = 2
 
     def __init__(self, cpus: float, gpus: float):
         self.request = {k: float(v) for k, v in (("CPU", cpus), ("GPU", gpus)) if v}
         self.problem: str | None = None
+        self.seen = 0
         self._listening = False
 
     def listen(self) -> "InfeasibleWatch":
@@ -193,23 +198,32 @@ class InfeasibleWatch(tune.Callback):
             global_worker_stdstream_dispatcher.remove_handler("qpruner_infeasible")
             self._listening = False
 
+    def __getstate__(self):   # Tune pickles its callbacks into the experiment state: no live listener there
+        return {**self.__dict__, "_listening": False}
+
     def on_log(self, data: dict) -> None:
-        if data.get("pid") != "autoscaler" or self.problem:
-            return
-        for line in data.get("lines", []):
-            shape = parse_infeasible(line)
-            if shape is not None and self.matches(shape):
-                self.problem = (f"the cluster cannot run a trial: each asks for {_shape(self.request)}, and Ray's "
-                                f"autoscaler reports that no node type can provide {_shape(shape)}. Lower "
-                                "search.cpus_per_trial / gpus_per_trial, or add such a node type to the cluster")
+        try:   # an exception here would end Ray's log thread for the whole driver
+            if data.get("pid") != "autoscaler":
+                return
+            for line in data.get("lines", []):
+                shape = parse_infeasible(line)
+                if shape is not None and self.matches(shape):
+                    self.seen += 1
+                    self.problem = (f"the cluster cannot run a trial: each asks for {_shape(self.request)}, and Ray's "
+                                    f"autoscaler reports that no node type can provide {_shape(shape)}. Lower "
+                                    "search.cpus_per_trial / gpus_per_trial, or add such a node type to the cluster")
+        except Exception as exc:  # noqa: BLE001 - a malformed event is ignored
+            logger.debug("ignored an autoscaler event: %s", exc)
 
     def matches(self, shape: dict) -> bool:
-        """The event is about a trial's request: at least the trial's CPU/GPU and nothing it does not ask."""
-        return (set(shape) <= set(self.request) | {"memory", "object_store_memory"}
-                and all(abs(shape.get(k, 0.0) - v) < 1e-9 for k, v in self.request.items()))
+        """The event is about a trial's request: exactly the trial's CPU/GPU."""
+        return set(shape) == set(self.request) and all(abs(shape[k] - v) < 1e-9 for k, v in self.request.items())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.problem, self.seen = None, 0   # a trial could start: whatever was reported has passed
 
     def on_step_begin(self, iteration, trials, **info):
-        if self.problem and not any(t.status == "RUNNING" for t in trials):
+        if self.problem and self.seen >= self.sightings and not any(t.status == "RUNNING" for t in trials):
             raise Infeasible(self.problem)
 
 

@@ -120,8 +120,8 @@ def hold_dashboard() -> None:
     if not ray.is_initialized():
         return
     signal.signal(signal.SIGINT, signal.default_int_handler)   # Tune's own handler stays installed after fit
-    print(f"the Ray dashboard stays up at http://{DASHBOARD_URL} (search.keep_dashboard); press Ctrl-C to stop it",
-          flush=True)
+    where = f"at http://{DASHBOARD_URL}" if DASHBOARD_URL else "(its dashboard did not start)"
+    print(f"the local Ray stays up {where} (search.keep_dashboard); press Ctrl-C to stop it", flush=True)
     try:
         while True:
             time.sleep(3600)

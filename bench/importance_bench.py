@@ -71,7 +71,7 @@ def run(model_name: str, random_plans: int) -> dict:
     loaded = models.load_model(job.model)
     splits = data.load_splits(job.data, loaded.tokenizer)
     base = loaded.model
-    pruned = prune.prune_(base, splits.calib, job.prune, batch_size=job.prune.batch_size).removed_parts()
+    pruned = prune.prune_(base, splits.calib, job.prune).removed_parts()
     layout = ModelLayout.from_model(base)
     quant = QuantConfig()
     memory = policy.PlanMemory(layout, quant, "float32")

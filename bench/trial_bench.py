@@ -57,7 +57,7 @@ def run(model_name: str, steps: int) -> dict:
     loaded = models.load_model(job.model)
     splits = data.load_splits(job.data, loaded.tokenizer)
     model = loaded.model
-    pruned = prune.prune_(model, splits.calib, job.prune, batch_size=job.prune.batch_size).removed_parts()
+    pruned = prune.prune_(model, splits.calib, job.prune).removed_parts()
     layout = ModelLayout.from_model(model)
     n = layout.n_layers
     scores = importance.score_units(model, splits.calib, ScoreConfig(method="fisher"))

@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from . import models
 from .config import LINEAR_NAMES, QuantConfig, ScoreConfig
+from .errors import ConfigError, ModelError
 from .plan import UNIT_MEMBERS, units_per_layer
 from .prune_importance import accumulate_gradients
 
@@ -122,7 +123,8 @@ def _residual_streams(model: nn.Module, batch: torch.Tensor, unit: str) -> tuple
 
 def _check_residual_unit(method: str, unit: str) -> None:
     if unit not in ("layer", "group"):
-        raise ValueError(f"{method} scores layers or module groups, not {unit!r} units")
+        raise ConfigError([f"score.method: {method} scores layers or module groups, not {unit!r} units; "
+                           "with policy.unit=linear use fisher, taylor, mutual_information or sensitivity"])
 
 
 @torch.no_grad()
@@ -238,13 +240,9 @@ def score_units(model: nn.Module, calib: torch.Tensor, cfg: ScoreConfig, unit: s
     samples = calib if cfg.samples is None else calib[: cfg.samples]
     scores = ESTIMATORS[cfg.method](model, samples, unit, quant=quant)
     if any(not math.isfinite(s) for s in scores):
-        raise ValueError(f"{cfg.method} produced non-finite scores; check the calibration data")
+        raise ModelError(f"score.method {cfg.method} produced non-finite layer scores on this model; check the "
+                         "calibration data (data.source) and model.dtype (float32 is the safe choice)")
     result = LayerScores(cfg.method, tuple(float(s) for s in scores), unit, time.perf_counter() - t0)
     logger.info("%s scores (%s, %.1fs): most important units %s", unit, cfg.method, result.seconds,
                 result.ranking()[:5])
     return result
-
-
-def score_layers(model: nn.Module, calib: torch.Tensor, cfg: ScoreConfig) -> LayerScores:
-    """One score per decoder layer (``score_units`` with ``unit="layer"``)."""
-    return score_units(model, calib, cfg, "layer")

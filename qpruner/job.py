@@ -1,6 +1,6 @@
 """The driver: run one job end to end.
 
-    JobConfig -> load_model -> prune_ -> score_layers -> seed plans -> search (Ray Tune trials)
+    JobConfig -> load_model -> prune_ -> score_units -> seed plans -> search (Ray Tune trials)
               -> TrialLog (trials.parquet, pareto.parquet) -> pareto.png
 
 Everything expensive that every trial shares (loading, pruning, scoring, tokenizing) happens here,
@@ -115,7 +115,7 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, che
     if check_budget:
         check_budget_before_pruning(job, loaded.model)
     splits = data.load_splits(job.data, loaded.tokenizer)
-    report_ = prune.prune_(loaded.model, splits.calib, job.prune, batch_size=job.prune.batch_size,
+    report_ = prune.prune_(loaded.model, splits.calib, job.prune,
                            seed=job.data.seed)
     clear_pruned(directory)  # only the files an earlier save_pruned wrote
     # save_pruned writes the record last: a directory without it (an interrupted save) is never reused

@@ -75,7 +75,7 @@ def byte_tokenizer():
 # loading
 
 
-def tiny_config(seed: int = 0):
+def tiny_config():
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -86,7 +86,7 @@ def tiny_model(seed: int = 0) -> nn.Module:
     """A small random Llama (4 layers, 4 heads in 2 KV groups, hidden 64, MLP 192), seeded."""
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(seed)).eval()
+    return LlamaForCausalLM(tiny_config()).eval()
 
 
 def smollm2_folder() -> Path:

@@ -43,12 +43,6 @@ def units_per_layer(unit: str) -> int:
     return len(UNIT_MEMBERS[unit])
 
 
-def unit_names(unit: str, n_layers: int) -> list[str]:
-    """Readable names of the units, e.g. ``layer 3``, ``layer 3 mlp``, ``layer 3 q_proj``."""
-    labels = {"layer": ("",), "group": (" attention", " mlp"), "linear": tuple(f" {n}" for n in LINEAR_NAMES)}[unit]
-    return [f"layer {i}{label}" for i in range(n_layers) for label in labels]
-
-
 @dataclass(frozen=True)
 class PrecisionPlan:
     formats: tuple[str, ...]      # one per unit

@@ -154,15 +154,14 @@ def _parts_in_scope(model: nn.Module, cfg: PruneConfig, start: int, end: int):
     return out
 
 
-def score_groups(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, batch_size: int = 4,
-                 seed: int = 0) -> GroupScores:
+def score_groups(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, seed: int = 0) -> GroupScores:
     """Importance of every group in scope (gradients computed once, then freed)."""
     start, end = layer_range(cfg, len(models.decoder_layers(model)))
     parts = _parts_in_scope(model, cfg, start, end)
     fisher = None
     if cfg.importance in FIRST_ORDER | SECOND_ORDER:
         params = list({id(p.param): p.param for ps in parts.values() for p in ps}.values())
-        fisher = accumulate_gradients(model, calib, batch_size, params, fisher=cfg.importance in SECOND_ORDER)
+        fisher = accumulate_gradients(model, calib, cfg.batch_size, params, fisher=cfg.importance in SECOND_ORDER)
     gen = torch.Generator().manual_seed(seed)
     scores = GroupScores()
     with torch.no_grad():
@@ -326,8 +325,7 @@ def apply_(model: nn.Module, sel: Selection) -> None:
     models.to_pruned_(model)
 
 
-def prune_(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, batch_size: int = 4,
-           seed: int = 0) -> PruneReport:
+def prune_(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, seed: int = 0) -> PruneReport:
     """Score, select and remove groups of ``model`` in place; return a report."""
     t0 = time.perf_counter()
     n_layers = len(models.decoder_layers(model))
@@ -338,7 +336,7 @@ def prune_(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, batch_siz
     if cfg.ratio == 0 and not cfg.param_ratio or cfg.scope == "block" and not (cfg.attention or cfg.mlp):
         sel, ratio = Selection({}, {}), 0.0
     else:
-        scores = score_groups(model, calib, cfg, batch_size=batch_size, seed=seed)
+        scores = score_groups(model, calib, cfg, seed=seed)
         ratio = cfg.ratio if not cfg.param_ratio else solve_ratio(scores, model, cfg, cfg.param_ratio)
         sel = select(scores, model, cfg, ratio)
         note = attention_rounding(widths_before, cfg, ratio)

@@ -30,7 +30,7 @@ from .plan import PrecisionPlan
 logger = logging.getLogger(__name__)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # silences a harmless CPU-kernel notice
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .models import DTYPES  # noqa: E402  (one definition: dtype names -> torch dtypes)
 
 
 def _bnb():

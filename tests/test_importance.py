@@ -3,6 +3,7 @@ import torch
 
 from qpruner import importance, models
 from qpruner.config import QuantConfig, ScoreConfig, build_job
+from qpruner.errors import ConfigError
 from qpruner.importance import ESTIMATORS, score_units
 
 
@@ -67,7 +68,7 @@ def test_linear_units(tiny, tiny_splits, method):
 
 
 def test_residual_estimators_refuse_linear_units(tiny, tiny_splits):
-    with pytest.raises(ValueError, match="not 'linear' units"):
+    with pytest.raises(ConfigError, match="not 'linear' units"):
         score_units(tiny, tiny_splits.calib, ScoreConfig(method="block_influence"), "linear")
     with pytest.raises(Exception, match="policy.unit=linear"):
         build_job({"score": {"method": "block_influence"}, "policy": {"unit": "linear"}})

@@ -119,7 +119,7 @@ def test_layout_before_pruning_is_exact_or_a_floor(prune_kw):
     cfg = PruneConfig(**prune_kw)
     predicted = layout.narrowed(before, prune.narrowest_widths(before, cfg))
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    prune.prune_(loaded.model, calib, cfg, batch_size=cfg.batch_size)
+    prune.prune_(loaded.model, calib, cfg)
     actual = ModelLayout.from_model(loaded.model)
     if prune_kw == {"ratio": 0.5}:
         assert predicted == actual

@@ -46,7 +46,7 @@ def test_pruned_smollm2_runs_and_counts(pruned):
 
 def test_layer_scores_and_nf4_worse_than_int8(pruned):
     job, model, splits, _, _ = pruned
-    scores = importance.score_layers(model, splits.calib, job.score)
+    scores = importance.score_units(model, splits.calib, job.score)
     assert len(scores) == 30 and all(s > 0 for s in scores.scores)
     config_dict, state = models.model_state(model)
     ctx = TrialContext(config_dict, state, memory.ModelLayout.from_model(model), splits.train, splits.eval,

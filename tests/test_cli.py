@@ -29,3 +29,16 @@ def test_prune_command_saves_then_reuses(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("reused: ")
     assert main(["prune", job, f"results_dir={tmp_path}", "--force"]) == 0
     assert not capsys.readouterr().out.startswith("reused")
+
+
+def test_import_qpruner_and_validate_load_no_torch():
+    """`import qpruner` stays light (validate and the CLI start in a fraction of a second); the pruned
+    classes still reach transformers' Auto API the moment transformers is imported."""
+    import subprocess
+    import sys
+    code = ("import sys, qpruner, qpruner.cli, qpruner.config, qpruner.rundir; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
+            "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
+            "assert 'qpruner_llama' in CONFIG_MAPPING and 'qpruner_qwen2' in CONFIG_MAPPING; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

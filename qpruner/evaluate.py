@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .results import paired_diff, ratio_se  # noqa: F401  (window statistics live with the results: no torch)
+
 
 @dataclass(frozen=True)
 class EvalMetrics:
@@ -47,27 +49,6 @@ class EvalMetrics:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
-def ratio_se(sums, counts) -> float:
-    """Standard error of ``sum(sums) / sum(counts)`` with windows as the resampling unit (nan for < 2)."""
-    n = len(sums)
-    total = float(sum(counts))
-    if n < 2 or total <= 0:
-        return float("nan")
-    m = float(sum(sums)) / total
-    ss = sum((float(s) - m * float(c)) ** 2 for s, c in zip(sums, counts))
-    return math.sqrt(n / (n - 1) * ss) / total
-
-
-def paired_diff(nll_a, nll_b, tokens) -> tuple[float, float]:
-    """Mean per-token difference ``a - b`` of two evaluations on the same windows (per-window sums of NLL,
-    or of correct predictions), and its standard error (paired: the text's own difficulty cancels)."""
-    if not (len(nll_a) == len(nll_b) == len(tokens)) or len(tokens) == 0:
-        raise ValueError(f"paired difference needs evaluations on the same windows "
-                         f"({len(nll_a)}, {len(nll_b)} and {len(tokens)} windows)")
-    diff = [float(a) - float(b) for a, b in zip(nll_a, nll_b)]
-    return sum(diff) / float(sum(tokens)), ratio_se(diff, tokens)
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:

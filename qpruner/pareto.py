@@ -9,7 +9,7 @@ Telling neighbours apart: every front point (after the first) carries ``gain`` â
 quality is than the next cheaper front point's (NLL saved for perplexity, accuracy gained) â€” with
 ``gain_se`` and ``separable = gain > 2 * gain_se``. All trials are evaluated on the same held-out
 tokens, so for perplexity and next-token accuracy the difference is *paired* over evaluation windows
-(:func:`qpruner.evaluate.paired_diff`): the text's own difficulty cancels and the standard error is far
+(:func:`qpruner.results.paired_diff`): the text's own difficulty cancels and the standard error is far
 smaller than either trial's own. Other metrics (multiple-choice tasks, mixed objectives) use the
 unpaired ``sqrt(se_a^2 + se_b^2)``. This is evaluation-sample noise only: a trial is deterministic for
 its fine-tuning seed, and the seed-to-seed spread is measured in ``results/bench/landscape.md``.
@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from .plan import PrecisionPlan
-from .trial import TrialResult
+from .results import TrialResult
 
 from .rundir import PARETO_FILE, TRIALS_FILE, read_table  # noqa: F401  (re-exported: the files' one definition)
 
@@ -272,7 +272,7 @@ def _windows(row, name: str):
 def neighbour_gain(cheaper, dearer, metric: str) -> tuple[float, float | None]:
     """How much better ``dearer``'s quality is than ``cheaper``'s, and its standard error (paired when both
     were evaluated on the same windows)."""
-    from .evaluate import paired_diff
+    from .results import paired_diff
     if metric in ("perplexity", "accuracy"):
         name = "eval_window_nll" if metric == "perplexity" else "eval_window_correct"
         a, b = _windows(cheaper, name), _windows(dearer, name)

@@ -37,12 +37,11 @@ from .loftq import load_adapters_, loftq_model_
 from .memory import Budget, ModelLayout, adapter_bytes, measure_bytes, plan_bytes
 from .plan import PrecisionPlan
 from .quantize import quantize_, resolve_compute_dtype
+from .results import FAILED_OBJECTIVE, INFEASIBLE_OBJECTIVE, TrialResult  # noqa: F401  (re-exported)
 from .tasks import TokenizedTask, score
 
 logger = logging.getLogger(__name__)
 
-INFEASIBLE_OBJECTIVE = -1000.0
-FAILED_OBJECTIVE = -2000.0
 
 
 @dataclass(frozen=True)
@@ -69,66 +68,6 @@ class TrialContext:
     @property
     def weights(self) -> dict:
         return dict(self.objective) if self.objective else {self.metric: 1.0}
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    plan: PrecisionPlan
-    status: str                       # ok | infeasible | failed
-    objective: float
-    weight_bytes: int                 # total weight memory (measured when trained, else predicted)
-    weight_bytes_predicted: int
-    avg_bits: float
-    budget_excess: float = 0.0
-    accuracy: float | None = None
-    perplexity: float | None = None
-    nll: float | None = None                      # mean held-out NLL per token (= log perplexity)
-    nll_se: float | None = None                   # standard errors over evaluation windows (evaluate.py)
-    accuracy_se: float | None = None
-    perplexity_se: float | None = None
-    objective_se: float | None = None
-    perplexity_before: float | None = None
-    accuracy_before: float | None = None
-    nll_before: float | None = None
-    tasks: dict = field(default_factory=dict)     # "<task>:acc" / "<task>:acc_norm" (+ "_se") -> value
-    eval_window_nll: tuple = ()                   # per-window NLL sums: paired differences between trials
-    eval_window_tokens: tuple = ()
-    eval_window_correct: tuple = ()
-    adapter_bytes: int | None = None
-    peak_bytes: int | None = None
-    peak_kind: str = "none"
-    peak_bytes_estimate: int | None = None
-    train_loss_first: float | None = None
-    train_loss_final: float | None = None
-    train_steps: int = 0
-    train_stopped: str = ""
-    eval_tokens_per_s: float | None = None
-    seconds: dict = field(default_factory=dict)
-    device: str = "cpu"
-    error: str | None = None
-
-    def to_metrics(self) -> dict:
-        """Flat, scalar-only dict (what the trainable reports to Ray Tune)."""
-        d = asdict(self)
-        d.pop("plan")
-        d["plan_formats"] = ",".join(self.plan.formats)
-        d["plan_code"] = self.plan.code()
-        d["plan_unit"] = self.plan.unit
-        for k, v in d.pop("seconds").items():
-            d[f"seconds_{k}"] = v
-        d.update(d.pop("tasks"))
-        return d
-
-    @classmethod
-    def from_metrics(cls, d: dict) -> "TrialResult":
-        names = set(cls.__dataclass_fields__)
-        kwargs = {k: v for k, v in d.items() if k in names and k not in ("plan", "seconds", "tasks")}
-        seconds = {k[len("seconds_"):]: v for k, v in d.items() if k.startswith("seconds_")}
-        tasks = {k: v for k, v in d.items() if ":" in k}
-        for name in ("eval_window_nll", "eval_window_tokens", "eval_window_correct"):
-            kwargs[name] = tuple(kwargs[name]) if kwargs.get(name) is not None else ()
-        plan = PrecisionPlan(tuple(d["plan_formats"].split(",")), d.get("plan_unit", "layer"))
-        return cls(plan=plan, seconds=seconds, tasks=tasks, **kwargs)
 
 
 def metric_values(ev: EvalMetrics, tasks: dict[str, float]) -> dict[str, float]:

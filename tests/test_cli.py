@@ -32,11 +32,11 @@ def test_prune_command_saves_then_reuses(tmp_path, capsys):
 
 
 def test_import_qpruner_and_validate_load_no_torch():
-    """`import qpruner` stays light (validate and the CLI start in a fraction of a second); the pruned
+    """`import qpruner` stays light (validate, and status with pandas, start in about a second); the pruned
     classes still reach transformers' Auto API the moment transformers is imported."""
     import subprocess
     import sys
-    code = ("import sys, qpruner, qpruner.cli, qpruner.config, qpruner.rundir; "
+    code = ("import sys, qpruner, qpruner.cli, qpruner.config, qpruner.rundir, qpruner.pareto, qpruner.report; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; "
             "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "
             "assert 'qpruner_llama' in CONFIG_MAPPING and 'qpruner_qwen2' in CONFIG_MAPPING; print('ok')")

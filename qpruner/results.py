@@ -1,0 +1,95 @@
+"""What one trial produced (:class:`TrialResult`), and how it travels: a flat, scalar-only dict for Ray
+Tune and the trials table (``to_metrics`` / ``from_metrics``), and the statistics of its per-window evaluation sums (standard
+errors, paired differences). No torch here: the tracker, the report
+and ``qpruner status`` read results without loading the training stack."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .plan import PrecisionPlan
+
+INFEASIBLE_OBJECTIVE = -1000.0
+FAILED_OBJECTIVE = -2000.0
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    plan: PrecisionPlan
+    status: str                       # ok | infeasible | failed
+    objective: float
+    weight_bytes: int                 # total weight memory (measured when trained, else predicted)
+    weight_bytes_predicted: int
+    avg_bits: float
+    budget_excess: float = 0.0
+    accuracy: float | None = None
+    perplexity: float | None = None
+    nll: float | None = None                      # mean held-out NLL per token (= log perplexity)
+    nll_se: float | None = None                   # standard errors over evaluation windows (evaluate.py)
+    accuracy_se: float | None = None
+    perplexity_se: float | None = None
+    objective_se: float | None = None
+    perplexity_before: float | None = None
+    accuracy_before: float | None = None
+    nll_before: float | None = None
+    tasks: dict = field(default_factory=dict)     # "<task>:acc" / "<task>:acc_norm" (+ "_se") -> value
+    eval_window_nll: tuple = ()                   # per-window NLL sums: paired differences between trials
+    eval_window_tokens: tuple = ()
+    eval_window_correct: tuple = ()
+    adapter_bytes: int | None = None
+    peak_bytes: int | None = None
+    peak_kind: str = "none"
+    peak_bytes_estimate: int | None = None
+    train_loss_first: float | None = None
+    train_loss_final: float | None = None
+    train_steps: int = 0
+    train_stopped: str = ""
+    eval_tokens_per_s: float | None = None
+    seconds: dict = field(default_factory=dict)
+    device: str = "cpu"
+    error: str | None = None
+
+    def to_metrics(self) -> dict:
+        """Flat, scalar-only dict (what the trainable reports to Ray Tune)."""
+        d = asdict(self)
+        d.pop("plan")
+        d["plan_formats"] = ",".join(self.plan.formats)
+        d["plan_code"] = self.plan.code()
+        d["plan_unit"] = self.plan.unit
+        for k, v in d.pop("seconds").items():
+            d[f"seconds_{k}"] = v
+        d.update(d.pop("tasks"))
+        return d
+
+    @classmethod
+    def from_metrics(cls, d: dict) -> "TrialResult":
+        names = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in d.items() if k in names and k not in ("plan", "seconds", "tasks")}
+        seconds = {k[len("seconds_"):]: v for k, v in d.items() if k.startswith("seconds_")}
+        tasks = {k: v for k, v in d.items() if ":" in k}
+        for name in ("eval_window_nll", "eval_window_tokens", "eval_window_correct"):
+            kwargs[name] = tuple(kwargs[name]) if kwargs.get(name) is not None else ()
+        plan = PrecisionPlan(tuple(d["plan_formats"].split(",")), d.get("plan_unit", "layer"))
+        return cls(plan=plan, seconds=seconds, tasks=tasks, **kwargs)
+
+
+def ratio_se(sums, counts) -> float:
+    """Standard error of ``sum(sums) / sum(counts)`` with windows as the resampling unit (nan for < 2)."""
+    n = len(sums)
+    total = float(sum(counts))
+    if n < 2 or total <= 0:
+        return float("nan")
+    m = float(sum(sums)) / total
+    ss = sum((float(s) - m * float(c)) ** 2 for s, c in zip(sums, counts))
+    return math.sqrt(n / (n - 1) * ss) / total
+
+
+def paired_diff(nll_a, nll_b, tokens) -> tuple[float, float]:
+    """Mean per-token difference ``a - b`` of two evaluations on the same windows (per-window sums of NLL,
+    or of correct predictions), and its standard error (paired: the text's own difficulty cancels)."""
+    if not (len(nll_a) == len(nll_b) == len(tokens)) or len(tokens) == 0:
+        raise ValueError(f"paired difference needs evaluations on the same windows "
+                         f"({len(nll_a)}, {len(nll_b)} and {len(tokens)} windows)")
+    diff = [float(a) - float(b) for a, b in zip(nll_a, nll_b)]
+    return sum(diff) / float(sum(tokens)), ratio_se(diff, tokens)

@@ -23,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from provenance import commit_label  # noqa: E402
 
 from qpruner import finetune_memory, models  # noqa: E402
 from qpruner.config import FinetuneConfig, QuantConfig  # noqa: E402
@@ -38,13 +39,6 @@ SHAPES = {
                             num_attention_heads=32, num_key_value_heads=32, head_dim=128, tie_word_embeddings=False),
     "tiny": None,
 }
-
-
-def _commit() -> str:
-    """The commit that made this output (provenance.stamp), ``+dirty`` with uncommitted changes."""
-    from provenance import stamp
-    st = stamp()
-    return st["commit"] + ("+dirty" if st["dirty"] else "")
 
 
 def build(shape: str):
@@ -89,7 +83,7 @@ def run(shape: str, device: str, batches: list[int], seq_len: int, steps: int) -
                 torch.cuda.empty_cache()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine()
     return {"shape": shape, "device": name, "compute_dtype": compute, "rows": rows, "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "commit": _commit()}
+            "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "commit": commit_label()}
 
 
 def to_markdown(r: dict) -> str:

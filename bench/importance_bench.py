@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from provenance import commit_label  # noqa: E402
 
 from qpruner import data, finetune_memory, importance, models, policy, prune  # noqa: E402
 from qpruner.config import FinetuneConfig, QuantConfig, ScoreConfig, build_job  # noqa: E402
@@ -40,13 +41,6 @@ from qpruner.quantize import quantize_  # noqa: E402
 
 MODELS = {"smollm2": "builtin:smollm2-135m", "tiny": "tiny"}
 ESTIMATORS = ["fisher", "taylor", "block_influence", "mutual_information", "sensitivity"]
-
-
-def _commit() -> str:
-    """The commit that made this output (provenance.stamp), ``+dirty`` with uncommitted changes."""
-    from provenance import stamp
-    st = stamp()
-    return st["commit"] + ("+dirty" if st["dirty"] else "")
 
 
 def spearman(a, b) -> float:
@@ -132,7 +126,7 @@ def run(model_name: str, random_plans: int) -> dict:
                         for f, p in uniform.items()},
             "plans": plans, "finetune_memory": peaks,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "date": time.strftime("%Y-%m-%d"),
-            "command": "python " + " ".join(sys.argv), "commit": _commit()}
+            "command": "python " + " ".join(sys.argv), "commit": commit_label()}
 
 
 def to_markdown(r: dict) -> str:

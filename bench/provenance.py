@@ -41,3 +41,9 @@ def stamp(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+def commit_label() -> str:
+    """The commit that made an output, ``+dirty`` with uncommitted changes (for result dicts)."""
+    st = stamp()
+    return st["commit"] + ("+dirty" if st["dirty"] else "")

@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from provenance import commit_label  # noqa: E402
 
 from qpruner import data, models, prune  # noqa: E402
 from qpruner.config import build_job  # noqa: E402
@@ -32,13 +33,6 @@ from qpruner.evaluate import evaluate  # noqa: E402
 from qpruner.prune_importance import ESTIMATORS  # noqa: E402
 
 MODELS = {"smollm2": "builtin:smollm2-135m", "tiny": "tiny"}
-
-
-def _commit() -> str:
-    """The commit that made this output (provenance.stamp), ``+dirty`` with uncommitted changes."""
-    from provenance import stamp
-    st = stamp()
-    return st["commit"] + ("+dirty" if st["dirty"] else "")
 
 
 def run(model_name: str, targets: list[float], estimators: list[str], eval_samples: int) -> dict:
@@ -76,7 +70,7 @@ def run(model_name: str, targets: list[float], estimators: list[str], eval_sampl
     return {"model": loaded.name, "params_unpruned": params0, "perplexity_unpruned": round(ppl0, 3),
             "calibration": list(splits.calib.shape), "eval_tokens": int(splits.eval[:, 1:].numel()),
             "rows": rows, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "commit": _commit()}
+            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "commit": commit_label()}
 
 
 def to_markdown(res: dict) -> str:

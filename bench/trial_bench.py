@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from provenance import commit_label  # noqa: E402
 
 from qpruner import data, importance, models, policy, prune, tasks  # noqa: E402
 from qpruner.config import EvalConfig, FinetuneConfig, QuantConfig, ScoreConfig, build_job  # noqa: E402
@@ -36,13 +37,6 @@ from qpruner.plan import PrecisionPlan  # noqa: E402
 from qpruner.trial import TrialContext, _build_quantized, run_trial  # noqa: E402
 
 MODELS = {"smollm2": "builtin:smollm2-135m", "tiny": "tiny"}
-
-
-def _commit() -> str:
-    """The commit that made this output (provenance.stamp), ``+dirty`` with uncommitted changes."""
-    from provenance import stamp
-    st = stamp()
-    return st["commit"] + ("+dirty" if st["dirty"] else "")
 
 
 def synthetic_task(splits, tokenizer, n: int = 40):
@@ -111,7 +105,7 @@ def run(model_name: str, steps: int) -> dict:
     return {"model": loaded.name, "pruned": "group ratio 0.2" + pruned, "steps": steps, "batch": ft.batch_size, "lr": ft.lr, "curves": curves,
             "throughput": throughput, "eval_tokens": int(splits.eval[:, 1:].numel()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "commit": _commit()}
+            "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "commit": commit_label()}
 
 
 def to_markdown(r: dict) -> str:

@@ -119,7 +119,8 @@ def record(stage: str, limit: int | None = None) -> None:
     if not todo:
         return
     log = TrialLog(out, "perplexity", {p.formats: "landscape" for p in wanted})
-    job = _with(job, num_trials=len(todo))
+    # num_trials counts every trained row of the log (trials.parquet is the searcher's truth), not the new ones
+    job = _with(job, num_trials=len(log.trained()) + len(todo))
     run_search(job, prepared.context, [SeedPlan(p, "landscape") for p in todo], log)
     # the recording searcher proposes its points only (search.searcher=points): nothing but the listed plans
 

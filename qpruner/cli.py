@@ -169,7 +169,7 @@ def _cmd_prune(args) -> int:
 def _cmd_search(args) -> int:
     from .job import describe_uniform, run_job
     from .memory import Budget
-    from .report import front_table
+    from .report import choice_table, front_table
 
     job = load_job(args.job, args.overrides)
     outcome = run_job(job, resume=args.resume, overwrite=args.overwrite)
@@ -179,11 +179,17 @@ def _cmd_search(args) -> int:
     if outcome.moved_aside:
         print(f"the earlier run was moved aside to {outcome.moved_aside}/ (nothing was deleted)")
     print(f"QPruner job '{job.name}' {'continued and ' if outcome.continued else ''}finished in {outcome.seconds:.0f}s")
-    print(outcome.prepared.prune.summary())
-    print(describe_uniform(outcome.prepared.uniform, Budget.from_policy(job.policy)))
+    for amount, variant in outcome.prepared.variants.items():
+        label = "" if amount is None else f"[{100 * amount:g}% of the parameters] "
+        print(label + variant.prune.summary())
+        print(label + describe_uniform(variant.uniform, Budget.from_policy(job.policy)))
     print(f"trials: {len(trials)} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     print(f"Pareto front ({len(outcome.front)} plans):")
     print(front_table(outcome.front, front_metric(job)))
+    choice = choice_table(trials, front_metric(job), outcome.prepared.fixed)
+    if choice:
+        print("Prune more or quantize more? The best plan within each memory, overall and per pruning amount:")
+        print(choice)
     print(f"results: {outcome.directory}/ (report.html, trials.parquet, pareto.parquet, pareto.png, job.yaml, pruned/)")
     if job.search.keep_dashboard:
         from .search.run import hold_dashboard

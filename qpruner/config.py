@@ -73,6 +73,11 @@ class PruneConfig:
                             "hidden channels (channel) or layers in range (layer)")
     param_ratio: Optional[float] = opt(None, min=0.0, max=0.95,
                                        help="instead of ratio: fraction of all parameters to remove")
+    param_ratios: Optional[tuple[float, ...]] = opt(None, min=0.0, max=0.95,
+                                                    help="joint search: fractions of all parameters to remove that "
+                                                         "the search chooses from, e.g. [0.0, 0.1, 0.2, 0.3] (each "
+                                                         "pruned once); param_ratio, if set, is the job's fixed "
+                                                         "amount the report compares with")
     importance: str = opt("taylor", choices=("l1", "l2", "random", "taylor_vector", "taylor", "param_second",
                                              "param_mix"),
                           help="taylor = LLM-Pruner's element-wise first order (param_first)")
@@ -252,6 +257,7 @@ class JobConfig:
             problems.append("score.method: block_influence scores layers or module groups; with "
                             "policy.unit=linear use fisher, taylor, mutual_information or sensitivity")
         problems += _check_metrics(self)
+        problems += _check_joint(self)
         if self.search.scheduler != "none" and self.finetune.eval_every == 0:
             problems.append(f"search.scheduler: {self.search.scheduler} stops trials on intermediate evaluations; "
                             "set finetune.eval_every > 0 (e.g. steps / 4)")
@@ -290,6 +296,24 @@ def _check_metrics(job: "JobConfig") -> list[str]:
     wanted = [("search.metric", job.search.metric)] + [(f"search.objective.{k}", k) for k in (job.search.objective or {})]
     return problems + [f"{where}: unknown metric {name!r}; known: {', '.join(known)}" + _did_you_mean(name, known)
                        for where, name in wanted if name not in known]
+
+
+def _check_joint(job: "JobConfig") -> list[str]:
+    """``prune.param_ratios`` (the joint search over pruning amounts and precision)."""
+    amounts = job.prune.param_ratios
+    if amounts is None:
+        return []
+    problems = []
+    if len(amounts) < 2 or len({round(a, 6) for a in amounts}) != len(amounts):
+        problems.append(f"prune.param_ratios: expected two or more distinct amounts (one amount is prune.param_ratio), "
+                        f"got {list(amounts)}")
+    if job.prune.scope == "layer":
+        problems.append("prune.param_ratios: a joint search needs every amount to keep the same decoder layers "
+                        "(one precision per unit); use prune.scope block or channel")
+    if job.prune.param_ratio is not None and all(abs(a - job.prune.param_ratio) > 1e-6 for a in amounts):
+        problems.append(f"prune.param_ratio: {job.prune.param_ratio:g} is the joint search's fixed amount (the "
+                        f"report's comparison) and must be one of prune.param_ratios {list(amounts)}")
+    return problems
 
 
 def _check_model_source(source: str) -> list[str]:

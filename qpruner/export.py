@@ -32,6 +32,8 @@ from .config import EvalConfig, FinetuneConfig, QuantConfig, build_job, to_dict
 from .errors import ConfigError, ResultsError
 from .pareto import PARETO_FILE
 from .plan import PrecisionPlan
+from .pruned_model import read_meta
+from .results import plan_of_row
 
 logger = logging.getLogger(__name__)
 PLAN_FILE = "qpruner_plan.json"
@@ -97,7 +99,7 @@ def _retrain_adapter(directory: Path, job, plan: PrecisionPlan, into: Path) -> N
     from .trial import run_trial
     logger.warning("no adapter checkpoint for this plan here: training it again (same seeds, same result)")
     prepared = prepare(job, directory)
-    run_trial(prepared.context, plan, "cuda" if torch.cuda.is_available() else "cpu",
+    run_trial(prepared.context_for(plan), plan, "cuda" if torch.cuda.is_available() else "cpu",
               on_trained=lambda model: save_adapter(model, into))
 
 
@@ -111,12 +113,12 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
     if not 0 <= point < len(front):
         raise ConfigError([f"--point {point}: the front has {len(front)} plans (0..{len(front) - 1}, smallest first)"])
     row = front.iloc[point]
-    plan = PrecisionPlan(tuple(row["plan_formats"].split(",")), row.get("plan_unit") or "layer")
+    plan = plan_of_row(row)
     final = Path(out) if out else directory / "exports" / f"point{point}-{row['trial_id']}"
     if _existing_export(final, job.name, str(row["trial_id"])):
         logger.info("front point %d (trial %s) is already exported to %s", point, row["trial_id"], final)
         return final
-    pruned = run.pruned
+    pruned = run.pruned_at(plan.pruned)
     if not (pruned / "model.safetensors").is_file():
         raise ResultsError(f"{pruned} has no pruned model; run `qpruner prune` or `qpruner search` for this job")
     # written to a temporary sibling, renamed into place when complete: no half-written export survives
@@ -131,12 +133,13 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
                 _retrain_adapter(directory, job, plan, adapter)
         metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
                    if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes",
-                            "nll", "nll_se", "perplexity_se", "accuracy_se", "objective_se")
+                            "nll", "nll_se", "perplexity_se", "accuracy_se", "objective_se", "prune_param_ratio")
                    or ":" in k}
         (out / PLAN_FILE).write_text(json.dumps({
             "plan": plan.to_dict(), "quant": to_dict(job.quant), "finetune": to_dict(job.finetune),
             "eval": to_dict(job.eval), "data": to_dict(job.data), "metric": job.search.metric, "trial": metrics,
-            "job": job.name}, indent=2, default=str))
+            "job": job.name, "prune": (read_meta(pruned) or {}).get("report", {})},
+            indent=2, default=str))
         (out / "README.md").write_text(_model_card(job, plan, metrics, point))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # only our own temporary directory
@@ -149,8 +152,9 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
 
 
 def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int) -> str:
+    amount = "" if plan.pruned is None else f" at {100 * plan.pruned:g}% of the parameters (joint search)"
     lines = [f"# {job.name}: QPruner export, front point {point}", "",
-             f"Pruned from `{job.model.source}` ({job.prune.scope} scope, {job.prune.importance} importance), "
+             f"Pruned from `{job.model.source}`{amount} ({job.prune.scope} scope, {job.prune.importance} importance), "
              f"quantized per {plan.unit} with bitsandbytes, LoRA adapter (r={job.finetune.lora_r}) fine-tuned for "
              f"{job.finetune.steps} steps on `{job.data.source}`.", "",
              f"* plan: `{plan.code()}` (4 = nf4, f = fp4, 8 = int8, H = bf16), {metrics.get('avg_bits', 0):.2f} "

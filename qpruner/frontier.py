@@ -20,6 +20,10 @@ ICML 2018), adapted to two objectives where one of them (memory) is known exactl
   those plans, not evaluated and not running, propose the one that adds the most hypervolume to the
   current front (observed trials plus running ones at their posterior mean). So proposals spread
   along the memory axis wherever the front can still grow, never exceed the budget, and never repeat.
+* **Joint pruning and precision** (``prune.param_ratios``): the plan also picks one of ``V`` pruned
+  variants of the model. Memory stays exactly additive *within* a variant, so the knapsack runs once
+  per variant (with that variant's tables) and the candidates of all variants compete on hypervolume
+  improvement; the surrogate adds one offset per variant (:class:`AdditiveModel`).
 * Where BOCS optimises one objective with simulated annealing, we need a whole front and have an
   additive constraint, so the knapsack replaces annealing and hypervolume improvement replaces the
   plain maximum.
@@ -47,30 +51,44 @@ def prior_gain(scores, bits) -> np.ndarray:
 
 
 class AdditiveModel:
-    """Bayesian linear model ``y = b0 + g * p + sum_u d[u, k_u]`` (see the module docstring)."""
+    """Bayesian linear model ``y = b0 + g * p + sum_u d[u, k_u] (+ c[v])`` (see the module docstring).
+
+    ``prior`` is ``[U, K]``, or ``[V, U, K]`` in a joint search over ``V`` pruned variants of the model:
+    each variant has its own prior shares (from its own layer scores) and a quality offset ``c[v]``
+    (``c[0] = 0``), and the deviations ``d`` are shared (a unit's sensitivity to its format changes
+    little with how much was pruned around it)."""
 
     def __init__(self, prior: np.ndarray, relative_noise: float = 0.02, deviation_scale: float = 0.5):
-        self.prior = np.asarray(prior, dtype=np.float64)          # [U, K]
-        self.U, self.K = self.prior.shape
+        priors = np.asarray(prior, dtype=np.float64)
+        self.priors = priors if priors.ndim == 3 else priors[None]  # [V, U, K]
+        self.V, self.U, self.K = self.priors.shape
+        self.prior = self.priors.mean(axis=0)                       # [U, K]: sizes the deviations' prior
         self.relative_noise, self.deviation_scale = relative_noise, deviation_scale
         self.mean = np.zeros(self.dim)
         self.cov = np.eye(self.dim)
         self.fitted = False
 
     @property
-    def dim(self) -> int:
-        return 2 + self.U * (self.K - 1)
+    def n_deviations(self) -> int:
+        return self.U * (self.K - 1)
 
-    def features(self, idx_rows: np.ndarray) -> np.ndarray:
+    @property
+    def dim(self) -> int:
+        return 2 + self.n_deviations + (self.V - 1)
+
+    def features(self, idx_rows: np.ndarray, variants=None) -> np.ndarray:
         idx_rows = np.atleast_2d(idx_rows)
         n = idx_rows.shape[0]
+        v = np.zeros(n, dtype=int) if variants is None else np.asarray(variants, dtype=int).reshape(n)
         x = np.zeros((n, self.dim))
         x[:, 0] = 1.0
-        x[:, 1] = self.prior[np.arange(self.U)[None, :], idx_rows].sum(axis=1)
+        x[:, 1] = self.priors[v[:, None], np.arange(self.U)[None, :], idx_rows].sum(axis=1)
         cols = 2 + np.arange(self.U)[None, :] * (self.K - 1) + idx_rows - 1
         rows = np.repeat(np.arange(n)[:, None], self.U, axis=1)
         on = idx_rows > 0
         x[rows[on], cols[on]] = 1.0
+        pruned = np.flatnonzero(v > 0)
+        x[pruned, 2 + self.n_deviations + v[pruned] - 1] = 1.0
         return x
 
     def _posterior(self, x, y, prior_mean, prior_var, noise_var):
@@ -87,14 +105,15 @@ class AdditiveModel:
 
     def prior_only(self, center: float = 0.0) -> "AdditiveModel":
         """The model before two distinct qualities are known: quality grows by ``g = 1`` (arbitrary units)
-        over the prior shares, deviations of the same relative size as after fitting."""
+        over the prior shares, deviations of the same relative size as after fitting; a variant's offset
+        is unknown (sd 1, the size of the whole precision gain)."""
         self.mean = np.zeros(self.dim)
         self.mean[0], self.mean[1] = center, 1.0
-        self.cov = np.diag(np.r_[1.0, 0.25, np.maximum(self._deviation_sd(1.0), 1e-9) ** 2])
+        self.cov = np.diag(np.r_[1.0, 0.25, np.maximum(self._deviation_sd(1.0), 1e-9) ** 2, np.ones(self.V - 1)])
         return self
 
-    def fit(self, idx_rows, y) -> "AdditiveModel":
-        x = self.features(np.asarray(idx_rows))
+    def fit(self, idx_rows, y, variants=None) -> "AdditiveModel":
+        x = self.features(np.asarray(idx_rows), variants)
         y = np.asarray(y, dtype=np.float64)
         scale = float(np.ptp(y)) if len(y) > 1 and np.ptp(y) > 0 else max(abs(float(y.mean())), 1.0) if len(y) else 1.0
         center = float(y.mean()) if len(y) else 0.0
@@ -102,28 +121,34 @@ class AdditiveModel:
         prior_mean = np.zeros(self.dim)
         prior_mean[0], prior_mean[1] = center, scale      # more bits help, by about the spread seen
         wide = (10.0 * scale) ** 2
-        # pass 1: deviations held near 0, to size the shared gain g
-        var = np.full(self.dim, (1e-3 * scale) ** 2)
-        var[:2] = wide
+        deviations = slice(2, 2 + self.n_deviations)
+        # pass 1: deviations held near 0, to size the shared gain g (variant offsets free)
+        var = np.full(self.dim, wide)
+        var[deviations] = (1e-3 * scale) ** 2
         mean, _ = self._posterior(x, y, prior_mean, var, noise_var)
         g = max(abs(float(mean[1])), 0.1 * scale)
         # pass 2: deviations may carry a unit's share of g (at least an equal share), times deviation_scale
-        var[2:] = np.maximum(self._deviation_sd(g), 1e-9 * scale) ** 2
+        var[deviations] = np.maximum(self._deviation_sd(g), 1e-9 * scale) ** 2
         self.mean, self.cov = self._posterior(x, y, prior_mean, var, noise_var)
         self.fitted = True
         return self
 
-    def effects(self, theta: np.ndarray) -> np.ndarray:
-        """``[U, K]`` quality contributed by each unit option under coefficients ``theta`` (plus theta[0])."""
+    def effects(self, theta: np.ndarray, variant: int = 0) -> np.ndarray:
+        """``[U, K]`` quality contributed by each unit option of ``variant`` under coefficients ``theta``
+        (add ``theta[0]`` and :meth:`offset` for a plan's quality)."""
         d = np.zeros((self.U, self.K))
-        d[:, 1:] = theta[2:].reshape(self.U, self.K - 1)
-        return theta[1] * self.prior + d
+        d[:, 1:] = theta[2:2 + self.n_deviations].reshape(self.U, self.K - 1)
+        return theta[1] * self.priors[variant] + d
+
+    def offset(self, theta: np.ndarray, variant: int = 0) -> float:
+        """Quality of pruned variant ``variant`` relative to variant 0, under ``theta``."""
+        return 0.0 if variant == 0 else float(theta[2 + self.n_deviations + variant - 1])
 
     def sample(self, rng: np.random.Generator) -> np.ndarray:
         return rng.multivariate_normal(self.mean, self.cov, method="cholesky")
 
-    def predict(self, idx_rows) -> tuple[np.ndarray, np.ndarray]:
-        x = self.features(np.asarray(idx_rows))
+    def predict(self, idx_rows, variants=None) -> tuple[np.ndarray, np.ndarray]:
+        x = self.features(np.asarray(idx_rows), variants)
         return x @ self.mean, np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, self.cov, x), 0.0))
 
 

@@ -13,7 +13,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from itertools import zip_longest
 from pathlib import Path
 
 import pandas as pd
@@ -34,12 +35,61 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Prepared:
+class Variant:
+    """One pruned model of a job, ready for trials: its context, pruning report, scores and seed plans."""
+    amount: float | None            # prune.param_ratios entry; None: the job's one pruned model
     context: TrialContext
-    seeds: list[policy.SeedPlan]
     prune: PruneReport
     scores: LayerScores
+    seeds: list[policy.SeedPlan]
     uniform: list[dict]
+
+
+@dataclass
+class Prepared:
+    """What the driver hands the search: every pruned variant (one, unless ``prune.param_ratios``), the
+    merged seed plans, and ``fixed``, the amount the report compares with (the job's ``param_ratio``)."""
+    variants: dict
+    seeds: list[policy.SeedPlan]
+    fixed: float | None = None
+
+    @property
+    def joint(self) -> bool:
+        return None not in self.variants
+
+    @property
+    def main(self) -> Variant:
+        """The job's own pruned model: the single one, or in a joint search the fixed amount's (else the first)."""
+        return self.variants.get(self.fixed) or next(iter(self.variants.values()))
+
+    @property
+    def context(self) -> TrialContext:
+        return self.main.context
+
+    @property
+    def prune(self) -> PruneReport:
+        return self.main.prune
+
+    @property
+    def scores(self) -> LayerScores:
+        return self.main.scores
+
+    @property
+    def uniform(self) -> list[dict]:
+        return self.main.uniform
+
+    @property
+    def contexts(self) -> dict:
+        """amount -> TrialContext (key ``None`` for a single pruned model)."""
+        return {a: v.context for a, v in self.variants.items()}
+
+    def context_for(self, plan) -> TrialContext:
+        """The context of the pruned variant ``plan`` applies to (:attr:`PrecisionPlan.pruned`)."""
+        from .errors import PlanError
+        if plan.pruned not in self.variants:
+            have = ", ".join("the job's pruned model" if a is None else f"{a:g}" for a in self.variants)
+            raise PlanError(f"plan {plan.code()} is for pruning amount {plan.pruned!r}; this job has {have}")
+        return self.variants[plan.pruned].context
 
 
 @dataclass
@@ -80,8 +130,25 @@ def prune_key(job: JobConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def pruned_dir(job: JobConfig) -> Path:
-    return job.results_path / "pruned"
+def amounts(job: JobConfig) -> list[float | None]:
+    """The pruning amounts a job's search chooses from: ``prune.param_ratios`` (sorted), else ``[None]``
+    (the job's one pruned model, as ``prune`` describes it)."""
+    if job.prune.param_ratios is None:
+        return [None]
+    return sorted(round(float(a), 6) for a in job.prune.param_ratios)
+
+
+def variant_job(job: JobConfig, amount: float | None) -> JobConfig:
+    """The job as it prunes one variant: ``prune.param_ratio = amount`` (``None``: the job itself)."""
+    from dataclasses import replace
+    if amount is None:
+        return job
+    return replace(job, prune=replace(job.prune, param_ratio=amount, param_ratios=None))
+
+
+def pruned_dir(job: JobConfig, amount: float | None = None) -> Path:
+    from .rundir import variant_suffix
+    return job.results_path / f"pruned{variant_suffix(amount)}"
 
 
 @dataclass
@@ -93,11 +160,15 @@ class PrunedModel:
     reused: bool
 
 
-def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, check_budget: bool = True) -> PrunedModel:
-    """The pruned model of ``job``: read from ``results/<job>/pruned/`` when it was written for the same
-    model, pruning config and calibration data, else pruned now and saved there (safetensors). A
-    ``pruned/`` holding files qpruner did not write is refused before any work (nothing is deleted)."""
-    directory, key = pruned_dir(job), prune_key(job)
+def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, check_budget: bool = True,
+                  amount: float | None = None) -> PrunedModel:
+    """The pruned model of ``job`` (of its variant at ``amount`` in a joint search): read from
+    ``results/<job>/pruned/`` (``pruned-p<percent>/``) when it was written for the same model, pruning
+    config and calibration data, else pruned now and saved there (safetensors). A directory holding
+    files qpruner did not write is refused before any work (nothing is deleted)."""
+    directory = pruned_dir(job, amount)
+    job = variant_job(job, amount)
+    key = prune_key(job)
     meta = read_meta(directory)
     reuse = not force and meta is not None and meta.get("key") == key
     if not reuse and foreign_files(directory):
@@ -144,7 +215,7 @@ def check_budget_before_pruning(job: JobConfig, model: torch.nn.Module) -> None:
     mem = plan_bytes(layout, plan, job.quant, trial_compute_dtype(job))
     budget = Budget.from_policy(job.policy)
     if not budget.fits(mem):
-        exact = job.prune.ranking == "local" and not job.prune.param_ratio
+        exact = job.prune.param_ratio == 0 or job.prune.ranking == "local" and job.prune.param_ratio is None
         raise PlanError(f"no plan fits policy.budget_gb={job.policy.budget_gb:g}: the smallest, all-{bits}-bit, "
                         f"{'needs' if exact else 'needs at least'} {mem.total_bytes / 1e9:.4f} GB on this model "
                         f"pruned with these settings (checked before pruning); raise policy.budget_gb or prune more")
@@ -157,7 +228,8 @@ def score_key(job: JobConfig) -> str:
 
 
 def load_or_score(job: JobConfig, model: torch.nn.Module, calib: torch.Tensor, path: Path) -> LayerScores:
-    """Unit scores, read from ``path`` when computed for the same pruned model, data, method and unit."""
+    """Unit scores, read from ``path`` when computed for the same pruned model, data, method and unit
+    (``job``: the variant's job in a joint search, :func:`variant_job`)."""
     key = score_key(job)
     if path.is_file():
         try:
@@ -201,34 +273,72 @@ def describe_uniform(plans: list[dict], budget: Budget) -> str:
 
 
 def prepare(job: JobConfig, out: Path) -> Prepared:
-    """Driver stages: prune once (or reuse), score layers, sample seed plans."""
+    """Driver stages, once per pruning amount: prune (or reuse), score units, sample seed plans. The most
+    pruned variant goes first: an impossible ``policy.budget_gb`` is refused before any pruning."""
     from .errors import PlanError
-    from .plan import units_per_layer
+    from .rundir import variant_suffix
     device = resolve_device(job.device)
-    pruned = load_or_prune(job, device)
+    budget = Budget.from_policy(job.policy)
+    order = sorted(amounts(job), key=lambda a: -(a or 0.0))
+    variants, tokenized = {}, None
+    for amount in order:
+        variant, tokenized = _prepare_variant(job, out, amount, device, budget, amount == order[0], tokenized)
+        variants[amount] = variant
+    fitting = {a: v for a, v in variants.items() if v.uniform[0]["fits"]}
+    if not fitting:
+        low = variants[order[0]].uniform[0]
+        raise PlanError(f"no plan fits: the smallest, all-{low['bits']}-bit, needs {low['avg_bits']:.3f} average bits / "
+                        f"{low['weight_bytes'] / 1e9:.4f} GB on the {'most ' if len(order) > 1 else ''}pruned model, over "
+                        f"the {budget.describe()}; raise policy.budget_avg_bits / budget_gb")
+    for amount in variants.keys() - fitting.keys():
+        logger.warning("pruned %g%%: no plan of this variant fits the budget (%s); the search leaves it out",
+                       100 * amount, budget.describe())
+    variants = {a: fitting[a] for a in sorted(fitting, key=lambda a: a or 0.0)}
+    seeds = _merge_seeds([v.seeds for v in variants.values()], job.search.num_trials)
+    memory_of = {a: policy.PlanMemory(v.context.layout, job.quant, trial_compute_dtype(job)) for a, v in variants.items()}
+    _write_json(out / "seeds.json", [{"origin": s.origin, "code": s.plan.code(), "plan": s.plan.to_dict(),
+                                      "avg_bits": memory_of[s.plan.pruned](s.plan).avg_bits,
+                                      "weight_bytes": memory_of[s.plan.pruned](s.plan).total_bytes} for s in seeds])
+    logger.info("%d seed plans (budget: %s)", len(seeds), budget.describe())
+    fixed = job.prune.param_ratio if job.prune.param_ratios is not None else None
+    return Prepared(variants, seeds, round(fixed, 6) if fixed is not None else None)
+
+
+def _prepare_variant(job: JobConfig, out: Path, amount: float | None, device, budget: Budget, check_budget: bool,
+                     tokenized=None) -> tuple[Variant, tuple]:
+    from .plan import units_per_layer
+    from .rundir import variant_suffix
+    suffix = variant_suffix(amount)
+    pruned = load_or_prune(job, device, check_budget=check_budget, amount=amount)
+    vjob = variant_job(job, amount)
     model, splits, prune_report = pruned.model, pruned.splits, pruned.report
     layout = ModelLayout.from_model(model)
-    budget = Budget.from_policy(job.policy)
     memory = policy.PlanMemory(layout, job.quant, trial_compute_dtype(job))
     uniform = uniform_plans(memory, budget, layout.n_layers * units_per_layer(job.policy.unit), job.policy.unit, job)
-    logger.info("%s", describe_uniform(uniform, budget))
-    if not any(p["fits"] for p in uniform[:1]):
-        raise PlanError(f"no plan fits: the smallest, all-{uniform[0]['bits']}-bit, needs {uniform[0]['avg_bits']:.3f} "
-                        f"average bits / {uniform[0]['weight_bytes'] / 1e9:.4f} GB on the pruned model, over the "
-                        f"{budget.describe()}; raise policy.budget_avg_bits / budget_gb")
-    scores = load_or_score(job, model, splits.calib, out / "layer_scores.json")
-    seeds = policy.seed_plans(scores, memory, job.policy, budget, seed=job.search.seed)
+    logger.info("%s%s", f"pruned {100 * amount:g}%: " if amount is not None else "", describe_uniform(uniform, budget))
+    _write_json(out / f"prune{suffix}.json", prune_report.to_dict())
+    if not uniform[0]["fits"]:
+        return Variant(amount, None, prune_report, None, [], uniform), tokenized
+    scores = load_or_score(vjob, model, splits.calib, out / f"layer_scores{suffix}.json")
+    seeds = [policy.SeedPlan(replace(s.plan, pruned=amount), s.origin)
+             for s in policy.seed_plans(scores, memory, job.policy, budget, seed=job.search.seed)]
+    if tokenized is None:
+        tokenized = load_tasks(job, pruned.tokenizer, model)
     config_dict, state_dict = models.model_state(model)
     context = TrialContext(config_dict=config_dict, state_dict=state_dict, layout=layout,
                            train=splits.train, eval=splits.eval, quant=job.quant, finetune=job.finetune,
                            evaluation=job.eval, budget=budget, metric=job.search.metric, unit=job.policy.unit,
-                           objective=job.search.objective, tasks=load_tasks(job, pruned.tokenizer, model))
-    _write_json(out / "prune.json", prune_report.to_dict())
-    _write_json(out / "seeds.json", [{"origin": s.origin, "code": s.plan.code(), "plan": s.plan.to_dict(),
-                                      "avg_bits": memory(s.plan).avg_bits,
-                                      "weight_bytes": memory(s.plan).total_bytes} for s in seeds])
-    logger.info("%d seed plans (budget: %s)", len(seeds), budget.describe())
-    return Prepared(context, seeds, prune_report, scores, uniform)
+                           objective=job.search.objective, tasks=tokenized)
+    return Variant(amount, context, prune_report, scores, seeds, uniform), tokenized
+
+
+def _merge_seeds(per_variant: list[list[policy.SeedPlan]], num_trials: int) -> list[policy.SeedPlan]:
+    """One variant: its seeds. Several (joint search): round robin over the variants (each one's uniform
+    ends first), at most half of ``num_trials`` but at least every variant's first two seeds."""
+    if len(per_variant) == 1:
+        return list(per_variant[0])
+    merged = [s for rank in zip_longest(*per_variant) for s in rank if s is not None]
+    return merged[: max(2 * len(per_variant), num_trials // 2)]
 
 
 def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> JobOutcome:
@@ -266,10 +376,12 @@ def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Jo
         run.write_marker(job, searched=True, continuing=continuing)
         run.write_job(job)
         prepared = prepare(job, out)
-        origins = {s.plan.formats: f"seed:{s.origin}" for s in prepared.seeds}
+        origins = {s.plan: f"seed:{s.origin}" for s in prepared.seeds}
         log = TrialLog(out, front_metric(job), origins, run_key=trial_key(job))
         if not finished:
-            run_search(job, prepared.context, prepared.seeds, log, resume=continuing, scores=prepared.scores)
+            contexts = prepared.contexts if prepared.joint else prepared.context
+            scores = {a: v.scores for a, v in prepared.variants.items()} if prepared.joint else prepared.scores
+            run_search(job, contexts, prepared.seeds, log, resume=continuing, scores=scores)
         trials, front = log.frame(), log.front()
         report.write_report(out, front_metric(job))
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0, continuing, moved)

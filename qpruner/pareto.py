@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from .plan import PrecisionPlan
-from .results import TrialResult
+from .results import TrialResult, plan_columns, plan_of_row
 
 from .rundir import PARETO_FILE, TRIALS_FILE, read_table  # noqa: F401  (re-exported: the files' one definition)
 
@@ -83,12 +83,12 @@ class TrialLog:
 
     run_key = None  # (an instance unpickled from an older experiment lacks it)
 
-    def __init__(self, directory: str | os.PathLike, metric: str, origins: dict[tuple, str] | None = None,
+    def __init__(self, directory: str | os.PathLike, metric: str, origins: dict[PrecisionPlan, str] | None = None,
                  run_key: str | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.metric = metric
-        self.origins = dict(origins or {})   # plan formats -> "seed:uniform" | "seed:best_guess" | "seed:sampled"
+        self.origins = dict(origins or {})   # plan -> "seed:uniform" | "seed:best_guess" | "seed:sampled"
         self.run_key = run_key               # rundir.trial_key of the job: stamped on rows, required by lookup
         self.rows: list[dict] = []
         self._stamp = None
@@ -142,7 +142,7 @@ class TrialLog:
     # changes ---------------------------------------------------------------------------------------
 
     def _origin(self, plan: PrecisionPlan | None) -> str:
-        return self.origins.get(plan.formats, "searcher") if plan is not None else "searcher"
+        return self.origins.get(plan, "searcher") if plan is not None else "searcher"
 
     def _put(self, row: dict) -> None:
         with self._writing():
@@ -180,9 +180,8 @@ class TrialLog:
 
     def add_partial(self, trial_id: str, plan: PrecisionPlan | None, status: str, metrics: dict, **extra) -> None:
         """A trial without a final result: ``stopped`` early (last intermediate metrics) or ``error``."""
-        row = {"trial_id": trial_id, "origin": self._origin(plan), "plan_code": plan.code() if plan else None,
-               "bits": list(plan.bits) if plan else None, "plan_formats": ",".join(plan.formats) if plan else None,
-               "plan_unit": plan.unit if plan else None, "status": status}
+        row = {"trial_id": trial_id, "origin": self._origin(plan), "bits": list(plan.bits) if plan else None,
+               **(plan_columns(plan) if plan else {}), "status": status}
         row.update({k: v for k, v in metrics.items() if k in ("perplexity", "accuracy", "objective", "avg_bits",
                                                                 "weight_bytes", "step", "error")})
         row.update(extra)
@@ -203,9 +202,8 @@ class TrialLog:
     def lookup(self, plan: PrecisionPlan) -> dict | None:
         """The first trained result (ok or failed) of an identical plan, if any."""
         self.refresh()
-        key = ",".join(plan.formats)
         for row in self.rows:
-            if (row.get("plan_formats") == key and row.get("status") in ("ok", "failed") and not row.get("cached_from")
+            if (row.get("plan_formats") and plan_of_row(row) == plan and row.get("status") in ("ok", "failed") and not row.get("cached_from")
                     and (self.run_key is None or row.get("run_key", self.run_key) == self.run_key)):
                 return row
         return None
@@ -245,7 +243,8 @@ def pareto_front(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Non-dominated completed trials, sorted by memory, with ``gain``/``gain_se``/``separable`` (see above)."""
     if trials.empty or "status" not in trials or metric not in trials:
         return trials.iloc[0:0]
-    ok = trials[(trials["status"] == "ok") & trials[metric].notna()].drop_duplicates("plan_formats", keep="first")
+    ok = trials[(trials["status"] == "ok") & trials[metric].notna()]
+    ok = ok.drop_duplicates("plan_key" if "plan_key" in ok else "plan_formats", keep="first")
     if ok.empty:
         return ok
     mask = front_mask(ok[metric].astype(float).tolist(), ok["weight_bytes"].astype(float).tolist(), maximize(metric))

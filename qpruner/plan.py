@@ -6,6 +6,11 @@ module groups (``group``: attention q/k/v/o, then MLP gate/up/down), or a single
 (:meth:`to_dict`, versioned), loaded (:meth:`from_dict`), compared and applied again
 (:func:`qpruner.quantize.quantize_`). Formats: ``nf4`` / ``fp4`` (4-bit, bitsandbytes
 ``Linear4bit``), ``int8`` (bitsandbytes ``Linear8bitLt``), ``bf16`` (16-bit storage).
+
+In a joint search (``prune.param_ratios``) a plan also names the pruned model it applies to:
+``pruned`` is that model's pruning amount (fraction of all parameters removed); ``None`` means the
+job's one pruned model. :meth:`PrecisionPlan.key` is the one text identity of a plan (trial tables,
+caches, searchers); plans are also hashable and compare equal exactly when their keys do.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def units_per_layer(unit: str) -> int:
 class PrecisionPlan:
     formats: tuple[str, ...]      # one per unit
     unit: str = "layer"
+    pruned: float | None = None   # joint search: the pruning amount of the model it applies to
 
     def __post_init__(self):
         if not isinstance(self.formats, tuple):
@@ -57,14 +63,29 @@ class PrecisionPlan:
         if not self.formats:
             raise PlanError("a plan needs at least one unit")
         units_per_layer(self.unit)
+        if self.pruned is not None:
+            amount = float(self.pruned)
+            if not 0.0 <= amount < 1.0:
+                raise PlanError(f"pruned: expected a pruning amount in [0, 1), got {self.pruned!r}")
+            object.__setattr__(self, "pruned", round(amount, 6))   # 0.1 and 0.1000000001 are one model
 
     @classmethod
-    def from_bits(cls, bits, four_bit: str = "nf4", unit: str = "layer") -> "PrecisionPlan":
-        return cls(tuple(format_for_bits(int(b), four_bit) for b in bits), unit)
+    def from_bits(cls, bits, four_bit: str = "nf4", unit: str = "layer", pruned: float | None = None) -> "PrecisionPlan":
+        return cls(tuple(format_for_bits(int(b), four_bit) for b in bits), unit, pruned)
 
     @classmethod
-    def uniform(cls, fmt: str, n_units: int, unit: str = "layer") -> "PrecisionPlan":
-        return cls((fmt,) * n_units, unit)
+    def uniform(cls, fmt: str, n_units: int, unit: str = "layer", pruned: float | None = None) -> "PrecisionPlan":
+        return cls((fmt,) * n_units, unit, pruned)
+
+    def key(self) -> str:
+        """The plan's identity as text: its formats, comma-joined, and ``@<amount>`` in a joint search."""
+        text = ",".join(self.formats)
+        return text if self.pruned is None else f"{text}@{self.pruned:g}"
+
+    @classmethod
+    def from_key(cls, key: str, unit: str = "layer") -> "PrecisionPlan":
+        formats, _, amount = key.partition("@")
+        return cls(tuple(formats.split(",")), unit, float(amount) if amount else None)
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -74,8 +95,10 @@ class PrecisionPlan:
         return len(self.formats)
 
     def code(self) -> str:
-        """Compact text form, one character per unit: 4 = nf4, f = fp4, 8 = int8, H = bf16."""
-        return "".join({"nf4": "4", "fp4": "f", "int8": "8", "bf16": "H"}[f] for f in self.formats)
+        """Compact text form, one character per unit: 4 = nf4, f = fp4, 8 = int8, H = bf16; in a joint
+        search prefixed with the pruning amount in percent (``p20-44448888``)."""
+        code = "".join({"nf4": "4", "fp4": "f", "int8": "8", "bf16": "H"}[f] for f in self.formats)
+        return code if self.pruned is None else f"p{100 * self.pruned:g}-{code}"
 
     def n_layers(self) -> int:
         return len(self.formats) // units_per_layer(self.unit)
@@ -100,7 +123,10 @@ class PrecisionPlan:
         return out
 
     def to_dict(self) -> dict:
-        return {"version": PLAN_VERSION, "unit": self.unit, "formats": list(self.formats)}
+        d = {"version": PLAN_VERSION, "unit": self.unit, "formats": list(self.formats)}
+        if self.pruned is not None:
+            d["pruned"] = self.pruned
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrecisionPlan":
@@ -108,4 +134,4 @@ class PrecisionPlan:
             raise PlanError(f"not a plan: expected a dict with 'version' and 'formats', got {d!r}")
         if d.get("version") != PLAN_VERSION:
             raise PlanError(f"plan version {d.get('version')!r} is not supported; expected {PLAN_VERSION}")
-        return cls(tuple(d["formats"]), d.get("unit", "layer"))
+        return cls(tuple(d["formats"]), d.get("unit", "layer"), d.get("pruned"))

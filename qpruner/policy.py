@@ -75,15 +75,24 @@ def key(index: int) -> str:
     return f"bits_{index:03d}"
 
 
-def encode(plan: PrecisionPlan) -> dict[str, int]:
-    return {key(i): b for i, b in enumerate(plan.bits)}
+PRUNE_KEY = "prune_amount"   # joint search: the search-space key of the pruning amount
+
+
+def encode(plan: PrecisionPlan) -> dict:
+    """A plan as a search-space point: bits per unit, and the pruning amount in a joint search."""
+    point = {key(i): b for i, b in enumerate(plan.bits)}
+    if plan.pruned is not None:
+        point[PRUNE_KEY] = plan.pruned
+    return point
 
 
 def decode(config: dict, n_units: int, four_bit: str = "nf4", unit: str = "layer") -> PrecisionPlan:
     missing = [key(i) for i in range(n_units) if key(i) not in config]
     if missing:
         raise PlanError(f"search point lacks {len(missing)} of {n_units} units (first: {missing[0]})")
-    return PrecisionPlan.from_bits([config[key(i)] for i in range(n_units)], four_bit, unit)
+    pruned = config.get(PRUNE_KEY)
+    return PrecisionPlan.from_bits([config[key(i)] for i in range(n_units)], four_bit, unit,
+                                   None if pruned is None else float(pruned))
 
 
 class PlanMemory:

@@ -213,7 +213,9 @@ def narrowest_widths(widths: tuple[LayerWidth, ...], cfg: PruneConfig) -> tuple[
         if not start <= i < end:
             out.append(w)
             continue
-        if cfg.ranking == "local" and not cfg.param_ratio:
+        if cfg.param_ratio == 0:
+            kv, ch = w.kv_heads, w.intermediate
+        elif cfg.ranking == "local" and cfg.param_ratio is None:
             kv, ch = kept_counts(w, cfg)
         else:
             kv = 1 if cfg.attention else w.kv_heads
@@ -225,7 +227,7 @@ def narrowest_widths(widths: tuple[LayerWidth, ...], cfg: PruneConfig) -> tuple[
 def attention_rounding(widths: tuple[LayerWidth, ...], cfg: PruneConfig, ratio: float) -> str | None:
     """A note when a model's KV-group count cannot meet ``ratio`` in attention (GQA: e.g. 3 groups, so
     0.2 removes 1 = 33%): what it removes, and the amounts it can meet exactly. ``None`` when exact."""
-    if not cfg.attention or cfg.scope != "block" or ratio <= 0 or cfg.param_ratio:
+    if not cfg.attention or cfg.scope != "block" or ratio <= 0 or cfg.param_ratio is not None:
         return None   # param_ratio: the solved ratio aims at the share of all parameters, not of the groups
     start, end = layer_range(cfg, len(widths))
     counts = sorted({w.kv_heads for w in widths[start:end]})
@@ -333,11 +335,12 @@ def prune_(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, seed: int
     widths_before = models.layer_widths(model)
     params_before = models.count_params(model)
     hidden_before = model.config.hidden_size
-    if cfg.ratio == 0 and not cfg.param_ratio or cfg.scope == "block" and not (cfg.attention or cfg.mlp):
+    nothing = cfg.param_ratio == 0 or (cfg.param_ratio is None and cfg.ratio == 0)
+    if nothing or cfg.scope == "block" and not (cfg.attention or cfg.mlp):
         sel, ratio = Selection({}, {}), 0.0
     else:
         scores = score_groups(model, calib, cfg, seed=seed)
-        ratio = cfg.ratio if not cfg.param_ratio else solve_ratio(scores, model, cfg, cfg.param_ratio)
+        ratio = cfg.ratio if cfg.param_ratio is None else solve_ratio(scores, model, cfg, cfg.param_ratio)
         sel = select(scores, model, cfg, ratio)
         note = attention_rounding(widths_before, cfg, ratio)
         if note:

@@ -38,6 +38,9 @@ def front_table(front: pd.DataFrame, metric: str) -> str:
     header = (f"{'trial':<10} {'weights MB':>10} {'avg bits':>8} {'perplexity':>17} {'accuracy':>17}"
               + (f" {metric:>18}" if extra else "") + f" {'gain vs cheaper (' + unit + ')':>26}"
               + "  plan (4=nf4 f=fp4 8=int8 H=bf16)")
+    joint = _joint(front)
+    if joint:
+        header = header.replace(f"{'weights MB':>10}", f"{'pruned':>6} {'weights MB':>10}", 1)
     lines = [header, "-" * len(header)]
     unclear = 0
     for _, r in front.iterrows():
@@ -48,7 +51,8 @@ def front_table(front: pd.DataFrame, metric: str) -> str:
             sep = r.get("separable")
             unclear += sep is False
             vs = _fmt_se(gain, r.get("gain_se"), 4) + ("" if sep is not False else " ~")
-        lines.append(f"{str(r['trial_id']):<10} {r['weight_bytes'] / 1e6:>10.2f} {r['avg_bits']:>8.2f} "
+        pruned = f"{_amount(r.get('prune_param_ratio')):>6} " if joint else ""
+        lines.append(f"{str(r['trial_id']):<10} {pruned}{r['weight_bytes'] / 1e6:>10.2f} {r['avg_bits']:>8.2f} "
                      f"{_fmt_se(r['perplexity'], r.get('perplexity_se'), 2):>17} "
                      f"{_fmt_se(r['accuracy'], r.get('accuracy_se'), 4):>17}"
                      + (f" {_fmt_se(r[metric], r.get(metric + '_se'), 4):>18}" if extra else "")
@@ -58,6 +62,56 @@ def front_table(front: pd.DataFrame, metric: str) -> str:
     if unclear:
         lines.append(f"~ : {unclear} point(s) not better than the cheaper neighbour by more than 2 SE "
                      "(within evaluation noise)")
+    return "\n".join(lines)
+
+
+def _joint(frame: pd.DataFrame) -> bool:
+    """Rows of a joint search (pruning amount and precision) carry ``prune_param_ratio``."""
+    return not frame.empty and "prune_param_ratio" in frame and bool(frame["prune_param_ratio"].notna().any())
+
+
+def _amount(value) -> str:
+    return "-" if value is None or pd.isna(value) else f"{100 * float(value):g}%"
+
+
+def choice_table(trials: pd.DataFrame, metric: str, fixed: float | None = None) -> str:
+    """A joint search's answer to "prune more or quantize more?": at each memory level (the memory of each
+    point of the overall front), the best plan overall and the best plan of each pruning amount within that
+    memory (``*`` marks the job's fixed amount, ``prune.param_ratio``). Quality ± one standard error; a
+    difference smaller than about two of them is not a result."""
+    ok = trials[(trials["status"] == "ok") & trials[metric].notna()] if _joint(trials) else trials.iloc[0:0]
+    if ok.empty:
+        return ""
+    front = pareto_front(trials, metric)
+    amounts = sorted(float(a) for a in ok["prune_param_ratio"].dropna().unique())
+    better = (lambda a, b: a > b) if maximize(metric) else (lambda a, b: a < b)
+    se = se_column(metric)
+
+    def best(rows):
+        top = None
+        for _, r in rows.iterrows():
+            if top is None or better(float(r[metric]), float(top[metric])):
+                top = r
+        return top
+
+    def shown(r):
+        if r is None:
+            return "-"
+        err = r.get(se)
+        return f"{float(r[metric]):.4g}" + (f" ± {float(err):.2g}" if err is not None and pd.notna(err) else "")
+
+    names = [f"{_amount(a)}{'*' if fixed is not None and abs(a - fixed) < 1e-9 else ''}" for a in amounts]
+    header = f"{'memory <= MB':>12}  {'best overall':<34}" + "".join(f" {('pruned ' + n):>20}" for n in names)
+    lines = [header, "-" * len(header)]
+    for level in front["weight_bytes"].astype(float):
+        within = ok[ok["weight_bytes"].astype(float) <= level + 0.5]
+        top = best(within)
+        overall = f"{_amount(top['prune_param_ratio'])} {top['plan_code']} {shown(top)}"
+        cells = [shown(best(within[(within["prune_param_ratio"] - a).abs() < 1e-9])) for a in amounts]
+        lines.append(f"{level / 1e6:>12.2f}  {overall[:34]:<34}" + "".join(f" {c:>20}" for c in cells))
+    lines.append(f"{metric} of the best plan within each memory ({'higher' if maximize(metric) else 'lower'} is better; "
+                 "± one standard error over evaluation windows)" + ("; * the job's fixed amount" if fixed is not None
+                                                                   else ""))
     return "\n".join(lines)
 
 
@@ -75,7 +129,13 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ok = trials[trials["status"] == "ok"] if not trials.empty and "status" in trials else trials.iloc[0:0]
     se = se_column(metric)
-    if not ok.empty:
+    if _joint(ok):  # colour = pruning amount
+        for amount in sorted(ok["prune_param_ratio"].dropna().unique()):
+            part = ok[(ok["prune_param_ratio"] - amount).abs() < 1e-9]
+            ax.errorbar(part["weight_bytes"] / 1e6, part[metric],
+                        yerr=part[se].astype(float) if se in part else None, fmt="o", alpha=0.7,
+                        capsize=2, elinewidth=0.7, label=f"pruned {_amount(amount)} ({len(part)})")
+    elif not ok.empty:
         for origin, marker in (("searcher", "o"), ("seed:sampled", "s"), ("seed:best_guess", "^"),
                                ("seed:uniform", "D")):
             part = ok[ok["origin"] == origin]
@@ -179,7 +239,7 @@ def plot_hypervolume(curve: list[float], path: str | Path) -> Path:
 _COLUMNS = [("trial_id", "trial"), ("status", "status"), ("origin", "origin"), ("avg_bits", "avg bits"),
             ("weight_bytes", "weights MB"), ("perplexity", "perplexity"), ("perplexity_se", "± SE"),
             ("accuracy", "accuracy"), ("accuracy_se", "± SE"), ("objective", "objective"), ("peak_bytes_estimate", "FT peak est. MB"), ("seconds_total", "seconds"),
-            ("plan_code", "plan")]
+            ("prune_param_ratio", "pruned"), ("plan_code", "plan")]
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
@@ -235,11 +295,22 @@ def write_report(directory: str | Path, metric: str | None = None) -> Path:
             "bits": plot_bits(front, directory / "bits.png"),
             "hv": plot_hypervolume(curve, directory / "hypervolume.png")}
     prune = _read_json(directory / "prune.json") or {}
+    variants = {p.stem[len("prune-p"):]: _read_json(p) or {} for p in sorted(directory.glob("prune-p*.json"))}
+    fixed = None
+    if variants and run.job_file.is_file():
+        try:
+            fixed = run.read_job().prune.param_ratio
+        except Exception:  # noqa: BLE001 - a report of a changed or broken job.yaml still shows the trials
+            fixed = None
+    choice = choice_table(trials, metric, fixed) if not trials.empty else ""
     counts = trials["status"].value_counts().to_dict() if not trials.empty and "status" in trials else {}
     front_ids = set(front["trial_id"]) if not front.empty else set()
     summary = [("job", directory.name), ("quality metric", f"{metric} ({'max' if maximize(metric) else 'min'})"),
                ("pruning", f"{prune.get('params_before', 0):,} -> {prune.get('params_after', 0):,} parameters"
-                           f" ({prune.get('scope', '?')}, {prune.get('importance', '?')})" if prune else "(unknown)"),
+                           f" ({prune.get('scope', '?')}, {prune.get('importance', '?')})" if prune else
+                           "; ".join(f"{k}%: {v.get('params_before', 0):,} -> {v.get('params_after', 0):,}"
+                                     for k, v in sorted(variants.items(), key=lambda kv: float(kv[0])))
+                           + " parameters (joint search)" if variants else "(unknown)"),
                ("trials", ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"),
                ("front", f"{len(front)} plans"), ("hypervolume", f"{curve[-1]:.4g}" if curve else "0")]
     rows = []
@@ -258,6 +329,7 @@ Bold bars on the front: one standard error of each step up the front, paired on 
 neighbours apart). A red cross marks a front point that is not better than its cheaper neighbour by more than 2
 paired standard errors.</p>
 <pre>{html.escape(front_table(front, metric))}</pre>
+{f'<h2>Prune more or quantize more?</h2><pre>{html.escape(choice)}</pre>' if choice else ''}
 <h2>Bits per unit of each front plan</h2>{_img(pngs['bits'], 'bits heat-map')}
 <h2>Hypervolume over trials</h2>{_img(pngs['hv'], 'hypervolume over trials')}
 <h2>All trials <small>(click a header to sort; front plans highlighted)</small></h2>

@@ -54,9 +54,7 @@ class TrialResult:
         """Flat, scalar-only dict (what the trainable reports to Ray Tune)."""
         d = asdict(self)
         d.pop("plan")
-        d["plan_formats"] = ",".join(self.plan.formats)
-        d["plan_code"] = self.plan.code()
-        d["plan_unit"] = self.plan.unit
+        d.update(plan_columns(self.plan))
         for k, v in d.pop("seconds").items():
             d[f"seconds_{k}"] = v
         d.update(d.pop("tasks"))
@@ -70,8 +68,28 @@ class TrialResult:
         tasks = {k: v for k, v in d.items() if ":" in k}
         for name in ("eval_window_nll", "eval_window_tokens", "eval_window_correct"):
             kwargs[name] = tuple(kwargs[name]) if kwargs.get(name) is not None else ()
-        plan = PrecisionPlan(tuple(d["plan_formats"].split(",")), d.get("plan_unit", "layer"))
-        return cls(plan=plan, seconds=seconds, tasks=tasks, **kwargs)
+        return cls(plan=plan_of_row(d), seconds=seconds, tasks=tasks, **kwargs)
+
+
+def plan_columns(plan: PrecisionPlan) -> dict:
+    """How a plan is written into a result row and the trials table (read back by :func:`plan_of_row`):
+    ``plan_key`` is its identity (:meth:`PrecisionPlan.key`), the other columns are for people and queries."""
+    out = {"plan_key": plan.key(), "plan_formats": ",".join(plan.formats), "plan_code": plan.code(),
+           "plan_unit": plan.unit}
+    if plan.pruned is not None:
+        out["prune_param_ratio"] = plan.pruned
+    return out
+
+
+def plan_of_row(d) -> PrecisionPlan:
+    """The plan of a result row or trials-table row (the inverse of :func:`plan_columns`)."""
+    unit = d.get("plan_unit") or "layer"
+    if isinstance(unit, float):     # a missing value read back from parquet
+        unit = "layer"
+    key = d.get("plan_key")
+    if isinstance(key, str) and key:
+        return PrecisionPlan.from_key(key, unit)
+    return PrecisionPlan(tuple(str(d["plan_formats"]).split(",")), unit)
 
 
 def ratio_se(sums, counts) -> float:

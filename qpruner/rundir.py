@@ -10,6 +10,8 @@ Layout of a run directory::
     trials.parquet     every trial (one row per trial id)      pareto.parquet   the front
     pruned/            the pruned model (with its own marker, ``qpruner_prune.json``)
     layer_scores.json, prune.json, seeds.json, report.html, *.png, ray/ (Ray Tune's experiment), exports/
+    pruned-p<percent>/, layer_scores-p<percent>.json, prune-p<percent>.json
+                       a joint search's variants, one per ``prune.param_ratios`` amount (e.g. ``pruned-p20/``)
 
 Identity. ``identity(job)`` hashes every setting of the job except those that only say where and how
 visibly it runs (:data:`RUNTIME_KEYS`). A search into a directory holding a run of another identity
@@ -52,6 +54,11 @@ RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", 
                 "search.verbose", "search.loggers", "search.metrics_linger_s", "search.storage_path", "search.max_failures")
 # of these sections, every key changes a trained trial's result
 TRIAL_SECTIONS = ("model", "data", "prune", "quant", "finetune", "eval")
+
+
+def variant_suffix(amount: float | None) -> str:
+    """File-name suffix of a joint search's pruned variant: ``-p20`` for 0.2 (``""``: the one pruned model)."""
+    return "" if amount is None else f"-p{100 * float(amount):g}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -175,6 +182,10 @@ class RunDir:
     @property
     def pruned(self) -> Path:
         return self.path / "pruned"
+
+    def pruned_at(self, amount: float | None) -> Path:
+        """The pruned model of one variant of a joint search (``None``: the job's one pruned model)."""
+        return self.path / f"pruned{variant_suffix(amount)}"
 
     # what is in it -------------------------------------------------------------------------------
     def read_marker(self) -> dict | None:

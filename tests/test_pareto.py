@@ -32,7 +32,7 @@ def _result(code, acc, mb, status="ok"):
 
 
 def test_trial_log_persists_every_trial_and_the_front(tmp_path):
-    log = TrialLog(tmp_path, "accuracy", {("nf4", "nf4"): "seed:uniform"})
+    log = TrialLog(tmp_path, "accuracy", {PrecisionPlan(("nf4", "nf4")): "seed:uniform"})
     log.add("a", _result("44", 0.20, 1.0))
     log.add("b", _result("88", 0.30, 2.0))
     log.add("c", _result("48", 0.19, 1.5))          # dominated by a

@@ -10,6 +10,9 @@ proposals; before two distinct qualities are known the model is the prior alone 
 so the first proposals already spread along the memory axis in importance order.
 Results the wrapper answers without training (over budget, ``objective <= -1000``) are remembered
 as evaluated and never fitted.
+
+Joint search (``variants``: the pruning amounts of ``prune.param_ratios``, under ``variant_key``):
+``costs`` and ``scores`` are then lists, one per variant, and a plan is ``(variant, *unit options)``.
 """
 
 from __future__ import annotations
@@ -29,16 +32,25 @@ FEASIBLE_FLOOR = -999.0   # objectives at or below this are the wrapper's "not t
 
 
 class AdditiveSearcher(Searcher):
-    def __init__(self, keys: list[str], options: list, costs: UnitCosts, scores=None,
+    def __init__(self, keys: list[str], options: list, costs: UnitCosts | list[UnitCosts], scores=None,
                  points_to_evaluate: list[dict] | None = None, seed: int = 0, draws: int = 8, bins: int = 2048,
-                 metric: str = "objective", mode: str = "max"):
+                 metric: str = "objective", mode: str = "max", variants: list | None = None,
+                 variant_key: str | None = None):
         super().__init__(metric=metric, mode=mode)
         self.keys, self.options = list(keys), list(options)
-        self.costs, self.draws, self.bins = costs, draws, bins
+        self.variants, self.variant_key = (list(variants), variant_key) if variants else (None, None)
+        self.tables = list(costs) if self.variants else [costs]          # one UnitCosts per variant
+        self.costs, self.draws, self.bins = self.tables[0], draws, bins
         U = len(self.keys)
-        if costs.weights.shape != (U, len(self.options)):
-            raise ValueError(f"cost table {costs.weights.shape} does not match {U} units x {len(self.options)} options")
-        self.prior = prior_gain(np.ones(U) if scores is None else scores, [float(o) for o in self.options])
+        if self.variants and (variant_key is None or len(self.tables) != len(self.variants)):
+            raise ValueError("a joint search needs variant_key and one cost table per variant")
+        for table in self.tables:
+            if table.weights.shape != (U, len(self.options)):
+                raise ValueError(f"cost table {table.weights.shape} does not match {U} units x {len(self.options)} options")
+        per_variant = scores if self.variants else [scores]
+        bits = [float(o) for o in self.options]
+        self.prior = np.stack([prior_gain(np.ones(U) if s is None else s, bits)
+                               for s in (per_variant if per_variant is not None else [None] * len(self.tables))])
         self.points = [self._idx(p) for p in (points_to_evaluate or [])]
         self.rng = np.random.default_rng(seed)
         self.observed: dict[tuple, float] = {}     # plan -> quality (trained)
@@ -47,10 +59,31 @@ class AdditiveSearcher(Searcher):
 
     # --- encoding -------------------------------------------------------------------------------------
     def _idx(self, config: dict) -> tuple:
-        return tuple(self.options.index(config[k]) for k in self.keys)
+        """A plan's id: its option indices, led by its variant's index in a joint search."""
+        idx = tuple(self.options.index(config[k]) for k in self.keys)
+        return (self._variant_index(config[self.variant_key]),) + idx if self.variants else idx
 
-    def _config(self, idx) -> dict:
-        return {k: self.options[int(i)] for k, i in zip(self.keys, idx)}
+    def _variant_index(self, value) -> int:
+        return min(range(len(self.variants)), key=lambda v: abs(float(self.variants[v]) - float(value)))
+
+    def _config(self, plan) -> dict:
+        v, idx = self._split(plan)
+        config = {k: self.options[int(i)] for k, i in zip(self.keys, idx)}
+        if self.variants:
+            config[self.variant_key] = self.variants[v]
+        return config
+
+    def _split(self, plan) -> tuple[int, np.ndarray]:
+        """(variant index, option indices) of a plan id."""
+        return (int(plan[0]), np.array(plan[1:])) if self.variants else (0, np.array(plan))
+
+    def _total(self, plan) -> float:
+        v, idx = self._split(plan)
+        return self.tables[v].total(idx)
+
+    def _fits(self, plan) -> bool:
+        v, idx = self._split(plan)
+        return self.tables[v].fits(idx)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         if metric:
@@ -66,7 +99,7 @@ class AdditiveSearcher(Searcher):
     def suggest(self, trial_id: str):
         while self.points:
             idx = self.points.pop(0)
-            if not self._taken(idx) and self.costs.fits(np.array(idx)):
+            if not self._taken(idx) and self._fits(idx):
                 self.pending[trial_id] = idx
                 return self._config(idx)
         idx = self._propose()
@@ -80,57 +113,69 @@ class AdditiveSearcher(Searcher):
         model = AdditiveModel(self.prior)
         if len(set(self.observed.values())) >= 2:
             plans = list(self.observed)
-            return model.fit(np.array(plans), np.array([self.observed[p] for p in plans]))
+            split = [self._split(p) for p in plans]
+            return model.fit(np.array([i for _, i in split]), np.array([self.observed[p] for p in plans]),
+                             np.array([v for v, _ in split]))
         # the prior alone: quality grows with the prior share of the upgraded units
         return model.prior_only(float(np.mean(list(self.observed.values()))) if self.observed else 0.0)
 
     def _propose(self):
         model = self._model()
-        cost = self.costs.unit_cost
-        capacity = self.costs.capacity()
-        points = [(self.costs.total(np.array(p)), q) for p, q in self.observed.items()]
+        points = [(self._total(p), q) for p, q in self.observed.items()]
         if self.pending:
             running = list(self.pending.values())
-            mean, _ = model.predict(np.array(running))
-            points += [(self.costs.total(np.array(p)), float(m)) for p, m in zip(running, mean)]
+            split = [self._split(p) for p in running]
+            mean, _ = model.predict(np.array([i for _, i in split]), np.array([v for v, _ in split]))
+            points += [(self._total(p), float(m)) for p, m in zip(running, mean)]
         front = front_points(points)
         qualities = [q for _, q in points] or [0.0]
         spread = (max(qualities) - min(qualities)) or 1.0
-        ref = (capacity + float(self.costs.fixed) + 1.0, min(qualities) - 0.1 * spread)
+        top = max(t.capacity() + float(t.fixed) for t in self.tables)
+        ref = (top + 1.0, min(qualities) - 0.1 * spread)
         best, best_key = None, (-np.inf, -np.inf)
         for _ in range(self.draws):
-            effects = model.effects(model.sample(self.rng))
-            for row in knapsack_front(effects, cost, capacity, self.bins):
-                idx = tuple(int(i) for i in row)
-                if self._taken(idx) or not self.costs.fits(row):
-                    continue
-                value = float(model.mean[0] + effects[np.arange(len(row)), row].sum())
-                point = (self.costs.total(row), value)
-                key = (hv_improvement(front, point, ref), gap_to_front(front, point))
-                if key > best_key:
-                    best, best_key = idx, key
+            theta = model.sample(self.rng)
+            for v, table in enumerate(self.tables):
+                effects = model.effects(theta, v)
+                base = float(model.mean[0]) + model.offset(theta, v)
+                for row in knapsack_front(effects, table.unit_cost, table.capacity(), self.bins):
+                    idx = tuple(int(i) for i in row)
+                    plan = (v,) + idx if self.variants else idx
+                    if self._taken(plan) or not table.fits(row):
+                        continue
+                    value = base + float(effects[np.arange(len(row)), row].sum())
+                    point = (table.total(row), value)
+                    key = (hv_improvement(front, point, ref), gap_to_front(front, point))
+                    if key > best_key:
+                        best, best_key = plan, key
             if best is not None and best_key[0] > 0:
                 return best
         return best if best is not None else self._fallback()
 
     def _fallback(self):
-        """No knapsack plan is new: a random plan, lowered unit by unit (in random order) until it fits,
-        that was not evaluated yet; in a small space, the first such plan by enumeration. ``None`` only
-        when every feasible plan has been evaluated (small spaces) or 2000 tries found nothing new."""
-        U, K = len(self.keys), len(self.options)
+        """No knapsack plan is new: a random plan (of a random variant), lowered unit by unit (in random
+        order) until it fits, that was not evaluated yet; in a small space, the first such plan by
+        enumeration. ``None`` only when every feasible plan has been evaluated (small spaces) or 2000
+        tries found nothing new."""
+        U, K, V = len(self.keys), len(self.options), len(self.tables)
         for _ in range(2000):
+            v = int(self.rng.integers(V))
+            table = self.tables[v]
             row = self.rng.integers(K, size=U)
             for u in self.rng.permutation(U):
-                if self.costs.fits(row):
+                if table.fits(row):
                     break
                 row[u] = 0
             idx = tuple(int(i) for i in row)
-            if self.costs.fits(row) and not self._taken(idx):
-                return idx
-        if K ** U <= 200_000:
-            for idx in itertools.product(range(K), repeat=U):
-                if not self._taken(idx) and self.costs.fits(np.array(idx)):
-                    return idx
+            plan = (v,) + idx if self.variants else idx
+            if table.fits(row) and not self._taken(plan):
+                return plan
+        if V * K ** U <= 200_000:
+            for v in range(V):
+                for idx in itertools.product(range(K), repeat=U):
+                    plan = (v,) + idx if self.variants else idx
+                    if not self._taken(plan) and self.tables[v].fits(np.array(idx)):
+                        return plan
             return None
         logger.warning("additive searcher: 2000 random feasible plans were all evaluated already")
         return None

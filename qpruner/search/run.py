@@ -173,17 +173,23 @@ class PlanDecoder:
 
 
 class OverBudget:
-    """The infeasible result of a plan over the budget, or ``None`` (memory is computed, not trained)."""
+    """The infeasible result of a plan over the budget, or ``None`` (memory is computed, not trained).
+    ``precheck``: one :class:`Precheck`, or a mapping pruning amount -> Precheck (joint search)."""
 
-    def __init__(self, precheck: Precheck, device: str):
-        self.precheck, self.device = precheck, device
+    def __init__(self, precheck: Precheck | dict, device: str):
+        self.prechecks = precheck if isinstance(precheck, dict) else {None: precheck}
+        self.device = device
 
     def __call__(self, plan: PrecisionPlan) -> TrialResult | None:
-        return self.precheck(plan, self.device)[1]
+        check = self.prechecks.get(plan.pruned)
+        if check is None:
+            raise ValueError(f"plan {plan.code()} names pruning amount {plan.pruned!r}, not one of this search's "
+                             f"{sorted(self.prechecks, key=lambda a: a or 0.0)}")
+        return check(plan, self.device)[1]
 
 
-def qpruner_trial(config: dict, context: TrialContext, decode: PlanDecoder, threads: int, save_adapters: bool = True,
-               done: dict | None = None):
+def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecoder, threads: int,
+                  save_adapters: bool = True, done: dict | None = None, variants: dict | None = None):
     import tempfile
 
     import ray
@@ -198,8 +204,11 @@ def qpruner_trial(config: dict, context: TrialContext, decode: PlanDecoder, thre
         return
     torch.set_num_threads(threads)
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    plan = decode(config)
+    if variants is not None:   # joint search: only this plan's pruned variant leaves the object store
+        context = ray.get(variants[plan.pruned])
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_trial(context, decode(config), device, on_report=tune.report,  # intermediate evaluations
+        result = run_trial(context, plan, device, on_report=tune.report,  # intermediate evaluations
                            on_trained=(lambda model: save_adapter(model, tmp)) if save_adapters else None)
         release_memory()
         _note_training(trial_id, result)
@@ -367,9 +376,13 @@ def storage_path(job: JobConfig, log: TrialLog) -> str:
     return storage_dir(job, log.directory)
 
 
-def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPlan], log: TrialLog,
+def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.SeedPlan], log: TrialLog,
                resume: bool = False, scores=None) -> TrialLog:
-    """Run ``search.num_trials`` trained trials; every finished or screened trial lands in ``log``."""
+    """Run ``search.num_trials`` trained trials; every finished or screened trial lands in ``log``.
+
+    ``context``: the pruned model's :class:`TrialContext`, or in a joint search (``prune.param_ratios``)
+    a mapping pruning amount -> context (``scores`` then maps amounts to their unit scores). Each
+    variant goes into Ray's object store once; a trial fetches only its own plan's variant."""
     ray, tune = _ray()
     cfg = job.search
     started = init_ray(job)
@@ -379,8 +392,10 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
         if not on_cluster:
             _check_local_resources(cfg, ray.cluster_resources())
         _provision_dashboard()
-        n_units = context.n_layers * units_per_layer(context.unit)
-        decode = PlanDecoder(n_units, job.quant.four_bit, context.unit)
+        contexts = context if isinstance(context, dict) else {None: context}
+        first = next(iter(contexts.values()))
+        n_units = first.n_layers * units_per_layer(first.unit)
+        decode = PlanDecoder(n_units, job.quant.four_bit, first.unit)
         experiment = os.path.join(storage_path(job, log), "tune")
         if resume and not tune.Tuner.can_restore(experiment):
             raise ConfigError([f"--resume: no Ray Tune experiment to resume in {experiment}"])
@@ -389,14 +404,18 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
         # after a restart, trials Tune's last checkpoint still had running may be finished and recorded
         done = {tid: TrialResult.from_metrics(row).to_metrics() for tid, row in log.trained().items()
                 if row.get("status") in ("ok", "failed") and not row.get("cached_from")} if resume else {}
-        trainable = tune.with_parameters(qpruner_trial, context=context, decode=decode, done=done,
-                                         threads=max(1, int(cfg.cpus_per_trial)), save_adapters=cfg.save_adapters)
+        if None in contexts:
+            shipped = {"context": contexts[None]}
+        else:  # one object per variant: a trial fetches its own (nested references stay references)
+            shipped = {"context": None, "variants": {a: ray.put(c) for a, c in contexts.items()}}
+        trainable = tune.with_parameters(qpruner_trial, decode=decode, done=done, threads=max(1, int(cfg.cpus_per_trial)),
+                                         save_adapters=cfg.save_adapters, **shipped)
         trainable = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
         if resume:
             logger.info("resuming the search in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores, watch)
+            tuner = _new_tuner(job, contexts, seeds, log, decode, trainable, n_units, scores, watch)
         try:
             tuner.fit()
         except Exception as exc:
@@ -419,28 +438,46 @@ def run_search(job: JobConfig, context: TrialContext, seeds: list[policy.SeedPla
     return log
 
 
-def search_space(job: JobConfig, context: TrialContext, n_units: int, scores=None) -> SearchSpace:
-    """Keys, options and exact memory tables of the search space (what memory-aware searchers use)."""
+def search_space(job: JobConfig, context: TrialContext | dict, n_units: int, scores=None) -> SearchSpace:
+    """Keys, options and exact memory tables of the search space (what memory-aware searchers use); in a
+    joint search (``context`` and ``scores`` map pruning amounts to each variant's) one table per variant."""
     from ..rundir import trial_compute_dtype
     options = sorted(job.policy.bits)
     formats = [format_for_bits(b, job.quant.four_bit) for b in options]
-    memory = policy.PlanMemory(context.layout, job.quant, trial_compute_dtype(job))
-    costs = policy.unit_costs(memory, context.unit, formats, context.budget)
-    return SearchSpace([policy.key(i) for i in range(n_units)], options, costs,
-                       tuple(scores.scores) if scores is not None else None)
+
+    def costs_of(ctx):
+        memory = policy.PlanMemory(ctx.layout, job.quant, trial_compute_dtype(job))
+        return policy.unit_costs(memory, ctx.unit, formats, ctx.budget)
+
+    def scores_of(s):
+        return tuple(s.scores) if s is not None else None
+
+    keys = [policy.key(i) for i in range(n_units)]
+    if not isinstance(context, dict) or None in context:
+        ctx = context[None] if isinstance(context, dict) else context
+        one = scores.get(None) if isinstance(scores, dict) else scores
+        return SearchSpace(keys, options, costs_of(ctx), scores_of(one))
+    amounts = sorted(context)
+    tables = tuple(costs_of(context[a]) for a in amounts)
+    per = tuple(scores_of((scores or {}).get(a)) for a in amounts)
+    return SearchSpace(keys, options, tables[0], per[0], tuple(amounts), tables, per)
 
 
-def _new_tuner(job, context, seeds, log, decode, trainable, n_units, scores=None, watch=None):
+def _new_tuner(job, contexts: dict, seeds, log, decode, trainable, n_units, scores=None, watch=None):
     _, tune = _ray()
     cfg = job.search
     param_space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(n_units)}
+    if None not in contexts:   # joint search: the pruning amount is one more choice
+        param_space[policy.PRUNE_KEY] = tune.choice(sorted(contexts))
     points = [policy.encode(s.plan) for s in seeds][: cfg.num_trials]
-    space = search_space(job, context, n_units, scores)
+    space = search_space(job, contexts, n_units, scores)
     inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup, space)
     device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
-    screen = PlanScreen(decode, OverBudget(Precheck.of(context), device), log)
+    screen = PlanScreen(decode, OverBudget({a: Precheck.of(c) for a, c in contexts.items()}, device), log)
     searcher = BudgetedSearcher(inner, screen, cfg.max_rejections, num_trials=cfg.num_trials)
-    ref = reference_point(job, context, space.costs.total(np.full(n_units, len(space.options) - 1)))
+    top = len(space.options) - 1
+    largest = max(table.total(np.full(n_units, top)) for table in (space.variant_costs or (space.costs,)))
+    ref = reference_point(job, next(iter(contexts.values())), largest)
     multi = isinstance(inner.metric, list)
     return tune.Tuner(
         trainable,

@@ -139,7 +139,7 @@ class BudgetedSearcher(_Wrapper):
             if config is None or config == Searcher.FINISHED:
                 return config
             plan, verdict = self.screen(config)
-            key = ",".join(plan.formats)
+            key = plan.key()
             if verdict is not None:
                 self.searcher.on_trial_complete(inner_id, result=_answer(verdict.result))
                 self._record(plan, verdict)
@@ -166,8 +166,8 @@ class BudgetedSearcher(_Wrapper):
             self.searcher.on_trial_complete(waiting_id, result=result, error=error or not result)
             if result and "plan_formats" in result and result.get("status") in ("ok", "failed"):
                 self.counter += 1
-                self._record(PrecisionPlan(tuple(key.split(",")), result.get("plan_unit", "layer")),
-                             Verdict("cached", TrialResult.from_metrics(result), trial_id))
+                cached = TrialResult.from_metrics(result)
+                self._record(cached.plan, Verdict("cached", cached, trial_id))
 
 
 class AboveTheLine(_Wrapper):
@@ -276,11 +276,16 @@ class RandomPlanSearcher(Searcher):
 @dataclass(frozen=True)
 class SearchSpace:
     """What a memory-aware searcher knows before any trial: the space's keys and options (bits, in
-    increasing order), the exact per-unit memory tables and budget, and the unit scores (its prior)."""
+    increasing order), the exact per-unit memory tables and budget, and the unit scores (its prior).
+    A joint search (``prune.param_ratios``) also has ``variants`` (the pruning amounts, chosen under
+    ``policy.PRUNE_KEY``), each with its own tables and scores; ``costs`` / ``scores`` are then the first's."""
     keys: list[str]
     options: list
     costs: UnitCosts
     scores: tuple | None = None
+    variants: tuple = ()
+    variant_costs: tuple = ()
+    variant_scores: tuple = ()
 
 
 def make_searcher(kind: str, points: list[dict], seed: int, random_warmup: int,
@@ -291,6 +296,10 @@ def make_searcher(kind: str, points: list[dict], seed: int, random_warmup: int,
         if space is None:
             raise ValueError("the additive searcher needs the search space's memory tables (SearchSpace)")
         from .additive import AdditiveSearcher
+        if space.variants:
+            from ..policy import PRUNE_KEY
+            return AdditiveSearcher(space.keys, space.options, list(space.variant_costs), list(space.variant_scores),
+                                    points, seed, variants=list(space.variants), variant_key=PRUNE_KEY)
         return AdditiveSearcher(space.keys, space.options, space.costs, space.scores, points, seed)
     if kind == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch

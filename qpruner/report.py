@@ -17,6 +17,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .pareto import PARETO_FILE, TRIALS_FILE, hypervolume, maximize, pareto_front, quality_values, se_column
@@ -74,15 +75,16 @@ def _amount(value) -> str:
     return "-" if value is None or pd.isna(value) else f"{100 * float(value):g}%"
 
 
-def choice_table(trials: pd.DataFrame, metric: str, fixed: float | None = None) -> str:
-    """A joint search's answer to "prune more or quantize more?": at each memory level (the memory of each
-    point of the overall front), the best plan overall and the best plan of each pruning amount within that
-    memory (``*`` marks the job's fixed amount, ``prune.param_ratio``). Quality ± one standard error; a
-    difference smaller than about two of them is not a result."""
+def choice_table(trials: pd.DataFrame, metric: str, fixed: float | None = None, levels: int = 6) -> str:
+    """A joint search's answer to "prune more or quantize more?": at ``levels`` memory levels, evenly spaced
+    from the smallest to the largest trained plan, the best plan overall and the best plan of each pruning
+    amount within that memory (``*`` marks the job's fixed amount, ``prune.param_ratio``). Quality ± one
+    standard error; a difference smaller than about two of them is not a result."""
     ok = trials[(trials["status"] == "ok") & trials[metric].notna()] if _joint(trials) else trials.iloc[0:0]
     if ok.empty:
         return ""
-    front = pareto_front(trials, metric)
+    memory = ok["weight_bytes"].astype(float)
+    grid = sorted({float(m) for m in np.linspace(memory.min(), memory.max(), max(1, levels))})
     amounts = sorted(float(a) for a in ok["prune_param_ratio"].dropna().unique())
     better = (lambda a, b: a > b) if maximize(metric) else (lambda a, b: a < b)
     se = se_column(metric)
@@ -103,8 +105,8 @@ def choice_table(trials: pd.DataFrame, metric: str, fixed: float | None = None) 
     names = [f"{_amount(a)}{'*' if fixed is not None and abs(a - fixed) < 1e-9 else ''}" for a in amounts]
     header = f"{'memory <= MB':>12}  {'best overall':<34}" + "".join(f" {('pruned ' + n):>20}" for n in names)
     lines = [header, "-" * len(header)]
-    for level in front["weight_bytes"].astype(float):
-        within = ok[ok["weight_bytes"].astype(float) <= level + 0.5]
+    for level in grid:
+        within = ok[memory <= level + 0.5]
         top = best(within)
         overall = f"{_amount(top['prune_param_ratio'])} {top['plan_code']} {shown(top)}"
         cells = [shown(best(within[(within["prune_param_ratio"] - a).abs() < 1e-9])) for a in amounts]

@@ -133,3 +133,23 @@ def test_memory_claim_prices_the_pruned_shapes(tmp_path):
     rows = {(r["plan"], r["batch"]): r for r in llama["rows"]}
     assert rows[("all bf16 (baseline)", 1)]["saving_vs_bf16"] == 0.0
     assert rows[("all nf4", 1)]["weights_gb"] < rows[("all int8", 1)]["weights_gb"] < rows[("all bf16 (baseline)", 1)]["weights_gb"]
+
+
+def test_joint_benchmark_compares_three_searches_on_one_reference(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "joint_bench.py"), "--model", "tiny", "--trials", "3", "--seeds", "1",
+           "--steps", "1", "--out", str(tmp_path)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    res = json.loads((tmp_path / "joint.json").read_text())
+    assert set(res["hypervolume"]) == {"joint", "fixed", "quantize_only"} and res["commit"]
+    assert all(0.0 <= v <= 1.0 + 1e-9 for v in res["hypervolume"].values())
+    assert res["trained"] == {k: {"0": 3} for k in ("joint", "fixed", "quantize_only")}
+    import pandas as pd
+    fixed = pd.read_parquet(tmp_path / "joint_bench" / "fixed_seed0" / "trials.parquet")
+    assert set(fixed["prune_param_ratio"]) == {0.2}                  # the fixed search stays at its amount
+    joint = pd.read_parquet(tmp_path / "joint_bench" / "joint_seed0" / "trials.parquet")
+    assert joint["prune_param_ratio"].nunique() >= 2
+    md = (tmp_path / "joint.md").read_text()
+    assert "| joint |" in md and "What it recommends" in md and res["command"] in md
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)   # recorded: nothing trained again
+    assert again.returncode == 0 and again.stdout.count(": recorded") == 3

@@ -98,3 +98,17 @@ def test_load_job_errors_on_missing_or_non_mapping_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_job(bad)
+
+
+def test_joint_pruning_amounts_are_validated():
+    from qpruner.config import build_job
+    from qpruner.errors import ConfigError
+    job = build_job({"prune": {"param_ratios": [0.3, 0.0, 0.1], "param_ratio": 0.1}})
+    assert job.prune.param_ratios == (0.3, 0.0, 0.1)
+    for prune, match in (({"param_ratios": [0.2]}, "two or more distinct"),
+                         ({"param_ratios": [0.1, 0.1]}, "two or more distinct"),
+                         ({"param_ratios": [0.0, 0.2], "scope": "layer"}, "same decoder layers"),
+                         ({"param_ratios": [0.0, 0.2], "param_ratio": 0.3}, "must be one of"),
+                         ({"param_ratios": [0.0, 0.99]}, "above the maximum")):
+        with pytest.raises(ConfigError, match=match):
+            build_job({"prune": prune})

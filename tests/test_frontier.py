@@ -174,3 +174,49 @@ def test_knapsack_with_no_room_returns_the_cheapest_plan():
     costs = np.array([[1e6, 2e6], [1e6, 3e6]])
     rows = knapsack_front(np.array([[0.0, 1.0], [0.0, 1.0]]), costs, capacity=2e6)
     assert rows.tolist() == [[0, 0]]
+
+
+def test_the_surrogate_learns_each_pruned_variants_offset():
+    """Joint search: y = per-unit effects (shared) + an offset per pruning amount; the fit recovers both."""
+    rng = np.random.default_rng(0)
+    effects = rng.uniform(0.01, 0.2, U)
+    offsets = np.array([0.0, -0.3, -0.8])
+    prior = np.stack([prior_gain(np.ones(U), [4, 8])] * 3)            # [V, U, K]
+    plans = rng.integers(0, 2, size=(60, U))
+    variants = rng.integers(0, 3, size=60)
+    y = (plans * effects).sum(1) + offsets[variants]
+    model = AdditiveModel(prior).fit(plans, y, variants)
+    mean, _ = model.predict(plans, variants)
+    assert np.abs(mean - y).max() < 0.02
+    theta = model.mean
+    assert [model.offset(theta, v) for v in range(3)] == pytest.approx(offsets, abs=0.02)
+
+
+def test_the_joint_searcher_prices_each_variant_with_its_own_tables():
+    """Three pruned variants (narrower = cheaper); a budget in bytes that only the pruned ones' int8 plans meet.
+    Every proposal names a variant, fits that variant's exact budget, and none repeats; the searcher finds
+    the variants' fronts and hands its state through a JSON checkpoint."""
+    budget = Budget(total_bytes=1e7 + WEIGHTS[:, 1].sum() * 0.85)
+    tables = [UnitCosts(WEIGHTS * f, np.zeros_like(WEIGHTS), 1e7, int(WEIGHTS[:, 0].sum() * f * 2), budget)
+              for f in (1.0, 0.8, 0.6)]
+    amounts = [0.0, 0.2, 0.4]
+    searcher = AdditiveSearcher(KEYS, [4, 8], tables, [None, None, None], None, 0,
+                                variants=amounts, variant_key="prune_amount")
+    sens = np.linspace(1.0, 0.1, U)
+    seen = set()
+    for i in range(30):
+        config = searcher.suggest(f"t{i}")
+        assert config["prune_amount"] in amounts
+        plan = searcher._idx(config)
+        v, idx = plan[0], np.array(plan[1:])
+        assert tables[v].fits(idx) and plan not in seen
+        seen.add(plan)
+        quality = _quality(sens)(idx) - 0.5 * amounts[v]            # pruning costs quality
+        searcher.on_trial_complete(f"t{i}", {"objective": quality})
+    assert {p[0] for p in seen} == {0, 1, 2}
+    assert not any(p[0] == 0 and all(k == 1 for k in p[1:]) for p in seen)   # unpruned all-int8: over budget
+    path = __import__("tempfile").mktemp()
+    searcher.save(path)
+    again = AdditiveSearcher(KEYS, [4, 8], tables, [None] * 3, None, 0, variants=amounts, variant_key="prune_amount")
+    again.restore(path)
+    assert again.observed == searcher.observed and again.suggest("x") == searcher.suggest("x")

@@ -49,3 +49,25 @@ def test_per_linear_expansion():
     assert layers[1]["o_proj"] == "bf16" and layers[1]["down_proj"] == "fp4"
     linear = PrecisionPlan(tuple(["nf4", "int8"] * 7), "linear")
     assert list(linear.per_linear()[1].values()) == ["int8", "nf4", "int8", "nf4", "int8", "nf4", "int8"]
+
+
+@given(formats, st.sampled_from(["layer", "group", "linear"]),
+       st.one_of(st.none(), st.sampled_from([0.0, 0.1, 0.2, 0.35])))
+def test_a_plan_with_its_pruning_amount_round_trips_through_every_encoding(fmts, unit, pruned):
+    from qpruner.results import plan_columns, plan_of_row
+    plan = PrecisionPlan(tuple(fmts), unit, pruned)
+    assert PrecisionPlan.from_dict(plan.to_dict()) == plan
+    assert PrecisionPlan.from_key(plan.key(), unit) == plan
+    assert plan_of_row(plan_columns(plan)) == plan
+    bits = plan.bits
+    assert policy.decode(policy.encode(plan), len(bits), "nf4", unit).pruned == pruned
+    assert (plan.key() == ",".join(fmts)) == (pruned is None)    # one identity: the amount is part of it
+    assert plan.code().startswith(f"p{100 * pruned:g}-") if pruned is not None else len(plan.code()) == len(plan)
+
+
+def test_the_same_formats_at_two_pruning_amounts_are_two_plans():
+    a, b = PrecisionPlan(("nf4", "int8"), pruned=0.1), PrecisionPlan(("nf4", "int8"), pruned=0.2)
+    assert a != b and a.key() != b.key() and len({a, b, PrecisionPlan(("nf4", "int8"))}) == 3
+    assert PrecisionPlan(("nf4",), pruned=0.1 + 1e-12) == PrecisionPlan(("nf4",), pruned=0.1)
+    with pytest.raises(PlanError, match="pruning amount"):
+        PrecisionPlan(("nf4",), pruned=1.5)

@@ -106,6 +106,14 @@ def test_ratio_zero_changes_nothing(tiny, tiny_splits):
     assert report.params_after == before and report.removed_fraction == 0.0
 
 
+def test_param_ratio_zero_changes_nothing_whatever_the_group_ratio(tiny, tiny_splits):
+    """A joint search's 0% variant: param_ratio 0 overrides ratio (0.2 by default), it does not fall back to it."""
+    before, widths = models.count_params(tiny), models.layer_widths(tiny)
+    report = prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5, param_ratio=0.0))
+    assert report.params_after == before and models.layer_widths(tiny) == widths
+    assert prune.narrowest_widths(widths, PruneConfig(ratio=0.5, param_ratio=0.0)) == widths
+
+
 # ----------------------------------------------------------------------------------------------
 # channel and layer scopes
 

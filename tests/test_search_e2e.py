@@ -131,3 +131,47 @@ def test_a_local_search_asking_for_resources_this_machine_lacks_fails_at_once(tm
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and "64 CPU" in proc.stderr and "no trial could ever start" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_joint_search_over_pruning_amount_and_precision(tmp_path):
+    """prune.param_ratios: each amount pruned and scored once, trials on every variant, rows carry the amount,
+    the report answers "prune or quantize?", any point exports with its amount and loads; a second run
+    reuses every variant."""
+    import json
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
+           f"results_dir={tmp_path}", "name=joint", "prune.param_ratios=[0.0, 0.3]", "prune.param_ratio=0.3",
+           "search.num_trials=6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "joint"
+    for name in ("pruned-p0/model.safetensors", "pruned-p30/model.safetensors", "layer_scores-p0.json",
+                 "layer_scores-p30.json", "prune-p0.json", "prune-p30.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "prune-p0.json").read_text())["params_after"] == \
+        json.loads((out / "prune-p0.json").read_text())["params_before"]
+    trials = pd.read_parquet(out / "trials.parquet")
+    ok = trials[trials["status"] == "ok"]
+    assert len(ok) == 6 and ok["plan_key"].is_unique and set(ok["prune_param_ratio"]) == {0.0, 0.3}
+    assert all(code.startswith(("p0-", "p30-")) for code in ok["plan_code"])
+    assert (ok["avg_bits"] <= 10.0).all() and (ok["weight_bytes"] == ok["weight_bytes_predicted"]).all()
+    assert "Prune more or quantize more?" in proc.stdout and "pruned 30%*" in proc.stdout
+    assert "Prune more or quantize more?" in (out / "report.html").read_text()
+
+    front = pd.read_parquet(out / "pareto.parquet")
+    export = subprocess.run([sys.executable, "-m", "qpruner.cli", "export", str(out), "--point", "0"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert export.returncode == 0, export.stderr[-3000:]
+    exported = next((out / "exports").iterdir())
+    record = json.loads((exported / "qpruner_plan.json").read_text())
+    amount = float(front.iloc[0]["prune_param_ratio"])
+    assert record["plan"]["pruned"] == amount and record["trial"]["prune_param_ratio"] == amount
+    variant = "pruned-p0" if amount == 0 else "pruned-p30"
+    assert record["prune"] == json.loads((out / variant / "qpruner_prune.json").read_text())["report"]
+    from qpruner import load, models
+    model, _ = load(exported)
+    assert models.layer_widths(model.base_model.model) == tuple(
+        models.LayerWidth(**w) for w in record["prune"]["widths_after"])
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and "continued and finished" in again.stdout, again.stderr[-3000:]
+    assert again.stderr.count("reusing the pruned model") == 2 and "saved the pruned model" not in again.stderr

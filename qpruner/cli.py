@@ -143,7 +143,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    from .job import load_or_prune, prune_key, resolve_device
+    from .job import amounts, load_or_prune, prune_key, resolve_device, variant_job
     from .rundir import MARKER, RunDir
 
     job = load_job(args.job, args.overrides)
@@ -154,15 +154,18 @@ def _cmd_prune(args) -> int:
     with run.lock("prune"):
         searched = (run.read_marker() or {}).get("identity") or run.has_trials()  # (no marker: an earlier version)
         stored = searched and run.job_file.is_file() and run.read_job()
-        if stored and prune_key(stored) != prune_key(job):
+        keys = lambda j: [prune_key(variant_job(j, a)) for a in amounts(j)]  # noqa: E731
+        if stored and keys(stored) != keys(job):
             raise ResultsError(f"{run.path} holds a searched run whose model was pruned with other settings; "
                                "pruning again there would leave its trials without their model. Give this job a "
                                "new name (name=...)")
         run.write_marker(job, searched=False)
-        pruned = load_or_prune(job, resolve_device(job.device), force=args.force, check_budget=False)
-    print(("reused: " if pruned.reused else "") + pruned.report.summary())
-    print(f"pruned model: {run.pruned}/ (load it with `import qpruner` and "
-          "transformers.AutoModelForCausalLM.from_pretrained)")
+        done = [(a, load_or_prune(job, resolve_device(job.device), force=args.force, check_budget=False, amount=a))
+                for a in amounts(job)]
+    for amount, pruned in done:   # one pruned model; or, with prune.param_ratios, one per amount
+        print(("reused: " if pruned.reused else "") + pruned.report.summary())
+        print(f"pruned model: {run.pruned_at(amount)}/ (load it with `import qpruner` and "
+              "transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 

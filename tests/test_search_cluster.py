@@ -113,3 +113,17 @@ def test_driver_killed_then_resume(tmp_path):
     assert "resuming" in proc.stderr or "Restoring" in proc.stderr
 
 
+
+
+def test_a_joint_search_ships_every_pruned_variant_to_both_nodes(cluster, tmp_path):
+    """prune.param_ratios on 2 nodes: each variant is one object in the object store; trials of every amount
+    run, on both nodes, each on its own variant's weights (predicted memory = measured)."""
+    c, worker = cluster
+    job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=20",
+                         "search.num_trials=6", "prune.param_ratios=[0.0, 0.3]", "policy.budget_avg_bits=null"])
+    run_job(job)
+    ok = _trials(tmp_path)
+    ok = ok[ok["status"] == "ok"]
+    assert len(ok) == 6 and ok["plan_key"].is_unique and set(ok["prune_param_ratio"]) == {0.0, 0.3}
+    assert worker.node_id in set(ok["node_id"]) and len(set(ok["node_id"])) == 2
+    assert (ok["weight_bytes"] == ok["weight_bytes_predicted"]).all()

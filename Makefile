@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qpruner-installed
 
-.PHONY: install demo test test-slow test-gpu bench bench-gpu clean-results
+.PHONY: install demo test test-slow test-gpu lint bench bench-gpu clean-results
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff over the package, benchmarks and tests; mypy over the core modules ([tool.mypy] in pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check qpruner bench tests
+	$(BIN)/mypy
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -20,7 +20,6 @@ import json
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +129,8 @@ def run(model_name: str, random_plans: int) -> dict:
 
 
 def to_markdown(r: dict) -> str:
-    out = [f"# Layer importance benchmark: {r['model']} (pruned as the demo: {r.get('pruned', 'group ratio 0.2')}, {r['layers']} layers)", "",
+    out = [f"# Layer importance benchmark: {r['model']} "
+           f"(pruned as the demo: {r.get('pruned', 'group ratio 0.2')}, {r['layers']} layers)", "",
            f"Calibration {r['calibration'][0]} x {r['calibration'][1]} tokens; perplexity on {r['eval_tokens']} held-out "
            f"tokens right after quantization (no fine-tuning). {r['machine']}, {r['date']}.", "",
            f"Command: `{r['command']}`", "", "## Rank correlation with measured sensitivity", "",

@@ -158,7 +158,7 @@ def summarize(out: Path, kinds: tuple[str, ...], seeds: list[int], settings: dic
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "joint.json").write_text(json.dumps(result, indent=2, default=str))
     best_single = max((k for k in kinds if k != "joint"), key=lambda k: hv[k][0], default=None)
-    lines = [f"# Prune more or quantize more? Joint search vs single-amount searches (real trials)", "",
+    lines = ["# Prune more or quantize more? Joint search vs single-amount searches (real trials)", "",
              f"commit `{result['commit']}`{' (dirty)' if result['dirty'] else ''}, `{result['command']}`, "
              f"{result['machine']}, {result['date']}.", "",
              f"Settings: {json.dumps(settings)}", "",

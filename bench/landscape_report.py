@@ -76,7 +76,6 @@ def line_gap(row, low, high) -> tuple[float, float]:
 
 def analyse(table, meta) -> dict:
     out: dict = {"counts": table.groupby("stage").size().to_dict()}
-    zero = table[table["stage"] == "zero"].set_index("group_code")
     stage_times = table.groupby("stage")["seconds_total"].median().round(1).to_dict()
     out["median_seconds_per_trial"] = stage_times
     main_stage = "demo" if out["counts"].get("demo", 0) == 256 else "zero"
@@ -197,7 +196,7 @@ def analyse(table, meta) -> dict:
 
 def to_markdown(r: dict) -> str:
     n, s, a, v = r["noise"], r["signal"], r["additivity"], r["vs_line"]
-    lines = [f"# The recorded landscape: SmolLM2-135M, 8 layer groups x {{nf4, int8}} (real trials)", "",
+    lines = ["# The recorded landscape: SmolLM2-135M, 8 layer groups x {nf4, int8} (real trials)", "",
              f"Source: `{r['source']}` (recorded at commit `{str(r['landscape_commit'])[:10]}`; trials per stage: "
              f"{r['counts']}; median seconds per trial by stage: {r['median_seconds_per_trial']}). "
              f"Figures below are for the **{r['main_stage']}** stage unless named.", "",

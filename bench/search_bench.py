@@ -27,7 +27,6 @@ trainable that looks each plan's result up in that recording instead of training
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys

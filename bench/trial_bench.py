@@ -102,7 +102,8 @@ def run(model_name: str, steps: int) -> dict:
                            "mc_items_per_s": round(statistics.median(item_s), 2), "mc_choices": 4,
                            "synthetic_mc_acc": round(mc.acc, 3)})
         print(throughput[-1], flush=True)
-    return {"model": loaded.name, "pruned": "group ratio 0.2" + pruned, "steps": steps, "batch": ft.batch_size, "lr": ft.lr, "curves": curves,
+    return {"model": loaded.name, "pruned": "group ratio 0.2" + pruned, "steps": steps, "batch": ft.batch_size, "lr": ft.lr,
+            "curves": curves,
             "throughput": throughput, "eval_tokens": int(splits.eval[:, 1:].numel()),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
             "date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "commit": commit_label()}

@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="a results/<job>/ directory")
     p.add_argument("--point", type=int, default=0, help="front point, 0 = the smallest model (default)")
     p.add_argument("--out", default=None, help="output directory (default results/<job>/exports/point<K>-<trial>)")
-    p.add_argument("--lm-eval", default="", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks: harness names (their datasets "
+    p.add_argument("--lm-eval", default="", metavar="TASKS",
+                   help="comma-separated lm-evaluation-harness tasks: harness names (their datasets "
                    "download) or task YAML files (custom tasks, e.g. over local JSON: offline)")
     p.add_argument("--lm-eval-limit", type=int, default=None, help="items per lm-eval task")
     p.set_defaults(func=_cmd_export)

@@ -496,7 +496,7 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
         before = len(problems)
         value = _coerce(data[name], tp, where, problems)
         if len(problems) == before:
-            _check_limits(value, f.metadata, where, problems)
+            _check_limits(value, dict(f.metadata), where, problems)
             kwargs[name] = value
     obj = cls(**kwargs)
     if hasattr(obj, "_check"):

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 import yaml
 
-from .config import EvalConfig, FinetuneConfig, QuantConfig, build_job, to_dict
+from .config import EvalConfig, FinetuneConfig, QuantConfig, to_dict
 from .errors import ConfigError, ResultsError
 from .pareto import PARETO_FILE
 from .plan import PrecisionPlan

@@ -44,7 +44,7 @@ def prior_gain(scores, bits) -> np.ndarray:
     if not np.all(np.isfinite(s)):
         s = np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
     s = s - s.min() if np.any(s < 0) else s
-    share = 0.5 * (s / s.sum() if s.sum() > 0 else 1.0 / len(s)) + 0.5 / len(s)
+    share = 0.5 * (s / s.sum() if s.sum() > 0 else np.full(len(s), 1.0 / len(s))) + 0.5 / len(s)
     noise = 4.0 ** -np.asarray(bits, dtype=np.float64)
     frac = (noise[0] - noise) / (noise[0] - noise[-1]) if len(bits) > 1 else np.zeros(1)
     return share[:, None] * frac[None, :]

@@ -276,7 +276,6 @@ def prepare(job: JobConfig, out: Path) -> Prepared:
     """Driver stages, once per pruning amount: prune (or reuse), score units, sample seed plans. The most
     pruned variant goes first: an impossible ``policy.budget_gb`` is refused before any pruning."""
     from .errors import PlanError
-    from .rundir import variant_suffix
     device = resolve_device(job.device)
     budget = Budget.from_policy(job.policy)
     order = sorted(amounts(job), key=lambda a: -(a or 0.0))

@@ -29,6 +29,7 @@ biases) / number of those weights`` (nf4 with double quantization 4.13, int8 8.0
 from __future__ import annotations
 
 import math
+from typing import Any
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -68,10 +69,11 @@ class ModelLayout:
     other_numel: int  # norms and anything that is neither a decoder linear, nor embeddings, nor lm_head
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "ModelLayout":
-        layers, seen = [], set()
+    def from_model(cls, model: Any) -> "ModelLayout":   # a Hugging Face causal LM
+        layers: list[tuple[LinearShape, ...]] = []
+        seen: set[int] = set()
         for layer in models.decoder_layers(model):
-            lin = models.layer_linears(layer)
+            lin: dict[str, Any] = models.layer_linears(layer)
             layers.append(tuple(LinearShape(lin[n].out_features, lin[n].in_features, lin[n].bias is not None)
                                 for n in LINEAR_NAMES))
             seen.update(id(p) for m in lin.values() for p in m.parameters())
@@ -223,7 +225,7 @@ def _unique_bytes(tensors, seen: set) -> int:
     return total
 
 
-def measure_bytes(model: nn.Module) -> MemoryBreakdown:
+def measure_bytes(model: Any) -> MemoryBreakdown:
     """Sum the bytes of the real tensors of a (quantized) model, split like :func:`plan_bytes`.
 
     LoRA adapters, if attached, are excluded (see :func:`adapter_bytes`); non-persistent buffers
@@ -233,7 +235,7 @@ def measure_bytes(model: nn.Module) -> MemoryBreakdown:
     weights = biases = numel = 0
     for layer in models.decoder_layers(model):
         for lin in models.layer_linears(layer).values():
-            base = getattr(lin, "base_layer", lin)  # a peft LoRA wrapper keeps the original as base_layer
+            base: Any = getattr(lin, "base_layer", lin)  # a peft LoRA wrapper keeps the original as base_layer
             if base.bias is not None:
                 biases += _unique_bytes([base.bias.data], seen)
             weights += _unique_bytes(_tensor_list(base), seen)

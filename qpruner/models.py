@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LINEAR_NAMES, SUPPORTED_ARCHITECTURES, ModelConfig
+from .config import SUPPORTED_ARCHITECTURES, ModelConfig
 from .errors import ModelError
 
 logger = logging.getLogger(__name__)

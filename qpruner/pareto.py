@@ -91,7 +91,7 @@ class TrialLog:
         self.origins = dict(origins or {})   # plan -> "seed:uniform" | "seed:best_guess" | "seed:sampled"
         self.run_key = run_key               # rundir.trial_key of the job: stamped on rows, required by lookup
         self.rows: list[dict] = []
-        self._stamp = None
+        self._stamp: tuple[int, int, int] | None = None
         self.refresh()
 
     # persistence ---------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ class TrialLog:
         row.update(result.to_metrics())
         row.update(extra)
         self._put(row)
-        return row["trial_id"]
+        return str(row["trial_id"])
 
     def add_screened(self, status: str, result: TrialResult, **extra) -> str:
         """A proposal answered without training (``infeasible`` / ``cached``), under a new, never reused id."""
@@ -203,7 +203,8 @@ class TrialLog:
         """The first trained result (ok or failed) of an identical plan, if any."""
         self.refresh()
         for row in self.rows:
-            if (row.get("plan_formats") and plan_of_row(row) == plan and row.get("status") in ("ok", "failed") and not row.get("cached_from")
+            if (row.get("plan_formats") and plan_of_row(row) == plan and row.get("status") in ("ok", "failed")
+                    and not row.get("cached_from")
                     and (self.run_key is None or row.get("run_key", self.run_key) == self.run_key)):
                 return row
         return None
@@ -285,13 +286,14 @@ def neighbour_gain(cheaper, dearer, metric: str) -> tuple[float, float | None]:
     else:
         gain = float(dearer[metric]) - float(cheaper[metric])
         ses = [_num(r, se_column(metric)) for r in (cheaper, dearer)]
-    return gain, (math.sqrt(ses[0] ** 2 + ses[1] ** 2) if None not in ses else None)
+    a, b = ses
+    return gain, (math.sqrt(a ** 2 + b ** 2) if a is not None and b is not None else None)
 
 
 def _num(row, name: str) -> float | None:
-    v = row.get(name) if hasattr(row, "get") else None
+    raw = row.get(name) if hasattr(row, "get") else None
     try:
-        v = float(v)
+        v = float(raw)  # type: ignore[arg-type]  # None and non-numbers: handled below
     except (TypeError, ValueError):
         return None
     return None if math.isnan(v) else v

@@ -80,7 +80,7 @@ PRUNE_KEY = "prune_amount"   # joint search: the search-space key of the pruning
 
 def encode(plan: PrecisionPlan) -> dict:
     """A plan as a search-space point: bits per unit, and the pruning amount in a joint search."""
-    point = {key(i): b for i, b in enumerate(plan.bits)}
+    point: dict[str, float] = {key(i): b for i, b in enumerate(plan.bits)}
     if plan.pruned is not None:
         point[PRUNE_KEY] = plan.pruned
     return point

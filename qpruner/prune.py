@@ -287,7 +287,6 @@ def select(scores: GroupScores, model: nn.Module, cfg: PruneConfig, ratio: float
 
 def params_after(model: nn.Module, sel: Selection) -> int:
     """Closed-form parameter count of ``model`` after applying ``sel``."""
-    hd = models.head_dim(model.config)
     widths = []
     for i, w in enumerate(models.layer_widths(model)):
         if sel.keep_layers is not None and i not in sel.keep_layers:

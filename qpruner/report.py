@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .pareto import PARETO_FILE, TRIALS_FILE, hypervolume, maximize, pareto_front, quality_values, se_column
+from .pareto import hypervolume, maximize, pareto_front, quality_values, se_column
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,8 @@ def plot_hypervolume(curve: list[float], path: str | Path) -> Path:
 
 _COLUMNS = [("trial_id", "trial"), ("status", "status"), ("origin", "origin"), ("avg_bits", "avg bits"),
             ("weight_bytes", "weights MB"), ("perplexity", "perplexity"), ("perplexity_se", "± SE"),
-            ("accuracy", "accuracy"), ("accuracy_se", "± SE"), ("objective", "objective"), ("peak_bytes_estimate", "FT peak est. MB"), ("seconds_total", "seconds"),
+            ("accuracy", "accuracy"), ("accuracy_se", "± SE"), ("objective", "objective"),
+            ("peak_bytes_estimate", "FT peak est. MB"), ("seconds_total", "seconds"),
             ("prune_param_ratio", "pruned"), ("plan_code", "plan")]
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}h2{font-size:17px;margin-top:28px}
@@ -256,7 +257,8 @@ rows.forEach(r=>b.appendChild(r));t.dataset.col=col;t.dataset.dir=asc?'asc':'des
 window.addEventListener('load',()=>{const img=document.getElementById('front-plot');
 document.body.dataset.frontLoaded=(img&&img.complete&&img.naturalWidth>0)?img.naturalWidth:0;
 document.body.dataset.rows=document.getElementById('trials').tBodies[0].rows.length;
-if(img){const r=img.getBoundingClientRect();document.body.dataset.frontBox=[r.left+1,r.top+1,r.width-2,r.height-2].map(Math.round).join(',');}});"""
+if(img){const r=img.getBoundingClientRect();
+document.body.dataset.frontBox=[r.left+1,r.top+1,r.width-2,r.height-2].map(Math.round).join(',');}});"""
 
 
 def _img(path: Path, alt: str, ident: str = "") -> str:

@@ -74,8 +74,8 @@ class TrialResult:
 def plan_columns(plan: PrecisionPlan) -> dict:
     """How a plan is written into a result row and the trials table (read back by :func:`plan_of_row`):
     ``plan_key`` is its identity (:meth:`PrecisionPlan.key`), the other columns are for people and queries."""
-    out = {"plan_key": plan.key(), "plan_formats": ",".join(plan.formats), "plan_code": plan.code(),
-           "plan_unit": plan.unit}
+    out: dict[str, str | float] = {"plan_key": plan.key(), "plan_formats": ",".join(plan.formats),
+                                   "plan_code": plan.code(), "plan_unit": plan.unit}
     if plan.pruned is not None:
         out["prune_param_ratio"] = plan.pruned
     return out

@@ -157,7 +157,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._lock_fd = None
+        self._lock_fd: int | None = None
 
     # paths ---------------------------------------------------------------------------------------
     def __truediv__(self, name: str) -> Path:

@@ -22,7 +22,7 @@ import gc
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -184,7 +184,7 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
         def intermediate(step: int) -> None:
             if on_report is None:
                 return
-            ev = _evaluate(ctx, model, device)
+            ev = _evaluate(ctx, model, device)  # noqa: F821  (the enclosing run_trial's model, deleted at its end)
             values = metric_values(ev, {})
             weights = {k: w for k, w in ctx.weights.items() if k in values}
             on_report({"status": "running", "step": step, "perplexity": ev.perplexity, "accuracy": ev.accuracy,

@@ -21,6 +21,8 @@ import yaml
 
 from helpers import kill_session
 
+pytestmark = pytest.mark.ray   # extra Ray processes: `pytest -m 'not ray'` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKER_TYPE = "ray.worker.cpu"

@@ -12,6 +12,8 @@ import pytest
 
 from helpers import kill_session
 
+pytestmark = pytest.mark.ray   # extra Ray processes: `pytest -m 'not ray'` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,8 @@ def head(tmp_path, monkeypatch):
     proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
                              "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
-                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"], env=env, stdout=subprocess.DEVNULL,
+                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"], env=env,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))

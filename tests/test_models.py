@@ -1,6 +1,6 @@
 import pytest
 import torch
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from qpruner import models
 from qpruner.config import ModelConfig

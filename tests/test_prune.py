@@ -1,5 +1,4 @@
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from qpruner.config import PruneConfig
 from qpruner.errors import ConfigError
 from qpruner.prune_importance import ESTIMATORS, accumulate_gradients, group_scores
 
-from helpers import masked_reference, prune_and_reference
+from helpers import prune_and_reference
 
 # ----------------------------------------------------------------------------------------------
 # helpers

@@ -19,6 +19,8 @@ from qpruner.job import run_job
 
 from helpers import kill_session
 
+pytestmark = pytest.mark.ray   # extra Ray processes: `pytest -m 'not ray'` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tune_jobs" / "tiny_smoke.yaml"
 

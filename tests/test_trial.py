@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from qpruner import models, quantize
 from qpruner.config import EvalConfig, FinetuneConfig, QuantConfig

@@ -157,7 +157,8 @@ def init_ray(job: JobConfig) -> bool:
         auth = (f"; it asks for the token in {token}" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
                 else "")
         logger.warning("Ray dashboard of this search: http://%s (127.0.0.1 only%s). It stops with the search "
-                       "(search.keep_dashboard=true holds it until Ctrl-C); for one that outlives searches, start `ray start --head --dashboard-host=127.0.0.1` and set "
+                       "(search.keep_dashboard=true holds it until Ctrl-C); for one that outlives searches, start "
+                       "`ray start --head --dashboard-host=127.0.0.1` and set "
                        "search.ray_address=auto", context.dashboard_url, auth)
     return True
 

@@ -504,6 +504,23 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
     return obj
 
 
+def compute_dtype_name(setting: str, on_gpu: bool) -> str:
+    """The one rule for ``quant.compute_dtype: auto``: bfloat16 on a GPU, float32 on a CPU."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if on_gpu else "float32"
+
+
+def build_section(cls, data: Any, source: str):
+    """One section (e.g. :class:`FinetuneConfig`) from a mapping, validated like a job file: every problem
+    at once in a :class:`ConfigError` naming ``source`` (e.g. an export's ``qpruner_plan.json``)."""
+    problems: list[str] = []
+    obj = _build(cls, data, f"{source}: ", problems)
+    if problems:
+        raise ConfigError(problems)
+    return obj
+
+
 def _apply_override(data: dict, override: str, problems: list[str]) -> None:
     if "=" not in override:
         problems.append(f"override {override!r}: expected key=value, e.g. finetune.steps=5")

@@ -28,10 +28,11 @@ import pandas as pd
 import torch
 import yaml
 
-from .config import EvalConfig, FinetuneConfig, QuantConfig, to_dict
+from .config import EvalConfig, FinetuneConfig, QuantConfig, build_section, to_dict
 from .errors import ConfigError, ResultsError
 from .pareto import PARETO_FILE
 from .plan import PrecisionPlan
+from .models import resolve_device
 from .pruned_model import read_meta
 from .results import plan_of_row
 
@@ -99,7 +100,7 @@ def _retrain_adapter(directory: Path, job, plan: PrecisionPlan, into: Path) -> N
     from .trial import run_trial
     logger.warning("no adapter checkpoint for this plan here: training it again (same seeds, same result)")
     prepared = prepare(job, directory)
-    run_trial(prepared.context_for(plan), plan, "cuda" if torch.cuda.is_available() else "cpu",
+    run_trial(prepared.context_for(plan), plan, resolve_device("auto"),
               on_trained=lambda model: save_adapter(model, into))
 
 
@@ -180,10 +181,11 @@ def load(directory: str | Path, device: str | torch.device | None = None):
     from .trial import quantized_with_lora
     directory = Path(directory)
     meta = read_plan(directory)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     model, tokenizer = load_pruned(directory, dtype=torch.float32)
-    ft = FinetuneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["finetune"].items()})
-    quant = QuantConfig(**meta["quant"])
+    where = str(directory / PLAN_FILE)
+    ft = build_section(FinetuneConfig, meta.get("finetune"), f"{where} finetune")
+    quant = build_section(QuantConfig, meta.get("quant"), f"{where} quant")
     model, _ = quantized_with_lora(model, PrecisionPlan.from_dict(meta["plan"]), quant, ft, device,
                                    adapter_dir=str(directory / "adapter"))
     return model.eval(), tokenizer
@@ -193,8 +195,9 @@ def evaluation_config(directory: str | Path) -> tuple:
     """(DataConfig, EvalConfig) the trial was evaluated with, to reproduce its metrics."""
     from .config import DataConfig
     meta = read_plan(directory)
-    ev = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["eval"].items()}
-    return DataConfig(**meta["data"]), EvalConfig(**ev)
+    where = str(Path(directory) / PLAN_FILE)
+    return (build_section(DataConfig, meta.get("data"), f"{where} data"),
+            build_section(EvalConfig, meta.get("eval"), f"{where} eval"))
 
 
 def _harness_tasks(tasks: list[str]) -> tuple[list[str], list[str]]:

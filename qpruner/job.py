@@ -22,8 +22,8 @@ import torch
 
 from . import __version__, data, importance, models, policy, prune, report, tasks
 from .config import JobConfig, to_dict
+from .models import resolve_device  # noqa: F401  (re-exported: the driver's device)
 from .pruned_model import clear_pruned, foreign_files, load_pruned, read_meta, save_pruned
-from .errors import ConfigError
 from .importance import LayerScores
 from .memory import Budget, ModelLayout, plan_bytes
 from .pareto import TrialLog
@@ -102,13 +102,6 @@ class JobOutcome:
     continued: bool = False
     moved_aside: Path | None = None
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(["device: 'cuda' was asked for but no CUDA device is visible; use auto or cpu"])
-    return torch.device(name)
 
 
 def _write_json(path: Path, obj) -> None:

@@ -22,15 +22,13 @@ is ``Q_T``.
 
 Balancing (``finetune.loftq_balance``, on by default): LoftQ's factors are ``sqrt(S)``-scaled, so where
 the quantization residual is small (int8, bf16) both ``A`` and ``B`` start tiny, each one's gradient is
-proportional to the other, and training barely moves — measured on SmolLM2: an int8 plan fine-tuned
-20 steps from LoftQ reached perplexity 33.2 against 29.1 from the plain initialisation. Since
+proportional to the other, and training barely moves (measured: ``results/bench/trial.md``). Since
 ``B @ A`` is unchanged by ``(A, B) -> (c A, B / c)``, we pick ``c`` so that ``A`` has the norm of
 peft's default initialisation: the adapters start at LoftQ's correction and train like plain LoRA.
 
-Which layers (``finetune.loftq_formats``, default 4-bit only): measured on SmolLM2
-(results/bench/trial.md), LoftQ pays off where the quantization error is large — uniform nf4 — and
-not for int8 or bf16 layers, whose residual is small and noise-like: an int8-heavy plan fine-tuned
-from LoftQ everywhere ended worse than from the plain initialisation even after balancing.
+Which layers (``finetune.loftq_formats``, default 4-bit only): LoftQ is meant for large quantization
+errors (4-bit); for int8 and bf16 layers the residual is small and noise-like, and starting from it
+did not help in our measurements (``results/bench/trial.md``, ``results/bench/loftq.md``).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ import torch
 from torch import nn
 
 from . import models
-from .config import QuantConfig
+from .config import FinetuneConfig, QuantConfig
 from .plan import PrecisionPlan
 
 
@@ -84,19 +82,20 @@ def loftq_linear(lin: nn.Linear, fmt: str, quant: QuantConfig, rank: int, scalin
     return base.to(lin.weight.dtype), a.float(), b.float()
 
 
-def loftq_model_(model: nn.Module, plan: PrecisionPlan, quant: QuantConfig, rank: int, alpha: float, iters: int,
-                 targets, device, compute: torch.dtype, balanced: bool = True,
-                 formats=("nf4", "fp4")) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Replace the weight of every targeted linear stored in one of ``formats`` by its LoftQ base weight
-    (to be quantized by :func:`qpruner.quantize.quantize_` next); return the adapters' initial (A, B)
-    per (layer, name). Linears in other formats keep their weight and get the plain initialisation."""
-    scaling = alpha / rank
+def loftq_model_(model: nn.Module, plan: PrecisionPlan, quant: QuantConfig, ft: FinetuneConfig, device,
+                 compute: torch.dtype) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """Replace the weight of every linear in ``ft.target_modules`` stored in one of ``ft.loftq_formats`` by
+    its LoftQ base weight (to be quantized by :func:`qpruner.quantize.quantize_` next); return the
+    adapters' initial (A, B) per (layer, name). Linears in other formats keep their weight and get the
+    plain initialisation. Rank, alpha, iterations and balancing come from ``ft`` (config.py's defaults)."""
+    scaling = ft.lora_alpha / ft.lora_r
     init = {}
     for i, (layer, formats_) in enumerate(zip(models.decoder_layers(model), plan.per_linear())):
         for name, lin in models.layer_linears(layer).items():
-            if name not in targets or formats_[name] not in formats:
+            if name not in ft.target_modules or formats_[name] not in ft.loftq_formats:
                 continue
-            base, a, b = loftq_linear(lin, formats_[name], quant, rank, scaling, iters, device, compute, balanced)
+            base, a, b = loftq_linear(lin, formats_[name], quant, ft.lora_r, scaling, ft.loftq_iters, device, compute,
+                                      ft.loftq_balance)
             lin.weight.data = base.to(lin.weight.device)
             init[(i, name)] = (a, b)
     return init

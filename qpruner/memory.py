@@ -309,10 +309,9 @@ class UnitCosts:
         return 8.0 * float(self.weights[np.arange(len(idx)), idx].sum()) / self.numel
 
     def fits_sums(self, weights: float, biases: float) -> bool:
-        """Does a plan whose units sum to these weight and bias bytes fit the budget? (the one test)"""
-        b = self.budget
-        return ((b.avg_bits is None or 8.0 * weights / self.numel <= b.avg_bits)
-                and (b.total_bytes is None or self.fixed + weights + biases <= b.total_bytes))
+        """Does a plan whose units sum to these weight and bias bytes fit the budget? (:meth:`Budget.fits`
+        decides, on the plan's memory breakdown: one test for the tables, the searcher and the trials)"""
+        return self.budget.fits(MemoryBreakdown(weights, biases, 0, 0, self.fixed, self.numel))  # type: ignore[arg-type]
 
     def fits(self, idx) -> bool:
         rows = np.arange(len(idx))

@@ -34,6 +34,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The one rule for a device setting: ``auto`` (or None) is CUDA when visible, else the CPU."""
+    from .errors import ConfigError
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError([f"device: {str(name)!r} was asked for but no CUDA device is visible; use auto or cpu"])
+    return torch.device(name)
+
+
 @dataclass(frozen=True)
 class LayerWidth:
     """Widths of one decoder layer: query heads, KV heads and MLP channels."""

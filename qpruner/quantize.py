@@ -61,9 +61,9 @@ class _CastOutput:
 
 
 def resolve_compute_dtype(cfg: QuantConfig, device: torch.device) -> torch.dtype:
-    if cfg.compute_dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return DTYPES[cfg.compute_dtype]
+    """The compute dtype on ``device`` (:func:`qpruner.config.compute_dtype_name` decides)."""
+    from .config import compute_dtype_name
+    return DTYPES[compute_dtype_name(cfg.compute_dtype, torch.device(device).type == "cuda")]
 
 
 def _to_linear16(lin: nn.Linear, device, share: bool = False) -> Linear16:

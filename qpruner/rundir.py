@@ -101,9 +101,8 @@ def identity(job) -> str:
 
 def trial_compute_dtype(job) -> str:
     """The compute dtype trials will use (it decides bias storage in the memory model and the result)."""
-    if job.quant.compute_dtype != "auto":
-        return job.quant.compute_dtype
-    return "bfloat16" if job.search.gpus_per_trial > 0 else "float32"
+    from .config import compute_dtype_name
+    return compute_dtype_name(job.quant.compute_dtype, job.search.gpus_per_trial > 0)
 
 
 def trial_key(job) -> str:

@@ -111,8 +111,7 @@ def quantized_with_lora(model: torch.nn.Module, plan: PrecisionPlan, quant: Quan
     a reloaded export gets exactly the base its adapters were trained on."""
     init = None
     if ft.init == "loftq":
-        init = loftq_model_(model, plan, quant, ft.lora_r, ft.lora_alpha, ft.loftq_iters, ft.target_modules,
-                            device, resolve_compute_dtype(quant, device), ft.loftq_balance, ft.loftq_formats)
+        init = loftq_model_(model, plan, quant, ft, device, resolve_compute_dtype(quant, device))
     quantize_(model, plan, quant, device)
     measured = measure_bytes(model)
     if adapter_dir is not None:

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from provenance import commit_label  # noqa: E402
+from stats import spearman  # noqa: E402
 
 from qpruner import data, finetune_memory, importance, models, policy, prune  # noqa: E402
 from qpruner.config import FinetuneConfig, QuantConfig, ScoreConfig, build_job  # noqa: E402
@@ -40,11 +41,6 @@ from qpruner.quantize import quantize_  # noqa: E402
 
 MODELS = {"smollm2": "builtin:smollm2-135m", "tiny": "tiny"}
 ESTIMATORS = ["fisher", "taylor", "block_influence", "mutual_information", "sensitivity"]
-
-
-def spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def quantized_ppl(base, plan, quant, splits) -> float:

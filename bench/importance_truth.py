@@ -32,7 +32,7 @@ from provenance import setup, stamp  # noqa: E402
 setup()
 
 import landscape  # noqa: E402
-from landscape_report import bootstrap_spearman, spearman  # noqa: E402
+from stats import bootstrap_spearman, spearman  # noqa: E402
 
 METHODS = ("fisher", "taylor", "block_influence", "mutual_information", "sensitivity")
 OUT = ROOT / "results" / "bench" / "importance_truth"

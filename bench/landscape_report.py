@@ -37,26 +37,7 @@ from provenance import stamp  # noqa: E402
 from qpruner.evaluate import paired_diff, ratio_se  # noqa: E402
 from qpruner.frontier import front_points  # noqa: E402
 from qpruner.memory import Budget, UnitCosts  # noqa: E402
-
-
-def spearman(a, b) -> float:
-    if len(set(np.asarray(a).tolist())) < 2 or len(set(np.asarray(b).tolist())) < 2:
-        return float("nan")
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def bootstrap_spearman(a, b, n: int = 2000, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    a, b = np.asarray(a), np.asarray(b)
-    vals = []
-    for _ in range(n):
-        i = rng.integers(0, len(a), len(a))
-        if len(set(a[i])) > 1 and len(set(b[i])) > 1:
-            vals.append(spearman(a[i], b[i]))
-    if not vals:   # a constant input: no rank correlation
-        return [None, None]
-    return [round(float(np.percentile(vals, 2.5)), 3), round(float(np.percentile(vals, 97.5)), 3)]
+from stats import bootstrap_spearman, spearman  # noqa: E402
 
 
 def windows(row):

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from .config import EvalConfig, FinetuneConfig, QuantConfig, build_section, to_dict
-from .errors import ConfigError, ResultsError
+from .errors import BackendError, ConfigError, ResultsError
 from .pareto import PARETO_FILE
 from .plan import PrecisionPlan
 from .models import resolve_device
@@ -231,8 +231,8 @@ def lm_eval(directory: str | Path, tasks: list[str], limit: int | None = None, b
         import lm_eval as harness
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise ConfigError(["--lm-eval needs lm-evaluation-harness: pip install 'qpruner[lm-eval]' "
-                           "(and network access for the datasets of its built-in tasks)"]) from None
+        raise BackendError("--lm-eval needs lm-evaluation-harness: pip install 'qpruner[lm-eval]' "
+                           "(and network access for the datasets of its built-in tasks)") from None
     names, include = _harness_tasks(list(tasks))
     model, tokenizer = load(directory)
     extra = {}

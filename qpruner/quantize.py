@@ -28,7 +28,6 @@ from .errors import BackendError, PlanError
 from .plan import PrecisionPlan
 
 logger = logging.getLogger(__name__)
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # silences a harmless CPU-kernel notice
 
 from .models import DTYPES  # noqa: E402  (one definition: dtype names -> torch dtypes)
 

@@ -42,9 +42,11 @@ class MCItem:
 
     def __post_init__(self):
         if len(self.contexts) != len(self.continuations) or len(self.contexts) < 2:
-            raise ValueError("an item needs one context and one continuation per choice, and two choices or more")
+            raise ConfigError(["a multiple-choice item needs one context and one continuation per choice, and two "
+                               "choices or more"])
         if not 0 <= self.label < len(self.contexts):
-            raise ValueError(f"label {self.label} is not a choice index (0..{len(self.contexts) - 1})")
+            raise ConfigError([f"a multiple-choice item's label {self.label} is not a choice index "
+                               f"(0..{len(self.contexts) - 1})"])
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def item_from_json(row: dict, where: str) -> MCItem:
             return MCItem((str(row["context"]),) * len(choices), tuple(choices), int(row["label"]))
         contexts = [str(c) for c in row["contexts"]]
         return MCItem(tuple(contexts), (str(row["continuation"]),) * len(contexts), int(row["label"]))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise ConfigError([f"{where}: not a multiple-choice item ({exc}); expected "
                            '{"context", "choices", "label"} or {"contexts", "continuation", "label"}']) from None
 
@@ -192,7 +194,8 @@ def tokenize_task(name: str, items: list[MCItem], tokenizer, max_length: int) ->
         for context, continuation in zip(item.contexts, item.continuations):
             ctx, cont = _encode_pair(tokenizer, context, continuation)
             if not ctx or not cont:
-                raise ValueError(f"{name}: empty context or continuation in {context[-40:]!r} / {continuation!r}")
+                raise ConfigError([f"task {name}: an empty context or continuation in {context[-40:]!r} / "
+                                   f"{continuation!r}; every item needs text on both sides"])
             seq = (ctx + cont)[-(max_length + 1):]
             inputs.append(tuple(seq[:-1]))
             targets.append(tuple(seq[-len(cont):]))

@@ -197,6 +197,8 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
     from ray import tune
 
     from ..finetune import save_adapter
+    import logging as _logging
+    _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)  # this worker's own output: a harmless CPU notice
     trial_id = tune.get_context().get_trial_id()
     if done and trial_id in done:
         # finished and recorded before the driver died, but Tune's last checkpoint still had it running:

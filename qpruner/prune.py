@@ -14,7 +14,7 @@ Scopes (``prune.scope``):
   the kept heads are untouched. An MLP channel is a gate/up row with its down_proj column.
 * ``channel``: hidden (residual-stream) channels, across embeddings, every projection, every norm
   and lm_head (tied embeddings stay tied). Norm weights and eps are rescaled so the pruned model
-  equals the original with those channels zeroed (see :func:`qpruner.models.prune_hidden_`).
+  equals the original with those channels zeroed (see :func:`qpruner.surgery.prune_hidden_`).
 * ``layer``: whole decoder layers within the range.
 
 Ranking (``prune.ranking``): ``local`` removes the same fraction in every pruned layer;
@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import models
+from . import models, surgery
 from .config import PruneConfig
 from .errors import ConfigError
 from .models import LayerWidth
@@ -142,15 +142,15 @@ def layer_range(cfg: PruneConfig, n_layers: int) -> tuple[int, int]:
 def _parts_in_scope(model: nn.Module, cfg: PruneConfig, start: int, end: int):
     layers = models.decoder_layers(model)
     if cfg.scope == "channel":
-        return {"hidden": models.hidden_parts(model)}
+        return {"hidden": surgery.hidden_parts(model)}
     if cfg.scope == "layer":
-        return {f"layer{i}": models.layer_parts(layers[i]) for i in range(start, end)}
+        return {f"layer{i}": surgery.layer_parts(layers[i]) for i in range(start, end)}
     out = {}
     for i in range(start, end):
         if cfg.attention:
-            out[f"attention{i}"] = models.attention_parts(layers[i], model.config)
+            out[f"attention{i}"] = surgery.attention_parts(layers[i], model.config)
         if cfg.mlp:
-            out[f"mlp{i}"] = models.mlp_parts(layers[i])
+            out[f"mlp{i}"] = surgery.mlp_parts(layers[i])
     return out
 
 
@@ -318,12 +318,12 @@ def apply_(model: nn.Module, sel: Selection) -> None:
     """Physically remove what ``sel`` does not keep; the model gets its pruned config class."""
     layers = models.decoder_layers(model)
     for i in sorted(set(sel.keep_kv) | set(sel.keep_channels)):
-        models.prune_layer_(layers[i], model.config, sel.keep_kv.get(i), sel.keep_channels.get(i))
+        surgery.prune_layer_(layers[i], model.config, sel.keep_kv.get(i), sel.keep_channels.get(i))
     if sel.keep_hidden is not None:
-        models.prune_hidden_(model, sel.keep_hidden)
+        surgery.prune_hidden_(model, sel.keep_hidden)
     if sel.keep_layers is not None:
-        models.drop_layers_(model, list(sel.keep_layers))
-    models.to_pruned_(model)
+        surgery.drop_layers_(model, list(sel.keep_layers))
+    surgery.to_pruned_(model)
 
 
 def prune_(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, seed: int = 0) -> PruneReport:

@@ -2,7 +2,7 @@
 
 A *group* is a set of parameter slices removed together (a KV head with its query heads, an MLP
 channel, a hidden channel, a whole layer). Each parameter contributes one slice per group; see
-:class:`qpruner.models.Coupled`. For a weight ``w`` with gradient ``g`` of the mean calibration loss
+:class:`qpruner.surgery.Coupled`. For a weight ``w`` with gradient ``g`` of the mean calibration loss
 and ``F = sum_b g_b**2`` (per-sample squared gradients, the diagonal empirical Fisher):
 
 ==================  ==========================================  =====================================
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import models
-from .models import Coupled
+from .surgery import Coupled
 
 ESTIMATORS = ("l1", "l2", "random", "taylor_vector", "taylor", "param_second", "param_mix")
 FIRST_ORDER = {"taylor_vector", "taylor", "param_mix"}

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from qpruner import models
+from qpruner import models, surgery
 from qpruner.config import ModelConfig
 from qpruner.errors import ModelError
 
@@ -61,8 +61,8 @@ def test_hub_id_downloads_through_the_hub_transport(monkeypatch, tmp_path, tiny)
 
 def test_build_model_round_trips_a_pruned_model(tiny):
     layers = models.decoder_layers(tiny)
-    models.prune_layer_(layers[1], tiny.config, torch.tensor([1]), torch.arange(0, 192, 3))
-    models.to_pruned_(tiny)
+    surgery.prune_layer_(layers[1], tiny.config, torch.tensor([1]), torch.arange(0, 192, 3))
+    surgery.to_pruned_(tiny)
     config_dict, state = models.model_state(tiny)
     rebuilt = models.build_model(config_dict, state)
     x = torch.randint(0, 256, (2, 10))
@@ -72,7 +72,7 @@ def test_build_model_round_trips_a_pruned_model(tiny):
 
 
 def test_build_model_rejects_mismatched_widths(tiny):
-    models.to_pruned_(tiny)
+    surgery.to_pruned_(tiny)
     config_dict, state = models.model_state(tiny)
     config_dict["layer_widths"] = config_dict["layer_widths"][:3]
     with pytest.raises(Exception, match="layer_widths has 3 entries for 4 layers"):

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from qpruner import models, prune
+from qpruner import models, prune, surgery
 from qpruner.config import PruneConfig
 from qpruner.errors import ConfigError
 from qpruner.prune_importance import ESTIMATORS, accumulate_gradients, group_scores
@@ -73,7 +73,7 @@ def test_pruned_logits_equal_masked_original(tiny, tiny_splits, importance, rank
 @pytest.mark.parametrize("aggregation", ["sum", "mean", "max"])
 def test_aggregations_combine_the_coupled_parameters(tiny, tiny_splits, aggregation):
     layer = models.decoder_layers(tiny)[1]
-    parts = models.attention_parts(layer, tiny.config)
+    parts = surgery.attention_parts(layer, tiny.config)
     per_param = torch.stack([(p.param.data.abs().movedim(p.dim, 0).reshape(p.n, -1).sum(1)) for p in parts])
     expected = {"sum": per_param.sum(0), "mean": per_param.mean(0), "max": per_param.amax(0)}[aggregation]
     assert torch.allclose(group_scores(parts, "l1", aggregation), expected)
@@ -158,8 +158,8 @@ def test_taylor_group_score_equals_independent_autograd(tiny, tiny_splits):
     layer = models.decoder_layers(tiny)[1]
     lin = models.layer_linears(layer)
     hd, group = 16, 2
-    accumulate_gradients(tiny, calib, batch_size=2, params=[p.param for p in models.attention_parts(layer, tiny.config)])
-    parts = models.attention_parts(layer, tiny.config)
+    accumulate_gradients(tiny, calib, batch_size=2, params=[p.param for p in surgery.attention_parts(layer, tiny.config)])
+    parts = surgery.attention_parts(layer, tiny.config)
     ours = group_scores(parts, "taylor")
     ours_vector = group_scores(parts, "taylor_vector")
     tiny.zero_grad(set_to_none=True)
@@ -196,7 +196,7 @@ def test_taylor_group_score_equals_independent_autograd(tiny, tiny_splits):
 def test_second_order_uses_per_sample_squared_gradients(tiny, tiny_splits):
     calib = tiny_splits.calib[:3]
     layer = models.decoder_layers(tiny)[1]
-    parts = models.mlp_parts(layer)
+    parts = surgery.mlp_parts(layer)
     fisher = accumulate_gradients(tiny, calib, params=[p.param for p in parts], fisher=True)
     ours = group_scores(parts, "param_second", fisher=fisher)
     mix = group_scores(parts, "param_mix", fisher=fisher)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qpruner import models, quantize
+from qpruner import models, quantize, surgery
 from qpruner.config import FinetuneConfig, QuantConfig
 from qpruner.errors import PlanError
 from qpruner.finetune import attach_lora
@@ -42,8 +42,8 @@ def test_wrong_length_plan_is_refused(tiny):
 def test_gradients_flow_to_lora_after_an_eval_forward_on_odd_widths(tiny):
     """The bitsandbytes CPU trap: widths not divisible by 32 after a no-grad forward."""
     layers = models.decoder_layers(tiny)
-    models.prune_layer_(layers[1], tiny.config, torch.tensor([0]), torch.arange(40))  # MLP width 40
-    models.to_pruned_(tiny)
+    surgery.prune_layer_(layers[1], tiny.config, torch.tensor([0]), torch.arange(40))  # MLP width 40
+    surgery.to_pruned_(tiny)
     quantize.quantize_(tiny, PrecisionPlan(("nf4",) * 4), QuantConfig())
     model = attach_lora(tiny, FinetuneConfig(lora_r=2))
     x = torch.randint(0, 256, (2, 12))

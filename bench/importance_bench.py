@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from provenance import commit_label  # noqa: E402
 from stats import spearman  # noqa: E402
 
-from qpruner import data, finetune_memory, importance, models, policy, prune  # noqa: E402
+from qpruner import data, finetune_memory, models, policy, prune, unit_importance  # noqa: E402
 from qpruner.config import FinetuneConfig, QuantConfig, ScoreConfig, build_job  # noqa: E402
 from qpruner.evaluate import evaluate  # noqa: E402
 from qpruner.finetune import attach_lora, finetune_  # noqa: E402
@@ -77,7 +77,7 @@ def run(model_name: str, random_plans: int) -> dict:
     scores, seconds = {}, {}
     for method in ESTIMATORS:
         t = time.perf_counter()
-        scores[method] = importance.score_units(base, splits.calib, ScoreConfig(method=method), "layer", quant)
+        scores[method] = unit_importance.score_units(base, splits.calib, ScoreConfig(method=method), "layer", quant)
         seconds[method] = round(time.perf_counter() - t, 2)
         print(f"scored {method:<20} {seconds[method]:6.1f}s  top layers {scores[method].ranking()[:5]}", flush=True)
     reference = scores["sensitivity"].scores
@@ -102,7 +102,7 @@ def run(model_name: str, random_plans: int) -> dict:
             print(f"{label:<36} {method:<20} {plan.code()} ppl {plans[-1]['perplexity']}", flush=True)
         random_ppl = []
         for _ in range(random_plans):  # random importance scores -> the same greedy, the same budget
-            fake = importance.LayerScores("random", tuple(rng.random(n)))
+            fake = unit_importance.UnitScores("random", tuple(rng.random(n)))
             idx = policy.best_guess(fake, costs, bits)
             plan = PrecisionPlan(tuple(formats[i] for i in idx))
             random_ppl.append(quantized_ppl(base, plan, quant, splits))

@@ -56,7 +56,7 @@ def truth(table, stage: str) -> dict | None:
 def main() -> int:
     import torch
 
-    from qpruner import data, importance
+    from qpruner import data, unit_importance
     from qpruner.config import ScoreConfig
     from qpruner.pruned_model import load_pruned
 
@@ -73,7 +73,7 @@ def main() -> int:
     estimators = {}
     for method in METHODS:
         t = time.perf_counter()
-        scores = importance.score_units(model, calib, ScoreConfig(method=method), "layer", job.quant).scores
+        scores = unit_importance.score_units(model, calib, ScoreConfig(method=method), "layer", job.quant).scores
         by_group = [float(sum(scores[i] for i in g)) for g in parts]
         estimators[method] = {"seconds": round(time.perf_counter() - t, 1), "layer_scores": [float(s) for s in scores],
                               "group_scores": by_group,

@@ -30,7 +30,7 @@ from provenance import commit_label  # noqa: E402
 from qpruner import data, models, prune  # noqa: E402
 from qpruner.config import build_job  # noqa: E402
 from qpruner.evaluate import evaluate  # noqa: E402
-from qpruner.prune_importance import ESTIMATORS  # noqa: E402
+from qpruner.group_importance import ESTIMATORS  # noqa: E402
 
 MODELS = {"smollm2": "builtin:smollm2-135m", "tiny": "tiny"}
 

@@ -45,7 +45,7 @@ setup()
 from qpruner import policy  # noqa: E402
 from qpruner.config import PolicyConfig  # noqa: E402
 from qpruner.frontier import hypervolume  # noqa: E402
-from qpruner.importance import LayerScores  # noqa: E402
+from qpruner.unit_importance import UnitScores  # noqa: E402
 from qpruner.memory import Budget, UnitCosts  # noqa: E402
 from qpruner.pareto import TrialLog  # noqa: E402
 from qpruner.plan import PrecisionPlan  # noqa: E402
@@ -99,7 +99,7 @@ class Landscape:
         return float(r["weight_bytes"]), -float(r["nll"])
 
     def seeds(self, seed: int, sampled: bool = True) -> list[dict]:
-        scores = LayerScores(self.meta["layer_scores"]["method"], tuple(self.meta["group_scores"]), "layer")
+        scores = UnitScores(self.meta["layer_scores"]["method"], tuple(self.meta["group_scores"]), "layer")
         cfg = PolicyConfig(bits=tuple(OPTIONS), seed_plans=4 if sampled else 0)
         return [{policy.key(u): OPTIONS[k] for u, k in enumerate(idx)}
                 for idx, _ in policy.seed_indices(scores, self.costs, OPTIONS, cfg, seed)]

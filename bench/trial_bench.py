@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from provenance import commit_label  # noqa: E402
 
-from qpruner import data, importance, models, policy, prune, tasks  # noqa: E402
+from qpruner import data, models, policy, prune, tasks, unit_importance  # noqa: E402
 from qpruner.config import EvalConfig, FinetuneConfig, QuantConfig, ScoreConfig, build_job  # noqa: E402
 from qpruner.evaluate import evaluate  # noqa: E402
 from qpruner.memory import Budget, ModelLayout  # noqa: E402
@@ -62,7 +62,7 @@ def run(model_name: str, steps: int) -> dict:
     pruned = prune.prune_(model, splits.calib, job.prune).removed_parts()
     layout = ModelLayout.from_model(model)
     n = layout.n_layers
-    scores = importance.score_units(model, splits.calib, ScoreConfig(method="fisher"))
+    scores = unit_importance.score_units(model, splits.calib, ScoreConfig(method="fisher"))
     memory = policy.PlanMemory(layout, QuantConfig(), "float32")
     costs = policy.unit_costs(memory, "layer", ["nf4", "int8", "bf16"], Budget(avg_bits=8.5))
     mixed = PrecisionPlan(tuple(("nf4", "int8", "bf16")[i] for i in policy.best_guess(scores, costs, [4, 8, 16])))

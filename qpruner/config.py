@@ -84,7 +84,7 @@ class PruneConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     method: str = opt("fisher", choices=("fisher", "taylor", "block_influence", "mutual_information", "sensitivity"),
-                      help="unit importance estimator (formulas in qpruner/importance.py)")
+                      help="unit importance estimator (formulas in qpruner/unit_importance.py)")
     samples: Optional[int] = opt(None, min=1, help="calibration samples used (default: all)")
 
 

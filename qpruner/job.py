@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import __version__, data, importance, models, policy, prune, report, tasks
+from . import __version__, data, models, policy, prune, report, tasks, unit_importance
 from .config import JobConfig, to_dict
 from .models import resolve_device  # noqa: F401  (re-exported: the driver's device)
 from .pruned_model import clear_pruned, foreign_files, load_pruned, read_meta, save_pruned
-from .importance import LayerScores
+from .unit_importance import UnitScores
 from .memory import Budget, ModelLayout, plan_bytes
 from .pareto import TrialLog
 from .prune import PruneReport
@@ -40,7 +40,7 @@ class Variant:
     amount: float | None            # prune.param_ratios entry; None: the job's one pruned model
     context: TrialContext
     prune: PruneReport
-    scores: LayerScores
+    scores: UnitScores
     seeds: list[policy.SeedPlan]
     uniform: list[dict]
 
@@ -71,7 +71,7 @@ class Prepared:
         return self.main.prune
 
     @property
-    def scores(self) -> LayerScores:
+    def scores(self) -> UnitScores:
         return self.main.scores
 
     @property
@@ -145,7 +145,8 @@ def pruned_dir(job: JobConfig, amount: float | None = None) -> Path:
 
 
 @dataclass
-class PrunedModel:
+class LoadedPruned:
+    """A pruned model in memory (reused from its directory, or just pruned), with what made it."""
     model: torch.nn.Module
     tokenizer: object
     splits: data.Splits
@@ -154,7 +155,7 @@ class PrunedModel:
 
 
 def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, check_budget: bool = True,
-                  amount: float | None = None) -> PrunedModel:
+                  amount: float | None = None) -> LoadedPruned:
     """The pruned model of ``job`` (of its variant at ``amount`` in a joint search): read from
     ``results/<job>/pruned/`` (``pruned-p<percent>/``) when it was written for the same model, pruning
     config and calibration data, else pruned now and saved there (safetensors). A directory holding
@@ -171,7 +172,7 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, che
         model, tokenizer = load_pruned(directory, models.DTYPES[job.model.dtype], device)
         logger.info("reusing the pruned model in %s (key %s, %.1fs)", directory, key, time.perf_counter() - t)
         splits = data.load_splits(job.data, tokenizer)
-        return PrunedModel(model, tokenizer, splits, prune.PruneReport.from_dict(meta["report"]), True)
+        return LoadedPruned(model, tokenizer, splits, prune.PruneReport.from_dict(meta["report"]), True)
     t = time.perf_counter()
     loaded = models.load_model(job.model, device)
     logger.info("loaded %s (%s parameters) in %.1fs", loaded.name, f"{models.count_params(loaded.model):,}",
@@ -179,15 +180,15 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, che
     if check_budget:
         check_budget_before_pruning(job, loaded.model)
     splits = data.load_splits(job.data, loaded.tokenizer)
-    report_ = prune.prune_(loaded.model, splits.calib, job.prune,
+    prune_report = prune.prune_(loaded.model, splits.calib, job.prune,
                            seed=job.data.seed)
     clear_pruned(directory)  # only the files an earlier save_pruned wrote
     # save_pruned writes the record last: a directory without it (an interrupted save) is never reused
     save_pruned(loaded.model, loaded.tokenizer, directory,
-                {"key": key, "source": loaded.name, "report": report_.to_dict(),
+                {"key": key, "source": loaded.name, "report": prune_report.to_dict(),
                  "job": {"model": to_dict(job.model), "prune": to_dict(job.prune), "data": to_dict(job.data)}})
     logger.info("saved the pruned model to %s", directory)
-    return PrunedModel(loaded.model, loaded.tokenizer, splits, report_, False)
+    return LoadedPruned(loaded.model, loaded.tokenizer, splits, prune_report, False)
 
 
 def check_budget_before_pruning(job: JobConfig, model: torch.nn.Module) -> None:
@@ -220,7 +221,7 @@ def score_key(job: JobConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def load_or_score(job: JobConfig, model: torch.nn.Module, calib: torch.Tensor, path: Path) -> LayerScores:
+def load_or_score(job: JobConfig, model: torch.nn.Module, calib: torch.Tensor, path: Path) -> UnitScores:
     """Unit scores, read from ``path`` when computed for the same pruned model, data, method and unit
     (``job``: the variant's job in a joint search, :func:`variant_job`)."""
     key = score_key(job)
@@ -231,8 +232,8 @@ def load_or_score(job: JobConfig, model: torch.nn.Module, calib: torch.Tensor, p
             saved = {}
         if saved.get("key") == key:
             logger.info("reusing %s unit scores (%s) from %s", saved["unit"], saved["method"], path)
-            return LayerScores(saved["method"], tuple(saved["scores"]), saved["unit"], saved.get("seconds", 0.0))
-    scores = importance.score_units(model, calib, job.score, job.policy.unit, job.quant)
+            return UnitScores(saved["method"], tuple(saved["scores"]), saved["unit"], saved.get("seconds", 0.0))
+    scores = unit_importance.score_units(model, calib, job.score, job.policy.unit, job.quant)
     _write_json(path, {"key": key, **asdict(scores)})
     return scores
 

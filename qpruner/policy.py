@@ -39,7 +39,7 @@ import numpy as np
 
 from .config import LINEAR_NAMES, PolicyConfig, QuantConfig
 from .errors import PlanError
-from .importance import LayerScores
+from .unit_importance import UnitScores
 from .memory import Budget, ModelLayout, UnitCosts, bias_bytes, format_bytes, plan_bytes
 from .plan import UNIT_MEMBERS, PrecisionPlan, format_for_bits, units_per_layer
 
@@ -59,10 +59,10 @@ def standardise(scores) -> np.ndarray:
     return (x - x.mean()) / std if std > 0 else np.zeros_like(x)
 
 
-def probabilities(scores: LayerScores | list[float], n_options: int, temperature: float = 1.0,
+def probabilities(scores: UnitScores | list[float], n_options: int, temperature: float = 1.0,
                   beta: float = 0.0) -> np.ndarray:
     """``[n_units, n_options]`` probabilities (rows sum to 1), options ordered by increasing bits."""
-    z = standardise(scores.scores if isinstance(scores, LayerScores) else scores)
+    z = standardise(scores.scores if isinstance(scores, UnitScores) else scores)
     if n_options == 1:
         return np.ones((len(z), 1))
     theta = beta + np.array([NormalDist().inv_cdf((k + 1) / n_options) for k in range(n_options - 1)])
@@ -129,7 +129,7 @@ def unit_costs(memory: PlanMemory, unit: str, formats: list[str], budget: Budget
     return UnitCosts(weights, biases, float(fixed), int(probe.linear_numel), budget)
 
 
-def _calibrated_beta(z_scores: LayerScores, m: int, temperature: float, costs: UnitCosts) -> float:
+def _calibrated_beta(z_scores: UnitScores, m: int, temperature: float, costs: UnitCosts) -> float:
     """Smallest shift of the thresholds whose expected plan fits the budget (0 without a budget)."""
     if costs.budget.unlimited:
         return 0.0
@@ -155,7 +155,7 @@ def _repair(idx: np.ndarray, low_first: list[int], costs: UnitCosts) -> np.ndarr
     return idx
 
 
-def best_guess(scores: LayerScores, costs: UnitCosts, bits: list[int]) -> np.ndarray:
+def best_guess(scores: UnitScores, costs: UnitCosts, bits: list[int]) -> np.ndarray:
     """Greedy multiple-choice knapsack on importance x noise reduction per extra byte."""
     s = np.asarray(scores.scores, dtype=np.float64)
     s = s - s.min() + 1e-12 * (abs(s).max() + 1.0) if np.any(s <= 0) else s
@@ -190,7 +190,7 @@ def memory_targets(costs: UnitCosts, feasible: list[np.ndarray], n: int) -> list
     return [low + (high - low) * (j + 1) / (n + 1) for j in range(n)]
 
 
-def seed_indices(scores: LayerScores, costs: UnitCosts, bits: list[int], policy: PolicyConfig,
+def seed_indices(scores: UnitScores, costs: UnitCosts, bits: list[int], policy: PolicyConfig,
                  seed: int = 0) -> list[tuple[tuple[int, ...], str]]:
     """The seed plans as option indices over ``costs`` (any unit tables: layers, groups, tied layers)."""
     n = costs.weights.shape[0]
@@ -226,7 +226,7 @@ def seed_indices(scores: LayerScores, costs: UnitCosts, bits: list[int], policy:
     return out
 
 
-def seed_plans(scores: LayerScores, memory: PlanMemory, policy: PolicyConfig, budget: Budget,
+def seed_plans(scores: UnitScores, memory: PlanMemory, policy: PolicyConfig, budget: Budget,
                seed: int = 0) -> list[SeedPlan]:
     """Uniform plans that fit (if enabled), the best guess, then ``policy.seed_plans`` distinct sampled plans,
     each aimed at its own memory target between the smallest plan and the largest of the others."""

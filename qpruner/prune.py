@@ -2,7 +2,7 @@
 
 Method (Ma et al., "LLM-Pruner: On the Structural Pruning of Large Language Models", NeurIPS 2023):
 parameters that must be removed together form a *group*; each group gets an importance score
-(:mod:`qpruner.prune_importance`: L1/L2 magnitude, random, vector-wise Taylor, element-wise first and
+(:mod:`qpruner.group_importance`: L1/L2 magnitude, random, vector-wise Taylor, element-wise first and
 second order Taylor and their mix, computed on calibration text) and the lowest-scoring groups go.
 
 Scopes (``prune.scope``):
@@ -46,7 +46,7 @@ from . import models, surgery
 from .config import PruneConfig
 from .errors import ConfigError
 from .models import LayerWidth
-from .prune_importance import SECOND_ORDER, FIRST_ORDER, accumulate_gradients, group_scores
+from .group_importance import SECOND_ORDER, FIRST_ORDER, accumulate_gradients, group_scores
 
 logger = logging.getLogger(__name__)
 

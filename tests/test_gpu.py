@@ -56,7 +56,7 @@ def test_units_and_quantized_ends_on_cuda(tiny, unit, embeddings, lm_head):
 
 def test_sensitivity_scores_on_cuda(tiny, tiny_splits):
     from qpruner.config import ScoreConfig
-    from qpruner.importance import score_units
+    from qpruner.unit_importance import score_units
     scores = score_units(tiny.to("cuda"), tiny_splits.calib, ScoreConfig(method="sensitivity"), "layer", QuantConfig())
     assert len(scores) == 4 and all(s >= 0 for s in scores.scores)
 

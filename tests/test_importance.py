@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from qpruner import importance, models
+from qpruner import models, unit_importance
 from qpruner.config import QuantConfig, ScoreConfig, build_job
 from qpruner.errors import ConfigError
-from qpruner.importance import ESTIMATORS, score_units
+from qpruner.unit_importance import ESTIMATORS, score_units
 
 
 _TRAINED = {}
@@ -92,14 +92,14 @@ def test_mutual_information_is_the_information_lost_by_4_instead_of_8_bits(tiny,
     import numpy as np
     calib = tiny_splits.calib
     quant = QuantConfig()
-    mi = importance._mutual_information(tiny, calib, "group", quant=quant)
+    mi = unit_importance._mutual_information(tiny, calib, "group", quant=quant)
     with torch.no_grad():
         ref = tiny(input_ids=calib).logits.float().log_softmax(-1)
     measured = []
     from qpruner.quantize import convert_linear
     for layer in models.decoder_layers(tiny):
         originals = models.layer_linears(layer)
-        for names in importance.UNIT_MEMBERS["group"]:
+        for names in unit_importance.UNIT_MEMBERS["group"]:
             kls = []
             for fmt in (quant.four_bit, "int8"):
                 for n in names:
@@ -122,7 +122,7 @@ def test_scores_are_cached_per_model_data_method_and_unit(tmp_path, monkeypatch,
     job = build_job({"name": "j", "results_dir": str(tmp_path), "model": {"source": "tiny"}})
     path = tmp_path / "scores.json"
     first = job_mod.load_or_score(job, tiny, tiny_splits.calib, path)
-    monkeypatch.setattr(job_mod.importance, "score_units", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(job_mod.unit_importance, "score_units", lambda *a, **k: pytest.fail("scored again"))
     again = job_mod.load_or_score(job, tiny, tiny_splits.calib, path)
     assert again.scores == first.scores and again.method == first.method
     monkeypatch.undo()

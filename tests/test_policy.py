@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 from qpruner import models, policy
 from qpruner.config import PolicyConfig, QuantConfig
 from qpruner.errors import PlanError
-from qpruner.importance import LayerScores
+from qpruner.unit_importance import UnitScores
 from qpruner.memory import Budget, ModelLayout
 from qpruner.plan import PrecisionPlan
 
@@ -53,7 +53,7 @@ def test_every_seed_plan_meets_the_budget_and_is_distinct(scores, avg_bits, seed
     memory = _memory()
     budget = Budget(avg_bits=avg_bits)
     try:
-        seeds = policy.seed_plans(LayerScores("x", tuple(scores), "group"), memory,
+        seeds = policy.seed_plans(UnitScores("x", tuple(scores), "group"), memory,
                                   PolicyConfig(seed_plans=4, bits=bits), budget, seed)
     except PlanError as exc:  # only when even the all-lowest plan is over budget
         assert "exceeds the budget" in str(exc) and min(bits) == 8
@@ -67,13 +67,13 @@ def test_every_seed_plan_meets_the_budget_and_is_distinct(scores, avg_bits, seed
 def test_uniform_seeds_only_when_they_fit():
     memory = _memory()
     all8 = memory(PrecisionPlan.uniform("int8", 4)).avg_bits
-    seeds = policy.seed_plans(LayerScores("x", (1, 2, 3, 4)), memory, PolicyConfig(seed_plans=2), Budget(avg_bits=all8), 0)
+    seeds = policy.seed_plans(UnitScores("x", (1, 2, 3, 4)), memory, PolicyConfig(seed_plans=2), Budget(avg_bits=all8), 0)
     assert [s.plan.code() for s in seeds if s.origin == "uniform"] == ["4444", "8888"]
 
 
 def test_best_guess_spends_the_budget_on_the_important_units():
     memory = _memory()
-    scores = LayerScores("x", (1.0, 100.0, 1.0, 1.0))
+    scores = UnitScores("x", (1.0, 100.0, 1.0, 1.0))
     # all-nf4 is 5.46 average bits on the tiny model, each int8 layer adds ~0.74: room for one upgrade
     costs = policy.unit_costs(memory, "layer", ["nf4", "int8"], Budget(avg_bits=6.3))
     idx = policy.best_guess(scores, costs, [4, 8])
@@ -85,7 +85,7 @@ def test_best_guess_spends_the_budget_on_the_important_units():
 def test_sampling_is_centred_on_the_budget():
     """With a budget the thresholds shift so the *expected* plan fits; samples then sit near it."""
     memory = _memory()
-    scores = LayerScores("x", tuple(np.linspace(1, 10, 8)), "group")
+    scores = UnitScores("x", tuple(np.linspace(1, 10, 8)), "group")
     budget = Budget(avg_bits=7.0)
     costs = policy.unit_costs(memory, "group", ["nf4", "int8", "bf16"], budget)
     beta = policy._calibrated_beta(scores, 3, 1.0, costs)
@@ -95,12 +95,12 @@ def test_sampling_is_centred_on_the_budget():
 
 def test_impossible_budget_is_an_error():
     with pytest.raises(PlanError, match="exceeds the budget"):
-        policy.seed_plans(LayerScores("x", (1, 2, 3, 4)), _memory(), PolicyConfig(), Budget(avg_bits=2.0), 0)
+        policy.seed_plans(UnitScores("x", (1, 2, 3, 4)), _memory(), PolicyConfig(), Budget(avg_bits=2.0), 0)
 
 
 def test_scores_must_match_units():
     with pytest.raises(PlanError, match="3 unit scores but the pruned model has 4 layer units"):
-        policy.seed_plans(LayerScores("x", (1, 2, 3)), _memory(), PolicyConfig(), Budget(), 0)
+        policy.seed_plans(UnitScores("x", (1, 2, 3)), _memory(), PolicyConfig(), Budget(), 0)
 
 
 def test_sampled_seeds_spread_over_memory_when_the_budget_does_not_bind():
@@ -112,7 +112,7 @@ def test_sampled_seeds_spread_over_memory_when_the_budget_does_not_bind():
     layout = ModelLayout((shapes,) * 12, vocab=100, hidden=64, tied=True, head_bias=False, other_numel=64 * 25)
     memory = policy.PlanMemory(layout, QuantConfig(), "float32")
     all8 = memory(PrecisionPlan.uniform("int8", 12)).avg_bits
-    scores = LayerScores("x", tuple(float(i + 1) for i in range(12)))
+    scores = UnitScores("x", tuple(float(i + 1) for i in range(12)))
     seeds = policy.seed_plans(scores, memory, PolicyConfig(bits=(4, 8), seed_plans=4), Budget(avg_bits=all8 + 0.05), 0)
     sampled = [s for s in seeds if s.origin == "sampled"]
     assert len(sampled) == 4 and len({s.plan.formats for s in seeds}) == len(seeds)

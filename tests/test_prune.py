@@ -6,7 +6,7 @@ import torch
 from qpruner import models, prune, surgery
 from qpruner.config import PruneConfig
 from qpruner.errors import ConfigError
-from qpruner.prune_importance import ESTIMATORS, accumulate_gradients, group_scores
+from qpruner.group_importance import ESTIMATORS, accumulate_gradients, group_scores
 
 from helpers import prune_and_reference
 

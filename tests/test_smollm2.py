@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from qpruner import data, importance, memory, models, prune
+from qpruner import data, memory, models, prune, unit_importance
 from qpruner.config import build_job
 from qpruner.evaluate import evaluate
 from qpruner.plan import PrecisionPlan
@@ -46,7 +46,7 @@ def test_pruned_smollm2_runs_and_counts(pruned):
 
 def test_layer_scores_and_nf4_worse_than_int8(pruned):
     job, model, splits, _, _ = pruned
-    scores = importance.score_units(model, splits.calib, job.score)
+    scores = unit_importance.score_units(model, splits.calib, job.score)
     assert len(scores) == 30 and all(s > 0 for s in scores.scores)
     config_dict, state = models.model_state(model)
     ctx = TrialContext(config_dict, state, memory.ModelLayout.from_model(model), splits.train, splits.eval,

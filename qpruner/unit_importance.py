@@ -45,12 +45,12 @@ from . import models
 from .config import LINEAR_NAMES, QuantConfig, ScoreConfig
 from .errors import ConfigError, ModelError
 from .plan import UNIT_MEMBERS, units_per_layer
-from .prune_importance import accumulate_gradients
+from .group_importance import accumulate_gradients
 
 logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
-class LayerScores:
+class UnitScores:
     method: str
     scores: tuple[float, ...]   # one per unit, layer by layer
     unit: str = "layer"
@@ -233,7 +233,7 @@ ESTIMATORS = {"fisher": _fisher, "taylor": _taylor, "block_influence": _block_in
 
 
 def score_units(model: nn.Module, calib: torch.Tensor, cfg: ScoreConfig, unit: str = "layer",
-                quant: QuantConfig | None = None) -> LayerScores:
+                quant: QuantConfig | None = None) -> UnitScores:
     """One score per unit (``layer`` | ``group`` | ``linear``) with ``cfg.method``."""
     t0 = time.perf_counter()
     units_per_layer(unit)
@@ -242,7 +242,7 @@ def score_units(model: nn.Module, calib: torch.Tensor, cfg: ScoreConfig, unit: s
     if any(not math.isfinite(s) for s in scores):
         raise ModelError(f"score.method {cfg.method} produced non-finite layer scores on this model; check the "
                          "calibration data (data.source) and model.dtype (float32 is the safe choice)")
-    result = LayerScores(cfg.method, tuple(float(s) for s in scores), unit, time.perf_counter() - t0)
+    result = UnitScores(cfg.method, tuple(float(s) for s in scores), unit, time.perf_counter() - t0)
     logger.info("%s scores (%s, %.1fs): most important units %s", unit, cfg.method, result.seconds,
                 result.ranking()[:5])
     return result

@@ -214,6 +214,7 @@ def _cmd_dashboard(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``qpruner`` argument parser: one sub-command per job stage and tool."""
     parser = argparse.ArgumentParser(prog="qpruner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"qpruner {__version__}")
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qpruner`` command: run a sub-command, print errors without tracebacks, return the exit code."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:

@@ -34,6 +34,7 @@ ONLINE_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_cha
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """``model:`` which causal LM to load, and in which dtype the driver prunes and scores it."""
     source: str = opt("builtin:smollm2-135m", help="tiny | builtin:smollm2-135m | local HF dir | hub id")
     dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"),
                      help="dtype the driver prunes and scores in")
@@ -43,6 +44,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    """``data:`` the text source and the sizes of its calibration, fine-tune and evaluation splits."""
     source: str = opt("builtin:pydoc", help="builtin:pydoc | file.txt | file.jsonl | file.parquet")
     text_field: str = opt("text", help="field holding the text in .jsonl / .parquet rows")
     seq_len: int = opt(128, min=8, max=32768, help="tokens per sample (all splits)")
@@ -56,6 +58,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
+    """``prune:`` structured pruning (LLM-Pruner style): what is removed, how much, and scored how."""
     ratio: float = opt(0.2, min=0.0, max=0.95,
                        help="fraction of groups removed: KV groups and MLP channels per pruned layer (block), "
                             "hidden channels (channel) or layers in range (layer)")
@@ -83,6 +86,7 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    """``score:`` how the importance of each precision unit is estimated."""
     method: str = opt("fisher", choices=("fisher", "taylor", "block_influence", "mutual_information", "sensitivity"),
                       help="unit importance estimator (formulas in qpruner/unit_importance.py)")
     samples: Optional[int] = opt(None, min=1, help="calibration samples used (default: all)")
@@ -90,6 +94,7 @@ class ScoreConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """``quant:`` bitsandbytes settings shared by every plan (4-bit format, blocks, embeddings, head)."""
     four_bit: str = opt("nf4", choices=("nf4", "fp4"), help="format used for 4-bit units")
     double_quant: bool = opt(True, help="quantize the 4-bit absmax statistics too")
     blocksize: int = opt(64, choices=(64, 128, 256), help="4-bit quantization block size")
@@ -106,6 +111,7 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
+    """``policy:`` the precision options, the unit that gets one, the budget and the seed plans."""
     bits: tuple[int, ...] = opt((4, 8, 16), choices=(4, 8, 16), help="precisions a unit may get")
     unit: str = opt("layer", choices=("layer", "group", "linear"),
                     help="what gets one precision: a decoder layer, its attention/MLP group, or each projection")
@@ -127,6 +133,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    """``finetune:`` each trial's LoRA recovery fine-tune (and its LoftQ initialisation)."""
     steps: int = opt(10, min=0, help="optimizer steps per trial (0 = evaluate without fine-tuning)")
     batch_size: int = opt(4, min=1, help="sequences per optimizer step")
     micro_batch_size: Optional[int] = opt(None, min=1, help="sequences per forward pass; batch_size must be a "
@@ -161,6 +168,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """``eval:`` how a trial's quantized model is evaluated (perplexity windows, multiple-choice tasks)."""
     batch_size: int = opt(8, min=1)
     before_finetune: bool = opt(False, help="also evaluate right after quantization (with the initial adapters)")
     context: Optional[int] = opt(None, min=2, help="perplexity window in tokens (default data.seq_len)")
@@ -172,6 +180,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
+    """``search:`` the Ray Tune search: trials, searcher, resources, cluster and outputs."""
     num_trials: int = opt(8, min=1, max=100000)
     max_concurrent: int = opt(2, min=1)
     cpus_per_trial: float = opt(1.0, min=0.0)
@@ -216,6 +225,7 @@ class SearchConfig:
 
 @dataclass(frozen=True)
 class JobConfig:
+    """A whole job: one section per pipeline stage, validated as a whole by :func:`build_job`."""
     name: str = opt("job", help="results go to <results_dir>/<name>/")
     results_dir: str = opt("results")
     device: str = opt("auto", choices=("auto", "cpu", "cuda"), help="device of the driver stages")
@@ -263,6 +273,7 @@ class JobConfig:
 
 
 def metric_names(job: "JobConfig") -> list[str]:
+    """Every metric name the job's trials report (perplexity, accuracy, and each task's)."""
     from pathlib import PurePath
     names = ["accuracy", "perplexity"]
     for task in job.eval.tasks:

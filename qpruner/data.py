@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Splits:
+    """Token blocks of the three disjoint splits: calibration, fine-tuning and evaluation."""
     calib: torch.Tensor  # [calib_samples, seq_len] token ids
     train: torch.Tensor  # [n_train, seq_len]
     eval: torch.Tensor   # [eval_samples, seq_len]
@@ -116,6 +117,7 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 def make_splits(stream: torch.Tensor, cfg: DataConfig) -> Splits:
+    """Cut a token stream into the calibration, fine-tune and evaluation splits (see the module docstring)."""
     n_blocks = stream.numel() // cfg.seq_len
     need = cfg.eval_samples + cfg.calib_samples + 1
     if n_blocks < need:
@@ -136,6 +138,7 @@ def make_splits(stream: torch.Tensor, cfg: DataConfig) -> Splits:
 
 
 def load_splits(cfg: DataConfig, tokenizer) -> Splits:
+    """Read ``cfg.source``, tokenize it and return its splits."""
     splits = make_splits(tokenize(tokenizer, load_texts(cfg)), cfg)
     logger.info("data %s: %s", cfg.source, splits.describe())
     return splits

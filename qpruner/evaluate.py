@@ -35,6 +35,7 @@ from .results import paired_diff, ratio_se  # noqa: F401  (window statistics liv
 
 @dataclass(frozen=True)
 class EvalMetrics:
+    """Held-out perplexity and next-token accuracy with their standard errors and per-window sums."""
     perplexity: float
     accuracy: float
     nll: float

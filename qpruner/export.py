@@ -169,6 +169,7 @@ def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int) -> str:
 
 
 def read_plan(directory: str | Path) -> dict:
+    """The ``qpruner_plan.json`` record of an export directory."""
     path = Path(directory) / PLAN_FILE
     if not path.is_file():
         raise ConfigError([f"{directory} is not a QPruner export (no {PLAN_FILE})"])

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FinetuneStats:
+    """What a fine-tune did: losses, steps taken and why it stopped."""
     steps: int
     first_loss: float | None
     final_loss: float | None

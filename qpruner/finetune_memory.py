@@ -42,6 +42,7 @@ from .plan import PrecisionPlan
 
 @dataclass(frozen=True)
 class FinetuneMemory:
+    """Estimated peak memory of a fine-tune, split into its parts (bytes)."""
     weights: int
     adapters: int
     gradients: int
@@ -54,6 +55,7 @@ class FinetuneMemory:
 
 
 def lora_numel(layout: ModelLayout, rank: int, targets=LINEAR_NAMES) -> int:
+    """Number of LoRA parameters of rank ``rank`` on the targeted linears of ``layout``."""
     return sum(rank * (s.in_features + s.out_features)
                for layer in layout.layers for name, s in zip(LINEAR_NAMES, layer) if name in targets)
 
@@ -93,6 +95,7 @@ def _proc_status(field: str) -> int | None:
 
 @dataclass
 class PeakReading:
+    """A measured peak memory and how it was measured (CUDA allocator or process RSS)."""
     kind: str = "none"     # cuda_allocated | cpu_rss | none
     peak_bytes: int | None = None
 

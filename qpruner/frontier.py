@@ -214,6 +214,7 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> 
 
 
 def hv_improvement(front: list[tuple[float, float]], point: tuple[float, float], ref: tuple[float, float]) -> float:
+    """Hypervolume that ``point`` adds to ``front`` (0 when dominated)."""
     return hypervolume(front + [point], ref) - hypervolume(front, ref)
 
 

@@ -77,6 +77,7 @@ def accumulate_gradients(model: nn.Module, calib: torch.Tensor, batch_size: int 
 
 
 def element_salience(param: nn.Parameter, method: str, fisher: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-element importance of ``param`` under ``method`` (magnitude, Taylor, Fisher)."""
     w = param.data.float()
     if method == "l1":
         return w.abs()

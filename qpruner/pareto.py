@@ -47,6 +47,7 @@ SCREENED = ("infeasible", "cached")              # answered without training; id
 
 
 def maximize(metric: str) -> bool:
+    """Whether higher is better for ``metric`` (all but perplexity)."""
     return metric != "perplexity"
 
 
@@ -68,11 +69,13 @@ def hypervolume(quality: list[float], cost: list[float], ref: tuple[float, float
 
 
 def quality_values(frame: pd.DataFrame, metric: str) -> list[float]:
+    """The quality axis of the front: ``-log(perplexity)`` for perplexity, else the metric."""
     values = frame[metric].astype(float).tolist()
     return [-math.log(v) for v in values] if metric == "perplexity" else values
 
 
 def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    """Write ``frame`` to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     frame.to_parquet(tmp, index=False)
     os.replace(tmp, path)

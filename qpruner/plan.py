@@ -33,6 +33,7 @@ UNITS = tuple(UNIT_MEMBERS)
 
 
 def format_for_bits(bits: int, four_bit: str = "nf4") -> str:
+    """The storage format for a bit width (4: the job's 4-bit format, 8: int8, 16: bf16)."""
     if bits == 4:
         return four_bit
     if bits == 8:
@@ -43,6 +44,7 @@ def format_for_bits(bits: int, four_bit: str = "nf4") -> str:
 
 
 def units_per_layer(unit: str) -> int:
+    """How many precision units one decoder layer has for ``unit``."""
     if unit not in UNIT_MEMBERS:
         raise PlanError(f"unknown unit {unit!r}; expected one of {list(UNITS)}")
     return len(UNIT_MEMBERS[unit])
@@ -50,6 +52,7 @@ def units_per_layer(unit: str) -> int:
 
 @dataclass(frozen=True)
 class PrecisionPlan:
+    """The format of every unit of a pruned model (and, in a joint search, which pruned model)."""
     formats: tuple[str, ...]      # one per unit
     unit: str = "layer"
     pruned: float | None = None   # joint search: the pruning amount of the model it applies to

@@ -48,11 +48,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SeedPlan:
+    """A plan that seeds the search, and where it came from."""
     plan: PrecisionPlan
     origin: str   # "uniform" | "best_guess" | "sampled"
 
 
 def standardise(scores) -> np.ndarray:
+    """Scores as z-scores (of their logarithm when all are positive)."""
     s = np.asarray(scores, dtype=np.float64)
     x = np.log(s) if np.all(s > 0) else s
     std = x.std()
@@ -72,6 +74,7 @@ def probabilities(scores: UnitScores | list[float], n_options: int, temperature:
 
 
 def key(index: int) -> str:
+    """The search-space key of unit ``index``."""
     return f"bits_{index:03d}"
 
 
@@ -87,6 +90,7 @@ def encode(plan: PrecisionPlan) -> dict:
 
 
 def decode(config: dict, n_units: int, four_bit: str = "nf4", unit: str = "layer") -> PrecisionPlan:
+    """The plan of a search-space point (inverse of :func:`encode`)."""
     missing = [key(i) for i in range(n_units) if key(i) not in config]
     if missing:
         raise PlanError(f"search point lacks {len(missing)} of {n_units} units (first: {missing[0]})")

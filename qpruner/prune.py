@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PruneReport:
+    """What pruning did: amounts, widths before and after, parameter counts and time."""
     importance: str
     scope: str
     ranking: str
@@ -127,6 +128,7 @@ class Selection:
 
 
 def layer_range(cfg: PruneConfig, n_layers: int) -> tuple[int, int]:
+    """The pruned layers ``[start, end)`` of ``cfg`` on a model with ``n_layers`` layers."""
     start = cfg.layer_start + n_layers if cfg.layer_start < 0 else cfg.layer_start
     end = cfg.layer_end + n_layers if cfg.layer_end < 0 else cfg.layer_end
     if not 0 <= start <= end <= n_layers:

@@ -93,10 +93,12 @@ def register() -> None:
 
 
 def base_type(model_type: str) -> str:
+    """The base architecture of a (pruned) ``model_type``."""
     return model_type[len(PREFIX):] if model_type.startswith(PREFIX) else model_type
 
 
 def classes_for(model_type: str) -> tuple[type, type]:
+    """The pruned (config, model) classes for a ``model_type``."""
     register()
     return _CLASSES[base_type(model_type)]
 
@@ -181,6 +183,7 @@ def clear_pruned(directory: str | Path) -> None:
 
 
 def read_meta(directory: str | Path) -> dict | None:
+    """The ``qpruner_prune.json`` record of a pruned-model directory, or None."""
     path = Path(directory) / META_FILE
     if not path.is_file():
         return None

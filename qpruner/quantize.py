@@ -200,6 +200,7 @@ def applied_formats(model: nn.Module) -> list[dict[str, str]]:
 
 
 def check_applied(model: nn.Module, plan: PrecisionPlan) -> None:
+    """Raise :class:`PlanError` unless every linear of ``model`` has its planned format."""
     for i, (got, want) in enumerate(zip(applied_formats(model), plan.per_linear())):
         if got != want:
             raise PlanError(f"layer {i}: planned {want} but its modules are {got}")

@@ -220,6 +220,7 @@ def hypervolume_curve(trials: pd.DataFrame, metric: str) -> list[float]:
 
 
 def plot_hypervolume(curve: list[float], path: str | Path) -> Path:
+    """Plot the front's hypervolume after each finished trial to ``path``."""
     plt = _pyplot()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 3), dpi=120)

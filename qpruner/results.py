@@ -16,6 +16,7 @@ FAILED_OBJECTIVE = -2000.0
 
 @dataclass(frozen=True)
 class TrialResult:
+    """Everything one trial produced: plan, status, quality with standard errors, memory, time."""
     plan: PrecisionPlan
     status: str                       # ok | infeasible | failed
     objective: float

@@ -62,6 +62,7 @@ def variant_suffix(amount: float | None) -> str:
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested dict as one level with dotted keys."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"

@@ -36,6 +36,7 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class MCItem:
+    """One multiple-choice item: a context and a continuation per choice, and the right choice."""
     contexts: tuple[str, ...]        # one per choice (the same string repeated for most tasks)
     continuations: tuple[str, ...]   # one per choice
     label: int
@@ -51,6 +52,7 @@ class MCItem:
 
 @dataclass(frozen=True)
 class MCResult:
+    """Accuracy (raw and length-normalised) of a model on a task."""
     task: str
     acc: float
     acc_norm: float
@@ -63,6 +65,7 @@ class MCResult:
 
 
 def item_from_json(row: dict, where: str) -> MCItem:
+    """A multiple-choice item from a JSON row (``where`` names it in errors)."""
     try:
         if "choices" in row:
             choices = [str(c) for c in row["choices"]]
@@ -75,6 +78,7 @@ def item_from_json(row: dict, where: str) -> MCItem:
 
 
 def load_jsonl(path: str | Path, limit: int | None = None) -> list[MCItem]:
+    """Multiple-choice items from a local ``.jsonl`` file."""
     items = []
     for lineno, row in iter_jsonl(path):
         items.append(item_from_json(row, f"{path}:{lineno}"))
@@ -137,6 +141,7 @@ FORMATS = {
 
 
 def task_name(spec: str) -> str:
+    """The task's name: a file's stem, or the built-in task's name."""
     return Path(spec).stem if spec.endswith(".jsonl") else spec
 
 
@@ -189,6 +194,7 @@ class TokenizedTask:
 
 
 def tokenize_task(name: str, items: list[MCItem], tokenizer, max_length: int) -> TokenizedTask:
+    """Tokenize a task's items once, so trials score it without a tokenizer."""
     inputs, targets, sizes = [], [], []
     for item in items:
         for context, continuation in zip(item.contexts, item.continuations):
@@ -224,6 +230,7 @@ def loglikelihoods(model: nn.Module, task: TokenizedTask, batch_size: int = 8, d
 
 
 def score(model: nn.Module, task: TokenizedTask, batch_size: int = 8, device="cpu") -> MCResult:
+    """Score ``model`` on a tokenized task as lm-eval does (log-likelihood of each continuation)."""
     t0 = time.perf_counter()
     lls = loglikelihoods(model, task, batch_size, device)
     acc = acc_norm = pos = 0

@@ -71,6 +71,7 @@ class TrialContext:
 
 
 def metric_values(ev: EvalMetrics, tasks: dict[str, float]) -> dict[str, float]:
+    """The metrics a trial reports, by name."""
     return {"accuracy": ev.accuracy, "perplexity": ev.perplexity, **tasks}
 
 
@@ -81,6 +82,7 @@ def metric_ses(ev: EvalMetrics, tasks: dict[str, float]) -> dict[str, float]:
 
 
 def objective_of(values: dict[str, float], weights: dict[str, float]) -> float:
+    """The searcher's objective: the weighted sum of the metric terms (see the module docstring)."""
     total = 0.0
     for name, w in weights.items():
         v = values[name]

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class UnitScores:
+    """One importance score per precision unit, with the method and the time taken."""
     method: str
     scores: tuple[float, ...]   # one per unit, layer by layer
     unit: str = "layer"

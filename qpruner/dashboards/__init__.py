@@ -18,6 +18,7 @@ GRAFANA = Path(__file__).with_name("qpruner_grafana.json")
 
 
 def grafana() -> dict:
+    """QPruner's Grafana dashboard (the JSON shipped with the package)."""
     return json.loads(GRAFANA.read_text())
 
 

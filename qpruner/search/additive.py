@@ -32,6 +32,7 @@ FEASIBLE_FLOOR = -999.0   # objectives at or below this are the wrapper's "not t
 
 
 class AdditiveSearcher(Searcher):
+    """Ray Tune searcher: the memory-aware Bayesian proposals of :mod:`qpruner.frontier`."""
     def __init__(self, keys: list[str], options: list, costs: UnitCosts | list[UnitCosts], scores=None,
                  points_to_evaluate: list[dict] | None = None, seed: int = 0, draws: int = 8, bins: int = 2048,
                  metric: str = "objective", mode: str = "max", variants: list | None = None,

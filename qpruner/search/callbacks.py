@@ -85,6 +85,7 @@ class LiveMetrics:
 
 
 class PersistTrials(tune.Callback):
+    """Tune callback: every finished, failed or stopped trial into the trial log, with progress."""
     ref = None          # class-level defaults: a callback unpickled from an older experiment lacks them
     num_trials = None
 
@@ -154,6 +155,7 @@ def checkpoint_location(checkpoint) -> str:
 
 
 def describe(result: dict) -> str:
+    """One line on a trial's result for the driver's log."""
     if result.get("status") != "ok":
         return f"{result.get('status')} ({result.get('error') or 'over budget'})"
     return (f"ppl {result['perplexity']:.2f}, acc {result['accuracy']:.4f}, "
@@ -232,6 +234,7 @@ class Infeasible(RuntimeError):
 
 
 def parse_infeasible(line: str) -> dict | None:
+    """The resource request of an autoscaler 'cannot fulfill' line, or None."""
     import ast
     at = line.find(INFEASIBLE)
     if at < 0:

@@ -191,6 +191,7 @@ class OverBudget:
 
 def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecoder, threads: int,
                   save_adapters: bool = True, done: dict | None = None, variants: dict | None = None):
+    """The Ray Tune trainable: one trial of ``config``'s plan on its pruned model, reported to Tune."""
     import tempfile
 
     import ray

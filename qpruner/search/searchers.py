@@ -96,6 +96,7 @@ class _Wrapper(Searcher):
 
 
 class BudgetedSearcher(_Wrapper):
+    """Wraps a searcher: over-budget and repeated proposals are answered without training."""
     num_trials = None  # (an instance unpickled from an older experiment lacks it)
 
     def __init__(self, searcher: Searcher, screen: PlanScreen, max_rejections: int = 1000,

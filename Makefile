@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/memory_claim.py
 	$(BIN)/python bench/loftq_bench.py
 	$(BIN)/python bench/search_bench.py
+	$(BIN)/python bench/joint_bench.py
 	$(BIN)/python bench/dashboard_screenshot.py
 	test -d results/smollm2_demo && $(BIN)/python bench/report_screenshot.py || echo "no results/smollm2_demo: run make demo for the report screenshot"
 

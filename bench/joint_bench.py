@@ -22,7 +22,8 @@ errors; ``joint.md`` says what the combined front recommends at each memory leve
 Resumable: each (search, seed) lives in ``results/joint_bench/<search>_seed<k>/``; a finished one is
 read back, an unfinished one is moved aside (renamed, not deleted) and run again.
 
-    python bench/joint_bench.py                          # SmolLM2, ~1 hour on 2 cores
+    python bench/joint_bench.py                          # SmolLM2, 10 LoRA steps per trial: ~1.5 hours on 2 cores
+    python bench/joint_bench.py --steps 0 --work results/joint_bench_steps0   # no fine-tuning: ~35 minutes
     python bench/joint_bench.py --report                 # only the summary, from what is recorded
     python bench/joint_bench.py --model tiny --trials 4 --seeds 1 --out /tmp/j    # seconds
 """
@@ -162,6 +163,10 @@ def summarize(out: Path, kinds: tuple[str, ...], seeds: list[int], settings: dic
              f"commit `{result['commit']}`{' (dirty)' if result['dirty'] else ''}, `{result['command']}`, "
              f"{result['machine']}, {result['date']}.", "",
              f"Settings: {json.dumps(settings)}", "",
+             *([("**These trials are not fine-tuned (`finetune.steps=0`): quantize and evaluate only.** On the recorded "
+                 "landscape 0 steps ranks precision plans like the demo's 10 (Spearman 0.976 over 256 plans), but "
+                 "a recovery fine-tune may help a more pruned model more, which this run cannot show; the 10-step "
+                 "run is `python bench/joint_bench.py` (resumable)."), ""] if settings["finetune_steps"] == 0 else []),
              "Every trial is real: the pruned variant quantized with bitsandbytes to its plan, LoRA fine-tuned, and its "
              "held-out perplexity measured on the quantized model. Hypervolume: quality = -log(perplexity), memory = "
              "weight bytes, one reference point for all searches (the worst quality and the largest memory of any "

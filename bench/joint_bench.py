@@ -167,9 +167,10 @@ def summarize(out: Path, kinds: tuple[str, ...], seeds: list[int], settings: dic
                  "landscape 0 steps ranks precision plans like the demo's 10 (Spearman 0.976 over 256 plans), but "
                  "a recovery fine-tune may help a more pruned model more, which this run cannot show; the 10-step "
                  "run is `python bench/joint_bench.py` (resumable)."), ""] if settings["finetune_steps"] == 0 else []),
-             "Every trial is real: the pruned variant quantized with bitsandbytes to its plan, LoRA fine-tuned, and its "
-             "held-out perplexity measured on the quantized model. Hypervolume: quality = -log(perplexity), memory = "
-             "weight bytes, one reference point for all searches (the worst quality and the largest memory of any "
+             "Every trial is real: the pruned variant quantized with bitsandbytes to its plan, LoRA fine-tuned for "
+             f"{settings['finetune_steps']} steps, and its held-out perplexity measured on the quantized model. "
+             "Hypervolume: quality = -log(perplexity), memory = weight bytes, one reference point for all searches "
+             "(the worst quality and the largest memory of any "
              "trial), as a fraction of the hypervolume of the front of all trials of all searches together.", "",
              "| search | amounts | hypervolume (mean ± SE over seeds) | per seed | trained trials per seed |",
              "|---|---|---|---|---|"]

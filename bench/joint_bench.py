@@ -190,7 +190,7 @@ def summarize(out: Path, kinds: tuple[str, ...], seeds: list[int], settings: dic
                          " The difference is within two standard errors: not a result either way.")]
     lines += ["", "## The front of all trials together", "", "```", front_table(front, "perplexity"), "```", "",
               "## What it recommends at each memory level", "",
-              "The best plan within each memory (the memory of each point of the combined front), overall and per "
+              "The best plan within each memory (six levels, evenly spaced from the smallest to the largest trial), overall and per "
               "pruning amount (* the fixed amount). Perplexity ± one standard error over evaluation windows; "
               "adjacent front points that are not separable by more than 2 paired SE are marked ~ in the table above.",
               "", "```", choice_table(union, "perplexity", settings["fixed"]), "```", ""]

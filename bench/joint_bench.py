@@ -82,6 +82,7 @@ def record(job, out: Path, kinds: tuple[str, ...], seeds: list[int], amounts: li
     from qpruner import job as driver, policy
     from qpruner.memory import Budget
     from qpruner.pareto import TrialLog
+    from qpruner.rundir import trial_compute_dtype
     from qpruner.search import run_search
     prepared = driver.prepare(job, out)        # every amount pruned and scored once (reused when present)
     budget = Budget.from_policy(job.policy)
@@ -98,10 +99,10 @@ def record(job, out: Path, kinds: tuple[str, ...], seeds: list[int], amounts: li
             variants = {a: prepared.variants[a] for a in search_amounts(kind, amounts, fixed)}
             per_variant = []
             for a, v in variants.items():
-                memory = policy.PlanMemory(v.context.layout, job.quant, "float32")
+                memory = policy.PlanMemory(v.context.layout, job.quant, trial_compute_dtype(job))
                 per_variant.append([policy.SeedPlan(replace(s.plan, pruned=a), s.origin)
                                     for s in policy.seed_plans(v.scores, memory, job.policy, budget, seed=seed)])
-            seed_plans = driver._merge_seeds(per_variant, job.search.num_trials)
+            seed_plans = driver.merge_seeds(per_variant, job.search.num_trials)
             sjob = replace(job, search=replace(job.search, seed=seed))
             log = TrialLog(directory, "perplexity", {s.plan: f"seed:{s.origin}" for s in seed_plans})
             t0 = time.perf_counter()

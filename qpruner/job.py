@@ -291,7 +291,7 @@ def prepare(job: JobConfig, out: Path) -> Prepared:
         logger.warning("pruned %g%%: no plan of this variant fits the budget (%s); the search leaves it out",
                        100 * amount, budget.describe())
     variants = {a: fitting[a] for a in sorted(fitting, key=lambda a: a or 0.0)}
-    seeds = _merge_seeds([v.seeds for v in variants.values()], job.search.num_trials)
+    seeds = merge_seeds([v.seeds for v in variants.values()], job.search.num_trials)
     memory_of = {a: policy.PlanMemory(v.context.layout, job.quant, trial_compute_dtype(job)) for a, v in variants.items()}
     _write_json(out / "seeds.json", [{"origin": s.origin, "code": s.plan.code(), "plan": s.plan.to_dict(),
                                       "avg_bits": memory_of[s.plan.pruned](s.plan).avg_bits,
@@ -329,7 +329,7 @@ def _prepare_variant(job: JobConfig, out: Path, amount: float | None, device, bu
     return Variant(amount, context, prune_report, scores, seeds, uniform), tokenized
 
 
-def _merge_seeds(per_variant: list[list[policy.SeedPlan]], num_trials: int) -> list[policy.SeedPlan]:
+def merge_seeds(per_variant: list[list[policy.SeedPlan]], num_trials: int) -> list[policy.SeedPlan]:
     """One variant: its seeds. Several (joint search): round robin over the variants (each one's uniform
     ends first), at most half of ``num_trials`` but at least every variant's first two seeds."""
     if len(per_variant) == 1:

@@ -100,8 +100,7 @@ def record(job, out: Path, kinds: tuple[str, ...], seeds: list[int], amounts: li
             per_variant = []
             for a, v in variants.items():
                 memory = policy.PlanMemory(v.context.layout, job.quant, trial_compute_dtype(job))
-                per_variant.append([policy.SeedPlan(replace(s.plan, pruned=a), s.origin)
-                                    for s in policy.seed_plans(v.scores, memory, job.policy, budget, seed=seed)])
+                per_variant.append(driver.variant_seeds(v.scores, memory, a, job, budget, seed))
             seed_plans = driver.merge_seeds(per_variant, job.search.num_trials)
             sjob = replace(job, search=replace(job.search, seed=seed))
             log = TrialLog(directory, "perplexity", {s.plan: f"seed:{s.origin}" for s in seed_plans})

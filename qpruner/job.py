@@ -134,16 +134,15 @@ def amounts(job: JobConfig) -> list[float | None]:
 
 def variant_job(job: JobConfig, amount: float | None) -> JobConfig:
     """The job as it prunes one variant: ``prune.param_ratio = amount`` (``None``: the job itself)."""
-    from dataclasses import replace
     if amount is None:
         return job
     return replace(job, prune=replace(job.prune, param_ratio=amount, param_ratios=None))
 
 
 def pruned_dir(job: JobConfig, amount: float | None = None) -> Path:
-    """Where a job's pruned model (of one amount, in a joint search) is saved."""
-    from .rundir import variant_suffix
-    return job.results_path / f"pruned{variant_suffix(amount)}"
+    """Where a job's pruned model (of one amount, in a joint search) is saved (:meth:`RunDir.pruned_at`)."""
+    from .rundir import RunDir
+    return RunDir(job.results_path).pruned_at(amount)
 
 
 @dataclass
@@ -317,8 +316,7 @@ def _prepare_variant(job: JobConfig, out: Path, amount: float | None, device, bu
     if not uniform[0]["fits"]:
         return Variant(amount, None, prune_report, None, [], uniform), tokenized
     scores = load_or_score(vjob, model, splits.calib, out / f"layer_scores{suffix}.json")
-    seeds = [policy.SeedPlan(replace(s.plan, pruned=amount), s.origin)
-             for s in policy.seed_plans(scores, memory, job.policy, budget, seed=job.search.seed)]
+    seeds = variant_seeds(scores, memory, amount, job, budget, job.search.seed)
     if tokenized is None:
         tokenized = load_tasks(job, pruned.tokenizer, model)
     config_dict, state_dict = models.model_state(model)
@@ -327,6 +325,13 @@ def _prepare_variant(job: JobConfig, out: Path, amount: float | None, device, bu
                            evaluation=job.eval, budget=budget, metric=job.search.metric, unit=job.policy.unit,
                            objective=job.search.objective, tasks=tokenized)
     return Variant(amount, context, prune_report, scores, seeds, uniform), tokenized
+
+
+def variant_seeds(scores: UnitScores, memory: policy.PlanMemory, amount: float | None, job: JobConfig, budget: Budget,
+                  seed: int) -> list[policy.SeedPlan]:
+    """The probabilistic decision's seed plans of one pruned variant, each naming the variant's amount."""
+    return [policy.SeedPlan(replace(s.plan, pruned=amount), s.origin)
+            for s in policy.seed_plans(scores, memory, job.policy, budget, seed=seed)]
 
 
 def merge_seeds(per_variant: list[list[policy.SeedPlan]], num_trials: int) -> list[policy.SeedPlan]:

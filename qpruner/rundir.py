@@ -181,7 +181,8 @@ class RunDir:
 
     @property
     def pruned(self) -> Path:
-        return self.path / "pruned"
+        """The job's one pruned model (``pruned_at(None)``)."""
+        return self.pruned_at(None)
 
     def pruned_at(self, amount: float | None) -> Path:
         """The pruned model of one variant of a joint search (``None``: the job's one pruned model)."""

@@ -97,8 +97,9 @@ def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work:
     done = set()
     if runs_file.is_file():
         done = {(r["code"], r["variant"], r["seed"], r.get("long")) for r in map(json.loads, runs_file.read_text().splitlines())}
-    todo = [(label, plan, variant, seed) for label, plan in plans(scores, layout.n_layers).items()
-            for seed in range(seeds) for variant in VARIANTS if (plan.code(), variant, seed, long) not in done]
+    # seed-major: every finished seed adds one paired difference per plan and variant to the report
+    todo = [(label, plan, variant, seed) for seed in range(seeds) for label, plan in plans(scores, layout.n_layers).items()
+            for variant in VARIANTS if (plan.code(), variant, seed, long) not in done]
     print(f"{len(done)} runs recorded, {len(todo)} to train ({pruned.report.summary()})", flush=True)
     for label, plan, variant, seed in todo:
         ctx = replace(base, finetune=replace(ft, seed=seed, **VARIANTS[variant]))

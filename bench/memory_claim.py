@@ -13,15 +13,28 @@ with 20% of all parameters removed from layers 4-29 (``tune_jobs/llama2_7b_20pct
 ratio that removes 20% is solved here on the exact shapes). Plans: all bf16 (the baseline), all
 int8, all nf4, and 25/50/75% of the layers in nf4 with the rest int8.
 
-    python bench/memory_claim.py      # writes results/bench/memory_claim.{md,json}
+Quality side by side (``--quality``, SmolLM2 only): REAL trials of the demo's recipe on the demo's pruned
+SmolLM2 (bitsandbytes quantization, peft LoRA, 10 steps, held-out NLL on the same 64 x 128 tokens) for
+all bf16 (the baseline: plain LoRA, nothing to initialise), all int8, all nf4 and the front plans of the
+recorded landscape with 2, 4 and 6 of its 8 layer groups in nf4, ``--seeds`` fine-tuning seeds each.
+Each finished trial is appended to ``results/bench/memory_claim_runs.jsonl`` (resumable: a second run
+trains only what is missing). The table pairs each plan's estimated fine-tuning peak at the demo's
+batch (4 x 128) with its NLL and its paired difference to bf16 (same seed, same evaluation windows).
+
+    python bench/memory_claim.py              # the estimates: writes results/bench/memory_claim.{md,json}
+    python bench/memory_claim.py --quality    # + the real trials (~25 min on 2 cores, resumable)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -77,11 +90,118 @@ def pruned_layout(spec) -> tuple[ModelLayout, float, float]:
     return pruned, ratio, 1 - params(pruned) / total
 
 
+DEMO = ROOT / "tune_jobs" / "smollm2_demo.yaml"
+LANDSCAPE = ROOT / "results" / "bench" / "landscape_smollm2.parquet"
+
+
+def quality_plans(n_layers: int) -> dict[str, tuple[str, ...]]:
+    """Uniform bf16 / int8 / nf4, and the landscape's exact-front plans (10-step stage) with 2, 4 and 6
+    of the 8 groups in nf4 (the best NLL of each count; none if the landscape is not there)."""
+    import landscape as land
+    out = {"all bf16 (baseline)": ("bf16",) * n_layers, "all int8": ("int8",) * n_layers}
+    if LANDSCAPE.is_file() and n_layers >= 8:
+        from qpruner.frontier import front_points
+        table, _ = land.load(LANDSCAPE)
+        rows = table[table["stage"] == "demo"]
+        pts = {(float(r.weight_bytes), -float(r.nll)): r.group_code for r in rows.itertuples()}
+        front = [pts[p] for p in front_points(list(pts))]
+        for k in (2, 4, 6):
+            with_k = [c for c in front if c.count("4") == k]
+            if with_k:
+                best = min(with_k, key=lambda c: float(rows.loc[rows["group_code"] == c, "nll"].iloc[0]))
+                choice = tuple(0 if ch == "4" else 1 for ch in best)
+                out[f"front {best} ({k}/8 groups nf4)"] = land.layer_plan(choice, n_layers).formats
+    out["all nf4"] = ("nf4",) * n_layers
+    return out
+
+
+def record_quality(runs_file: Path, work: Path, seeds: int, model: str = "smollm2"):
+    """Real trials of every quality plan x seed not yet in ``runs_file`` (one JSON line per trial); returns
+    (the pruned model's layout, the job's fine-tuning batch size, sequence length)."""
+    import torch
+
+    from qpruner import job as driver
+    from qpruner import models
+    from qpruner.config import load_job
+    from qpruner.memory import Budget, ModelLayout
+    from qpruner.trial import TrialContext, run_trial
+
+    torch.manual_seed(0)
+    overrides = ["name=memory_claim_quality", f"results_dir={work}", "policy.bits=[4, 8, 16]"]
+    if model == "tiny":   # the tests' seconds-long version
+        overrides += ["model.source=tiny", "data.seq_len=64", "data.calib_samples=4", "data.eval_samples=8",
+                      "prune.ratio=0.5", "finetune.batch_size=2", "finetune.lora_r=4", "finetune.steps=2"]
+    job = load_job(DEMO, overrides)
+    pruned = driver.load_or_prune(job, torch.device("cpu"), check_budget=False)
+    layout = ModelLayout.from_model(pruned.model)
+    config_dict, state = models.model_state(pruned.model)
+    base = TrialContext(config_dict, state, layout, pruned.splits.train, pruned.splits.eval, job.quant, job.finetune,
+                        job.eval, Budget(), metric="perplexity")
+    done = set()
+    if runs_file.is_file():
+        done = {(r["label"], r["seed"]) for r in map(json.loads, runs_file.read_text().splitlines())}
+    todo = [(label, formats, seed) for seed in range(seeds) for label, formats in quality_plans(layout.n_layers).items()
+            if (label, seed) not in done]
+    print(f"quality: {len(done)} trials recorded, {len(todo)} to train ({pruned.report.summary()})", flush=True)
+    for label, formats, seed in todo:
+        t = time.perf_counter()
+        r = run_trial(replace(base, finetune=replace(job.finetune, seed=seed)), PrecisionPlan(formats), "cpu")
+        if r.status != "ok":
+            print(f"{label} seed {seed}: {r.status} {r.error}", flush=True)
+            continue
+        row = {"label": label, "code": r.plan.code(), "key": r.plan.key(), "seed": seed, "steps": r.train_steps, "nll": round(r.nll, 5),
+               "nll_se": round(r.nll_se, 5), "weight_bytes": r.weight_bytes, "eval_window_nll": list(r.eval_window_nll),
+               "eval_window_tokens": list(r.eval_window_tokens), "seconds": round(time.perf_counter() - t, 1), **stamp()}
+        with runs_file.open("a") as f:   # one line per finished trial: a kill loses at most the one in progress
+            f.write(json.dumps(row) + "\n")
+        print(f"{label} seed {seed}: NLL {r.nll:.4f} ± {r.nll_se:.4f}", flush=True)
+    return layout, job.finetune.batch_size, job.data.seq_len
+
+
+def summarize_quality(runs_file: Path, layout: ModelLayout, quant, batch: int, seq: int) -> dict:
+    """Per plan: estimated fine-tuning peak at (batch, seq), saving vs bf16, mean NLL over seeds and the paired
+    difference to bf16 (per seed on the same windows; SE = window SE of the seed-averaged difference combined
+    with the seed-to-seed SE)."""
+    from qpruner.results import paired_diff, ratio_se
+    rows = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
+    base_label = "all bf16 (baseline)"
+    by = {}
+    for r in rows:
+        by.setdefault(r["label"], {})[r["seed"]] = r
+    ft = FinetuneConfig(batch_size=batch)
+    base_est = estimate(layout, PrecisionPlan.uniform("bf16", layout.n_layers), quant, ft, seq, "bfloat16").total
+    out = []
+    for label, seeds in by.items():
+        any_row = next(iter(seeds.values()))
+        est = estimate(layout, PrecisionPlan.from_key(any_row["key"]), quant, ft, seq, "bfloat16").total
+        nlls = [r["nll"] for r in seeds.values()]
+        entry = {"plan": label, "code": any_row["code"], "seeds": len(nlls), "est_peak_gb": round(est / 1e9, 3),
+                 "saving_vs_bf16": round(1 - est / base_est, 3), "weight_mb": round(any_row["weight_bytes"] / 1e6, 1),
+                 "nll_mean": round(float(sum(nlls) / len(nlls)), 4)}
+        common = [s for s in seeds if s in by.get(base_label, {})]
+        if label != base_label and common:
+            diffs = [paired_diff(seeds[s]["eval_window_nll"], by[base_label][s]["eval_window_nll"],
+                                 seeds[s]["eval_window_tokens"])[0] for s in common]
+            tokens = seeds[common[0]]["eval_window_tokens"]
+            window_diff = [sum(seeds[s]["eval_window_nll"][w] - by[base_label][s]["eval_window_nll"][w]
+                               for s in common) / len(common) for w in range(len(tokens))]
+            se_w = ratio_se(window_diff, tokens)
+            se_s = (float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
+            entry.update(dnll_vs_bf16=round(float(np.mean(diffs)), 4), dnll_se=round(math.sqrt(se_w ** 2 + se_s ** 2), 4))
+        out.append(entry)
+    return {"batch": batch, "seq_len": seq, "rows": out, "source": str(runs_file.relative_to(ROOT))
+            if runs_file.is_relative_to(ROOT) else str(runs_file)}
+
+
 def main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT.parent)
-    out = parser.parse_args(argv).out / OUT.name
+    parser.add_argument("--quality", action="store_true", help="also record/read the real trials (SmolLM2)")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per quality plan")
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2", help="tiny: the tests' quick run")
+    args = parser.parse_args(argv)
+    out = args.out / OUT.name
     out.parent.mkdir(parents=True, exist_ok=True)
     quant = QuantConfig()
     result = {**stamp(), "what": "ESTIMATES (qpruner.finetune_memory, validated against the CUDA allocator at "
@@ -104,6 +224,13 @@ def main(argv=None) -> int:
                              "saving_vs_bf16": round(1 - est.total / base, 3)})
         result["shapes"][name] = {"group_ratio": round(ratio, 4), "params_removed": round(removed, 4), "rows": rows}
         print(name, f"ratio {ratio:.3f}, removed {removed:.3f}", flush=True)
+    runs = args.out / "memory_claim_runs.jsonl"
+    spec = SHAPES["SmolLM2-135M, demo pruning"]
+    shape = (pruned_layout(spec)[0], 4, spec[9])   # the demo's pruned SmolLM2 at the demo's batch
+    if args.quality:
+        shape = record_quality(runs, ROOT / "results" if args.out == OUT.parent else args.out, args.seeds, args.model)
+    if runs.is_file():   # the table from what is recorded (also without --quality)
+        result["quality"] = summarize_quality(runs, shape[0], quant, shape[1], shape[2])
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(result))
     print("wrote", out.with_suffix(".md"))
@@ -121,6 +248,25 @@ def to_markdown(r: dict) -> str:
                   "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {x['plan']} | {x['batch']} x {x['seq_len']} | {x['total_gb']} | {x['weights_gb']} | "
                   f"{x['activations_gb']} | {100 * x['saving_vs_bf16']:.1f}% |" for x in s["rows"]]
+        lines.append("")
+    q = r.get("quality")
+    if q:
+        lines += ["## Quality side by side: SmolLM2, real trials (the demo's recipe: 10 LoRA steps, batch "
+                  f"{q['batch']} x {q['seq_len']})", "",
+                  f"REAL trials (`{q['source']}`): each plan quantized with bitsandbytes, LoRA-fine-tuned (bf16 "
+                  "baseline: plain LoRA on the unquantized pruned model) and evaluated on the same held-out windows. "
+                  "Fine-tuning peak: the estimate above at this batch. NLL: mean over fine-tuning seeds; "
+                  "difference to bf16 paired by seed and window, ± its standard error (window and seed noise "
+                  "combined); within 2 SE = not told apart.", "",
+                  "| plan | weights MB | est. fine-tuning peak GB | saving vs bf16 | NLL (seeds) | NLL - bf16 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for x in q["rows"]:
+            diff = ""
+            if "dnll_vs_bf16" in x:
+                d, se = x["dnll_vs_bf16"], x["dnll_se"]
+                diff = f"{d:+.4f} ± {se:.4f}" + (" (within noise)" if abs(d) <= 2 * se else "")
+            lines.append(f"| {x['plan']} | {x['weight_mb']} | {x['est_peak_gb']} | {100 * x['saving_vs_bf16']:.1f}% | "
+                         f"{x['nll_mean']} ({x['seeds']}) | {diff} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,8 @@ SEARCHERS = {"additive": "additive (memory-aware Bayesian)",
              "additive_ends": "additive, seeded with uniform plans + best guess only", "hyperopt": "TPE above the line",
              "optuna_mo": "Optuna multi-objective TPE", "optuna_gp": "Optuna GP",
              "random_seeded": "seed plans, then random", "random": "random (no seeds)"}
+# <searcher>_seeds<K>: that searcher with K sampled seed plans instead of the default (the seed-count ablation)
+ABLATION = ["additive_seeds1", "additive_seeds2", "additive_seeds3", "additive_seeds4", "additive_seeds6"]
 OPTIONS = [4, 8]
 FORMATS = {4: "nf4", 8: "int8"}
 
@@ -98,9 +101,11 @@ class Landscape:
         r = self.rows[code]
         return float(r["weight_bytes"]), -float(r["nll"])
 
-    def seeds(self, seed: int, sampled: bool = True) -> list[dict]:
+    def seeds(self, seed: int, sampled: int | None = None) -> list[dict]:
+        """Uniform plans, the best guess and ``sampled`` sampled plans (default: the product's ``policy.seed_plans``)."""
         scores = UnitScores(self.meta["layer_scores"]["method"], tuple(self.meta["group_scores"]), "layer")
-        cfg = PolicyConfig(bits=tuple(OPTIONS), seed_plans=4 if sampled else 0)
+        n = PolicyConfig().seed_plans if sampled is None else sampled
+        cfg = PolicyConfig(bits=tuple(OPTIONS), seed_plans=n)
         return [{policy.key(u): OPTIONS[k] for u, k in enumerate(idx)}
                 for idx, _ in policy.seed_indices(scores, self.costs, OPTIONS, cfg, seed)]
 
@@ -151,8 +156,8 @@ def run_searcher(land: Landscape, kind: str, seed: int, n_trials: int, concurren
     with tempfile.TemporaryDirectory() as tmp:
         log = TrialLog(tmp, "perplexity")
         decode = GroupDecoder(land.n_groups)
-        points = [] if kind == "random" else land.seeds(seed, sampled=kind != "additive_ends")
-        base = kind.removesuffix("_seeded").removesuffix("_ends")
+        base, sampled = parse_kind(kind)
+        points = [] if kind == "random" else land.seeds(seed, sampled)
         inner = make_searcher(base, points, seed, random_warmup=2, space=land.space())
         searcher = BudgetedSearcher(inner, PlanScreen(decode, GroupPrecheck(land.costs, land.budget_bits), log), 2000)
         multi = isinstance(inner.metric, list)
@@ -174,6 +179,30 @@ def run_searcher(land: Landscape, kind: str, seed: int, n_trials: int, concurren
             "trained_repeats": len(trained) - len(set(trained))}
 
 
+def parse_kind(kind: str) -> tuple[str, int | None]:
+    """``additive_seeds2`` -> (``additive``, 2 sampled seed plans); ``additive_ends`` -> 0; else the default."""
+    m = re.fullmatch(r"(\w+?)_seeds(\d+)", kind)
+    if m:
+        return m.group(1), int(m.group(2))
+    if kind.endswith("_ends"):
+        return kind.removesuffix("_ends"), 0
+    return kind.removesuffix("_seeded"), None
+
+
+def label(kind: str) -> str:
+    base, sampled = parse_kind(kind)
+    if kind in SEARCHERS:
+        return SEARCHERS[kind] + (f" [{PolicyConfig().seed_plans} sampled seed plans]" if kind == "additive" else "")
+    return f"{SEARCHERS[base]}, {sampled} sampled seed plan{'s' * (sampled != 1)}"
+
+
+def searcher_kind(kind: str) -> str:
+    if kind not in SEARCHERS and parse_kind(kind)[0] not in SEARCHERS:
+        raise argparse.ArgumentTypeError(f"unknown searcher {kind!r}: one of {', '.join(SEARCHERS)}, "
+                                         "optionally with _seeds<K>")
+    return kind
+
+
 def scores_after(land: Landscape, trained: list[str], n: int) -> tuple[float, float]:
     pts = [land.point(c) for c in trained[:n] if land.costs.fits(land.idx(c))]
     hv = hypervolume(pts, land.ref) / land.exact_hv
@@ -188,7 +217,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=6.5, help="average-bit budget")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=list(SEARCHERS))
+    parser.add_argument("--searchers", nargs="+", type=searcher_kind,
+                        default=[*SEARCHERS, *(k for k in ABLATION if parse_kind(k)[1] != PolicyConfig().seed_plans)],
+                        help="searchers to run; <searcher>_seeds<K> runs one with K sampled seed plans")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     args = parser.parse_args(argv)
     import ray
@@ -204,15 +235,19 @@ def main(argv=None) -> int:
            "source": str(land.path.relative_to(ROOT)) if land.path.is_relative_to(ROOT) else str(land.path),
            "landscape_commit": land.meta.get("commit"), "stage": land.stage, "quality": "-nll (held-out, per token)",
            "budget_avg_bits": args.budget, "plans": land.n_plans, "feasible": land.n_feasible,
-           "front_size": len(land.front), "seeds": args.seeds, "trials": args.trials, "searchers": {}}
+           "front_size": len(land.front), "default_seed_plans": PolicyConfig().seed_plans, "seeds": args.seeds,
+           "trials": args.trials, "searchers": {}}
     t0 = time.time()
     for kind in args.searchers:
         runs = [run_searcher(land, kind, seed, args.trials) for seed in range(args.seeds)]
         per_n = {n: [scores_after(land, r["trained"], n) for r in runs] for n in checkpoints}
         res["searchers"][kind] = {
-            "label": SEARCHERS[kind],
+            "label": label(kind),
             "hv_ratio_median": {str(n): round(statistics.median(h for h, _ in v), 4) for n, v in per_n.items()},
             "hv_ratio_min": {str(n): round(min(h for h, _ in v), 4) for n, v in per_n.items()},
+            "hv_ratio_mean": {str(n): round(float(np.mean([h for h, _ in v])), 4) for n, v in per_n.items()},
+            "hv_ratio_se": {str(n): round(float(np.std([h for h, _ in v], ddof=1) / np.sqrt(len(v))), 4) if len(v) > 1
+                            else None for n, v in per_n.items()},
             "regret_median": {str(n): round(statistics.median(g for _, g in v), 4) for n, v in per_n.items()},
             "wasted_proposals_median": statistics.median(r["wasted"] for r in runs),
             "trained_over_budget": sum(r["trained_over_budget"] for r in runs),
@@ -236,6 +271,11 @@ def _default_searcher() -> str:
     return SearchConfig().searcher
 
 
+def _mean_se(s: dict, n: int) -> str:
+    mean, se = s.get("hv_ratio_mean", {}).get(str(n)), s.get("hv_ratio_se", {}).get(str(n))
+    return "" if mean is None else f"{mean:.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
 def to_markdown(r: dict, checkpoints) -> str:
     head = "| searcher | " + " | ".join(f"N={n}" for n in checkpoints) + " |"
     rule = "|---|" + "---:|" * len(checkpoints)
@@ -254,6 +294,10 @@ def to_markdown(r: dict, checkpoints) -> str:
            "", head, rule]
     for kind, s in r["searchers"].items():
         out.append(f"| {s['label']} | " + " | ".join(f"{s['hv_ratio_median'][str(n)]:.3f}" for n in checkpoints) + " |")
+    out += ["", "Mean ± standard error over the seeds (two searchers whose means differ by less than about twice "
+            "their SEs are not told apart):", "", head, rule]
+    for kind, s in r["searchers"].items():
+        out.append(f"| {s['label']} | " + " | ".join(_mean_se(s, n) for n in checkpoints) + " |")
     out += ["", "Worst seed:", "", head, rule]
     for kind, s in r["searchers"].items():
         out.append(f"| {s['label']} | " + " | ".join(f"{s['hv_ratio_min'][str(n)]:.3f}" for n in checkpoints) + " |")

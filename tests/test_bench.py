@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,6 +92,22 @@ def test_search_benchmark_replays_a_landscape_through_tune(tmp_path):
     assert "replay of recorded real trials" in (tmp_path / "search.md").read_text()
 
 
+def test_search_benchmark_seed_count_ablation_names():
+    """<searcher>_seeds<K> runs that searcher with K sampled seed plans; unknown names are refused."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import argparse
+
+    import search_bench as sb
+    from qpruner.config import PolicyConfig
+    assert sb.parse_kind("additive_seeds3") == ("additive", 3)
+    assert sb.parse_kind("additive_ends") == ("additive", 0)
+    assert sb.parse_kind("random_seeded") == ("random", None) and sb.parse_kind("additive") == ("additive", None)
+    assert "3 sampled seed plans" in sb.label("additive_seeds3")
+    assert f"[{PolicyConfig().seed_plans} sampled seed plans]" in sb.label("additive")
+    with pytest.raises(argparse.ArgumentTypeError):
+        sb.searcher_kind("bogus_seeds2")
+
+
 def test_landscape_report_on_a_synthetic_landscape(tmp_path):
     """Additivity, paired noise and the exact front come out right on a landscape whose truth is known."""
     sens = _synthetic_landscape(tmp_path / "land.parquet")
@@ -133,6 +151,24 @@ def test_memory_claim_prices_the_pruned_shapes(tmp_path):
     rows = {(r["plan"], r["batch"]): r for r in llama["rows"]}
     assert rows[("all bf16 (baseline)", 1)]["saving_vs_bf16"] == 0.0
     assert rows[("all nf4", 1)]["weights_gb"] < rows[("all int8", 1)]["weights_gb"] < rows[("all bf16 (baseline)", 1)]["weights_gb"]
+
+
+def test_memory_claim_quality_pairs_real_trials_with_bf16(tmp_path):
+    """--quality on the tiny model: real trials per plan and seed, resumable, paired with the bf16 baseline."""
+    cmd = [sys.executable, str(ROOT / "bench" / "memory_claim.py"), "--quality", "--model", "tiny", "--seeds", "2",
+           "--out", str(tmp_path)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    runs = [json.loads(x) for x in (tmp_path / "memory_claim_runs.jsonl").read_text().splitlines()]
+    assert {(r["label"], r["seed"]) for r in runs} == {(p, s) for p in ("all bf16 (baseline)", "all int8", "all nf4")
+                                                       for s in (0, 1)}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "6 trials recorded, 0 to train" in again.stdout
+    q = {r["plan"]: r for r in json.loads((tmp_path / "memory_claim.json").read_text())["quality"]["rows"]}
+    assert q["all bf16 (baseline)"]["saving_vs_bf16"] == 0.0 and "dnll_vs_bf16" not in q["all bf16 (baseline)"]
+    assert q["all nf4"]["seeds"] == 2 and q["all nf4"]["dnll_se"] > 0
+    assert q["all nf4"]["weight_mb"] < q["all int8"]["weight_mb"] < q["all bf16 (baseline)"]["weight_mb"]
+    assert "Quality side by side" in (tmp_path / "memory_claim.md").read_text()
 
 
 def test_joint_benchmark_compares_three_searches_on_one_reference(tmp_path):

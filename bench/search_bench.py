@@ -22,7 +22,8 @@ trainable that looks each plan's result up in that recording instead of training
   the best quality found within the budget, ``(best - found) / (best - worst)``; proposals wasted
   (over the budget or repeats: answered without training).
 
-    python bench/search_bench.py                       # writes results/bench/search.{md,json}
+    python bench/search_bench.py                       # writes results/bench/search.{md,json} (~1.5 h on 2 cores;
+                                                       # resumable: a killed run keeps its finished searchers)
     python bench/search_bench.py --seeds 2 --trials 8 --out /tmp/b
 """
 
@@ -240,7 +241,20 @@ def main(argv=None) -> int:
            "front_size": len(land.front), "default_seed_plans": PolicyConfig().seed_plans, "seeds": args.seeds,
            "trials": args.trials, "searchers": {}}
     t0 = time.time()
+    partial = args.out / ".search.partial.json"   # resumable: a killed run keeps every finished searcher
+    key = partial_key(res)
+    done = {}
+    if partial.is_file():
+        saved = json.loads(partial.read_text())
+        if saved.get("key") == key:
+            done = saved["searchers"]
+            print(f"reusing {len(done)} searchers finished by an earlier run with the same code and settings "
+                  f"({partial})", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     for kind in args.searchers:
+        if kind in done:
+            res["searchers"][kind] = done[kind]
+            continue
         runs = [run_searcher(land, kind, seed, args.trials) for seed in range(args.seeds)]
         per_n = {n: [scores_after(land, r["trained"], n) for r in runs] for n in checkpoints}
         res["searchers"][kind] = {
@@ -256,6 +270,8 @@ def main(argv=None) -> int:
             "trained_repeats": sum(r["trained_repeats"] for r in runs),
         }
         print(kind, res["searchers"][kind], f"{time.time() - t0:.0f}s", flush=True)
+        done[kind] = res["searchers"][kind]
+        partial.write_text(json.dumps({"key": key, "searchers": done}, indent=1) + "\n")
     ray.shutdown()
     ranked = sorted(res["searchers"], key=lambda k: (res["searchers"][k]["hv_ratio_median"].get("16", 0),
                                                      res["searchers"][k]["hv_ratio_median"].get("8", 0)), reverse=True)
@@ -264,8 +280,25 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "search.json").write_text(json.dumps(res, indent=2) + "\n")
     (args.out / "search.md").write_text(to_markdown(res, checkpoints))
+    partial.unlink(missing_ok=True)   # this run's own scratch file, superseded by search.json
     print(f"wrote {args.out / 'search.md'}")
     return 0
+
+
+def partial_key(res: dict) -> dict:
+    """What a finished searcher's result depends on: the landscape, the settings and the code."""
+    return {k: res[k] for k in ("source", "landscape_commit", "stage", "budget_avg_bits", "seeds", "trials",
+                                "default_seed_plans")} | {"code": code_fingerprint()}
+
+
+def code_fingerprint() -> str:
+    """Hash of the code a result depends on (qpruner/ and this benchmark): a partial run is reused only by
+    the same code."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in sorted([*(ROOT / "qpruner").rglob("*.py"), Path(__file__).resolve(), ROOT / "bench" / "landscape.py"]):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _default_searcher() -> str:

@@ -90,6 +90,18 @@ def test_search_benchmark_replays_a_landscape_through_tune(tmp_path):
     assert res["searchers"]["additive"]["trained_over_budget"] == 0
     assert res["searchers"]["additive"]["wasted_proposals_median"] == 0
     assert "replay of recorded real trials" in (tmp_path / "search.md").read_text()
+    assert not (tmp_path / ".search.partial.json").exists()          # the scratch file goes with success
+    # resumable: a searcher finished by an earlier run of the same code and settings is not run again
+    sys.path.insert(0, str(ROOT / "bench"))
+    import search_bench as sb
+    earlier = dict(res["searchers"]["additive"], label="from the earlier run")
+    (tmp_path / ".search.partial.json").write_text(json.dumps({"key": sb.partial_key(res),
+                                                               "searchers": {"additive": earlier}}))
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "search_bench.py"), "--landscape",
+                            str(tmp_path / "land.parquet"), "--seeds", "1", "--trials", "8", "--searchers", "additive",
+                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "reusing 1 searchers" in again.stdout, again.stderr[-2000:]
+    assert json.loads((tmp_path / "search.json").read_text())["searchers"]["additive"]["label"] == "from the earlier run"
 
 
 def test_search_benchmark_seed_count_ablation_names():

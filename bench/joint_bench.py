@@ -22,7 +22,7 @@ errors; ``joint.md`` says what the combined front recommends at each memory leve
 Resumable: each (search, seed) lives in ``results/joint_bench/<search>_seed<k>/``; a finished one is
 read back, an unfinished one is moved aside (renamed, not deleted) and run again.
 
-    python bench/joint_bench.py                          # SmolLM2, 10 LoRA steps per trial: ~1.5 hours on 2 cores
+    python bench/joint_bench.py                          # SmolLM2, 10 LoRA steps per trial: ~1 hour on 2 cores
     python bench/joint_bench.py --steps 0 --work results/joint_bench_steps0   # no fine-tuning: ~35 minutes
     python bench/joint_bench.py --report                 # only the summary, from what is recorded
     python bench/joint_bench.py --model tiny --trials 4 --seeds 1 --out /tmp/j    # seconds
@@ -204,7 +204,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     ap.add_argument("--amounts", default="0,0.1,0.2,0.3", help="joint search: fractions of parameters removed")
     ap.add_argument("--fixed", type=float, default=0.2, help="the fixed-amount search's fraction")
-    ap.add_argument("--trials", type=int, default=12, help="trained trials per search")
+    ap.add_argument("--trials", type=int, default=10, help="trained trials per search")
     ap.add_argument("--seeds", type=int, default=3, help="searcher seeds per search")
     ap.add_argument("--steps", type=int, default=None, help="LoRA steps per trial (default: the demo's)")
     ap.add_argument("--out", default=None, help="where results/bench/joint.* go (default results/bench)")
@@ -223,9 +223,34 @@ def main(argv=None) -> None:
                 "seeds": seeds, "bits": list(job.policy.bits), "finetune_steps": job.finetune.steps,
                 "eval_tokens": job.data.eval_samples * job.data.seq_len, "searcher": job.search.searcher,
                 "budget": None}
+    settings = recorded_settings(job.results_path, settings, report=args.report)
     if not args.report:
         record(job, job.results_path, SEARCHES, seeds, amounts, args.fixed)
-    summarize(job.results_path, SEARCHES, seeds, settings, dest)
+    summarize(job.results_path, SEARCHES, settings["seeds"], settings, dest)
+
+
+def recorded_settings(work: Path, settings: dict, report: bool) -> dict:
+    """The settings the searches under ``work`` were recorded with (``settings.json`` there).
+
+    A run refuses to add trials under other settings to a recorded work directory (they would be
+    mixed into one comparison); ``--report`` summarizes with the recorded settings, whatever the
+    invoking arguments say."""
+    path = work / "settings.json"
+    if path.is_file():
+        recorded = json.loads(path.read_text())
+        if report:
+            if recorded != settings:
+                print(f"--report: using the settings recorded in {path}", flush=True)
+            return recorded
+        if recorded != settings:
+            raise SystemExit(f"{work} was recorded with other settings:\n  recorded {json.dumps(recorded)}\n"
+                             f"  asked    {json.dumps(settings)}\nrun with the recorded arguments to resume, "
+                             "or give another --work directory (nothing recorded is changed)")
+        return settings
+    if not report:
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2))
+    return settings
 
 
 if __name__ == "__main__":

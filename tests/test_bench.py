@@ -201,3 +201,10 @@ def test_joint_benchmark_compares_three_searches_on_one_reference(tmp_path):
     assert "| joint |" in md and "What it recommends" in md and res["command"] in md
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)   # recorded: nothing trained again
     assert again.returncode == 0 and again.stdout.count(": recorded") == 3
+    base = [sys.executable, str(ROOT / "bench" / "joint_bench.py"), "--model", "tiny", "--out", str(tmp_path)]
+    report = subprocess.run(base + ["--report"], capture_output=True, text=True, timeout=900)
+    assert report.returncode == 0, report.stderr[-3000:]                # other args: the recorded settings are used
+    assert json.loads((tmp_path / "joint.json").read_text())["settings"] == res["settings"]
+    other = subprocess.run(base + ["--trials", "4", "--seeds", "1", "--steps", "1"], capture_output=True, text=True,
+                           timeout=900)
+    assert other.returncode != 0 and "recorded with other settings" in other.stderr     # refuses to mix

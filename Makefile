@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/landscape.py export
 	$(BIN)/python bench/landscape_report.py
 	$(BIN)/python bench/importance_truth.py
-	$(BIN)/python bench/memory_claim.py
+	$(BIN)/python bench/memory_claim.py --quality
 	$(BIN)/python bench/loftq_bench.py
 	$(BIN)/python bench/search_bench.py
 	$(BIN)/python bench/joint_bench.py

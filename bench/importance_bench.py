@@ -129,7 +129,7 @@ def to_markdown(r: dict) -> str:
            f"(pruned as the demo: {r.get('pruned', 'group ratio 0.2')}, {r['layers']} layers)", "",
            f"Calibration {r['calibration'][0]} x {r['calibration'][1]} tokens; perplexity on {r['eval_tokens']} held-out "
            f"tokens right after quantization (no fine-tuning). {r['machine']}, {r['date']}.", "",
-           f"Command: `{r['command']}`", "", "## Rank correlation with measured sensitivity", "",
+           f"Command: `{r['command']}` at commit `{r['commit']}`", "", "## Rank correlation with measured sensitivity", "",
            "| estimator | Spearman vs sensitivity | scoring time (s) |", "|---|---:|---:|"]
     out += [f"| {m} | {c} | {r['score_seconds'][m]} |" for m, c in r["spearman_vs_sensitivity"].items()]
     out += ["", "## Proposed plans (greedy best guess) vs uniform and random", "",

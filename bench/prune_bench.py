@@ -78,7 +78,7 @@ def to_markdown(res: dict) -> str:
              f"Unpruned: {res['params_unpruned']:,} parameters, held-out perplexity {res['perplexity_unpruned']} "
              f"({res['eval_tokens']} tokens). Calibration {res['calibration'][0]} x {res['calibration'][1]} "
              f"tokens. No recovery fine-tuning. {res['machine']}, {res['date']}.", "",
-             f"Command: `{res['command']}`", "",
+             f"Command: `{res['command']}` at commit `{res['commit']}`", "",
              "| target | setting | parameters | removed | time (s) | perplexity |",
              "|---|---|---:|---:|---:|---:|"]
     for r in res["rows"]:

@@ -113,7 +113,7 @@ def to_markdown(r: dict) -> str:
     steps = sorted({int(k) for c in r["curves"] for k in c["perplexity"]})
     out = [f"# Trial fidelity benchmark: {r['model']} (pruned as the demo: {r.get('pruned', 'group ratio 0.2')})", "",
            f"Held-out perplexity ({r['eval_tokens']} tokens) after k LoRA steps (batch {r['batch']} x 128, lr {r['lr']}), "
-           f"quantized model with adapters. {r['machine']}, {r['date']}.", "", f"Command: `{r['command']}`", "",
+           f"quantized model with adapters. {r['machine']}, {r['date']}.", "", f"Command: `{r['command']}` at commit `{r['commit']}`", "",
            "| plan | avg bits | init | " + " | ".join(f"k={k}" for k in steps) + " | seconds |",
            "|---|---:|---|" + "---:|" * len(steps) + "---:|"]
     for c in r["curves"]:

@@ -66,7 +66,13 @@ def main() -> int:
     if not truths:
         raise SystemExit("no landscape stage has enough recorded plans: run bench/landscape.py record first")
     job = landscape.stage_job("zero")
-    model, tokenizer = load_pruned(job.results_path / "pruned")
+    pruned = job.results_path / "pruned"
+    if not (pruned / "config.json").is_file():
+        raise SystemExit(f"{pruned} is not here: this benchmark scores the landscape's own pruned model, which "
+                         "`python bench/landscape.py record --stage zero` writes. Run it where the landscape was "
+                         "recorded, or recreate that model from a git worktree at the commit that recorded the "
+                         "stage's first trials (code after the calibration-split change prunes differently)")
+    model, tokenizer = load_pruned(pruned)
     model.eval()
     calib = data.load_splits(job.data, tokenizer).calib
     parts = landscape.groups(len(model.model.layers))

@@ -22,7 +22,7 @@ trainable that looks each plan's result up in that recording instead of training
   the best quality found within the budget, ``(best - found) / (best - worst)``; proposals wasted
   (over the budget or repeats: answered without training).
 
-    python bench/search_bench.py                       # writes results/bench/search.{md,json} (~1.5 h on 2 cores;
+    python bench/search_bench.py                       # writes results/bench/search.{md,json} (~40 min alone on 2 cores;
                                                        # resumable: a killed run keeps its finished searchers)
     python bench/search_bench.py --seeds 2 --trials 8 --out /tmp/b
 """
@@ -277,7 +277,6 @@ def main(argv=None) -> int:
                                                      res["searchers"][k]["hv_ratio_median"].get("8", 0)), reverse=True)
     res["ranking_by_hv_at_16"] = ranked
     res["default_searcher"] = _default_searcher()
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "search.json").write_text(json.dumps(res, indent=2) + "\n")
     (args.out / "search.md").write_text(to_markdown(res, checkpoints))
     partial.unlink(missing_ok=True)   # this run's own scratch file, superseded by search.json

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import platform
 import subprocess
@@ -21,6 +22,9 @@ def setup() -> None:
     for path in (str(ROOT), str(ROOT / "bench")):
         if path not in sys.path:
             sys.path.insert(0, path)
+    # bitsandbytes logs "MatMul8bitLt: inputs will be cast ... to float16" on every int8 forward on CPU
+    # (thousands of lines a minute in a long benchmark); the CLI and the Ray workers quiet it the same way
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _git(*args: str) -> str:
@@ -36,7 +40,9 @@ def stamp(argv: list[str] | None = None) -> dict:
     script = os.path.relpath(os.path.abspath(argv[0]), ROOT) if argv else "?"
     return {
         "commit": _git("rev-parse", "HEAD") or "unknown",
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # changed code, not changed results: a benchmark that appends to a committed result file
+        # (e.g. results/bench/loftq_runs.jsonl) still runs the committed code
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
         "command": " ".join(["python", script, *argv[1:]]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

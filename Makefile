@@ -44,7 +44,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/reliability.py
 	$(BIN)/python bench/landscape.py export
 	$(BIN)/python bench/landscape_report.py
-	$(BIN)/python bench/importance_truth.py
+	if test -f results/landscape_smollm2_zero/pruned/config.json; then $(BIN)/python bench/importance_truth.py; \
+	else echo "no landscape pruned model here: refitting the truth with the recorded scores"; $(BIN)/python bench/importance_truth.py --reuse-scores; fi
 	$(BIN)/python bench/memory_claim.py --quality
 	$(BIN)/python bench/loftq_bench.py
 	$(BIN)/python bench/search_bench.py
@@ -57,5 +58,8 @@ bench-gpu: $(STAMP)
 	$(BIN)/python bench/finetune_memory_bench.py --device cuda --shape smollm2
 	$(BIN)/python bench/finetune_memory_bench.py --device cuda --shape llama7b-4layers
 
+# run directories are results (trials, pruned models, adapters): list them, delete only when confirmed
 clean-results:
-	find results -mindepth 1 -maxdepth 1 ! -name bench ! -name README.md -exec rm -rf {} +
+	@find results -mindepth 1 -maxdepth 1 ! -name bench ! -name README.md | sed 's/^/run directory: /'
+	@if [ "$(CONFIRM)" = yes ]; then find results -mindepth 1 -maxdepth 1 ! -name bench ! -name README.md -exec rm -rf {} +; \
+	else echo "nothing deleted: 'make clean-results CONFIRM=yes' deletes the directories listed above"; fi

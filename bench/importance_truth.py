@@ -12,7 +12,8 @@ calibration split; a group's score is the sum over its layers. Reported: Spearma
 truth, with a bootstrap interval over the groups (8 points: wide intervals, said plainly), and the
 seconds each estimator took.
 
-    python bench/importance_truth.py            # writes results/bench/importance_truth.{md,json}
+    python bench/importance_truth.py                  # writes results/bench/importance_truth.{md,json}
+    python bench/importance_truth.py --reuse-scores   # refit the truth only, with the scores recorded there
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ def truth(table, stage: str) -> dict | None:
             "r2": round(1 - float(resid.var() / y.var()), 4)}
 
 
-def main() -> int:
+def correlate(group_scores: list[float], truths: dict) -> dict:
+    return {"spearman": {s: round(spearman(group_scores, t["gain_nf4_to_int8"]), 3) for s, t in truths.items()},
+            "spearman_ci95": {s: bootstrap_spearman(group_scores, t["gain_nf4_to_int8"]) for s, t in truths.items()}}
+
+
+def score_estimators(pruned: Path, job) -> tuple[dict, str]:
+    """Every estimator on the landscape's own pruned model: ``{method: {seconds, layer_scores, group_scores}}``."""
     import torch
 
     from qpruner import data, unit_importance
@@ -61,17 +68,6 @@ def main() -> int:
     from qpruner.pruned_model import load_pruned
 
     torch.manual_seed(0)
-    table, _ = landscape.load()
-    truths = {s: t for s in ("zero", "demo") if (t := truth(table, s))}
-    if not truths:
-        raise SystemExit("no landscape stage has enough recorded plans: run bench/landscape.py record first")
-    job = landscape.stage_job("zero")
-    pruned = job.results_path / "pruned"
-    if not (pruned / "config.json").is_file():
-        raise SystemExit(f"{pruned} is not here: this benchmark scores the landscape's own pruned model, which "
-                         "`python bench/landscape.py record --stage zero` writes. Run it where the landscape was "
-                         "recorded, or recreate that model from a git worktree at the commit that recorded the "
-                         "stage's first trials (code after the calibration-split change prunes differently)")
     model, tokenizer = load_pruned(pruned)
     model.eval()
     calib = data.load_splits(job.data, tokenizer).calib
@@ -80,24 +76,67 @@ def main() -> int:
     for method in METHODS:
         t = time.perf_counter()
         scores = unit_importance.score_units(model, calib, ScoreConfig(method=method), "layer", job.quant).scores
-        by_group = [float(sum(scores[i] for i in g)) for g in parts]
-        estimators[method] = {"seconds": round(time.perf_counter() - t, 1), "layer_scores": [float(s) for s in scores],
-                              "group_scores": by_group,
-                              "spearman": {s: round(spearman(by_group, t["gain_nf4_to_int8"]), 3) for s, t in truths.items()},
-                              "spearman_ci95": {s: bootstrap_spearman(by_group, t["gain_nf4_to_int8"])
-                                                for s, t in truths.items()}}
-        print(method, estimators[method]["spearman"], f"{estimators[method]['seconds']}s", flush=True)
+        estimators[method] = {"seconds": round(time.perf_counter() - t, 1), "layer_scores": [float(x) for x in scores],
+                              "group_scores": [float(sum(scores[i] for i in g)) for g in parts]}
+        print(method, f"{estimators[method]['seconds']}s", flush=True)
+    return estimators, (f"{calib.shape[0]} x {calib.shape[1]} tokens (the job's calibration split as this commit "
+                        "draws it; the landscape's model was pruned on the split of its recording commit)")
+
+
+def recorded_estimators(out: Path) -> tuple[dict, str, str]:
+    """The scores of the last full run (``importance_truth.json``): the estimators' scores depend only on the
+    landscape's pruned model, so a refit of the truth on a grown landscape can reuse them."""
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        raise SystemExit(f"--reuse-scores: {path} is not here, so there are no recorded scores to reuse; score the "
+                         "landscape's pruned model instead (python bench/importance_truth.py without the flag)")
+    old = json.loads(path.read_text())
+    scored_at = old.get("scores_commit") or old["commit"]
+    estimators = {m: {k: e[k] for k in ("seconds", "layer_scores", "group_scores")} for m, e in old["estimators"].items()}
+    return estimators, old["calibration"], scored_at
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reuse-scores", action="store_true",
+                        help="refit the truth on the current landscape with the estimator scores recorded in "
+                             "results/bench/importance_truth.json (no scoring; for a checkout without the "
+                             "landscape's pruned model)")
+    parser.add_argument("--out", type=Path, default=OUT, help="output path without suffix (.json and .md)")
+    args = parser.parse_args(argv)
+    table, _ = landscape.load()
+    truths = {s: t for s in ("zero", "demo") if (t := truth(table, s))}
+    if not truths:
+        raise SystemExit("no landscape stage has enough recorded plans: run bench/landscape.py record first")
+    job = landscape.stage_job("zero")
+    pruned = job.results_path / "pruned"
+    if not args.reuse_scores and not (pruned / "config.json").is_file():
+        raise SystemExit(f"{pruned} is not here: this benchmark scores the landscape's own pruned model, which "
+                         "`python bench/landscape.py record --stage zero` writes. Run it where the landscape was "
+                         "recorded, or recreate that model from a git worktree at the commit that recorded the "
+                         "stage's first trials (code after the calibration-split change prunes differently); "
+                         "or refit the truth with the recorded scores: python bench/importance_truth.py --reuse-scores")
+    if args.reuse_scores:
+        estimators, calibration, scored_at = recorded_estimators(args.out)
+    else:
+        (estimators, calibration), scored_at = score_estimators(pruned, job), None
+    parts = landscape.groups(len(next(iter(estimators.values()))["layer_scores"]))
+    for method, e in estimators.items():
+        e.update(correlate(e["group_scores"], truths))
+        print(method, e["spearman"], flush=True)
     first = next(iter(truths))   # "zero" once that stage is recorded
-    ranked = sorted(METHODS, key=lambda m: -estimators[m]["spearman"][first])
+    ranked = sorted(estimators, key=lambda m: -estimators[m]["spearman"][first])
     result = {**stamp(), "what": "qpruner's unit-importance estimators against the per-group effects fitted on the "
               "recorded real landscape (not a proxy)", "source": "results/bench/landscape_smollm2.parquet",
               "model": "SmolLM2-135M-Instruct pruned as tune_jobs/smollm2_demo.yaml (the landscape's own pruned model)",
-              "calibration": f"{calib.shape[0]} x {calib.shape[1]} tokens (the job's calibration split as this commit "
-                             "draws it; the landscape's model was pruned on the split of its recording commit)",
-              "groups": parts, "truth": truths, "estimators": estimators, "ranked_by": first, "ranked": ranked}
-    OUT.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    OUT.with_suffix(".md").write_text(to_markdown(result))
-    print("wrote", OUT.with_suffix(".md"))
+              "calibration": calibration, "groups": parts, "truth": truths, "estimators": estimators,
+              "ranked_by": first, "ranked": ranked}
+    if scored_at:
+        result["scores_commit"] = scored_at   # the scores were computed then, on the same pruned model
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(to_markdown(result))
+    print("wrote", args.out.with_suffix(".md"))
     return 0
 
 
@@ -109,8 +148,11 @@ def to_markdown(r: dict) -> str:
              + "; ".join(f"{s}: {t['plans']} plans, R^2 {t['r2']}" for s, t in r["truth"].items())
              + f". Scores: each estimator on {r['model']}, {r['calibration']}, summed per group.", "",
              f"Command: `{r['command']}` at commit `{r['commit'][:10]}`{' (uncommitted changes)' if r.get('dirty') else ''}; "
-             f"{r['machine']}, {r['date']}.", "",
-             "| estimator | " + " | ".join(f"Spearman vs {s} [95% bootstrap over groups]" for s in stages)
+             f"{r['machine']}, {r['date']}.", ""]
+    if r.get("scores_commit"):
+        lines += [f"**Scores reused** from the run at commit `{r['scores_commit'][:10]}` (same pruned model, "
+                  "`--reuse-scores`): this run refitted the truth on the current landscape only.", ""]
+    lines += ["| estimator | " + " | ".join(f"Spearman vs {s} [95% bootstrap over groups]" for s in stages)
              + " | seconds |", "|---|" + "---:|" * len(stages) + "---:|"]
     for m in r["ranked"]:
         e = r["estimators"][m]

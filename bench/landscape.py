@@ -174,8 +174,13 @@ def export(out: Path = OUT) -> Path:
         job_yaml = path.parent / "job.yaml"
         settings[stage] = job_yaml.read_text() if job_yaml.is_file() else None
     if not frames:
+        if out.with_suffix(".parquet").is_file():   # e.g. a fresh clone: the committed file stays as it is
+            logger.info("no run directories here (results/landscape_smollm2_<stage>/): %s kept as it is",
+                        out.with_suffix(".parquet"))
+            return out.with_suffix(".parquet")
         raise SystemExit("nothing recorded yet: run `python bench/landscape.py record --stage zero` first")
     table = pd.concat(frames, ignore_index=True)
+    _refuse_losing_rows(table, out.with_suffix(".parquet"))
     meta = {**stamp(), **space_tables(), "what": "REAL trials (not a proxy): every plan trained and evaluated by qpruner.trial.run_trial "
                                "through Ray Tune", "model": "SmolLM2-135M-Instruct pruned as tune_jobs/smollm2_demo.yaml",
             "groups": groups(30), "formats": {"4": "nf4", "8": "int8"},
@@ -188,6 +193,21 @@ def export(out: Path = OUT) -> Path:
                                         + "\n")
     logger.info("wrote %s (%s)", out.with_suffix(".parquet"), meta["counts"])
     return out.with_suffix(".parquet")
+
+
+def _refuse_losing_rows(table, path: Path) -> None:
+    """An export replaces the file: never with fewer trials of a stage than it holds (a checkout that has
+    only some stages' run directories, or a stage recorded anew, would silently drop recorded trials)."""
+    import pandas as pd
+    if not path.is_file():
+        return
+    old = pd.read_parquet(path, columns=["stage"]).groupby("stage").size()
+    new = table.groupby("stage").size()
+    lost = {str(s): int(n - new.get(s, 0)) for s, n in old.items() if new.get(s, 0) < n}
+    if lost:
+        raise SystemExit(f"export would drop recorded trials from {path} (per stage: {lost}); the run directories "
+                         "here (results/landscape_smollm2_<stage>/) hold fewer. Nothing written: record the "
+                         "missing trials here first, or export to another file (--out)")
 
 
 def space_tables() -> dict:
@@ -225,7 +245,8 @@ def main(argv=None) -> None:
     rec = sub.add_parser("record")
     rec.add_argument("--stage", choices=list(STAGES), action="append", required=True)
     rec.add_argument("--limit", type=int, default=None, help="only the first N plans of each stage's order")
-    sub.add_parser("export")
+    exp = sub.add_parser("export")
+    exp.add_argument("--out", type=Path, default=OUT, help="output path without suffix (.parquet and .json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -234,7 +255,7 @@ def main(argv=None) -> None:
             record(stage, args.limit)
         export()
     else:
-        export()
+        export(args.out)
 
 
 if __name__ == "__main__":

@@ -208,3 +208,42 @@ def test_joint_benchmark_compares_three_searches_on_one_reference(tmp_path):
     other = subprocess.run(base + ["--trials", "4", "--seeds", "1", "--steps", "1"], capture_output=True, text=True,
                            timeout=900)
     assert other.returncode != 0 and "recorded with other settings" in other.stderr     # refuses to mix
+
+
+def test_importance_truth_refits_the_truth_with_recorded_scores(tmp_path):
+    """--reuse-scores: the committed landscape and the committed estimator scores, no model needed."""
+    script = [sys.executable, str(ROOT / "bench" / "importance_truth.py"), "--reuse-scores"]
+    proc = subprocess.run(script + ["--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no recorded scores to reuse" in proc.stderr   # nothing invented
+    recorded = json.loads((ROOT / "results" / "bench" / "importance_truth.json").read_text())
+    (tmp_path / "it.json").write_text(json.dumps(recorded))
+    proc = subprocess.run(script + ["--out", str(tmp_path / "it")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "it.json").read_text())
+    assert res["scores_commit"] == recorded.get("scores_commit", recorded["commit"])
+    assert {"zero", "demo"} <= set(res["truth"]) and res["truth"]["zero"]["plans"] >= 16
+    for method, e in res["estimators"].items():
+        assert e["group_scores"] == recorded["estimators"][method]["group_scores"]
+        lo, hi = e["spearman_ci95"]["zero"]
+        assert -1 <= lo <= e["spearman"]["zero"] <= hi <= 1
+    assert "**Scores reused** from the run at commit" in (tmp_path / "it.md").read_text()
+
+
+def test_landscape_export_never_drops_recorded_trials(tmp_path, monkeypatch):
+    """A checkout with fewer run directories than the exported file: refused, the file untouched."""
+    import pandas as pd
+    sys.path.insert(0, str(ROOT / "bench"))
+    import landscape
+    out = tmp_path / "bench" / "land"
+    out.parent.mkdir()
+    _synthetic_landscape(out.with_suffix(".parquet"))           # 256 "zero" trials recorded
+    before = out.with_suffix(".parquet").read_bytes()
+    monkeypatch.setattr(landscape, "ROOT", tmp_path)
+    assert landscape.export(out) == out.with_suffix(".parquet")   # no run directories here: kept as it is
+    run = tmp_path / "results" / "landscape_smollm2_zero"
+    run.mkdir(parents=True)
+    pd.DataFrame({"status": ["ok"] * 2, "plan_formats": ["a", "b"], "plan_code": ["4" * 30, "8" * 30],
+                  "nll": [3.9, 3.8]}).to_parquet(run / "trials.parquet")
+    with pytest.raises(SystemExit, match=r"would drop recorded trials .*'zero': 254"):
+        landscape.export(out)
+    assert out.with_suffix(".parquet").read_bytes() == before

@@ -16,6 +16,7 @@ the mean NLL per variant and step, and the paired difference to ``plain`` (same 
 with its standard error.
 
     python bench/loftq_bench.py                    # record (resumable), then report
+    python bench/loftq_bench.py --shard 0/2 & python bench/loftq_bench.py --shard 1/2   # two at once: ~2x on 2 cores
     python bench/loftq_bench.py --report           # only the report
     python bench/loftq_bench.py --model tiny --steps 2 --long 4 --seeds 1 --out /tmp/b   # seconds
 """
@@ -74,7 +75,14 @@ def plans(scores, n_layers: int) -> dict[str, object]:
     return out
 
 
-def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work: Path) -> None:
+def recorded(runs_file: Path, long: int) -> set:
+    if not runs_file.is_file():
+        return set()
+    return {(r["code"], r["variant"], r["seed"], r.get("long")) for r in map(json.loads, runs_file.read_text().splitlines())
+            if r.get("long") == long}
+
+
+def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work: Path, shard=(0, 1)) -> None:
     import torch
 
     from qpruner import job as driver
@@ -83,6 +91,9 @@ def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work:
     from qpruner.trial import TrialContext, run_trial
 
     torch.manual_seed(0)
+    if shard[1] > 1:   # N processes share the machine's cores (as Ray trials do, cpus_per_trial each)
+        import os
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard[1]))
     job = bench_job(model, work)   # its pruned model and scores are cached in <work>/loftq_bench/
     pruned = driver.load_or_prune(job, torch.device("cpu"))
     out = job.results_path
@@ -94,14 +105,17 @@ def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work:
     ft = replace(job.finetune, steps=long, eval_every=every)
     base = TrialContext(config_dict, state, layout, pruned.splits.train, pruned.splits.eval, job.quant, ft,
                         replace(job.eval, before_finetune=True), Budget(), metric="perplexity")
-    done = set()
-    if runs_file.is_file():
-        done = {(r["code"], r["variant"], r["seed"], r.get("long")) for r in map(json.loads, runs_file.read_text().splitlines())}
-    # seed-major: every finished seed adds one paired difference per plan and variant to the report
-    todo = [(label, plan, variant, seed) for seed in range(seeds) for label, plan in plans(scores, layout.n_layers).items()
-            for variant in VARIANTS if (plan.code(), variant, seed, long) not in done]
-    print(f"{len(done)} runs recorded, {len(todo)} to train ({pruned.report.summary()})", flush=True)
+    done = recorded(runs_file, long)
+    # seed-major: every finished seed adds one paired difference per plan and variant to the report;
+    # --shard K/N takes every N-th run of this fixed order (N processes share the 2 cores better than one)
+    every_run = [(label, plan, variant, seed) for seed in range(seeds) for label, plan in plans(scores, layout.n_layers).items()
+                 for variant in VARIANTS]
+    todo = [r for i, r in enumerate(every_run) if i % shard[1] == shard[0] and (r[1].code(), r[2], r[3], long) not in done]
+    print(f"{len(done)} runs recorded, {len(todo)} to train in shard {shard[0]}/{shard[1]} ({pruned.report.summary()})",
+          flush=True)
     for label, plan, variant, seed in todo:
+        if (plan.code(), variant, seed, long) in recorded(runs_file, long):   # e.g. by another process meanwhile
+            continue
         ctx = replace(base, finetune=replace(ft, seed=seed, **VARIANTS[variant]))
         reports, t = [], time.perf_counter()
         r = run_trial(ctx, plan, "cpu", on_report=reports.append)
@@ -179,12 +193,23 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
     parser.add_argument("--report", action="store_true", help="only write the report from what is recorded")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="train every N-th run from the K-th (0-based): run N of these at once, e.g. 0/2 and 1/2")
     args = parser.parse_args(argv)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard: expected K/N with 0 <= K < N, e.g. 0/2; got {args.shard!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     runs = args.out / "loftq_runs.jsonl"
     if not args.report:
         work = ROOT / "results" if args.out == ROOT / "results" / "bench" else args.out   # never in results/bench
-        record(args.model, args.steps, args.long, args.seeds, runs, work)
+        record(args.model, args.steps, args.long, args.seeds, runs, work, shard)
+        if shard[1] > 1 and len(recorded(runs, args.long)) < len(SHARES) * len(VARIANTS) * args.seeds:
+            print(f"shard {args.shard} done; the report is written by the shard that finishes last, or by --report")
+            return 0
     report(runs, args.out / "loftq", args.steps)
     return 0
 

@@ -198,8 +198,10 @@ def write(rounds: list[dict]) -> None:
         f"{total['failed_reads']} |",
         f"| for comparison: `pd.read_parquet(path)` failures (of {total['raw_path_reads']}) | "
         f"{total['raw_path_failures']} |", "",
-        "An extra training happens only when a kill lands after a trial's training completed and before the "
-        "driver recorded it (its result was never persisted, so it is trained again).", "",
+        "A trial whose training completed before a kill is not trained again: the worker stores its result in "
+        "the trial's checkpoint before the driver hears of it, and the resumed driver recovers it from there "
+        "(`qpruner.search.run.recover_results`). An extra training happens only when a kill lands before that "
+        "checkpoint is written (the interrupted trial starts over).", "",
     ]
     OUT.with_suffix(".md").write_text("\n".join(lines))
 

@@ -60,7 +60,7 @@ PROGRESS = re.compile(r"(\d\d:\d\d:\d\d) INFO qpruner\.search\.callbacks: progre
                       r"front (\d+) plans, hypervolume (\S+)")
 
 
-def _status_of_submission(submission: str, address: str | None) -> int:
+def _status_of_submission(submission: str, address: str | None, also_path: bool = False) -> int:
     """A search submitted with `ray job submit`, through the Ray job API (no access to the head's files)."""
     from .errors import BackendError
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
@@ -73,7 +73,9 @@ def _status_of_submission(submission: str, address: str | None) -> int:
         raise BackendError(f"cannot read job {submission!r} from the Ray job API at {address}: "
                            f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}. "
                            "Pass --address http://HEAD:8265 (or set RAY_ADDRESS); with token authentication set "
-                           "RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN_PATH)") from None
+                           "RAY_AUTH_MODE=token and the head's token (RAY_AUTH_TOKEN_PATH)"
+                           + (f". Nor is there a results directory {submission!r} or results/{submission} here "
+                              "(`qpruner status results/<job>`)" if also_path else "")) from None
     status = status.rsplit(".", 1)[-1]
     progress = PROGRESS.findall(logs)
     if not progress:
@@ -97,8 +99,11 @@ def _cmd_status(args) -> int:
     from .report import front_table
 
     target = Path(args.results)
+    if not args.address and not target.exists() and (Path("results") / target).is_dir():
+        target = Path("results") / target   # `qpruner status smollm2_demo`: the job's results directory
+        args.results = str(target)
     if args.address or (not target.exists() and re.fullmatch(r"[\w-]+", args.results)):
-        return _status_of_submission(args.results, args.address)
+        return _status_of_submission(args.results, args.address, also_path=not args.address)
     if target.is_file() and target.suffix in (".yaml", ".yml"):
         args.results = str(load_job(target).results_path)
     run = _run_dir(args.results)

@@ -160,10 +160,15 @@ class FinetuneConfig:
     seed: int = opt(0)
 
     def _check(self) -> list[str]:
+        problems = []
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
-            return [f"finetune.batch_size ({self.batch_size}) must be a multiple of finetune.micro_batch_size ({micro})"]
-        return []
+            problems.append(f"finetune.batch_size ({self.batch_size}) must be a multiple of finetune.micro_batch_size "
+                            f"({micro})")
+        if not self.target_modules:
+            problems.append(f"finetune.target_modules: empty, so LoRA would train nothing; name one or more of "
+                            f"{list(LINEAR_NAMES)}")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,7 @@ class JobConfig:
                             "policy.unit=linear use fisher, taylor, mutual_information or sensitivity")
         problems += _check_metrics(self)
         problems += _check_joint(self)
+        problems += _check_layer_range(self)
         if self.search.scheduler != "none" and self.finetune.eval_every == 0:
             problems.append(f"search.scheduler: {self.search.scheduler} stops trials on intermediate evaluations; "
                             "set finetune.eval_every > 0 (e.g. steps / 4)")
@@ -293,8 +299,37 @@ def _check_metrics(job: "JobConfig") -> list[str]:
                             f"{list(ONLINE_TASKS)}" + _did_you_mean(task, ONLINE_TASKS))
     known = metric_names(job)
     wanted = [("search.metric", job.search.metric)] + [(f"search.objective.{k}", k) for k in (job.search.objective or {})]
+    if job.search.objective is not None and not any(w for w in job.search.objective.values()):
+        problems.append(f"search.objective: every weight is 0 ({job.search.objective}), so every plan would score "
+                        "the same; give one metric a non-zero weight, or leave the objective out (search.metric)")
     return problems + [f"{where}: unknown metric {name!r}; known: {', '.join(known)}" + _did_you_mean(name, known)
                        for where, name in wanted if name not in known]
+
+
+KNOWN_LAYER_COUNTS = {"tiny": 4, "builtin:smollm2-135m": 30}   # decoder layers of the built-in models
+
+
+def _check_layer_range(job: "JobConfig") -> list[str]:
+    """``prune.layer_start`` / ``layer_end`` give a non-empty range: always when both count from the same end,
+    exactly when the model's layer count is known before loading (built-ins, a local config.json)."""
+    start, end = job.prune.layer_start, job.prune.layer_end
+    where = f"prune.layer_start={start}, prune.layer_end={end}"
+    if (start < 0) == (end < 0) and start >= end:
+        return [f"{where}: the pruned layers [start, end) are empty; start must be before end"]
+    n = KNOWN_LAYER_COUNTS.get(job.model.source)
+    config = Path(job.model.source).expanduser() / "config.json"
+    if n is None and _CHECK_FILES.get() and config.is_file():
+        try:
+            n = int(json.loads(config.read_text(encoding="utf-8"))["num_hidden_layers"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            n = None   # _check_model_dir reports an unreadable config
+    if n is None:
+        return []
+    lo, hi = (start + n if start < 0 else start), (end + n if end < 0 else end)
+    if not 0 <= lo < hi <= n:
+        return [f"{where}: give layers [{lo}, {hi}) but {job.model.source} has {n} decoder layers; "
+                f"expected 0 <= start < end <= {n} (negative values count from the end)"]
+    return []
 
 
 def _check_joint(job: "JobConfig") -> list[str]:
@@ -361,7 +396,7 @@ def lowest_avg_bits(bits: int, quant: "QuantConfig") -> float:
 
 def _check_budget(job: "JobConfig") -> list[str]:
     avg = job.policy.budget_avg_bits
-    if avg is None:
+    if avg is None or not job.policy.bits:   # empty bits: PolicyConfig already says so
         return []
     floor = lowest_avg_bits(min(job.policy.bits), job.quant)
     if avg < floor:

@@ -16,8 +16,11 @@ its fine-tuning seed, and the seed-to-seed spread is measured in ``results/bench
 
 Hypervolume: the area dominated by the front and bounded by a reference point ``(q_ref, m_ref)``
 (worse than every point: quality ``q_ref``, memory ``m_ref``), with quality as ``-log(perplexity)``
-when the metric is perplexity. The live log uses the lowest quality seen and the largest memory
-seen as the reference; benchmarks pass a fixed one.
+when the metric is perplexity. A search fixes its reference before the first trial
+(``qpruner.search.run.reference_point``, kept in the run's marker): its log, Tune metrics,
+``qpruner status`` and ``report.html`` all use it. Without one (e.g. a table written by hand),
+:meth:`TrialLog.summary` falls back to the lowest quality and the largest memory seen; benchmarks pass
+their own fixed reference.
 
 :class:`TrialLog` is pure (no Ray). The search's Tune callback and searcher wrapper feed it. Every
 change re-reads ``trials.parquet`` if it changed on disk, applies the change (a row per trial id:

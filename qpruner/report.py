@@ -197,8 +197,10 @@ def plot_bits(front: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def hypervolume_curve(trials: pd.DataFrame, metric: str) -> list[float]:
-    """Hypervolume of the front of the completed trials so far, after each trial (in finishing order)."""
+def hypervolume_curve(trials: pd.DataFrame, metric: str, ref: tuple[float, float] | None = None) -> list[float]:
+    """Hypervolume of the front of the completed trials so far, after each trial (in finishing order):
+    against ``ref = (q_ref, cost_ref)`` when given (the search's fixed reference, as in its log, its Tune
+    metrics and ``qpruner status``), else a reference 10% beyond the worst quality and largest memory seen."""
     if trials.empty or "status" not in trials:
         return []
     ordered = trials.sort_values("finished_at")
@@ -209,7 +211,7 @@ def hypervolume_curve(trials: pd.DataFrame, metric: str) -> list[float]:
     # reference point 10% of the range beyond the worst quality and the largest memory seen, so that the
     # extreme points of the front (e.g. the smallest, least accurate plan) add area too
     q_span, m_span = max(q_all) - min(q_all), max(m_all) - min(m_all)
-    ref = (min(q_all) - 0.1 * (q_span or abs(min(q_all)) or 1.0), max(m_all) + 0.1 * (m_span or max(m_all) or 1.0))
+    ref = ref or (min(q_all) - 0.1 * (q_span or abs(min(q_all)) or 1.0), max(m_all) + 0.1 * (m_span or max(m_all) or 1.0))
     curve, q, m = [], [], []
     for _, row in ordered.iterrows():
         if row["status"] == "ok" and pd.notna(row.get(metric)):
@@ -295,7 +297,8 @@ def write_report(directory: str | Path, metric: str | None = None) -> Path:
     if metric is None:
         metric = run.front_metric() if run.job_file.is_file() else "accuracy"
     front = pareto_front(trials, metric)
-    curve = hypervolume_curve(trials, metric)
+    ref = run.reference()   # the search's fixed reference: the same hypervolume as `qpruner status`
+    curve = hypervolume_curve(trials, metric, ref)
     pngs = {"front": plot_front(trials, front, metric, directory / "pareto.png"),
             "bits": plot_bits(front, directory / "bits.png"),
             "hv": plot_hypervolume(curve, directory / "hypervolume.png")}
@@ -317,7 +320,9 @@ def write_report(directory: str | Path, metric: str | None = None) -> Path:
                                      for k, v in sorted(variants.items(), key=lambda kv: float(kv[0])))
                            + " parameters (joint search)" if variants else "(unknown)"),
                ("trials", ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"),
-               ("front", f"{len(front)} plans"), ("hypervolume", f"{curve[-1]:.4g}" if curve else "0")]
+               ("front", f"{len(front)} plans"),
+               ("hypervolume", (f"{curve[-1]:.4g}" if curve else "0")
+                + ("" if ref else " (reference: 10% beyond the worst quality and largest memory seen)"))]
     rows = []
     for _, r in trials.iterrows():
         cls = ' class="front"' if r.get("trial_id") in front_ids else ""

@@ -38,6 +38,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -198,9 +199,14 @@ class RunDir:
     def write_marker(self, job, searched: bool, continuing: bool = True) -> None:
         from . import __version__
         old = self.read_marker() or {}
+        # run_id names the run's folder under a shared search.storage_path: a fresh search gets a new one, so
+        # it never writes into (or moves) the Tune experiment of another run, even one of the same name; a
+        # continued run keeps its own (a run from before run ids has none and keeps its name-only folder)
+        run_id = uuid.uuid4().hex[:12] if searched and not continuing else old.get("run_id")
         record = {"version": __version__, "created": old.get("created", time.time()), "job": job.name,
                   "identity": identity(job) if searched else old.get("identity"),
                   "trial_key": trial_key(job) if searched else old.get("trial_key"),
+                  **({"run_id": run_id} if run_id else {}),
                   **({"hv_reference": old["hv_reference"]} if "hv_reference" in old and continuing else {})}
         _atomic_text(self.marker, json.dumps(record, indent=2))
 
@@ -340,10 +346,12 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def storage_dir(job, run_path: str | os.PathLike) -> str:
-    """Where Ray Tune keeps the run's experiment: ``<search.storage_path>/<name>`` (a shared filesystem or a
-    URI such as s3://bucket/prefix for multi-node runs), else ``results/<job>/ray``."""
-    if job.search.storage_path:  # shared by many jobs: one folder each
-        return f"{job.search.storage_path.rstrip('/')}/{job.name}"
+    """Where Ray Tune keeps the run's experiment: ``<search.storage_path>/<name>-<run id>`` (a shared
+    filesystem or a URI such as s3://bucket/prefix for multi-node runs; the run id is in the run's marker,
+    new for every fresh search), else ``results/<job>/ray``."""
+    if job.search.storage_path:  # shared by many jobs and runs: one folder each, <name>-<run id>
+        run_id = (RunDir(run_path).read_marker() or {}).get("run_id")
+        return f"{job.search.storage_path.rstrip('/')}/{job.name}" + (f"-{run_id}" if run_id else "")
     return str(Path(run_path).resolve() / "ray")
 
 

@@ -42,3 +42,23 @@ def test_import_qpruner_and_validate_load_no_torch():
             "assert 'qpruner_llama' in CONFIG_MAPPING and 'qpruner_qwen2' in CONFIG_MAPPING; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_status_of_a_bare_job_name_reads_its_results_directory(tmp_path, monkeypatch, capsys):
+    """`qpruner status smollm2_demo` in the project root means results/smollm2_demo, not a Ray submission."""
+    import json
+
+    from qpruner.pareto import TrialLog
+    from qpruner.plan import PrecisionPlan
+    from qpruner.rundir import MARKER
+    from qpruner.trial import TrialResult
+    run = tmp_path / "results" / "myjob"
+    log = TrialLog(run, "accuracy")
+    log.add("t0", TrialResult(plan=PrecisionPlan.from_bits([4, 8]), status="ok", objective=0.3, weight_bytes=10,
+                              weight_bytes_predicted=10, avg_bits=6.0, accuracy=0.3, perplexity=3.0,
+                              seconds={"total": 1.0}))
+    (run / MARKER).write_text(json.dumps({"job": "myjob"}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "myjob"]) == 0
+    out = capsys.readouterr().out
+    assert "results/myjob: 1 trials" in out

@@ -112,3 +112,26 @@ def test_joint_pruning_amounts_are_validated():
                          ({"param_ratios": [0.0, 0.99]}, "above the maximum")):
         with pytest.raises(ConfigError, match=match):
             build_job({"prune": prune})
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["policy.bits=[]"], "policy.bits: expected distinct values"),            # was a min() traceback
+    (["prune.layer_start=5", "prune.layer_end=2"], "pruned layers [start, end) are empty"),
+    (["prune.layer_start=-2", "prune.layer_end=-5"], "pruned layers [start, end) are empty"),
+    (["model.source=tiny", "prune.layer_start=5"], "tiny has 4 decoder layers"),
+    (["prune.layer_start=0", "prune.layer_end=31"], "builtin:smollm2-135m has 30 decoder layers"),
+    (["finetune.target_modules=[]"], "LoRA would train nothing"),
+    (["search.objective={accuracy: 0}"], "every weight is 0"),
+])
+def test_inputs_that_failed_only_after_loading_are_refused_before_any_work(overrides, expected):
+    problems = _problems({"model": {"source": "builtin:smollm2-135m"}}, overrides)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_layer_range_of_a_local_model_is_checked_from_its_config(tmp_path):
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 12}))
+    job = build_job({"model": {"source": str(tmp_path)}, "prune": {"layer_start": 4, "layer_end": 12}})
+    assert job.prune.layer_end == 12
+    problems = _problems({"model": {"source": str(tmp_path)}, "prune": {"layer_start": 4, "layer_end": 13}})
+    assert any("has 12 decoder layers" in p for p in problems), problems

@@ -48,6 +48,22 @@ def test_hypervolume_curve_grows_with_the_front(tmp_path):
     assert len(curve) == 5 and curve == sorted(curve) and curve[-1] > curve[0]
 
 
+def test_report_hypervolume_uses_the_searchs_fixed_reference(tmp_path):
+    """report.html, `qpruner status` and the search's log give one hypervolume for one run."""
+    import json
+    import pandas as pd
+    from qpruner.rundir import MARKER, RunDir
+    directory = _results(tmp_path)
+    (directory / MARKER).write_text(json.dumps({"job": "t", "hv_reference": [0.1, 3e6]}))
+    ref = RunDir(directory).reference()
+    expected = TrialLog(directory, "accuracy").summary(ref)["hypervolume"]
+    trials = pd.read_parquet(directory / "trials.parquet")
+    assert hypervolume_curve(trials, "accuracy", ref)[-1] == pytest.approx(expected)
+    assert hypervolume_curve(trials, "accuracy")[-1] != pytest.approx(expected)   # the fallback differs
+    text = write_report(directory, "accuracy").read_text()
+    assert f"<td>{expected:.4g}</td>" in text
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_chromium_renders_the_front_plot(tmp_path):
     out = write_report(_results(tmp_path), "accuracy")

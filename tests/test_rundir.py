@@ -308,4 +308,22 @@ def test_a_stored_job_is_read_even_where_its_files_are_not(tmp_path, monkeypatch
 def test_jobs_sharing_a_storage_path_get_one_folder_each(tmp_path):
     a = _job(tmp_path, **{"search.storage_path": "s3://bucket/q"})
     b = build_job({"name": "other", "search": {"storage_path": "s3://bucket/q"}, "model": {"source": "tiny"}})
+    # runs from before run ids (no run_id in their marker) keep their name-only folder, so they still resume
     assert rundir.storage_dir(a, tmp_path) == "s3://bucket/q/r" and rundir.storage_dir(b, tmp_path) == "s3://bucket/q/other"
+
+
+def test_runs_of_one_name_sharing_a_storage_path_never_share_an_experiment(tmp_path):
+    """Same job name, two results directories (or a run and the one that --overwrite replaced): each fresh
+    search gets its own <name>-<run id> folder; a continued run keeps its folder."""
+    folders = []
+    for where in ("one", "two"):
+        job = _job(tmp_path / where, **{"search.storage_path": "s3://bucket/q"})
+        run = rundir.RunDir(job.results_path)
+        run.path.mkdir(parents=True)
+        run.write_marker(job, searched=True, continuing=False)      # a fresh search
+        folders.append(rundir.storage_dir(job, run.path))
+        run.write_marker(job, searched=True, continuing=True)       # resumed: same folder
+        assert rundir.storage_dir(job, run.path) == folders[-1]
+        run.write_marker(job, searched=False)                       # `qpruner prune` keeps it too
+        assert rundir.experiment_dir(job, run) == folders[-1] + "/tune"
+    assert folders[0] != folders[1] and all(f.startswith("s3://bucket/q/r-") for f in folders)

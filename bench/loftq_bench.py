@@ -152,9 +152,22 @@ def report(runs_file: Path, out: Path, demo_steps: int) -> dict:
                 paired.setdefault(variant, {})[str(s)] = {
                     "mean": round(float(np.mean(diffs)), 4),
                     "se": round(float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))), 4), "n": len(diffs)}
+    by_plan = {}   # the same paired differences, plan by plan: does LoftQ's effect grow with the nf4 share?
+    for variant in VARIANTS:
+        if variant == "plain":
+            continue
+        for plan in sorted({r["plan"] for r in rows}):
+            for s in marks:
+                diffs = [r["nll"][str(s)] - p["nll"][str(s)] for r in rows for p in rows
+                         if r["variant"] == variant and p["variant"] == "plain" and r["plan"] == p["plan"] == plan
+                         and r["seed"] == p["seed"] and str(s) in r["nll"] and str(s) in p["nll"]]
+                if len(diffs) >= 2:
+                    by_plan.setdefault(variant, {}).setdefault(plan, {})[str(s)] = {
+                        "mean": round(float(np.mean(diffs)), 4),
+                        "se": round(float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))), 4), "n": len(diffs)}
     result = {**stamp(), "what": "REAL trials (bitsandbytes nf4/int8 mixes, peft LoRA): LoftQ vs plain "
               "initialisation on the demo's pruned SmolLM2", "runs": len(rows), "plans": sorted({r["plan"] for r in rows}),
-              "steps": marks, "nll": table, "paired_vs_plain": paired, "source": str(runs_file.relative_to(ROOT))
+              "steps": marks, "nll": table, "paired_vs_plain": paired, "paired_by_plan": by_plan, "source": str(runs_file.relative_to(ROOT))
               if runs_file.is_relative_to(ROOT) else str(runs_file)}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(result))
@@ -182,6 +195,15 @@ def to_markdown(r: dict) -> str:
             cells.append("" if d is None else f"{d['mean']:+.4f} ± {d['se']:.4f}"
                          + ("" if abs(d["mean"]) > 2 * d["se"] else " (within noise)"))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if r.get("paired_by_plan"):
+        lines += ["", "The same, plan by plan (mean ± SE over seeds):", "",
+                  "| variant | plan | " + " | ".join(f"step {s}" for s in r["steps"]) + " |",
+                  "|---|---|" + "---:|" * len(r["steps"])]
+        for variant, plans_ in r["paired_by_plan"].items():
+            for plan, by_step in plans_.items():
+                lines.append(f"| {variant} | {plan} | " + " | ".join(
+                    "" if (d := by_step.get(str(s))) is None else f"{d['mean']:+.4f} ± {d['se']:.4f}"
+                    for s in r["steps"]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -90,7 +90,9 @@ def stage_job(stage: str):
                            "policy.bits=[4, 8]", "policy.budget_avg_bits=null", "policy.budget_gb=null",
                            "search.searcher=points", "search.save_adapters=false", "search.metric=perplexity",
                            "search.objective=null", "search.max_concurrent=2", "search.cpus_per_trial=1",
-                           "search.num_cpus=2", "search.scheduler=none", "eval.before_finetune=false"])
+                           "search.num_cpus=2", "search.scheduler=none", "eval.before_finetune=false",
+                           # recorded with Fisher scores (the default before mutual_information): same run identity
+                           "score.method=fisher"])
 
 
 def record(stage: str, limit: int | None = None) -> None:

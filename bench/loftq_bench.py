@@ -51,7 +51,9 @@ VARIANTS = {"plain": dict(init="plain"),
 
 def bench_job(model: str, work: Path):
     from qpruner.config import load_job
-    overrides = ["name=loftq_bench", f"results_dir={work}", "eval.before_finetune=true"]
+    # score.method=fisher: the plans (least important groups first) were chosen by Fisher scores when the
+    # benchmark started recording; a resumed run must train the very same plans
+    overrides = ["name=loftq_bench", f"results_dir={work}", "eval.before_finetune=true", "score.method=fisher"]
     if model == "tiny":
         overrides += ["model.source=tiny", "data.seq_len=64", "data.calib_samples=4", "data.eval_samples=8",
                       "prune.ratio=0.5", "finetune.batch_size=2", "finetune.lora_r=4"]

@@ -9,9 +9,10 @@ trainable that looks each plan's result up in that recording instead of training
 * Quality: ``-nll`` (mean held-out NLL per token; the objective of ``search.metric: perplexity``),
   at the recorded stage (``--stage``: ``demo`` = 10 LoRA steps when complete, else ``zero``).
 * Budget: ``--budget`` average bits (default 6.5): some plans are over it; they are never trained.
-* What searchers know before a trial: the exact per-group memory tables and the project's own
-  Fisher layer scores on that pruned model (summed per group), both stored with the landscape —
-  never the recorded qualities. Every searcher starts from the same seed plans
+* What searchers know before a trial: the exact per-group memory tables (stored with the landscape) and
+  layer scores of that pruned model summed per group (``--scores``: the product's default estimator,
+  mutual_information, from ``results/bench/importance_truth.json``; ``landscape``: the Fisher scores
+  recorded with it) — never the recorded qualities. Every searcher starts from the same seed plans
   (:func:`qpruner.policy.seed_indices` on those scores), except ``random``: uniform random plans, no
   seeds — the baseline of what the search buys at all.
 * Also a seed-count ablation: ``additive_seeds<K>`` is the default searcher with K sampled seed plans
@@ -47,7 +48,7 @@ from provenance import setup, stamp  # noqa: E402
 
 setup()
 from qpruner import policy  # noqa: E402
-from qpruner.config import PolicyConfig  # noqa: E402
+from qpruner.config import PolicyConfig, ScoreConfig  # noqa: E402
 from qpruner.frontier import hypervolume  # noqa: E402
 from qpruner.unit_importance import UnitScores  # noqa: E402
 from qpruner.memory import Budget, UnitCosts  # noqa: E402
@@ -68,12 +69,33 @@ OPTIONS = [4, 8]
 FORMATS = {4: "nf4", 8: "int8"}
 
 
+IMPORTANCE_TRUTH = ROOT / "results" / "bench" / "importance_truth.json"
+
+
+def prior_scores(meta: dict, method: str) -> tuple[str, list[float], str]:
+    """(method, per-group scores, where from) of the searchers' prior: the scores recorded with the landscape
+    (``landscape``, or their own method's name), or another estimator's scores of the very same pruned model
+    from ``importance_truth.json``."""
+    recorded = meta["layer_scores"]["method"]
+    if method in ("landscape", recorded):
+        return recorded, list(meta["group_scores"]), "recorded with the landscape"
+    if IMPORTANCE_TRUTH.is_file():
+        truth = json.loads(IMPORTANCE_TRUTH.read_text())
+        est = truth.get("estimators", {}).get(method)
+        if est and len(est["group_scores"]) == len(meta["group_scores"]):
+            at = (truth.get("scores_commit") or truth["commit"])[:10]
+            return method, list(est["group_scores"]), f"results/bench/importance_truth.json (scored at {at})"
+    raise SystemExit(f"--scores {method}: the landscape recorded {recorded} scores and {IMPORTANCE_TRUTH} has no "
+                     f"{method} scores of its pruned model; run bench/importance_truth.py, or use --scores landscape")
+
+
 class Landscape:
     """The recorded plans of one stage, their exact memory tables, budget and exact front."""
 
-    def __init__(self, path: Path, stage: str | None, budget_bits: float):
+    def __init__(self, path: Path, stage: str | None, budget_bits: float, scores: str = "landscape"):
         import landscape as rec
         table, meta = rec.load(path)
+        self.scores_method, self.group_scores, self.scores_source = prior_scores(meta, scores)
         counts = table.groupby("stage").size().to_dict()
         self.stage = stage or ("demo" if counts.get("demo", 0) == 256 else "zero")
         rows = table[table["stage"] == self.stage]
@@ -106,7 +128,7 @@ class Landscape:
 
     def seeds(self, seed: int, sampled: int | None = None) -> list[dict]:
         """Uniform plans, the best guess and ``sampled`` sampled plans (default: the product's ``policy.seed_plans``)."""
-        scores = UnitScores(self.meta["layer_scores"]["method"], tuple(self.meta["group_scores"]), "layer")
+        scores = UnitScores(self.scores_method, tuple(self.group_scores), "layer")
         n = PolicyConfig().seed_plans if sampled is None else sampled
         cfg = PolicyConfig(bits=tuple(OPTIONS), seed_plans=n)
         return [{policy.key(u): OPTIONS[k] for u, k in enumerate(idx)}
@@ -114,7 +136,7 @@ class Landscape:
 
     def space(self) -> SearchSpace:
         return SearchSpace([policy.key(u) for u in range(self.n_groups)], OPTIONS, self.costs,
-                           tuple(self.meta["group_scores"]))
+                           tuple(self.group_scores))
 
 
 class GroupDecoder:
@@ -224,9 +246,12 @@ def main(argv=None) -> int:
                         default=[*SEARCHERS, *(k for k in ABLATION if parse_kind(k)[1] != PolicyConfig().seed_plans)],
                         help="searchers to run; <searcher>_seeds<K> runs one with K sampled seed plans")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--scores", default=ScoreConfig().method,
+                        help="layer scores of the searchers' prior: the product's default estimator (default), "
+                             "another estimator's name, or 'landscape' (the scores recorded with it)")
     args = parser.parse_args(argv)
     import ray
-    land = Landscape(args.landscape, args.stage, args.budget)
+    land = Landscape(args.landscape, args.stage, args.budget, args.scores)
     if land.n_plans < 2 ** land.n_groups:
         raise SystemExit(f"the {land.stage} stage of {args.landscape} has {land.n_plans} of {2 ** land.n_groups} "
                          "plans; the exact front needs all of them (finish the recording first)")
@@ -239,6 +264,7 @@ def main(argv=None) -> int:
            "landscape_commit": land.meta.get("commit"), "stage": land.stage, "quality": "-nll (held-out, per token)",
            "budget_avg_bits": args.budget, "plans": land.n_plans, "feasible": land.n_feasible,
            "front_size": len(land.front), "default_seed_plans": PolicyConfig().seed_plans, "seeds": args.seeds,
+           "prior_scores": {"method": land.scores_method, "source": land.scores_source},
            "trials": args.trials, "searchers": {}}
     t0 = time.time()
     partial = args.out / ".search.partial.json"   # resumable: a killed run keeps every finished searcher
@@ -287,7 +313,7 @@ def main(argv=None) -> int:
 def partial_key(res: dict) -> dict:
     """What a finished searcher's result depends on: the landscape, the settings and the code."""
     return {k: res[k] for k in ("source", "landscape_commit", "stage", "budget_avg_bits", "seeds", "trials",
-                                "default_seed_plans")} | {"code": code_fingerprint()}
+                                "default_seed_plans", "prior_scores")} | {"code": code_fingerprint()}
 
 
 def code_fingerprint() -> str:
@@ -310,6 +336,11 @@ def _mean_se(s: dict, n: int) -> str:
     return "" if mean is None else f"{mean:.3f}" + ("" if se is None else f" ± {se:.3f}")
 
 
+def _prior(r: dict) -> str:
+    p = r.get("prior_scores") or {"method": "fisher", "source": "recorded with the landscape"}
+    return f"{p['method']}, {p['source']}"
+
+
 def to_markdown(r: dict, checkpoints) -> str:
     head = "| searcher | " + " | ".join(f"N={n}" for n in checkpoints) + " |"
     rule = "|---|" + "---:|" * len(checkpoints)
@@ -318,8 +349,8 @@ def to_markdown(r: dict, checkpoints) -> str:
            f"tracker callback, 2 trials at a time) against a trainable that looks each plan's result up in "
            f"`{r['source']}` — {r['plans']} plans of SmolLM2-135M pruned as in the demo, 8 layer groups x "
            f"{{nf4, int8}}, each recorded as a real trial. Nothing is retrained here; no searcher sees the "
-           f"recorded qualities before proposing (they get the exact memory tables and the project's own Fisher "
-           f"layer scores). Quality: {r['quality']}. Budget {r['budget_avg_bits']} average bits: "
+           f"recorded qualities before proposing (they get the exact memory tables and the layer scores: "
+           f"{_prior(r)}). Quality: {r['quality']}. Budget {r['budget_avg_bits']} average bits: "
            f"{r['feasible']} plans fit; the exact front of those has {r['front_size']} plans.", "",
            f"Command: `{r['command']}` at commit `{r['commit'][:10]}`{' (uncommitted changes)' if r['dirty'] else ''}; "
            f"landscape recorded at `{str(r['landscape_commit'])[:10]}`. {r['machine']}, {r['date']}. "

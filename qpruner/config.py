@@ -87,8 +87,10 @@ class PruneConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     """``score:`` how the importance of each precision unit is estimated."""
-    method: str = opt("fisher", choices=("fisher", "taylor", "block_influence", "mutual_information", "sensitivity"),
-                      help="unit importance estimator (formulas in qpruner/unit_importance.py)")
+    method: str = opt("mutual_information",
+                      choices=("fisher", "taylor", "block_influence", "mutual_information", "sensitivity"),
+                      help="unit importance estimator (formulas in qpruner/unit_importance.py); "
+                           "mutual_information ranks closest to the measured truth at twice fisher's cost")
     samples: Optional[int] = opt(None, min=1, help="calibration samples used (default: all)")
 
 

@@ -3,13 +3,13 @@ higher = keep more bits. All estimators run on the pruned, unquantized model and
 split. ``W_u`` is the set of weights of unit ``u``; ``g_b`` the gradient of sample ``b``'s loss, ``g``
 that of the mean loss.
 
-* ``fisher`` (default): ``S_u = sum_b sum_{w in W_u} (w * g_b(w))**2`` — the diagonal empirical Fisher
+* ``fisher``: ``S_u = sum_b sum_{w in W_u} (w * g_b(w))**2`` — the diagonal empirical Fisher
   estimate of the loss increase ``0.5 * sum F_ww * dw**2`` when every weight gets relative noise
   ``dw ~ w``, which is what block-wise absmax quantization does (up to a constant per precision).
 * ``taylor``: ``S_u = sum_{w in W_u} |w * g(w)|`` (first order, as the pruning stage).
 * ``block_influence``: ``S_u = 1 - mean_t cos(x_t, x'_t)`` with ``x``/``x'`` the residual stream before
   and after the unit (ShortGPT's Block Influence). Layer and group units. No gradients.
-* ``mutual_information``: the information about the model's output that quantizing the unit loses.
+* ``mutual_information`` (default): the information about the model's output that quantizing the unit loses.
   With the model's own predictive distribution ``p`` as the decoder, the Barber-Agakov bound
   ``I(X; Y) >= H(Y) - E_t[CE(p_t, q_t)]`` is tight for ``q = p``; with unit ``u`` quantized the model
   predicts ``p~`` and the bound drops by exactly ``E_t KL(p_t || p~_t)`` nats. To second order that is
@@ -20,6 +20,8 @@ that of the mean loss.
   8 bits, the choice the search makes. The paper's own MI estimator is not public; ours differs from a
   "layer output vs model output" MI (which is the same for every layer of a deterministic network)
   in measuring what quantization destroys, and it needs the gradients of a few sequences, no probes.
+  The default because it ranks units closest to the measured truth of all but ``sensitivity`` (which costs
+  about 5x as much): ``results/bench/importance_truth.md`` and ``results/bench/importance.md``.
 * ``sensitivity``: measured, one forward pass per unit: ``S_u = mean_t KL(p_t || p~_t)``, with
   ``p~`` the predictive distribution of the model with only unit ``u`` quantized to the 4-bit format.
   This is the increase of the loss against the model's own predictions (the distillation loss) — it

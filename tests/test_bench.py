@@ -79,10 +79,12 @@ def test_search_benchmark_replays_a_landscape_through_tune(tmp_path):
     _synthetic_landscape(tmp_path / "land.parquet")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "search_bench.py"), "--landscape",
                            str(tmp_path / "land.parquet"), "--seeds", "1", "--trials", "8", "--searchers", "additive",
-                           "random", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "random", "--scores", "landscape", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((tmp_path / "search.json").read_text())
     assert res["source"].endswith("land.parquet") and res["default_searcher"] == "additive"
+    assert res["prior_scores"] == {"method": "fisher", "source": "recorded with the landscape"}
     assert "REPLAY" in res["what"] and res["plans"] == 256 and 0 < res["feasible"] < 256
     for kind in ("additive", "random"):
         hv = res["searchers"][kind]["hv_ratio_median"]["8"]
@@ -99,9 +101,25 @@ def test_search_benchmark_replays_a_landscape_through_tune(tmp_path):
                                                                "searchers": {"additive": earlier}}))
     again = subprocess.run([sys.executable, str(ROOT / "bench" / "search_bench.py"), "--landscape",
                             str(tmp_path / "land.parquet"), "--seeds", "1", "--trials", "8", "--searchers", "additive",
-                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                            "--scores", "landscape", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "reusing 1 searchers" in again.stdout, again.stderr[-2000:]
     assert json.loads((tmp_path / "search.json").read_text())["searchers"]["additive"]["label"] == "from the earlier run"
+
+
+def test_search_benchmark_prior_scores_come_from_the_same_pruned_model():
+    """--scores: the landscape's recorded scores, or another estimator's scores of the same model; else refused."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import search_bench as sb
+    meta = {"layer_scores": {"method": "fisher"}, "group_scores": [1.0] * 8}
+    assert sb.prior_scores(meta, "landscape") == ("fisher", [1.0] * 8, "recorded with the landscape")
+    assert sb.prior_scores(meta, "fisher")[1] == [1.0] * 8
+    truth = json.loads(sb.IMPORTANCE_TRUTH.read_text())
+    method, scores, source = sb.prior_scores(meta, "mutual_information")
+    assert scores == truth["estimators"]["mutual_information"]["group_scores"] and "importance_truth" in source
+    with pytest.raises(SystemExit, match="no bogus scores"):
+        sb.prior_scores(meta, "bogus")
+    with pytest.raises(SystemExit):   # scores of another model (another group count) are never used
+        sb.prior_scores({"layer_scores": {"method": "fisher"}, "group_scores": [1.0] * 5}, "mutual_information")
 
 
 def test_search_benchmark_seed_count_ablation_names():

@@ -33,7 +33,7 @@ from provenance import setup, stamp  # noqa: E402
 setup()
 
 import landscape  # noqa: E402
-from stats import bootstrap_spearman, spearman  # noqa: E402
+from stats import bootstrap_spearman, bootstrap_spearman_diff, spearman  # noqa: E402
 
 METHODS = ("fisher", "taylor", "block_influence", "mutual_information", "sensitivity")
 OUT = ROOT / "results" / "bench" / "importance_truth"
@@ -122,16 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     else:
         (estimators, calibration), scored_at = score_estimators(pruned, job), None
     parts = landscape.groups(len(next(iter(estimators.values()))["layer_scores"]))
+    measured = estimators["sensitivity"]["layer_scores"]   # each layer alone in nf4: KL of the predictions
     for method, e in estimators.items():
         e.update(correlate(e["group_scores"], truths))
-        print(method, e["spearman"], flush=True)
+        # a second, finer reference: all 30 layers against their measured single-layer sensitivity
+        e["spearman_layers_vs_sensitivity"] = round(spearman(e["layer_scores"], measured), 3)
+        print(method, e["spearman"], e["spearman_layers_vs_sensitivity"], flush=True)
+    from qpruner.config import ScoreConfig
+    default = ScoreConfig().method
+    versus = {m: {**{s: bootstrap_spearman_diff(estimators[m]["group_scores"], estimators[default]["group_scores"],
+                                                t["gain_nf4_to_int8"]) for s, t in truths.items()},
+                  "layers_vs_sensitivity": bootstrap_spearman_diff(estimators[m]["layer_scores"],
+                                                                   estimators[default]["layer_scores"], measured)}
+              for m in estimators if m != default}
     first = next(iter(truths))   # "zero" once that stage is recorded
     ranked = sorted(estimators, key=lambda m: -estimators[m]["spearman"][first])
     result = {**stamp(), "what": "qpruner's unit-importance estimators against the per-group effects fitted on the "
               "recorded real landscape (not a proxy)", "source": "results/bench/landscape_smollm2.parquet",
               "model": "SmolLM2-135M-Instruct pruned as tune_jobs/smollm2_demo.yaml (the landscape's own pruned model)",
               "calibration": calibration, "groups": parts, "truth": truths, "estimators": estimators,
-              "ranked_by": first, "ranked": ranked}
+              "ranked_by": first, "ranked": ranked, "default": default,
+              "paired_diff_vs_default_ci95": versus}
     if scored_at:
         result["scores_commit"] = scored_at   # the scores were computed then, on the same pruned model
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -153,11 +164,19 @@ def to_markdown(r: dict) -> str:
         lines += [f"**Scores reused** from the run at commit `{r['scores_commit'][:10]}` (same pruned model, "
                   "`--reuse-scores`): this run refitted the truth on the current landscape only.", ""]
     lines += ["| estimator | " + " | ".join(f"Spearman vs {s} [95% bootstrap over groups]" for s in stages)
-             + " | seconds |", "|---|" + "---:|" * len(stages) + "---:|"]
+             + " | Spearman, 30 layers vs measured sensitivity | seconds |", "|---|" + "---:|" * (len(stages) + 2)]
     for m in r["ranked"]:
         e = r["estimators"][m]
-        lines.append(f"| {m} | " + " | ".join(f"{e['spearman'][s]} {e['spearman_ci95'][s]}" for s in stages)
-                     + f" | {e['seconds']} |")
+        lines.append(f"| {m}{' (default)' if m == r.get('default') else ''} | "
+                     + " | ".join(f"{e['spearman'][s]} {e['spearman_ci95'][s]}" for s in stages)
+                     + f" | {e.get('spearman_layers_vs_sensitivity', '')} | {e['seconds']} |")
+    if r.get("paired_diff_vs_default_ci95"):
+        refs = [*stages, "layers_vs_sensitivity"]
+        lines += ["", f"Paired bootstrap of the difference in Spearman to the default ({r['default']}), the same "
+                  "resampled units for both, 95% interval (an interval holding 0: not a difference):", "",
+                  "| estimator | " + " | ".join(f"vs {x}" for x in refs) + " |", "|---|" + "---:|" * len(refs)]
+        for m, d in r["paired_diff_vs_default_ci95"].items():
+            lines.append(f"| {m} | " + " | ".join(str(d.get(x)) for x in refs) + " |")
     lines += ["", "Per-group truth (NLL cost of nf4 instead of int8, ± standard error of the fit):", ""]
     for s, t in r["truth"].items():
         lines.append(f"* {s}: " + ", ".join(f"{g:.4f} ± {e:.4f}" for g, e in zip(t["gain_nf4_to_int8"], t["gain_se"])))

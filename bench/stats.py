@@ -28,3 +28,19 @@ def bootstrap_spearman(a, b, n: int = 2000, seed: int = 0) -> list:
     if not vals:   # a constant input: no rank correlation
         return [None, None]
     return [round(float(np.percentile(vals, 2.5)), 3), round(float(np.percentile(vals, 97.5)), 3)]
+
+
+def bootstrap_spearman_diff(a, b, truth, n: int = 2000, seed: int = 0) -> list:
+    """95% percentile interval of ``spearman(a, truth) - spearman(b, truth)`` over ``n`` paired resamples
+    (the same resampled units for both): whether ``a`` ranks ``truth`` better than ``b`` beyond noise."""
+    rng = np.random.default_rng(seed)
+    a, b, truth = np.asarray(a), np.asarray(b), np.asarray(truth)
+    vals = []
+    for _ in range(n):
+        idx = rng.integers(0, len(a), len(a))
+        v = spearman(a[idx], truth[idx]) - spearman(b[idx], truth[idx])
+        if np.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return [None, None]
+    return [round(float(np.percentile(vals, 2.5)), 3), round(float(np.percentile(vals, 97.5)), 3)]

@@ -169,14 +169,16 @@ def to_markdown(r: dict) -> str:
         e = r["estimators"][m]
         lines.append(f"| {m}{' (default)' if m == r.get('default') else ''} | "
                      + " | ".join(f"{e['spearman'][s]} {e['spearman_ci95'][s]}" for s in stages)
-                     + f" | {e.get('spearman_layers_vs_sensitivity', '')} | {e['seconds']} |")
+                     + f" | {e.get('spearman_layers_vs_sensitivity', '')}{' (the reference)' if m == 'sensitivity' else ''}"
+                     + f" | {e['seconds']} |")
     if r.get("paired_diff_vs_default_ci95"):
         refs = [*stages, "layers_vs_sensitivity"]
         lines += ["", f"Paired bootstrap of the difference in Spearman to the default ({r['default']}), the same "
                   "resampled units for both, 95% interval (an interval holding 0: not a difference):", "",
                   "| estimator | " + " | ".join(f"vs {x}" for x in refs) + " |", "|---|" + "---:|" * len(refs)]
         for m, d in r["paired_diff_vs_default_ci95"].items():
-            lines.append(f"| {m} | " + " | ".join(str(d.get(x)) for x in refs) + " |")
+            lines.append(f"| {m} | " + " | ".join("(the reference)" if m == "sensitivity" and x == "layers_vs_sensitivity"
+                                                  else str(d.get(x)) for x in refs) + " |")
     lines += ["", "Per-group truth (NLL cost of nf4 instead of int8, ± standard error of the fit):", ""]
     for s, t in r["truth"].items():
         lines.append(f"* {s}: " + ", ".join(f"{g:.4f} ± {e:.4f}" for g, e in zip(t["gain_nf4_to_int8"], t["gain_se"])))

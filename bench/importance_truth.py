@@ -83,7 +83,14 @@ def score_estimators(pruned: Path, job) -> tuple[dict, str]:
                         "draws it; the landscape's model was pruned on the split of its recording commit)")
 
 
-def recorded_estimators(out: Path) -> tuple[dict, str, str]:
+def model_fingerprint(meta: dict) -> str:
+    """The landscape's pruned model, as its metadata pins it: exact per-group memory tables and the layer
+    scores recorded with it."""
+    import hashlib
+    return hashlib.sha256(json.dumps([meta["group_costs"], meta["layer_scores"]], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recorded_estimators(out: Path, fingerprint: str) -> tuple[dict, str, str, str | None]:
     """The scores of the last full run (``importance_truth.json``): the estimators' scores depend only on the
     landscape's pruned model, so a refit of the truth on a grown landscape can reuse them."""
     path = out.with_suffix(".json")
@@ -92,8 +99,12 @@ def recorded_estimators(out: Path) -> tuple[dict, str, str]:
                          "landscape's pruned model instead (python bench/importance_truth.py without the flag)")
     old = json.loads(path.read_text())
     scored_at = old.get("scores_commit") or old["commit"]
+    if old.get("landscape_model") not in (None, fingerprint):
+        raise SystemExit(f"--reuse-scores: the scores in {path} were computed for another landscape model "
+                         f"({old['landscape_model']} != {fingerprint}: its memory tables or recorded scores "
+                         "differ); score the current one instead (without the flag)")
     estimators = {m: {k: e[k] for k in ("seconds", "layer_scores", "group_scores")} for m, e in old["estimators"].items()}
-    return estimators, old["calibration"], scored_at
+    return estimators, old["calibration"], scored_at, old.get("landscape_model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                              "landscape's pruned model)")
     parser.add_argument("--out", type=Path, default=OUT, help="output path without suffix (.json and .md)")
     args = parser.parse_args(argv)
-    table, _ = landscape.load()
+    table, meta = landscape.load()
+    fingerprint = model_fingerprint(meta)
     truths = {s: t for s in ("zero", "demo") if (t := truth(table, s))}
     if not truths:
         raise SystemExit("no landscape stage has enough recorded plans: run bench/landscape.py record first")
@@ -118,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
                          "stage's first trials (code after the calibration-split change prunes differently); "
                          "or refit the truth with the recorded scores: python bench/importance_truth.py --reuse-scores")
     if args.reuse_scores:
-        estimators, calibration, scored_at = recorded_estimators(args.out)
+        estimators, calibration, scored_at, scored_for = recorded_estimators(args.out, fingerprint)
     else:
-        (estimators, calibration), scored_at = score_estimators(pruned, job), None
+        (estimators, calibration), scored_at, scored_for = score_estimators(pruned, job), None, fingerprint
     parts = landscape.groups(len(next(iter(estimators.values()))["layer_scores"]))
     measured = estimators["sensitivity"]["layer_scores"]   # each layer alone in nf4: KL of the predictions
     for method, e in estimators.items():
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
               "calibration": calibration, "groups": parts, "truth": truths, "estimators": estimators,
               "ranked_by": first, "ranked": ranked, "default": default,
               "paired_diff_vs_default_ci95": versus}
+    # the model the scores belong to (None: scores recorded before this was kept; not checked)
+    result["landscape_model"] = scored_for
     if scored_at:
         result["scores_commit"] = scored_at   # the scores were computed then, on the same pruned model
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -161,8 +175,10 @@ def to_markdown(r: dict) -> str:
              f"Command: `{r['command']}` at commit `{r['commit'][:10]}`{' (uncommitted changes)' if r.get('dirty') else ''}; "
              f"{r['machine']}, {r['date']}.", ""]
     if r.get("scores_commit"):
-        lines += [f"**Scores reused** from the run at commit `{r['scores_commit'][:10]}` (same pruned model, "
-                  "`--reuse-scores`): this run refitted the truth on the current landscape only.", ""]
+        lines += [f"**Scores reused** from the run at commit `{r['scores_commit'][:10]}` (`--reuse-scores`; "
+                  + ("checked to be the landscape's model" if r.get("landscape_model") else
+                     "scored on the landscape's own pruned model, recorded before the check of the model's "
+                     "fingerprint existed") + "): this run refitted the truth on the current landscape only.", ""]
     lines += ["| estimator | " + " | ".join(f"Spearman vs {s} [95% bootstrap over groups]" for s in stages)
              + " | Spearman, 30 layers vs measured sensitivity | seconds |", "|---|" + "---:|" * (len(stages) + 2)]
     for m in r["ranked"]:

@@ -84,7 +84,10 @@ def recorded(runs_file: Path, long: int) -> set:
             if r.get("long") == long}
 
 
-def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work: Path, shard=(0, 1)) -> None:
+def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work: Path, shard=(0, 1)) -> int:
+    """Train this shard's missing runs; returns how many runs of the whole design are still unrecorded."""
+    import fcntl
+
     import torch
 
     from qpruner import job as driver
@@ -96,11 +99,14 @@ def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work:
     if shard[1] > 1:   # N processes share the machine's cores (as Ray trials do, cpus_per_trial each)
         import os
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard[1]))
+    started = stamp()   # the code this process runs: commits made while it runs did not change it
     job = bench_job(model, work)   # its pruned model and scores are cached in <work>/loftq_bench/
-    pruned = driver.load_or_prune(job, torch.device("cpu"))
     out = job.results_path
     out.mkdir(parents=True, exist_ok=True)
-    scores = driver.load_or_score(job, pruned.model, pruned.splits.calib, out / "layer_scores.json").scores
+    with open(out / ".prepare.lock", "w") as lock:   # shards started together: one prunes and scores, the rest wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        pruned = driver.load_or_prune(job, torch.device("cpu"))
+        scores = driver.load_or_score(job, pruned.model, pruned.splits.calib, out / "layer_scores.json").scores
     layout = ModelLayout.from_model(pruned.model)
     config_dict, state = models.model_state(pruned.model)
     every = max(1, min(steps, 10))
@@ -127,10 +133,12 @@ def record(model: str, steps: int, long: int, seeds: int, runs_file: Path, work:
         nll = {0: r.nll_before, **{x["step"]: math.log(x["perplexity"]) for x in reports}, r.train_steps: r.nll}
         row = {"plan": label, "code": plan.code(), "avg_bits": round(r.avg_bits, 3), "variant": variant,
                "seed": seed, "long": long, "nll": {str(k): round(v, 5) for k, v in sorted(nll.items())},
-               "nll_se_final": round(r.nll_se, 5), "seconds": round(time.perf_counter() - t, 1), **stamp()}
+               "nll_se_final": round(r.nll_se, 5), "seconds": round(time.perf_counter() - t, 1), **started}
         with runs_file.open("a") as f:   # one line per finished run: a kill loses at most the run in progress
             f.write(json.dumps(row) + "\n")
         print(f"{label} {variant} seed {seed}: NLL {row['nll']}", flush=True)
+    have = recorded(runs_file, long)
+    return sum((plan.code(), variant, seed, long) not in have for _, plan, variant, seed in every_run)
 
 
 def report(runs_file: Path, out: Path, demo_steps: int) -> dict:
@@ -230,9 +238,10 @@ def main(argv=None) -> int:
     runs = args.out / "loftq_runs.jsonl"
     if not args.report:
         work = ROOT / "results" if args.out == ROOT / "results" / "bench" else args.out   # never in results/bench
-        record(args.model, args.steps, args.long, args.seeds, runs, work, shard)
-        if shard[1] > 1 and len(recorded(runs, args.long)) < len(SHARES) * len(VARIANTS) * args.seeds:
-            print(f"shard {args.shard} done; the report is written by the shard that finishes last, or by --report")
+        missing = record(args.model, args.steps, args.long, args.seeds, runs, work, shard)
+        if missing:
+            print(f"shard {args.shard} done, {missing} runs of other shards still missing; the report is written by "
+                  "the shard that finishes last, or by --report")
             return 0
     report(runs, args.out / "loftq", args.steps)
     return 0

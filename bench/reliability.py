@@ -200,8 +200,9 @@ def write(rounds: list[dict]) -> None:
         f"{total['raw_path_failures']} |", "",
         "A trial whose training completed before a kill is not trained again: the worker stores its result in "
         "the trial's checkpoint before the driver hears of it, and the resumed driver recovers it from there "
-        "(`qpruner.search.run.recover_results`). An extra training happens only when a kill lands before that "
-        "checkpoint is written (the interrupted trial starts over).", "",
+        "(`qpruner.search.run.recover_results`; local storage, as here — under an `s3://` storage_path such a "
+        "trial is trained again). An extra training happens only when a kill lands before that checkpoint is "
+        "written (the interrupted trial starts over).", "",
     ]
     OUT.with_suffix(".md").write_text("\n".join(lines))
 

@@ -73,18 +73,19 @@ IMPORTANCE_TRUTH = ROOT / "results" / "bench" / "importance_truth.json"
 
 
 def prior_scores(meta: dict, method: str) -> tuple[str, list[float], str]:
-    """(method, per-group scores, where from) of the searchers' prior: the scores recorded with the landscape
-    (``landscape``, or their own method's name), or another estimator's scores of the very same pruned model
-    from ``importance_truth.json``."""
+    """(method, per-group scores, where from) of the searchers' prior: an estimator's scores of the
+    landscape's pruned model from ``importance_truth.json`` (every estimator there on the same calibration
+    split, so that two priors differ by the estimator only), or ``landscape``: the scores recorded with the
+    landscape itself (also the fallback for their own method)."""
     recorded = meta["layer_scores"]["method"]
-    if method in ("landscape", recorded):
-        return recorded, list(meta["group_scores"]), "recorded with the landscape"
-    if IMPORTANCE_TRUTH.is_file():
+    if method != "landscape" and IMPORTANCE_TRUTH.is_file():
         truth = json.loads(IMPORTANCE_TRUTH.read_text())
         est = truth.get("estimators", {}).get(method)
         if est and len(est["group_scores"]) == len(meta["group_scores"]):
             at = (truth.get("scores_commit") or truth["commit"])[:10]
             return method, list(est["group_scores"]), f"results/bench/importance_truth.json (scored at {at})"
+    if method in ("landscape", recorded):
+        return recorded, list(meta["group_scores"]), "recorded with the landscape"
     raise SystemExit(f"--scores {method}: the landscape recorded {recorded} scores and {IMPORTANCE_TRUTH} has no "
                      f"{method} scores of its pruned model; run bench/importance_truth.py, or use --scores landscape")
 

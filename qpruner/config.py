@@ -90,7 +90,8 @@ class ScoreConfig:
     method: str = opt("mutual_information",
                       choices=("fisher", "taylor", "block_influence", "mutual_information", "sensitivity"),
                       help="unit importance estimator (formulas in qpruner/unit_importance.py); "
-                           "mutual_information ranks closest to the measured truth at twice fisher's cost")
+                           "mutual_information ranks closest to the measured truth of the estimators without a "
+                           "quantized forward pass per unit (sensitivity), at about twice fisher's cost")
     samples: Optional[int] = opt(None, min=1, help="calibration samples used (default: all)")
 
 
@@ -167,7 +168,7 @@ class FinetuneConfig:
         if self.batch_size % micro:
             problems.append(f"finetune.batch_size ({self.batch_size}) must be a multiple of finetune.micro_batch_size "
                             f"({micro})")
-        if not self.target_modules:
+        if not self.target_modules and _CHECK_FILES.get():   # a new job (see _check_layer_range)
             problems.append(f"finetune.target_modules: empty, so LoRA would train nothing; name one or more of "
                             f"{list(LINEAR_NAMES)}")
         return problems
@@ -301,7 +302,7 @@ def _check_metrics(job: "JobConfig") -> list[str]:
                             f"{list(ONLINE_TASKS)}" + _did_you_mean(task, ONLINE_TASKS))
     known = metric_names(job)
     wanted = [("search.metric", job.search.metric)] + [(f"search.objective.{k}", k) for k in (job.search.objective or {})]
-    if job.search.objective is not None and not any(w for w in job.search.objective.values()):
+    if job.search.objective and not any(w for w in job.search.objective.values()) and _CHECK_FILES.get():
         problems.append(f"search.objective: every weight is 0 ({job.search.objective}), so every plan would score "
                         "the same; give one metric a non-zero weight, or leave the objective out (search.metric)")
     return problems + [f"{where}: unknown metric {name!r}; known: {', '.join(known)}" + _did_you_mean(name, known)
@@ -312,12 +313,17 @@ KNOWN_LAYER_COUNTS = {"tiny": 4, "builtin:smollm2-135m": 30}   # decoder layers 
 
 
 def _check_layer_range(job: "JobConfig") -> list[str]:
-    """``prune.layer_start`` / ``layer_end`` give a non-empty range: always when both count from the same end,
-    exactly when the model's layer count is known before loading (built-ins, a local config.json)."""
+    """``prune.layer_start`` / ``layer_end`` give a range ``start <= end``: always checked when both count from
+    the same end, exactly when the model's layer count is known before loading (built-ins, a local
+    config.json). Like the other checks added after runs were recorded (empty finetune.target_modules, an
+    all-zero objective), only for a new job: a stored job.yaml of an earlier run (check_files=False) is
+    still read, so that its status, report and export keep working."""
+    if not _CHECK_FILES.get():
+        return []
     start, end = job.prune.layer_start, job.prune.layer_end
     where = f"prune.layer_start={start}, prune.layer_end={end}"
-    if (start < 0) == (end < 0) and start >= end:
-        return [f"{where}: the pruned layers [start, end) are empty; start must be before end"]
+    if (start < 0) == (end < 0) and start > end:
+        return [f"{where}: the pruned layers [start, end) run backwards; start must not be after end"]
     n = KNOWN_LAYER_COUNTS.get(job.model.source)
     config = Path(job.model.source).expanduser() / "config.json"
     if n is None and _CHECK_FILES.get() and config.is_file():
@@ -328,9 +334,9 @@ def _check_layer_range(job: "JobConfig") -> list[str]:
     if n is None:
         return []
     lo, hi = (start + n if start < 0 else start), (end + n if end < 0 else end)
-    if not 0 <= lo < hi <= n:
+    if not 0 <= lo <= hi <= n:
         return [f"{where}: give layers [{lo}, {hi}) but {job.model.source} has {n} decoder layers; "
-                f"expected 0 <= start < end <= {n} (negative values count from the end)"]
+                f"expected 0 <= start <= end <= {n} (negative values count from the end)"]
     return []
 
 

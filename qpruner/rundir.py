@@ -200,9 +200,13 @@ class RunDir:
         from . import __version__
         old = self.read_marker() or {}
         # run_id names the run's folder under a shared search.storage_path: a fresh search gets a new one, so
-        # it never writes into (or moves) the Tune experiment of another run, even one of the same name; a
-        # continued run keeps its own (a run from before run ids has none and keeps its name-only folder)
-        run_id = uuid.uuid4().hex[:12] if searched and not continuing else old.get("run_id")
+        # it never writes into (or resumes) the Tune experiment of another run, even one of the same name; a
+        # continued run keeps its own; a run searched before run ids (identity, no run_id) keeps none, i.e.
+        # its name-only folder, and so stays resumable
+        if searched and not continuing:
+            run_id = uuid.uuid4().hex[:12]
+        else:
+            run_id = old.get("run_id") or (None if old.get("identity") else uuid.uuid4().hex[:12])
         record = {"version": __version__, "created": old.get("created", time.time()), "job": job.name,
                   "identity": identity(job) if searched else old.get("identity"),
                   "trial_key": trial_key(job) if searched else old.get("trial_key"),
@@ -423,9 +427,11 @@ def open_for_search(job, resume: bool = False, overwrite: bool = False) -> tuple
 
 
 def set_aside_experiment(job, run: RunDir) -> str | None:
-    """Before a fresh Tuner: rename an existing local experiment folder aside (never deleted)."""
+    """Before a fresh Tuner: rename an existing local experiment folder (``results/<job>/ray/tune``) aside,
+    never deleted. Under a shared ``search.storage_path`` nothing is moved: every fresh search has a folder
+    of its own there (``<name>-<run id>``), and the folders there may belong to other runs."""
     where = experiment_dir(job, run)
-    if "://" in where or not os.path.isdir(where):
+    if job.search.storage_path or "://" in where or not os.path.isdir(where):
         return None
     target = f"{where}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 1

@@ -112,8 +112,8 @@ def test_search_benchmark_prior_scores_come_from_the_same_pruned_model():
     import search_bench as sb
     meta = {"layer_scores": {"method": "fisher"}, "group_scores": [1.0] * 8}
     assert sb.prior_scores(meta, "landscape") == ("fisher", [1.0] * 8, "recorded with the landscape")
-    assert sb.prior_scores(meta, "fisher")[1] == [1.0] * 8
-    truth = json.loads(sb.IMPORTANCE_TRUTH.read_text())
+    truth = json.loads(sb.IMPORTANCE_TRUTH.read_text())   # every estimator from one file: one calibration split
+    assert sb.prior_scores(meta, "fisher")[1] == truth["estimators"]["fisher"]["group_scores"]
     method, scores, source = sb.prior_scores(meta, "mutual_information")
     assert scores == truth["estimators"]["mutual_information"]["group_scores"] and "importance_truth" in source
     with pytest.raises(SystemExit, match="no bogus scores"):
@@ -169,6 +169,24 @@ def test_loftq_benchmark_records_resumably_and_reports_paired_differences(tmp_pa
     res = json.loads((tmp_path / "loftq.json").read_text())
     assert set(res["paired_vs_plain"]) == {"loftq", "loftq x4", "loftq unbalanced"}
     assert res["paired_vs_plain"]["loftq"]["0"]["n"] == 3 and "REAL trials" in res["what"]
+
+
+def test_loftq_benchmark_shards_split_the_runs_and_the_last_one_reports(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "loftq_bench.py"), "--model", "tiny", "--steps", "1", "--long", "1",
+           "--seeds", "2", "--out", str(tmp_path)]
+    first = subprocess.run(cmd + ["--shard", "0/2"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and "12 runs of other shards still missing" in first.stdout, first.stderr[-3000:]
+    assert not (tmp_path / "loftq.json").exists()                    # half a design: no report yet
+    second = subprocess.run(cmd + ["--shard", "1/2"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "loftq_runs.jsonl").read_text().splitlines()]
+    keys = {(r["code"], r["variant"], r["seed"]) for r in rows}
+    assert len(rows) == len(keys) == 3 * 4 * 2                          # every run once, none twice
+    res = json.loads((tmp_path / "loftq.json").read_text())
+    by_plan = res["paired_by_plan"]["loftq"]
+    assert len(by_plan) == 3 and all(d["1"]["n"] == 2 for d in by_plan.values())
+    bad = subprocess.run(cmd + ["--shard", "2/2"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--shard" in bad.stderr
 
 
 def test_memory_claim_prices_the_pruned_shapes(tmp_path):
@@ -245,6 +263,15 @@ def test_importance_truth_refits_the_truth_with_recorded_scores(tmp_path):
         lo, hi = e["spearman_ci95"]["zero"]
         assert -1 <= lo <= e["spearman"]["zero"] <= hi <= 1
     assert "**Scores reused** from the run at commit" in (tmp_path / "it.md").read_text()
+    # the refit is a real computation: the Spearman values follow from the scores and the recorded landscape
+    sys.path.insert(0, str(ROOT / "bench"))
+    from stats import spearman
+    fisher = res["estimators"]["fisher"]
+    assert fisher["spearman"]["zero"] == round(spearman(fisher["group_scores"], res["truth"]["zero"]["gain_nf4_to_int8"]), 3)
+    # scores recorded for another landscape model are refused, not reused
+    (tmp_path / "other.json").write_text(json.dumps({**recorded, "landscape_model": "0" * 16}))
+    proc = subprocess.run(script + ["--out", str(tmp_path / "other")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "another landscape model" in proc.stderr
 
 
 def test_landscape_export_never_drops_recorded_trials(tmp_path, monkeypatch):
@@ -265,3 +292,24 @@ def test_landscape_export_never_drops_recorded_trials(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"would drop recorded trials .*'zero': 254"):
         landscape.export(out)
     assert out.with_suffix(".parquet").read_bytes() == before
+
+
+def test_provenance_dirty_means_changed_code_not_a_growing_result_file(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import provenance
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "runs.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    assert provenance.stamp()["dirty"] is False
+    (tmp_path / "results" / "runs.jsonl").write_text("{}\n{}\n")      # a benchmark appended a row
+    assert provenance.stamp()["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")                       # the code changed
+    assert provenance.stamp()["dirty"] is True

@@ -116,8 +116,8 @@ def test_joint_pruning_amounts_are_validated():
 
 @pytest.mark.parametrize("overrides, expected", [
     (["policy.bits=[]"], "policy.bits: expected distinct values"),            # was a min() traceback
-    (["prune.layer_start=5", "prune.layer_end=2"], "pruned layers [start, end) are empty"),
-    (["prune.layer_start=-2", "prune.layer_end=-5"], "pruned layers [start, end) are empty"),
+    (["prune.layer_start=5", "prune.layer_end=2"], "pruned layers [start, end) run backwards"),
+    (["prune.layer_start=-2", "prune.layer_end=-5"], "pruned layers [start, end) run backwards"),
     (["model.source=tiny", "prune.layer_start=5"], "tiny has 4 decoder layers"),
     (["prune.layer_start=0", "prune.layer_end=31"], "builtin:smollm2-135m has 30 decoder layers"),
     (["finetune.target_modules=[]"], "LoRA would train nothing"),
@@ -126,6 +126,17 @@ def test_joint_pruning_amounts_are_validated():
 def test_inputs_that_failed_only_after_loading_are_refused_before_any_work(overrides, expected):
     problems = _problems({"model": {"source": "builtin:smollm2-135m"}}, overrides)
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_a_stored_job_of_an_earlier_run_is_still_read_and_an_empty_objective_is_none():
+    """Checks added after runs were recorded apply to new jobs only: status/report/export still read an old
+    job.yaml (check_files=False). An empty objective mapping means no objective, as before."""
+    old = {"model": {"source": "tiny"}, "prune": {"layer_start": 2, "layer_end": 2},
+           "search": {"objective": {"accuracy": 0.0}}}
+    job = build_job(old, check_files=False)
+    assert job.prune.layer_start == job.prune.layer_end == 2
+    assert build_job({"model": {"source": "tiny"}, "prune": {"layer_start": 2, "layer_end": 2}}).prune.layer_end == 2
+    assert not build_job({"model": {"source": "tiny"}, "search": {"objective": {}}}).search.objective
 
 
 def test_layer_range_of_a_local_model_is_checked_from_its_config(tmp_path):

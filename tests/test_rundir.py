@@ -327,3 +327,27 @@ def test_runs_of_one_name_sharing_a_storage_path_never_share_an_experiment(tmp_p
         run.write_marker(job, searched=False)                       # `qpruner prune` keeps it too
         assert rundir.experiment_dir(job, run) == folders[-1] + "/tune"
     assert folders[0] != folders[1] and all(f.startswith("s3://bucket/q/r-") for f in folders)
+
+
+def test_a_fresh_search_never_resumes_or_moves_another_runs_experiment(tmp_path):
+    """A legacy run of the same name (folder <storage>/<name>/tune, from before run ids) sits in a shared
+    storage_path; this directory was only pruned so far: its search starts its own experiment."""
+    storage = tmp_path / "shared"
+    (storage / "r" / "tune").mkdir(parents=True)
+    (storage / "r" / "tune" / "tuner.pkl").write_bytes(b"")          # another machine's run of 'r'
+    job = _job(tmp_path / "mine", **{"search.storage_path": str(storage)})
+    run = rundir.RunDir(job.results_path)
+    run.path.mkdir(parents=True)
+    run.write_marker(job, searched=False)                              # `qpruner prune` wrote the directory
+    assert rundir.storage_dir(job, run.path) != str(storage / "r")
+    opened, continuing = rundir.open_for_search(job)
+    assert not continuing
+    assert rundir.set_aside_experiment(job, opened) is None
+    assert (storage / "r" / "tune" / "tuner.pkl").is_file()            # untouched
+    # a run searched before run ids (identity, no run_id) keeps its name-only folder: still resumable
+    legacy = _job(tmp_path / "old", **{"search.storage_path": str(storage)})
+    old = rundir.RunDir(legacy.results_path)
+    old.path.mkdir(parents=True)
+    old.marker.write_text(json.dumps({"job": "r", "identity": rundir.identity(legacy)}))
+    old.write_marker(legacy, searched=True, continuing=True)
+    assert rundir.storage_dir(legacy, old.path) == str(storage / "r")

@@ -203,6 +203,7 @@ class RunDir:
         # it never writes into (or resumes) the Tune experiment of another run, even one of the same name; a
         # continued run keeps its own; a run searched before run ids (identity, no run_id) keeps none, i.e.
         # its name-only folder, and so stays resumable
+        run_id: str | None
         if searched and not continuing:
             run_id = uuid.uuid4().hex[:12]
         else:

@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -51,6 +52,7 @@ JOB_FILE = "job.yaml"
 TRIALS_FILE = "trials.parquet"
 PARETO_FILE = "pareto.parquet"
 # settings that change where and how visibly a run executes, never what it computes
+logger = logging.getLogger(__name__)
 RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", "search.dashboard", "search.keep_dashboard",
                 "search.verbose", "search.loggers", "search.metrics_linger_s", "search.storage_path", "search.max_failures")
 # of these sections, every key changes a trained trial's result
@@ -366,12 +368,20 @@ def experiment_dir(job, run: RunDir) -> str:
 
 
 def can_restore(job, run: RunDir) -> bool:
-    """Whether a Tune experiment to resume exists (a local check needs no Ray import)."""
-    where = experiment_dir(job, run)
+    """Whether a Tune experiment to resume exists: its ``tuner.pkl`` and an ``experiment_state-*.json``. A
+    driver killed while the search was starting can leave the first without the second, which Tune cannot
+    restore (it would start over inside the old folder); such a run continues from trials.parquet instead."""
+    names = _experiment_files(experiment_dir(job, run))
+    return "tuner.pkl" in names and any(n.startswith("experiment_state-") and n.endswith(".json") for n in names)
+
+
+def _experiment_files(where: str) -> set[str]:
+    """Names of the files directly in the experiment folder (local path or URI); empty when absent."""
     if "://" not in where:
-        return (Path(where) / "tuner.pkl").is_file()
-    from ray import tune
-    return tune.Tuner.can_restore(where)
+        return {p.name for p in Path(where).iterdir()} if Path(where).is_dir() else set()
+    import pyarrow.fs as pafs
+    fs, path = pafs.FileSystem.from_uri(where)
+    return {info.base_name for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
 
 
 def open_for_search(job, resume: bool = False, overwrite: bool = False) -> tuple[RunDir, bool]:
@@ -420,6 +430,12 @@ def open_for_search(job, resume: bool = False, overwrite: bool = False) -> tuple
                            "old run aside (it is never deleted) and start this one")
     restorable = can_restore(job, run) and not legacy
     if resume and not restorable:
+        if not legacy and (run.has_trials() or "tuner.pkl" in _experiment_files(experiment_dir(job, run))):
+            # killed while the search was starting (Tune's state incomplete) or its state lost: the run goes
+            # on from trials.parquet in a fresh Tune experiment (the old folder is set aside, not deleted)
+            logger.warning("--resume: %s has no complete Ray Tune state to restore (%s); continuing from its "
+                           "trials.parquet with a fresh Tune experiment", run.path, experiment_dir(job, run))
+            return run, False
         why = ("was written by an earlier qpruner, whose Tune state this one cannot restore; run without --resume: "
                "a fresh search continues from its trials.parquet (trained plans are answered from it)") if legacy \
             else f"has no Ray Tune experiment to resume ({experiment_dir(job, run)}); run without --resume"

@@ -37,6 +37,7 @@ def _started(job):
     run.write_job(job)
     (run.path / "ray" / "tune").mkdir(parents=True)
     (run.path / "ray" / "tune" / "tuner.pkl").write_bytes(b"")
+    (run.path / "ray" / "tune" / "experiment_state-2026-01-01_00-00-00.json").write_text("{}")
     pd.DataFrame([{"trial_id": "a", "status": "ok"}]).to_parquet(run.trials_file)
     return run
 
@@ -351,3 +352,17 @@ def test_a_fresh_search_never_resumes_or_moves_another_runs_experiment(tmp_path)
     old.marker.write_text(json.dumps({"job": "r", "identity": rundir.identity(legacy)}))
     old.write_marker(legacy, searched=True, continuing=True)
     assert rundir.storage_dir(legacy, old.path) == str(storage / "r")
+
+
+def test_resume_after_a_kill_during_start_up_continues_from_the_trials(tmp_path):
+    """Killed between Tune's tuner.pkl and its first experiment state: Tune cannot restore that (it would
+    start over in the old folder); --resume goes on from trials.parquet with a fresh experiment instead."""
+    job = _job(tmp_path)
+    run = _started(job)
+    for state in (run.path / "ray" / "tune").glob("experiment_state-*.json"):
+        state.unlink()
+    assert not rundir.can_restore(job, run)
+    opened, continuing = rundir.open_for_search(job, resume=True)
+    assert not continuing and opened.path == run.path
+    moved = rundir.set_aside_experiment(job, opened)                   # the partial folder is kept, aside
+    assert moved and (Path(moved) / "tuner.pkl").is_file()

@@ -91,8 +91,9 @@ def stage_job(stage: str):
                            "search.searcher=points", "search.save_adapters=false", "search.metric=perplexity",
                            "search.objective=null", "search.max_concurrent=2", "search.cpus_per_trial=1",
                            "search.num_cpus=2", "search.scheduler=none", "eval.before_finetune=false",
-                           # recorded with Fisher scores (the default before mutual_information): same run identity
-                           "score.method=fisher"])
+                           # recorded with Fisher scores and LoftQ initialisation (the defaults when it was
+                           # recorded): pinned, so that the stages keep their run identity and stay reproducible
+                           "score.method=fisher", "finetune.init=loftq"])
 
 
 def record(stage: str, limit: int | None = None) -> None:

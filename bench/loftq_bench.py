@@ -3,8 +3,8 @@
 Plans: the landscape's 8 contiguous layer groups, with 25%, 50% and 75% of them in nf4 (the least
 important first by the project's Fisher scores, as the searcher's prior would choose) and the rest
 int8 — real mixes, where LoftQ changes the nf4 layers and leaves the int8 ones alone.
-Variants: ``plain``; ``loftq`` (1 iteration, balanced: the default); ``loftq x4`` (4 iterations,
-balanced); ``loftq unbalanced`` (1 iteration, no rescaling of the factors).
+Variants: ``plain``; ``loftq`` (1 iteration, balanced: the default when recording began); ``loftq x4`` (4 iterations,
+balanced: the default since this benchmark); ``loftq unbalanced`` (1 iteration, no rescaling of the factors).
 Steps: held-out NLL (64 x 128 tokens) at 0 steps, the demo's 10, 4x that (40) and a long run
 (``--long``, 120), every 10 steps in between; 3 fine-tuning seeds each.
 

@@ -58,7 +58,7 @@ def bench_job(model: str, work: Path, amounts: list[float], fixed: float, trials
                  f"prune.param_ratio={fixed}", "policy.bits=[4, 8]", "policy.budget_avg_bits=null",
                  f"search.num_trials={trials}", "search.save_adapters=false", "search.metric=perplexity",
                  "search.max_concurrent=2", "search.cpus_per_trial=1", "search.num_cpus=2", "search.verbose=0",
-                 "score.method=fisher", "finetune.init=loftq"]   # as recorded: a rerun continues the same searches
+                 "score.method=fisher", "finetune.init=loftq", "finetune.loftq_iters=1"]   # as recorded
     if steps is not None:
         overrides.append(f"finetune.steps={steps}")
     if model == "tiny":

@@ -93,7 +93,7 @@ def stage_job(stage: str):
                            "search.num_cpus=2", "search.scheduler=none", "eval.before_finetune=false",
                            # recorded with Fisher scores and LoftQ initialisation (the defaults when it was
                            # recorded): pinned, so that the stages keep their run identity and stay reproducible
-                           "score.method=fisher", "finetune.init=loftq"])
+                           "score.method=fisher", "finetune.init=loftq", "finetune.loftq_iters=1"])
 
 
 def record(stage: str, limit: int | None = None) -> None:

@@ -147,38 +147,36 @@ def report(runs_file: Path, out: Path, demo_steps: int) -> dict:
         raise SystemExit(f"nothing recorded in {runs_file} yet: run `python bench/loftq_bench.py` first")
     steps = sorted({int(k) for r in rows for k in r["nll"]})
     marks = [s for s in steps if s in (0, demo_steps, 4 * demo_steps) or s == steps[-1]]
-    table, paired = {}, {}
+    def diff(variant: str, base: str, step: int, plan: str | None = None) -> dict | None:
+        """Mean ± SE of ``variant - base`` NLL at ``step``, paired by plan and fine-tuning seed."""
+        d = [r["nll"][str(step)] - b["nll"][str(step)] for r in rows for b in rows
+             if r["variant"] == variant and b["variant"] == base and r["plan"] == b["plan"] and r["seed"] == b["seed"]
+             and (plan is None or r["plan"] == plan) and str(step) in r["nll"] and str(step) in b["nll"]]
+        if len(d) < 2:
+            return None
+        return {"mean": round(float(np.mean(d)), 4), "se": round(float(np.std(d, ddof=1) / math.sqrt(len(d))), 4),
+                "n": len(d)}
+
+    table = {}
     for variant in VARIANTS:
         for s in marks:
             vals = [r["nll"][str(s)] for r in rows if r["variant"] == variant and str(s) in r["nll"]]
             if vals:
                 table.setdefault(variant, {})[str(s)] = {"mean": round(float(np.mean(vals)), 4), "n": len(vals)}
-            if variant == "plain":
-                continue
-            diffs = [r["nll"][str(s)] - p["nll"][str(s)] for r in rows for p in rows
-                     if r["variant"] == variant and p["variant"] == "plain" and r["plan"] == p["plan"]
-                     and r["seed"] == p["seed"] and str(s) in r["nll"] and str(s) in p["nll"]]
-            if len(diffs) >= 2:
-                paired.setdefault(variant, {})[str(s)] = {
-                    "mean": round(float(np.mean(diffs)), 4),
-                    "se": round(float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))), 4), "n": len(diffs)}
-    by_plan = {}   # the same paired differences, plan by plan: does LoftQ's effect grow with the nf4 share?
-    for variant in VARIANTS:
-        if variant == "plain":
-            continue
-        for plan in sorted({r["plan"] for r in rows}):
-            for s in marks:
-                diffs = [r["nll"][str(s)] - p["nll"][str(s)] for r in rows for p in rows
-                         if r["variant"] == variant and p["variant"] == "plain" and r["plan"] == p["plan"] == plan
-                         and r["seed"] == p["seed"] and str(s) in r["nll"] and str(s) in p["nll"]]
-                if len(diffs) >= 2:
-                    by_plan.setdefault(variant, {}).setdefault(plan, {})[str(s)] = {
-                        "mean": round(float(np.mean(diffs)), 4),
-                        "se": round(float(np.std(diffs, ddof=1) / math.sqrt(len(diffs))), 4), "n": len(diffs)}
+    plans_ = sorted({r["plan"] for r in rows})
+    others = [v for v in VARIANTS if v != "plain"]
+    paired = {v: {str(s): d for s in marks if (d := diff(v, "plain", s))} for v in others}
+    # the same paired differences, plan by plan: does LoftQ's effect grow with the nf4 share?
+    by_plan = {v: {p: {str(s): d for s in marks if (d := diff(v, "plain", s, p))} for p in plans_} for v in others}
+    # LoftQ's settings against each other: more iterations, the rescaling off
+    vs_loftq = {v: {str(s): d for s in marks if (d := diff(v, "loftq", s))} for v in others if v != "loftq"}
+    paired, vs_loftq = {k: v for k, v in paired.items() if v}, {k: v for k, v in vs_loftq.items() if v}
+    by_plan = {k: {p: x for p, x in v.items() if x} for k, v in by_plan.items() if any(v.values())}
     result = {**stamp(), "what": "REAL trials (bitsandbytes nf4/int8 mixes, peft LoRA): LoftQ vs plain "
               "initialisation on the demo's pruned SmolLM2", "runs": len(rows), "plans": sorted({r["plan"] for r in rows}),
-              "steps": marks, "nll": table, "paired_vs_plain": paired, "paired_by_plan": by_plan, "source": str(runs_file.relative_to(ROOT))
-              if runs_file.is_relative_to(ROOT) else str(runs_file)}
+              "steps": marks, "nll": table, "paired_vs_plain": paired, "paired_by_plan": by_plan,
+              "paired_vs_loftq": vs_loftq, "seeds": sorted({r["seed"] for r in rows}),
+              "source": str(runs_file.relative_to(ROOT)) if runs_file.is_relative_to(ROOT) else str(runs_file)}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(result))
     print("wrote", out.with_suffix(".md"))
@@ -188,7 +186,8 @@ def report(runs_file: Path, out: Path, demo_steps: int) -> dict:
 def to_markdown(r: dict) -> str:
     lines = ["# LoftQ vs plain initialisation on real nf4/int8 mixes", "",
              f"**What this measures:** {r['what']}. Plans: {', '.join(r['plans'])} of the 8 layer groups "
-             f"(least important first), the rest int8. {r['runs']} runs recorded (`{r['source']}`).", "",
+             f"(least important first), the rest int8. {r['runs']} runs recorded (`{r['source']}`), fine-tuning seeds "
+             f"{r.get('seeds')}.", "",
              f"Command: `{r['command']}` at commit `{r['commit'][:10]}`{' (uncommitted changes)' if r.get('dirty') else ''}; "
              f"{r['machine']}, {r['date']}.", "",
              "Held-out NLL per token, mean over plans and seeds (n runs):", "",
@@ -205,6 +204,14 @@ def to_markdown(r: dict) -> str:
             cells.append("" if d is None else f"{d['mean']:+.4f} ± {d['se']:.4f}"
                          + ("" if abs(d["mean"]) > 2 * d["se"] else " (within noise)"))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if r.get("paired_vs_loftq"):
+        lines += ["", "LoftQ's settings against each other: paired difference to `loftq` (1 iteration, balanced), "
+                  "same plan and seed (negative = better than 1 iteration), mean ± SE:", "",
+                  "| variant | " + " | ".join(f"step {s}" for s in r["steps"]) + " |", "|---|" + "---:|" * len(r["steps"])]
+        for variant, by_step in r["paired_vs_loftq"].items():
+            lines.append(f"| {variant} | " + " | ".join(
+                "" if (d := by_step.get(str(s))) is None else f"{d['mean']:+.4f} ± {d['se']:.4f}"
+                + ("" if abs(d["mean"]) > 2 * d["se"] else " (within noise)") for s in r["steps"]) + " |")
     if r.get("paired_by_plan"):
         lines += ["", "The same, plan by plan (mean ± SE over seeds):", "",
                   "| variant | plan | " + " | ".join(f"step {s}" for s in r["steps"]) + " |",

@@ -127,8 +127,9 @@ def record_quality(runs_file: Path, work: Path, seeds: int, model: str = "smollm
     from qpruner.trial import TrialContext, run_trial
 
     torch.manual_seed(0)
-    # finetune.init=loftq: the initialisation its recorded trials used (memory_claim_runs.jsonl)
-    overrides = ["name=memory_claim_quality", f"results_dir={work}", "policy.bits=[4, 8, 16]", "finetune.init=loftq"]
+    # the initialisation its recorded trials used (memory_claim_runs.jsonl)
+    overrides = ["name=memory_claim_quality", f"results_dir={work}", "policy.bits=[4, 8, 16]", "finetune.init=loftq",
+                 "finetune.loftq_iters=1"]
     if model == "tiny":   # the tests' seconds-long version
         overrides += ["model.source=tiny", "data.seq_len=64", "data.calib_samples=4", "data.eval_samples=8",
                       "prune.ratio=0.5", "finetune.batch_size=2", "finetune.lora_r=4", "finetune.steps=2"]

@@ -152,7 +152,8 @@ class FinetuneConfig:
     autocast: str = opt("auto", choices=("auto", "off"), help="auto: bf16 autocast on CUDA")
     eval_every: int = opt(0, min=0, help="evaluate (and report to the search) every N steps; 0: only at the end")
     init: str = opt("loftq", choices=("loftq", "plain"), help="LoRA initialisation: LoftQ, or QLoRA-style (B = 0)")
-    loftq_iters: int = opt(1, min=1, max=20, help="LoftQ alternations of quantization and low-rank SVD")
+    loftq_iters: int = opt(4, min=1, max=20, help="LoftQ alternations of quantization and low-rank SVD (4: better "
+                                                   "than 1 after 10, 40 and 120 steps, results/bench/loftq.md)")
     loftq_balance: bool = opt(True, help="rescale LoftQ's factors so lora_A has the plain initialisation's norm")
     loftq_formats: tuple[str, ...] = opt(("nf4", "fp4"), choices=("nf4", "fp4", "int8", "bf16"),
                                          help="layers stored in these formats get LoftQ; the others plain init")

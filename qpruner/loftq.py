@@ -28,7 +28,12 @@ peft's default initialisation: the adapters start at LoftQ's correction and trai
 
 Which layers (``finetune.loftq_formats``, default 4-bit only): LoftQ is meant for large quantization
 errors (4-bit); for int8 and bf16 layers the residual is small and noise-like, and starting from it
-did not help in our measurements (``results/bench/trial.md``, ``results/bench/loftq.md``).
+did not help in our measurements (``results/bench/trial.md``).
+
+How many iterations (``finetune.loftq_iters``, default 4): on real nf4/int8 mixes of the pruned
+SmolLM2 (``results/bench/loftq.md``) 4 iterations beat 1 after 10, 40 and 120 fine-tuning steps, and
+beat plain initialisation after 10 steps (-0.04 NLL) and 40, while 1 iteration falls behind plain
+from 40 steps on.
 """
 
 from __future__ import annotations

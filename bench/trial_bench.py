@@ -2,8 +2,9 @@
 
 1. Held-out perplexity after 0, K/2 and K fine-tuning steps, for uniform nf4 with plain (QLoRA) vs
    LoftQ initialisation (the default: balanced, 4-bit layers only; and as in the paper: every layer,
-   unbalanced), and for a mixed plan (the greedy best guess at 8.5 average bits over {4, 8, 16} from
-   Fisher scores) with the same three.
+   unbalanced), and for a real nf4/int8 mix (the greedy best guess at 6.5 average bits over {4, 8, 16}
+   from the default layer scores) with the same three. One seed each: the paired, multi-seed
+   comparison of the initialisations is bench/loftq_bench.py (results/bench/loftq.md).
 2. Evaluation throughput (tokens per second of strided perplexity, items per second of
    multiple-choice scoring) of the quantized model per format, median of 3 runs.
 
@@ -37,6 +38,7 @@ from qpruner.plan import PrecisionPlan  # noqa: E402
 from qpruner.trial import TrialContext, _build_quantized, run_trial  # noqa: E402
 
 MODELS = {"smollm2": "builtin:smollm2-135m", "tiny": "tiny"}
+MIXED_BITS = 6.5  # between all-nf4 (4.15) and all-int8 (8.05): the best guess mixes nf4 and int8
 
 
 def synthetic_task(splits, tokenizer, n: int = 40):
@@ -62,9 +64,9 @@ def run(model_name: str, steps: int) -> dict:
     pruned = prune.prune_(model, splits.calib, job.prune).removed_parts()
     layout = ModelLayout.from_model(model)
     n = layout.n_layers
-    scores = unit_importance.score_units(model, splits.calib, ScoreConfig(method="fisher"))
+    scores = unit_importance.score_units(model, splits.calib, ScoreConfig())  # the product's default estimator
     memory = policy.PlanMemory(layout, QuantConfig(), "float32")
-    costs = policy.unit_costs(memory, "layer", ["nf4", "int8", "bf16"], Budget(avg_bits=8.5))
+    costs = policy.unit_costs(memory, "layer", ["nf4", "int8", "bf16"], Budget(avg_bits=MIXED_BITS))
     mixed = PrecisionPlan(tuple(("nf4", "int8", "bf16")[i] for i in policy.best_guess(scores, costs, [4, 8, 16])))
     config_dict, state = models.model_state(model)
     ft = FinetuneConfig(steps=steps, batch_size=4, lr=3e-4, eval_every=max(1, steps // 2))
@@ -72,8 +74,8 @@ def run(model_name: str, steps: int) -> dict:
                             EvalConfig(before_finetune=True), Budget(), metric="perplexity")
 
     curves = []
-    for label, plan in (("uniform nf4", PrecisionPlan.uniform("nf4", n)), ("mixed (best guess, 8.5 bits)", mixed)):
-        variants = {"plain": dict(init="plain"), "loftq": dict(init="loftq"),
+    for label, plan in (("uniform nf4", PrecisionPlan.uniform("nf4", n)), (f"mixed (best guess, {MIXED_BITS} bits)", mixed)):
+        variants = {"plain": dict(init="plain"), f"loftq ({ft.loftq_iters} iterations, default)": dict(init="loftq"),
                     "loftq, all formats, unbalanced": dict(init="loftq", loftq_balance=False,
                                                            loftq_formats=("nf4", "fp4", "int8", "bf16"))}
         for init, change in variants.items():
@@ -113,7 +115,8 @@ def to_markdown(r: dict) -> str:
     steps = sorted({int(k) for c in r["curves"] for k in c["perplexity"]})
     out = [f"# Trial fidelity benchmark: {r['model']} (pruned as the demo: {r.get('pruned', 'group ratio 0.2')})", "",
            f"Held-out perplexity ({r['eval_tokens']} tokens) after k LoRA steps (batch {r['batch']} x 128, lr {r['lr']}), "
-           f"quantized model with adapters. {r['machine']}, {r['date']}.", "", f"Command: `{r['command']}` at commit `{r['commit']}`", "",
+           f"quantized model with adapters. {r['machine']}, {r['date']}. One seed per row: for the paired, "
+           "3-seed comparison of the initialisations see `loftq.md`.", "", f"Command: `{r['command']}` at commit `{r['commit']}`", "",
            "| plan | avg bits | init | " + " | ".join(f"k={k}" for k in steps) + " | seconds |",
            "|---|---:|---|" + "---:|" * len(steps) + "---:|"]
     for c in r["curves"]:

@@ -40,8 +40,7 @@ def test_trial_benchmark_runs_on_tiny(tmp_path):
     res = json.loads((tmp_path / "trial.json").read_text())
     assert [c["init"] for c in res["curves"]][:3] == ["plain", "loftq (4 iterations, default)",
                                                       "loftq, all formats, unbalanced"]
-    mixed = {c["code"] for c in res["curves"] if c["plan"].startswith("mixed")}
-    (code,) = mixed
+    (code,) = {c["code"] for c in res["curves"] if c["plan"].startswith("mixed")}
     assert "4" in code and set(code) != {"4"}, code  # a real mix: some nf4 layers, some wider
     assert all(set(c["perplexity"]) == {"0", "1", "2"} for c in res["curves"])
     assert {t["format"] for t in res["throughput"]} == {"nf4", "int8", "bf16"}

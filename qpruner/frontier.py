@@ -50,106 +50,168 @@ def prior_gain(scores, bits) -> np.ndarray:
     return share[:, None] * frac[None, :]
 
 
-class AdditiveModel:
-    """Bayesian linear model ``y = b0 + g * p + sum_u d[u, k_u] (+ c[v])`` (see the module docstring).
+def score_shares(scores) -> np.ndarray:
+    """Scores as shares that sum to 1 (shifted to be positive; equal shares when they carry nothing)."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    s = s - s.min() if np.any(s < 0) else s
+    return s / s.sum() if s.sum() > 0 else np.full(len(s), 1.0 / len(s))
 
-    ``prior`` is ``[U, K]``, or ``[V, U, K]`` in a joint search over ``V`` pruned variants of the model:
-    each variant has its own prior shares (from its own layer scores) and a quality offset ``c[v]``
-    (``c[0] = 0``), and the deviations ``d`` are shared (a unit's sensitivity to its format changes
-    little with how much was pruned around it)."""
 
-    def __init__(self, prior: np.ndarray, relative_noise: float = 0.02, deviation_scale: float = 0.5):
-        priors = np.asarray(prior, dtype=np.float64)
-        self.priors = priors if priors.ndim == 3 else priors[None]  # [V, U, K]
-        self.V, self.U, self.K = self.priors.shape
-        self.prior = self.priors.mean(axis=0)                       # [U, K]: sizes the deviations' prior
-        self.relative_noise, self.deviation_scale = relative_noise, deviation_scale
+class StepModel:
+    """Bayesian linear model of a plan's quality over the *steps* it takes up the format ladder.
+
+    A plan puts unit ``u`` at option ``k_u`` (options in increasing bits); ``up[u, j] = 1`` when
+    ``k_u >= j``. Its quality is modelled as
+
+        y = b0 + sum_j [ G_j * sum_u share[u] up[u, j]  +  E_j * mean_u up[u, j] ]  +  sum_{u,j} d[u, j] up[u, j]  (+ c[v])
+
+    ``share`` are the layer scores as shares (the probabilistic decision's prior), so ``G_j`` says how much
+    step ``j`` gains in total where the scores point and ``E_j`` how much it gains spread evenly: the data
+    decide how far to trust the scores (measured: their rank agreement with the true gains is only ~0.5-0.8,
+    ``results/bench/importance_truth.md``). The step sizes are learnt per step, with a prior that each step
+    up gains ``step_ratio`` of the one below (measured: int8 -> bf16 is ~0.12 of nf4 -> int8 on the pruned
+    SmolLM2, ``results/bench/memory_claim.md``; the noise-power rule of :func:`prior_gain` says 0.004).
+    ``d`` lets the data overrule the shares unit by unit (prior sd ``deviation_scale`` times the unit's
+    fitted gain). Joint search over ``V`` pruned variants: one share table per variant (its own scores)
+    and an offset ``c[v]`` (``c[0] = 0``); ``d`` is shared.
+
+    Fitting is empirical Bayes in two passes (as before): the global terms with ``d`` held near 0, to size
+    the units' expected gains, then everything with ``d`` at its prior. Noise: ``relative_noise`` of the
+    observed quality range (measured plan-to-plan noise / range on the landscape: 0.0037 / 0.17 ~ 0.02).
+    """
+
+    def __init__(self, shares: np.ndarray, n_options: int, step_ratio: float = 0.12, relative_noise: float = 0.02,
+                 deviation_scale: float = 0.5):
+        sh = np.asarray(shares, dtype=np.float64)
+        self.shares = sh if sh.ndim == 2 else sh[None]            # [V, U]
+        self.V, self.U = self.shares.shape
+        self.K, self.J = n_options, max(0, n_options - 1)        # options, steps
+        self.step_ratio, self.relative_noise, self.deviation_scale = step_ratio, relative_noise, deviation_scale
         self.mean = np.zeros(self.dim)
         self.cov = np.eye(self.dim)
         self.fitted = False
 
+    # --- layout of the coefficient vector: [b0, G_1..G_J, E_1..E_J, d[u, j] (u-major), c[1..V-1]] ---
     @property
-    def n_deviations(self) -> int:
-        return self.U * (self.K - 1)
+    def n_global(self) -> int:
+        return 1 + 2 * self.J
 
     @property
     def dim(self) -> int:
-        return 2 + self.n_deviations + (self.V - 1)
+        return self.n_global + self.U * self.J + (self.V - 1)
+
+    def _devs(self) -> slice:
+        return slice(self.n_global, self.n_global + self.U * self.J)
 
     def features(self, idx_rows: np.ndarray, variants=None) -> np.ndarray:
-        idx_rows = np.atleast_2d(idx_rows)
-        n = idx_rows.shape[0]
+        rows = np.atleast_2d(np.asarray(idx_rows, dtype=int))
+        n = rows.shape[0]
         v = np.zeros(n, dtype=int) if variants is None else np.asarray(variants, dtype=int).reshape(n)
         x = np.zeros((n, self.dim))
         x[:, 0] = 1.0
-        x[:, 1] = self.priors[v[:, None], np.arange(self.U)[None, :], idx_rows].sum(axis=1)
-        cols = 2 + np.arange(self.U)[None, :] * (self.K - 1) + idx_rows - 1
-        rows = np.repeat(np.arange(n)[:, None], self.U, axis=1)
-        on = idx_rows > 0
-        x[rows[on], cols[on]] = 1.0
+        share = self.shares[v]                                     # [n, U]
+        for j in range(1, self.K):
+            up = (rows >= j).astype(np.float64)
+            x[:, j] = (share * up).sum(axis=1)
+            x[:, self.J + j] = up.mean(axis=1)
+            x[:, self.n_global + np.arange(self.U) * self.J + j - 1] = up
         pruned = np.flatnonzero(v > 0)
-        x[pruned, 2 + self.n_deviations + v[pruned] - 1] = 1.0
+        x[pruned, self.n_global + self.U * self.J + v[pruned] - 1] = 1.0
         return x
 
     def _posterior(self, x, y, prior_mean, prior_var, noise_var):
         precision = np.diag(1.0 / prior_var) + x.T @ x / noise_var
         cov = np.linalg.inv(precision)
         cov = (cov + cov.T) / 2
-        mean = cov @ (prior_mean / prior_var + x.T @ y / noise_var)
-        return mean, cov
+        return cov @ (prior_mean / prior_var + x.T @ y / noise_var), cov
 
-    def _deviation_sd(self, g: float) -> np.ndarray:
-        """Prior sd of each deviation: ``deviation_scale * g`` times the unit's prior share (at least equal)."""
-        share = np.maximum(self.prior[:, 1:], 1.0 / (self.U * max(1, self.K - 1)))
-        return self.deviation_scale * g * share.reshape(-1)
+    def _global_prior(self, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """Prior means and variances of ``b0, G, E``: step 1 gains ``scale`` in all, half where the scores
+        point and half evenly; each step above ``step_ratio`` of the one below; sd as large as the mean."""
+        mean, var = np.zeros(self.n_global), np.zeros(self.n_global)
+        for j in range(1, self.K):
+            size = scale * self.step_ratio ** (j - 1)
+            mean[j] = mean[self.J + j] = 0.5 * size
+            var[j] = var[self.J + j] = size ** 2
+        return mean, var
 
-    def prior_only(self, center: float = 0.0) -> "AdditiveModel":
-        """The model before two distinct qualities are known: quality grows by ``g = 1`` (arbitrary units)
-        over the prior shares, deviations of the same relative size as after fitting; a variant's offset
-        is unknown (sd 1, the size of the whole precision gain)."""
-        self.mean = np.zeros(self.dim)
-        self.mean[0], self.mean[1] = center, 1.0
-        self.cov = np.diag(np.r_[1.0, 0.25, np.maximum(self._deviation_sd(1.0), 1e-9) ** 2, np.ones(self.V - 1)])
+    def _deviation_sd(self, g: np.ndarray, e: np.ndarray) -> np.ndarray:
+        """Prior sd of ``d[u, j]``: ``deviation_scale`` times the unit's expected gain at step ``j`` (mean share
+        over variants), at least half an equal share of that step's total."""
+        share = self.shares.mean(axis=0)[:, None]                   # [U, 1]
+        gain = np.abs(g)[None, :] * share + np.abs(e)[None, :] / self.U
+        floor = 0.5 * (np.abs(g) + np.abs(e))[None, :] / self.U
+        return self.deviation_scale * np.maximum(gain, floor).reshape(-1)
+
+    def prior_only(self, center: float = 0.0) -> "StepModel":
+        """The model before two distinct qualities are known (arbitrary unit scale: step 1 gains 1)."""
+        gm, gv = self._global_prior(1.0)
+        gm[0], gv[0] = center, 1.0
+        dev = np.maximum(self._deviation_sd(gm[1:1 + self.J], gm[1 + self.J:]), 1e-9) ** 2
+        self.mean = np.r_[gm, np.zeros(self.U * self.J + self.V - 1)]
+        self.cov = np.diag(np.r_[gv, dev, np.ones(self.V - 1)])
         return self
 
-    def fit(self, idx_rows, y, variants=None) -> "AdditiveModel":
+    def fit(self, idx_rows, y, variants=None) -> "StepModel":
         x = self.features(np.asarray(idx_rows), variants)
         y = np.asarray(y, dtype=np.float64)
-        scale = float(np.ptp(y)) if len(y) > 1 and np.ptp(y) > 0 else max(abs(float(y.mean())), 1.0) if len(y) else 1.0
-        center = float(y.mean()) if len(y) else 0.0
+        scale = float(np.ptp(y)) if len(y) > 1 and np.ptp(y) > 0 else max(abs(float(y.mean())), 1.0)
         noise_var = (self.relative_noise * scale) ** 2
-        prior_mean = np.zeros(self.dim)
-        prior_mean[0], prior_mean[1] = center, scale      # more bits help, by about the spread seen
-        wide = (10.0 * scale) ** 2
-        deviations = slice(2, 2 + self.n_deviations)
-        # pass 1: deviations held near 0, to size the shared gain g (variant offsets free)
-        var = np.full(self.dim, wide)
-        var[deviations] = (1e-3 * scale) ** 2
-        mean, _ = self._posterior(x, y, prior_mean, var, noise_var)
-        g = max(abs(float(mean[1])), 0.1 * scale)
-        # pass 2: deviations may carry a unit's share of g (at least an equal share), times deviation_scale
-        var[deviations] = np.maximum(self._deviation_sd(g), 1e-9 * scale) ** 2
+        gm, gv = self._global_prior(scale)
+        gm[0], gv[0] = float(y.mean()), (10.0 * scale) ** 2
+        prior_mean = np.r_[gm, np.zeros(self.U * self.J), np.zeros(self.V - 1)]
+        var = np.r_[gv, np.full(self.U * self.J, (1e-3 * scale) ** 2), np.full(self.V - 1, (10.0 * scale) ** 2)]
+        mean, _ = self._posterior(x, y, prior_mean, var, noise_var)       # pass 1: d held near 0
+        var[self._devs()] = np.maximum(self._deviation_sd(mean[1:1 + self.J], mean[1 + self.J:self.n_global]),
+                                       1e-9 * scale) ** 2
         self.mean, self.cov = self._posterior(x, y, prior_mean, var, noise_var)
         self.fitted = True
         return self
 
+    # --- what the proposals use ------------------------------------------------------------------------
     def effects(self, theta: np.ndarray, variant: int = 0) -> np.ndarray:
-        """``[U, K]`` quality contributed by each unit option of ``variant`` under coefficients ``theta``
-        (add ``theta[0]`` and :meth:`offset` for a plan's quality)."""
-        d = np.zeros((self.U, self.K))
-        d[:, 1:] = theta[2:2 + self.n_deviations].reshape(self.U, self.K - 1)
-        return theta[1] * self.priors[variant] + d
+        """``[U, K]`` quality each unit contributes in each option under coefficients ``theta`` (option 0: 0;
+        add ``theta[0]`` and :meth:`offset` for a plan's quality)."""
+        steps = np.zeros((self.U, self.K))
+        d = theta[self._devs()].reshape(self.U, self.J)
+        for j in range(1, self.K):
+            steps[:, j] = theta[j] * self.shares[variant] + theta[self.J + j] / self.U + d[:, j - 1]
+        return np.cumsum(steps, axis=1)
 
     def offset(self, theta: np.ndarray, variant: int = 0) -> float:
-        """Quality of pruned variant ``variant`` relative to variant 0, under ``theta``."""
-        return 0.0 if variant == 0 else float(theta[2 + self.n_deviations + variant - 1])
+        return 0.0 if variant == 0 else float(theta[self.n_global + self.U * self.J + variant - 1])
 
-    def sample(self, rng: np.random.Generator) -> np.ndarray:
-        return rng.multivariate_normal(self.mean, self.cov, method="cholesky")
+    def samples(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``[n, dim]`` draws from the posterior."""
+        chol = np.linalg.cholesky(self.cov + 1e-15 * np.eye(self.dim) * max(1.0, float(np.abs(self.cov).max())))
+        return self.mean[None, :] + rng.standard_normal((n, self.dim)) @ chol.T
 
     def predict(self, idx_rows, variants=None) -> tuple[np.ndarray, np.ndarray]:
         x = self.features(np.asarray(idx_rows), variants)
         return x @ self.mean, np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, self.cov, x), 0.0))
+
+
+def staircase(cost: np.ndarray, quality: np.ndarray, ref: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The dominated region of ``(cost, quality)`` points as segments ``[start, end)`` of the cost axis with the
+    best quality at that cost or less (``ref[1]`` before the cheapest point)."""
+    order = np.lexsort((-quality, cost))
+    c, q = cost[order], quality[order]
+    keep = q > np.maximum.accumulate(np.r_[-np.inf, q[:-1]])
+    keep &= q > ref[1]
+    c, q = c[keep], q[keep]
+    starts = np.r_[-np.inf, c]
+    ends = np.r_[c, ref[0]]
+    levels = np.r_[ref[1], q]
+    return starts, ends, levels
+
+
+def hv_improvements(known_cost, known_quality, cand_cost, cand_quality, ref) -> np.ndarray:
+    """Hypervolume each candidate ``(cost, quality)`` would add to the known points (vectorised over candidates)."""
+    starts, ends, levels = staircase(np.asarray(known_cost, float), np.asarray(known_quality, float), ref)
+    c = np.asarray(cand_cost, float)[:, None]
+    q = np.asarray(cand_quality, float)[:, None]
+    width = np.clip(np.minimum(ends[None, :], ref[0]) - np.maximum(starts[None, :], c), 0.0, None)
+    return (width * np.clip(q - np.maximum(levels[None, :], ref[1]), 0.0, None)).sum(axis=1)
 
 
 def knapsack_front(values: np.ndarray, costs: np.ndarray, capacity: float, bins: int = 2048) -> np.ndarray:

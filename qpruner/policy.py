@@ -159,13 +159,18 @@ def _repair(idx: np.ndarray, low_first: list[int], costs: UnitCosts) -> np.ndarr
     return idx
 
 
-def best_guess(scores: UnitScores, costs: UnitCosts, bits: list[int]) -> np.ndarray:
-    """Greedy multiple-choice knapsack on importance x noise reduction per extra byte."""
-    s = np.asarray(scores.scores, dtype=np.float64)
+def greedy_chain(scores: UnitScores, costs: UnitCosts, bits: list[int]) -> list[np.ndarray]:
+    """The greedy multiple-choice knapsack on importance x noise reduction per extra byte, step by step:
+    from the lowest precision everywhere, repeatedly take the upgrade with the largest
+    ``s'_u * (4**-b - 4**-b') / extra bytes`` that still fits. Returns every plan on the way (the first is
+    the lowest plan, the last the best guess). Spaced along it (:func:`chain_points`) it is also the
+    search's simplest baseline: no feedback from any trial."""
+    s = np.asarray(scores.scores if isinstance(scores, UnitScores) else scores, dtype=np.float64)
     s = s - s.min() + 1e-12 * (abs(s).max() + 1.0) if np.any(s <= 0) else s
     noise = np.array([4.0 ** -b for b in bits])
     idx = np.zeros(len(s), dtype=int)
     w_sum, b_sum = costs.weights[:, 0].sum(), costs.biases[:, 0].sum()
+    chain = [idx.copy()]
     while True:
         best, best_ratio = None, -1.0
         for u in np.flatnonzero(idx < len(bits) - 1):
@@ -178,11 +183,28 @@ def best_guess(scores: UnitScores, costs: UnitCosts, bits: list[int]) -> np.ndar
             if ratio > best_ratio:
                 best, best_ratio = u, ratio
         if best is None:
-            return idx
+            return chain
         k = idx[best]
         w_sum += costs.weights[best, k + 1] - costs.weights[best, k]
         b_sum += costs.biases[best, k + 1] - costs.biases[best, k]
         idx[best] += 1
+        chain.append(idx.copy())
+
+
+def chain_points(chain: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """``n`` plans evenly spaced along ``chain`` (both ends included; all of it when it is shorter)."""
+    if n >= len(chain):
+        return list(chain)
+    if n <= 1:
+        return [chain[-1]][:n]
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(chain) - 1, n)})
+    return [chain[i] for i in picks]
+
+
+def best_guess(scores: UnitScores, costs: UnitCosts, bits: list[int]) -> np.ndarray:
+    """Greedy multiple-choice knapsack on importance x noise reduction per extra byte (the end of
+    :func:`greedy_chain`)."""
+    return greedy_chain(scores, costs, bits)[-1]
 
 
 def memory_targets(costs: UnitCosts, feasible: list[np.ndarray], n: int) -> list[float]:

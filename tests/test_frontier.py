@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qpruner.frontier import AdditiveModel, front_points, hv_improvement, hypervolume, knapsack_front, prior_gain
+from qpruner.frontier import (StepModel, front_points, hv_improvement, hv_improvements, hypervolume, knapsack_front,
+                              prior_gain, score_shares)
 from qpruner.memory import Budget, UnitCosts
 from qpruner.search.additive import AdditiveSearcher
 
@@ -67,15 +68,44 @@ def test_prior_gain_follows_scores_and_bits():
     assert g[:, 2].sum() == pytest.approx(1.0)
 
 
-def test_additive_model_recovers_unit_effects():
+def test_step_model_recovers_unit_effects():
     rng = np.random.default_rng(0)
     effect = rng.lognormal(0, 1, U)
     plans = rng.integers(0, 2, size=(24, U))
     y = 3.0 + plans @ effect
-    model = AdditiveModel(prior_gain(np.ones(U), [4, 8])).fit(plans, y)
+    model = StepModel(score_shares(np.ones(U)), 2).fit(plans, y)
     mean, sd = model.predict(plans)
     assert np.max(np.abs(mean - y)) < 0.1 * np.ptp(y) and np.all(sd >= 0)
     assert np.corrcoef(model.effects(model.mean)[:, 1], effect)[0, 1] > 0.95
+
+
+def test_step_model_learns_each_steps_size_and_trusts_scores_as_far_as_they_hold():
+    """Three options: the top step gains 0.1 of the first (the prior says 0.12); with scores that point the
+    right way the fit puts the gain where they point, with scores that point the wrong way it spreads it."""
+    rng = np.random.default_rng(3)
+    n = 12
+    gain1 = rng.lognormal(0, 1, n)
+    gain2 = 0.1 * gain1
+    plans = rng.integers(0, 3, size=(60, n))
+    y = ((plans >= 1) * gain1).sum(1) + ((plans >= 2) * gain2).sum(1) + rng.normal(0, 0.01, 60)
+    good = StepModel(score_shares(gain1), 3).fit(plans, y)
+    eff = good.effects(good.mean)
+    assert np.corrcoef(eff[:, 1], gain1)[0, 1] > 0.95
+    assert (eff[:, 2] - eff[:, 1]).sum() == pytest.approx(gain2.sum(), rel=0.3)
+    wrong = StepModel(score_shares(1.0 / gain1), 3).fit(plans, y)
+    assert wrong.mean[1] < good.mean[1]                  # G_1: the weight on the (misleading) scores shrinks
+
+
+def test_hv_improvements_match_the_hypervolume_difference():
+    rng = np.random.default_rng(0)
+    ref = (100.0, -1.0)
+    known = rng.uniform(0, 90, (7, 2))
+    cands = rng.uniform(0, 95, (40, 2))
+    got = hv_improvements(known[:, 0], known[:, 1], cands[:, 0], cands[:, 1], ref)
+    pts = [tuple(p) for p in known]
+    want = [hv_improvement(pts, tuple(c), ref) for c in cands]
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert hv_improvements([], [], [10.0], [1.0], ref) == pytest.approx([(100 - 10) * 2.0])
 
 
 def _searcher(costs, seed=0, scores=None, points=None):
@@ -181,11 +211,11 @@ def test_the_surrogate_learns_each_pruned_variants_offset():
     rng = np.random.default_rng(0)
     effects = rng.uniform(0.01, 0.2, U)
     offsets = np.array([0.0, -0.3, -0.8])
-    prior = np.stack([prior_gain(np.ones(U), [4, 8])] * 3)            # [V, U, K]
+    shares = np.stack([score_shares(np.ones(U))] * 3)                  # [V, U]
     plans = rng.integers(0, 2, size=(60, U))
     variants = rng.integers(0, 3, size=60)
     y = (plans * effects).sum(1) + offsets[variants]
-    model = AdditiveModel(prior).fit(plans, y, variants)
+    model = StepModel(shares, 2).fit(plans, y, variants)
     mean, _ = model.predict(plans, variants)
     assert np.abs(mean - y).max() < 0.02
     theta = model.mean

@@ -24,7 +24,7 @@ import json
 import numpy as np
 from ray.tune.search import Searcher
 
-from ..frontier import AdditiveModel, front_points, gap_to_front, hv_improvement, knapsack_front, prior_gain
+from ..frontier import StepModel, hv_improvements, knapsack_front, score_shares
 from ..memory import UnitCosts
 
 logger = logging.getLogger(__name__)
@@ -34,14 +34,14 @@ FEASIBLE_FLOOR = -999.0   # objectives at or below this are the wrapper's "not t
 class AdditiveSearcher(Searcher):
     """Ray Tune searcher: the memory-aware Bayesian proposals of :mod:`qpruner.frontier`."""
     def __init__(self, keys: list[str], options: list, costs: UnitCosts | list[UnitCosts], scores=None,
-                 points_to_evaluate: list[dict] | None = None, seed: int = 0, draws: int = 8, bins: int = 2048,
-                 metric: str = "objective", mode: str = "max", variants: list | None = None,
+                 points_to_evaluate: list[dict] | None = None, seed: int = 0, draws: int = 32, fronts: int = 8,
+                 bins: int = 2048, metric: str = "objective", mode: str = "max", variants: list | None = None,
                  variant_key: str | None = None):
         super().__init__(metric=metric, mode=mode)
         self.keys, self.options = list(keys), list(options)
         self.variants, self.variant_key = (list(variants), variant_key) if variants else (None, None)
         self.tables = list(costs) if self.variants else [costs]          # one UnitCosts per variant
-        self.costs, self.draws, self.bins = self.tables[0], draws, bins
+        self.costs, self.draws, self.fronts, self.bins = self.tables[0], draws, fronts, bins
         U = len(self.keys)
         if self.variants and (variant_key is None or len(self.tables) != len(self.variants)):
             raise ValueError("a joint search needs variant_key and one cost table per variant")
@@ -49,9 +49,8 @@ class AdditiveSearcher(Searcher):
             if table.weights.shape != (U, len(self.options)):
                 raise ValueError(f"cost table {table.weights.shape} does not match {U} units x {len(self.options)} options")
         per_variant = scores if self.variants else [scores]
-        bits = [float(o) for o in self.options]
-        self.prior = np.stack([prior_gain(np.ones(U) if s is None else s, bits)
-                               for s in (per_variant if per_variant is not None else [None] * len(self.tables))])
+        self.shares = np.stack([score_shares(np.ones(U) if s is None else s)
+                                for s in (per_variant if per_variant is not None else [None] * len(self.tables))])
         self.points = [self._idx(p) for p in (points_to_evaluate or [])]
         self.rng = np.random.default_rng(seed)
         self.observed: dict[tuple, float] = {}     # plan -> quality (trained)
@@ -110,48 +109,62 @@ class AdditiveSearcher(Searcher):
         self.pending[trial_id] = idx
         return self._config(idx)
 
-    def _model(self) -> AdditiveModel:
-        model = AdditiveModel(self.prior)
+    def _model(self) -> StepModel:
+        model = StepModel(self.shares, len(self.options))
         if len(set(self.observed.values())) >= 2:
             plans = list(self.observed)
             split = [self._split(p) for p in plans]
             return model.fit(np.array([i for _, i in split]), np.array([self.observed[p] for p in plans]),
                              np.array([v for v, _ in split]))
-        # the prior alone: quality grows with the prior share of the upgraded units
+        # the prior alone: quality grows with the score shares of the upgraded units
         return model.prior_only(float(np.mean(list(self.observed.values()))) if self.observed else 0.0)
 
-    def _propose(self):
-        model = self._model()
-        points = [(self._total(p), q) for p, q in self.observed.items()]
-        if self.pending:
-            running = list(self.pending.values())
-            split = [self._split(p) for p in running]
-            mean, _ = model.predict(np.array([i for _, i in split]), np.array([v for v, _ in split]))
-            points += [(self._total(p), float(m)) for p, m in zip(running, mean)]
-        front = front_points(points)
-        qualities = [q for _, q in points] or [0.0]
-        spread = (max(qualities) - min(qualities)) or 1.0
-        top = max(t.capacity() + float(t.fixed) for t in self.tables)
-        ref = (top + 1.0, min(qualities) - 0.1 * spread)
-        best, best_key = None, (-np.inf, -np.inf)
-        for _ in range(self.draws):
-            theta = model.sample(self.rng)
+    def _values(self, model: StepModel, plans: list, thetas: np.ndarray) -> np.ndarray:
+        """``[len(plans), draws]`` modelled qualities of ``plans`` under each coefficient draw."""
+        if not plans:
+            return np.zeros((0, len(thetas)))
+        split = [self._split(p) for p in plans]
+        return model.features(np.array([i for _, i in split]), np.array([v for v, _ in split])) @ thetas.T
+
+    def _candidates(self, model: StepModel, thetas: np.ndarray) -> list:
+        """New feasible plans that are best at some memory under the posterior mean or one of the first
+        ``fronts`` draws (one exact knapsack per variant and coefficient vector)."""
+        out: dict[tuple, None] = {}
+        for theta in [model.mean, *thetas[: self.fronts]]:
             for v, table in enumerate(self.tables):
-                effects = model.effects(theta, v)
-                base = float(model.mean[0]) + model.offset(theta, v)
-                for row in knapsack_front(effects, table.unit_cost, table.capacity(), self.bins):
+                for row in knapsack_front(model.effects(theta, v), table.unit_cost, table.capacity(), self.bins):
                     idx = tuple(int(i) for i in row)
                     plan = (v,) + idx if self.variants else idx
-                    if self._taken(plan) or not table.fits(row):
-                        continue
-                    value = base + float(effects[np.arange(len(row)), row].sum())
-                    point = (table.total(row), value)
-                    key = (hv_improvement(front, point, ref), gap_to_front(front, point))
-                    if key > best_key:
-                        best, best_key = plan, key
-            if best is not None and best_key[0] > 0:
-                return best
-        return best if best is not None else self._fallback()
+                    if plan not in out and not self._taken(plan) and table.fits(row):
+                        out[plan] = None
+        return list(out)
+
+    def _propose(self):
+        """The candidate with the largest expected hypervolume improvement (Monte Carlo over ``draws`` posterior
+        draws; in each draw the front is that draw's values of every trained and running plan, so running
+        trials count as what they would likely measure and proposals under concurrency spread out)."""
+        model = self._model()
+        thetas = model.samples(self.rng, self.draws)
+        candidates = self._candidates(model, thetas)
+        if not candidates:
+            return self._fallback()
+        known = list(self.observed) + list(self.pending.values())
+        known_values = self._values(model, known, thetas)
+        cand_values = self._values(model, candidates, thetas)
+        known_cost = np.array([self._total(p) for p in known])
+        cand_cost = np.array([self._total(p) for p in candidates])
+        means = np.r_[known_values.mean(axis=1), cand_values.mean(axis=1)]
+        spread = float(np.ptp(means)) or 1.0
+        top = max(t.capacity() + float(t.fixed) for t in self.tables)
+        ref = (top + 1.0, float(means.min()) - 0.1 * spread)
+        gain = np.zeros(len(candidates))
+        for d in range(len(thetas)):
+            gain += hv_improvements(known_cost, known_values[:, d], cand_cost, cand_values[:, d], ref)
+        best = int(np.argmax(gain))
+        if gain[best] <= 0:   # no draw sees any improvement: the plan that comes closest to the known front
+            level = np.where(known_cost[None, :] <= cand_cost[:, None], known_values.mean(axis=1)[None, :], -np.inf)
+            best = int(np.argmax(cand_values.mean(axis=1) - level.max(axis=1, initial=-np.inf)))
+        return candidates[best]
 
     def _fallback(self):
         """No knapsack plan is new: a random plan (of a random variant), lowered unit by unit (in random

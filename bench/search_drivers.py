@@ -43,7 +43,8 @@ def row_of(config: dict, options, n_units: int) -> tuple:
 
 def drive(world, searcher, n_trials: int, seed: int = 0, pending: int = 1, stage: str = "demo",
           max_rejections: int = 2000, timings: list | None = None) -> list[tuple]:
-    """Trained plans (option-index tuples) in completion order."""
+    """Trained plans (option-index tuples) in completion order. ``timings``: gets ``(trials running, seconds)``
+    of every ``suggest`` call."""
     from ray.tune.search import Searcher
     rng = np.random.default_rng(seed)
     costs = world.costs
@@ -63,7 +64,7 @@ def drive(world, searcher, n_trials: int, seed: int = 0, pending: int = 1, stage
                 t0 = time.perf_counter()
                 config = searcher.suggest(tid)
                 if timings is not None:
-                    timings.append(time.perf_counter() - t0)
+                    timings.append((len(running), time.perf_counter() - t0))
                 if config is None or config == Searcher.FINISHED or config == FINISHED:
                     finished = True
                     break

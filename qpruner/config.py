@@ -119,7 +119,9 @@ class PolicyConfig:
     unit: str = opt("layer", choices=("layer", "group", "linear"),
                     help="what gets one precision: a decoder layer, its attention/MLP group, or each projection")
     temperature: float = opt(0.5, min=1e-3, max=1e3, help="softness of the probabilistic decision")
-    seed_plans: int = opt(4, min=0, max=1000, help="plans sampled from layer scores to seed the search")
+    seed_plans: int = opt(0, min=0, max=1000, help="plans sampled from layer scores to seed the search (0: the "
+                          "search starts from the uniform plans, the scores act as its prior; "
+                          "results/bench/search_large.md)")
     include_uniform: bool = opt(True, help="also seed the uniform lowest/highest plans (when in budget)")
     budget_avg_bits: Optional[float] = opt(None, min=1.0, max=32.0,
                                            help="budget: average bits per decoder-linear weight")

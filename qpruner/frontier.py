@@ -219,41 +219,56 @@ def knapsack_front(values: np.ndarray, costs: np.ndarray, capacity: float, bins:
     ``capacity`` (multiple-choice knapsack, exact on costs rounded to ``bins`` steps of the room above
     the cheapest plan — so a plan may overshoot ``capacity`` by rounding; callers re-check the exact
     budget), sorted by cost. Rows: ``[n_plans, U]``."""
+    return knapsack_fronts(np.asarray(values, dtype=np.float64)[None], costs, capacity, bins)[0]
+
+
+def knapsack_fronts(values: np.ndarray, costs: np.ndarray, capacity: float, bins: int = 2048) -> list[np.ndarray]:
+    """:func:`knapsack_front` for ``T`` value tables ``[T, U, K]`` over the same costs at once (one pass over
+    the units for all of them: the searcher solves one per posterior draw)."""
     values, costs = np.asarray(values, dtype=np.float64), np.asarray(costs, dtype=np.float64)
-    U, K = values.shape
+    T, U, K = values.shape
     base = costs.argmin(axis=1)
     extra = costs - costs[np.arange(U), base][:, None]
     room = capacity - float(costs[np.arange(U), base].sum())
     if room < 0:
-        return np.zeros((0, U), dtype=int)
+        return [np.zeros((0, U), dtype=int) for _ in range(T)]
     if room <= 1e-9 * max(1.0, float(costs.max())):   # no room above the cheapest plan
-        return base[None, :].astype(int)
+        return [base[None, :].astype(int) for _ in range(T)]
     step = room / bins
     d = np.rint(np.minimum(extra / step, bins + 1.0)).astype(np.int64)   # beyond the room: never taken
     n = bins + 1
-    best = np.zeros(n)
-    rel = values - values[np.arange(U), base][:, None]
-    choice = np.zeros((U, n), dtype=np.int8 if K < 127 else np.int32)
+    best = np.zeros((T, n))
+    rel = values - values[:, np.arange(U), base][:, :, None]
+    choice = np.zeros((U, T, n), dtype=np.int8 if K < 127 else np.int32)
+    new, cand, better = np.empty((T, n)), np.empty((T, n)), np.empty((T, n), dtype=bool)
     for u in range(U):
-        new = np.full(n, -np.inf)
-        pick = np.zeros(n, dtype=choice.dtype)
+        new.fill(-np.inf)
+        pick = choice[u]
         for k in range(K):
-            if d[u, k] >= n:
+            dk = int(d[u, k])
+            if dk >= n:
                 continue
-            cand = np.full(n, -np.inf)
-            cand[d[u, k]:] = best[: n - d[u, k]] + rel[u, k]
-            better = cand > new
-            new[better], pick[better] = cand[better], k
-        best, choice[u] = new, pick
-    caps = np.flatnonzero(np.concatenate([[True], best[1:] > best[:-1] + 1e-15]))
-    idx = np.zeros((len(caps), U), dtype=int)
-    c = caps.copy()
-    for u in range(U - 1, -1, -1):
-        k = choice[u, c].astype(int)
-        idx[:, u] = k
-        c = c - d[u, k]
-    _, first = np.unique(idx, axis=0, return_index=True)
-    return idx[np.sort(first)]
+            cand[:, :dk] = -np.inf
+            np.add(best[:, : n - dk], rel[:, u, k][:, None], out=cand[:, dk:])
+            np.greater(cand, new, out=better)
+            np.copyto(new, cand, where=better)
+            pick[better] = k
+        best, new = new, best
+    weights = np.random.default_rng(7).integers(1, 2 ** 62, size=U, dtype=np.int64)
+    out = []
+    for t in range(T):
+        caps = np.flatnonzero(np.concatenate([[True], best[t, 1:] > best[t, :-1] + 1e-15]))
+        idx = np.zeros((len(caps), U), dtype=int)
+        c = caps.copy()
+        for u in range(U - 1, -1, -1):
+            k = choice[u, t, c].astype(int)
+            idx[:, u] = k
+            c = c - d[u, k]
+        with np.errstate(over="ignore"):   # distinct rows by a random 64-bit linear hash (np.unique(axis=0) is slow)
+            keys = (idx.astype(np.int64) + 1) @ weights
+        _, first = np.unique(keys, return_index=True)
+        out.append(idx[np.sort(first)])
+    return out
 
 
 def front_points(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

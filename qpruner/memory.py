@@ -323,6 +323,24 @@ class UnitCosts:
         rows = np.arange(len(idx))
         return self.fits_sums(float(self.weights[rows, idx].sum()), float(self.biases[rows, idx].sum()))
 
+    def totals(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`total` of every plan in ``rows`` ``[n, U]`` at once."""
+        rows = np.atleast_2d(rows)
+        return self.fixed + self.unit_cost[np.arange(rows.shape[1])[None, :], rows].sum(axis=1)
+
+    def fits_rows(self, rows: np.ndarray) -> np.ndarray:
+        """:meth:`fits` of every plan in ``rows`` ``[n, U]`` at once (the same tests as :meth:`Budget.excess`)."""
+        rows = np.atleast_2d(rows)
+        cols = np.arange(rows.shape[1])[None, :]
+        w = self.weights[cols, rows].sum(axis=1)
+        ok = np.ones(len(rows), dtype=bool)
+        if self.budget.avg_bits is not None:
+            ok &= 8.0 * w / self.numel / self.budget.avg_bits - 1.0 <= 0.0
+        if self.budget.total_bytes is not None:
+            total = w + self.biases[cols, rows].sum(axis=1) + self.fixed
+            ok &= total / self.budget.total_bytes - 1.0 <= 0.0
+        return ok
+
     def expected_fits(self, p: np.ndarray) -> bool:
         """Does the expected plan under option probabilities ``p`` ``[U, K]`` fit?"""
         return self.fits_sums(float((p * self.weights).sum()), float((p * self.biases).sum()))

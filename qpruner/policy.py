@@ -15,6 +15,9 @@ precision is the most likely one for some range of importance. ``beta`` is 0 wit
 one it is set by bisection so that the *expected* memory of a sampled plan equals the budget.
 
 Seed plans (:func:`seed_plans`): the uniform plans that fit the budget; a deterministic best guess
+(only with sampled seeds, or when fewer than two uniform plans fit: by default the search starts from
+the ends of the memory range and the scores act through its prior, which won at N = 8-16 on the
+large-space replay, ``results/bench/search_large.md``)
 (greedy multiple-choice knapsack: starting from the lowest precision everywhere, repeatedly take the
 upgrade with the largest ``s'_u * (4**-b - 4**-b') / extra bytes`` that still fits — ``4**-b`` is the
 relative noise power of ``b``-bit quantization and ``s'_u`` the score shifted to be positive); and
@@ -233,7 +236,8 @@ def seed_indices(scores: UnitScores, costs: UnitCosts, bits: list[int], policy: 
         for k in range(len(bits)):
             if costs.fits(np.full(n, k)):
                 add(np.full(n, k), "uniform")
-    add(best_guess(scores, costs, bits), "best_guess")
+    if policy.seed_plans > 0 or len(out) < 2:   # the seeds span the memory range: ends, else the best guess
+        add(best_guess(scores, costs, bits), "best_guess")
     rng = np.random.default_rng(seed)
     low_first = [int(i) for i in np.argsort(scores.scores, kind="stable")]
     targets = memory_targets(costs, [np.array(k) for k, _ in out], policy.seed_plans)

@@ -24,7 +24,7 @@ import json
 import numpy as np
 from ray.tune.search import Searcher
 
-from ..frontier import StepModel, hv_improvements, knapsack_front, score_shares
+from ..frontier import StepModel, hv_improvements, knapsack_fronts, score_shares
 from ..memory import UnitCosts
 
 logger = logging.getLogger(__name__)
@@ -35,13 +35,14 @@ class AdditiveSearcher(Searcher):
     """Ray Tune searcher: the memory-aware Bayesian proposals of :mod:`qpruner.frontier`."""
     def __init__(self, keys: list[str], options: list, costs: UnitCosts | list[UnitCosts], scores=None,
                  points_to_evaluate: list[dict] | None = None, seed: int = 0, draws: int = 32, fronts: int = 8,
-                 bins: int = 2048, metric: str = "objective", mode: str = "max", variants: list | None = None,
-                 variant_key: str | None = None):
+                 bins: int = 2048, max_candidates: int = 1024, metric: str = "objective", mode: str = "max",
+                 variants: list | None = None, variant_key: str | None = None):
         super().__init__(metric=metric, mode=mode)
         self.keys, self.options = list(keys), list(options)
         self.variants, self.variant_key = (list(variants), variant_key) if variants else (None, None)
         self.tables = list(costs) if self.variants else [costs]          # one UnitCosts per variant
         self.costs, self.draws, self.fronts, self.bins = self.tables[0], draws, fronts, bins
+        self.max_candidates = max_candidates
         U = len(self.keys)
         if self.variants and (variant_key is None or len(self.tables) != len(self.variants)):
             raise ValueError("a joint search needs variant_key and one cost table per variant")
@@ -119,52 +120,94 @@ class AdditiveSearcher(Searcher):
         # the prior alone: quality grows with the score shares of the upgraded units
         return model.prior_only(float(np.mean(list(self.observed.values()))) if self.observed else 0.0)
 
-    def _values(self, model: StepModel, plans: list, thetas: np.ndarray) -> np.ndarray:
-        """``[len(plans), draws]`` modelled qualities of ``plans`` under each coefficient draw."""
+    def _rows(self, plans: list) -> tuple[np.ndarray, np.ndarray]:
+        """(option rows ``[n, U]``, variant of each) of plan ids."""
         if not plans:
-            return np.zeros((0, len(thetas)))
-        split = [self._split(p) for p in plans]
-        return model.features(np.array([i for _, i in split]), np.array([v for v, _ in split])) @ thetas.T
+            return np.zeros((0, len(self.keys)), dtype=int), np.zeros(0, dtype=int)
+        arr = np.array(plans, dtype=int)
+        return (arr[:, 1:], arr[:, 0]) if self.variants else (arr, np.zeros(len(arr), dtype=int))
 
-    def _candidates(self, model: StepModel, thetas: np.ndarray) -> list:
-        """New feasible plans that are best at some memory under the posterior mean or one of the first
-        ``fronts`` draws (one exact knapsack per variant and coefficient vector)."""
-        out: dict[tuple, None] = {}
-        for theta in [model.mean, *thetas[: self.fronts]]:
-            for v, table in enumerate(self.tables):
-                for row in knapsack_front(model.effects(theta, v), table.unit_cost, table.capacity(), self.bins):
-                    idx = tuple(int(i) for i in row)
-                    plan = (v,) + idx if self.variants else idx
-                    if plan not in out and not self._taken(plan) and table.fits(row):
-                        out[plan] = None
-        return list(out)
+    def _hash(self, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
+        """A 64-bit key per plan (random linear hash; wraps around on overflow) for fast set tests."""
+        if not hasattr(self, "_hash_w"):
+            g = np.random.default_rng(12345)
+            self._hash_w = g.integers(1, 2 ** 62, size=len(self.keys) + 1, dtype=np.int64)
+        with np.errstate(over="ignore"):
+            return (rows.astype(np.int64) + 1) @ self._hash_w[:-1] + variants.astype(np.int64) * self._hash_w[-1]
+
+    def _candidates(self, model: StepModel, thetas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, variants, hash keys) of the feasible plans that are best at some memory under the posterior
+        mean or one of the first ``fronts`` draws (one exact knapsack per variant and coefficient vector),
+        distinct, sorted by memory."""
+        rows, variants = [], []
+        fronts = self.fronts if len(self.pending) < 64 else min(self.fronts, 2)   # many running: they spread it
+        for v, table in enumerate(self.tables):
+            effects = np.stack([model.effects(theta, v) for theta in [model.mean, *thetas[:fronts]]])
+            for r in knapsack_fronts(effects, table.unit_cost, table.capacity(), self.bins):
+                r = r[table.fits_rows(r)] if len(r) else r
+                rows.append(r)
+                variants.append(np.full(len(r), v))
+        rows, variants = np.concatenate(rows), np.concatenate(variants)
+        keys = self._hash(rows, variants)
+        _, first = np.unique(keys, return_index=True)
+        rows, variants, keys = rows[first], variants[first], keys[first]
+        order = np.argsort(self._costs_of(rows, variants), kind="stable")    # by memory (for _new's spread)
+        return rows[order], variants[order], keys[order]
+
+    def _posterior(self):
+        """(model, draws, candidates), refitted when new qualities arrived: at once when few trials run, after
+        ``len(pending) // 8`` new ones when many do (one more result changes little next to hundreds of
+        running trials, and a refit at 210 units costs ~0.1-0.3 s). Proposals between refits share one set
+        of draws, as batch expected improvement does; the running trials keep them apart."""
+        key = len(self.observed)
+        cached = getattr(self, "_cached", None)
+        if cached is None or key - cached[0] >= max(1, len(self.pending) // 8) or (key < cached[0]):
+            model = self._model()
+            thetas = model.samples(self.rng, self.draws)
+            self._cached = (key, model, thetas, *self._candidates(model, thetas))
+        return self._cached[1:]
+
+    def _new(self, rows: np.ndarray, variants: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Those of the candidates not evaluated or running, at most ``max_candidates`` (spread over memory)."""
+        taken = self._hash(*self._rows(list(self.evaluated) + list(self.pending.values())))
+        new = np.flatnonzero(~np.isin(keys, taken))
+        if len(new) > self.max_candidates:
+            new = new[np.linspace(0, len(new) - 1, self.max_candidates).round().astype(int)]
+        return rows[new], variants[new]
+
+    def _costs_of(self, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows))
+        for v, table in enumerate(self.tables):
+            on = variants == v
+            if on.any():
+                out[on] = table.totals(rows[on])
+        return out
 
     def _propose(self):
         """The candidate with the largest expected hypervolume improvement (Monte Carlo over ``draws`` posterior
         draws; in each draw the front is that draw's values of every trained and running plan, so running
         trials count as what they would likely measure and proposals under concurrency spread out)."""
-        model = self._model()
-        thetas = model.samples(self.rng, self.draws)
-        candidates = self._candidates(model, thetas)
-        if not candidates:
+        model, thetas, rows, variants, keys = self._posterior()
+        cand_rows, cand_var = self._new(rows, variants, keys)
+        if not len(cand_rows):
             return self._fallback()
-        known = list(self.observed) + list(self.pending.values())
-        known_values = self._values(model, known, thetas)
-        cand_values = self._values(model, candidates, thetas)
-        known_cost = np.array([self._total(p) for p in known])
-        cand_cost = np.array([self._total(p) for p in candidates])
+        known_rows, known_var = self._rows(list(self.observed) + list(self.pending.values()))
+        known_values = model.features(known_rows, known_var) @ thetas.T if len(known_rows) else np.zeros((0, len(thetas)))
+        cand_values = model.features(cand_rows, cand_var) @ thetas.T
+        known_cost, cand_cost = self._costs_of(known_rows, known_var), self._costs_of(cand_rows, cand_var)
         means = np.r_[known_values.mean(axis=1), cand_values.mean(axis=1)]
         spread = float(np.ptp(means)) or 1.0
         top = max(t.capacity() + float(t.fixed) for t in self.tables)
         ref = (top + 1.0, float(means.min()) - 0.1 * spread)
-        gain = np.zeros(len(candidates))
+        gain = np.zeros(len(cand_rows))
         for d in range(len(thetas)):
             gain += hv_improvements(known_cost, known_values[:, d], cand_cost, cand_values[:, d], ref)
         best = int(np.argmax(gain))
         if gain[best] <= 0:   # no draw sees any improvement: the plan that comes closest to the known front
             level = np.where(known_cost[None, :] <= cand_cost[:, None], known_values.mean(axis=1)[None, :], -np.inf)
             best = int(np.argmax(cand_values.mean(axis=1) - level.max(axis=1, initial=-np.inf)))
-        return candidates[best]
+        idx = tuple(int(i) for i in cand_rows[best])
+        return (int(cand_var[best]),) + idx if self.variants else idx
 
     def _fallback(self):
         """No knapsack plan is new: a random plan (of a random variant), lowered unit by unit (in random
@@ -226,3 +269,4 @@ class AdditiveSearcher(Searcher):
         self.evaluated = {tuple(p) for p in state["evaluated"]}
         self.pending = {t: tuple(p) for t, p in state["pending"].items()}
         self.rng.bit_generator.state = state["rng"]
+        self._cached = None

@@ -77,17 +77,25 @@ def product(kind: str, sampled: int | None = None, style: str = "product", **kw)
         if kind not in ("additive",):
             from ray import tune
             U = world.costs.weights.shape[0]
-            s.set_search_properties(None, None, {policy.key(u): tune.choice(list(OPTIONS)) for u in range(U)})
+            s.set_search_properties("objective", "max", {policy.key(u): tune.choice(list(OPTIONS)) for u in range(U)})
         return s
     return make
 
 
+def thompson(world, seed, n):
+    """Ablation: the default's model, proposals by one posterior draw at a time (Thompson sampling) instead of
+    the expected hypervolume improvement over 32 draws."""
+    from qpruner.search.additive import AdditiveSearcher
+    sp = space_of(world)
+    return AdditiveSearcher(sp.keys, sp.options, sp.costs, sp.scores, seeds(world, seed), seed, draws=1, fronts=1)
+
+
 SEARCHERS = {   # name: (factory(world, seed, n), runs once to the largest N and is read at every prefix?)
     "additive": (product("additive"), True),
-    "additive_seeds0": (product("additive", 0), True),
-    "additive_ends": (product("additive", style="ends"), True),
-    "additive_chain2": (product("additive", style="chain2"), True),
+    "additive_seeds4": (product("additive", 4), True),          # the previous default's seeds: best guess + 4 sampled
     "additive_chain4": (product("additive", style="chain4"), True),
+    "additive_thompson": (thompson, True),
+    "hyperopt": (product("hyperopt"), True),
     "greedy_chain": (lambda w, s, n: drivers.greedy_chain(w.scores, w.costs, OPTIONS, n), False),
     "probe_knapsack": (lambda w, s, n: drivers.ProbeKnapsack(w.scores, w.costs, OPTIONS, n), False),
     "score_knapsack": (lambda w, s, n: drivers.score_knapsack(w.scores, w.costs, OPTIONS, n), False),
@@ -111,6 +119,7 @@ def perfect_scores(kind: str = "additive"):
 
 SEARCHERS["ceiling_true_scores"] = (perfect_scores("additive"), True)
 CEILINGS = ("ceiling_true_scores",)
+ABLATIONS = ("additive_seeds4", "additive_chain4", "additive_thompson")   # on the demo's space only
 
 
 def run_world(space, w_seed: int, names: list[str], checkpoints, pending: int = 1) -> dict:
@@ -292,7 +301,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spaces", nargs="+", default=["30x3", "7b", "linear210"])
     parser.add_argument("--worlds", type=int, default=20)
-    parser.add_argument("--searchers", nargs="+", default=[s for s in SEARCHERS if s not in CEILINGS or True])
+    parser.add_argument("--searchers", nargs="+", default=list(SEARCHERS), choices=list(SEARCHERS))
     parser.add_argument("--checkpoints", nargs="+", type=int, default=list(CHECKPOINTS))
     parser.add_argument("--concurrency-worlds", type=int, default=8, help="0: skip the concurrency section")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
@@ -303,7 +312,7 @@ def main(argv=None) -> int:
            "noise_sd_nll": worlds.NOISE, "spaces": {}}
     for name in args.spaces:
         space = worlds.make_space(name)
-        names = [s for s in args.searchers if not (s in CEILINGS and name != "30x3")]
+        names = [s for s in args.searchers if not (s in CEILINGS + ABLATIONS and name != "30x3")]
         per_world = []
         for w in range(args.worlds):
             t0 = time.perf_counter()
@@ -313,7 +322,10 @@ def main(argv=None) -> int:
                   flush=True)
         res["spaces"][name] = {"description": space.description, "units": int(space.costs.weights.shape[0]),
                                "worlds": args.worlds, "searchers": summarize(per_world, names, args.checkpoints, default),
-                               "noise_ceiling_world0": worlds.noise_ceiling(per_world[0]["world"], per_world[0]["truth"])}
+                               "noise_ceiling_world0": worlds.noise_ceiling(per_world[0]["world"], per_world[0]["truth"]),
+                               "per_world_hv_ratio": {s: {str(n): [round(pw["hv"][s][n], 5) for pw in per_world]
+                                                          for n in args.checkpoints} for s in names + ["best_subset"]},
+                               "front_size_median": float(np.median([pw["front_size"] for pw in per_world]))}
         if name == "30x3" and 16 in args.checkpoints:
             res["multi_fidelity"] = multi_fidelity_bound(per_world, default)
         write(res, args.out)

@@ -172,8 +172,11 @@ class ProbeKnapsack:
                 gain[u] = by_row[row] - base
         known = ~np.isnan(gain)
         per_score = float(np.median(gain[known] / self.s[known])) if known.any() else 1.0
+        if per_score <= 0:   # the probes measured noise only: scale the scores by the probes' mean size
+            per_score = float(np.abs(gain[known]).mean() / self.s[known].mean()) if known.any() else 1.0
         gain[~known] = self.s[~known] * per_score
-        gain = np.maximum(gain, 0.0)
+        # a measured loss is noise (more bits never hurt here): keep every gain positive, ordered by score
+        gain = np.maximum(gain, 1e-3 * per_score * self.s)
         values = np.zeros((U, K))
         if K > 1:
             values[:, 1] = gain

@@ -1,5 +1,6 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -8,7 +9,7 @@ from qpruner import finetune_memory, models, quantize
 from qpruner.config import FinetuneConfig, QuantConfig
 from qpruner.finetune import attach_lora
 from qpruner.memory import (Budget, LinearShape, MemoryBreakdown, ModelLayout, _tensor_list, _unique_bytes,
-                            format_bytes, measure_bytes, plan_bytes)
+                            UnitCosts, format_bytes, measure_bytes, plan_bytes)
 from qpruner.plan import PrecisionPlan
 
 PLANS = [("nf4",) * 4, ("fp4",) * 4, ("int8",) * 4, ("bf16",) * 4, ("nf4", "int8", "bf16", "fp4")]
@@ -140,3 +141,18 @@ def test_budget_excess_and_fit():
     assert Budget(avg_bits=4.0).excess(mem) == pytest.approx(1.0)
     assert Budget(total_bytes=1000).excess(mem) == pytest.approx(1.0)
     assert "average bits" in Budget(avg_bits=4.0).describe()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([None, 5.0, 7.5]), st.sampled_from([None, 0.9, 1.0]))
+def test_vectorised_plan_tables_agree_with_one_plan_at_a_time(seed, avg_bits, gb_fraction):
+    """UnitCosts.totals / fits_rows (the searcher's fast path) give exactly total / fits, plan by plan."""
+    rng = np.random.default_rng(seed)
+    w = np.sort(rng.uniform(1e5, 3e6, (9, 3)), axis=1)
+    b = rng.uniform(0, 1e3, (9, 3))
+    numel = int(w[:, 0].sum() * 2)
+    total = None if gb_fraction is None else int(gb_fraction * (w[:, 1].sum() + b[:, 1].sum() + 1e6))
+    costs = UnitCosts(w, b, 1e6, numel, Budget(avg_bits=avg_bits, total_bytes=total))
+    rows = rng.integers(0, 3, (50, 9))
+    assert np.allclose(costs.totals(rows), [costs.total(r) for r in rows], rtol=0, atol=1e-6)
+    assert costs.fits_rows(rows).tolist() == [costs.fits(r) for r in rows]

@@ -119,3 +119,29 @@ def test_sampled_seeds_spread_over_memory_when_the_budget_does_not_bind():
     bits = sorted(memory(s.plan).avg_bits for s in sampled)
     low, high = memory(PrecisionPlan.uniform("nf4", 12)).avg_bits, all8
     assert low < bits[0] < bits[-1] < high and bits[-1] - bits[0] > 0.4 * (high - low)   # spread, not piled up
+
+
+def test_default_seeds_are_the_ends_of_the_memory_range():
+    """No sampled seeds (the default): the uniform plans that fit; the best guess only when just one does."""
+    memory = _memory()
+    all8 = memory(PrecisionPlan.uniform("int8", 4)).avg_bits
+    scores = UnitScores("x", (1, 2, 3, 4))
+    ends = policy.seed_plans(scores, memory, PolicyConfig(bits=(4, 8)), Budget(avg_bits=all8), 0)
+    assert [(s.origin, s.plan.code()) for s in ends] == [("uniform", "4444"), ("uniform", "8888")]
+    tight = policy.seed_plans(scores, memory, PolicyConfig(bits=(4, 8)), Budget(avg_bits=all8 - 1.0), 0)
+    assert [s.origin for s in tight] == ["uniform", "best_guess"]      # one end fits: the best guess spans the range
+    assert tight[1].plan.code() != "4444"
+
+
+def test_greedy_chain_climbs_one_step_at_a_time_to_the_best_guess():
+    memory = _memory()
+    scores = UnitScores("x", (1.0, 100.0, 3.0, 2.0))
+    costs = policy.unit_costs(memory, "layer", ["nf4", "int8", "bf16"], Budget(avg_bits=9.0))
+    chain = policy.greedy_chain(scores, costs, [4, 8, 16])
+    assert list(chain[0]) == [0, 0, 0, 0] and list(chain[-1]) == list(policy.best_guess(scores, costs, [4, 8, 16]))
+    assert all(np.abs(b - a).sum() == 1 and np.all(b >= a) for a, b in zip(chain, chain[1:]))
+    assert list(chain[1]) == [0, 1, 0, 0]                              # the most important layer first
+    assert all(costs.fits(p) for p in chain)
+    spaced = policy.chain_points(chain, 3)
+    assert len(spaced) == 3 and list(spaced[0]) == list(chain[0]) and list(spaced[-1]) == list(chain[-1])
+    assert len(policy.chain_points(chain, 100)) == len(chain)

@@ -1,0 +1,147 @@
+"""Report of ``bench/search_real30.py``: the replay's prediction against real trials, and two strategies' fronts.
+
+* Prediction: each real plan's NLL against the demo world of ``bench/search_worlds.py`` (``30x3``): its
+  central world (no jitter, no interactions: group gains spread by sensitivity, int8 -> bf16 by ``g1``) and
+  the 20 jittered worlds of the benchmark. The worlds model quality *differences* (hypervolume ratios do
+  not depend on a constant), so the intercept is fitted (one number: the all-nf4 NLL); ``r2`` is then the
+  share of the real plans' NLL variance the replay explains. ``r2_slope_fitted`` also fits a scale
+  (how far the world's gains are off in size), Spearman needs neither.
+* Fronts at N = 16: the default search's 16 trained plans against the greedy chain's 16 (the best simple
+  baseline of the replay at N = 16), on the same held-out tokens; hypervolume with a common reference
+  point (largest memory + 1 byte, worst NLL + 10% of the range), its paired difference and a bootstrap
+  over the 64 evaluation windows (every plan resampled with the same windows).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "bench" / "search_real30"
+
+
+def _load(directory: Path):
+    import pandas as pd
+    path = directory / "trials.parquet"
+    if not path.is_file():
+        return None
+    frame = pd.read_parquet(path)
+    return frame[frame["status"] == "ok"].sort_values("number")
+
+
+
+def _idx(code: str) -> list[int]:
+    return [{"4": 0, "f": 0, "8": 1, "H": 2}[ch] for ch in code]
+
+
+def _r2(y: np.ndarray, pred: np.ndarray, slope: bool) -> float:
+    x = np.c_[np.ones(len(pred)), pred] if slope else np.ones((len(pred), 1))
+    target = y - (0 if slope else pred)
+    coef, *_ = np.linalg.lstsq(x, target, rcond=None)
+    fit = x @ coef + (0 if slope else pred)
+    return float(1.0 - ((y - fit) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def central_world(space):
+    import search_worlds as sw
+    saved = (sw.SPREAD_JITTER, sw.BF16_JITTER)
+    sw.SPREAD_JITTER = sw.BF16_JITTER = 0.0
+    try:
+        world = sw.make_world(space, 0)
+    finally:
+        sw.SPREAD_JITTER, sw.BF16_JITTER = saved
+    for stage in world.J:
+        world.J[stage] = np.zeros_like(world.J[stage])
+    return world
+
+
+def prediction(frame) -> dict:
+    from scipy.stats import spearmanr
+
+    import search_worlds as sw
+    space = sw.make_space("30x3")
+    rows = np.array([_idx(c) for c in frame["plan_code"]])
+    y = frame["nll"].to_numpy(float)
+    mem = space.costs.totals(rows)
+    if not np.allclose(mem, frame["weight_bytes"].to_numpy(float)):
+        raise SystemExit("the 30x3 memory tables disagree with the real trials' measured bytes")
+    central = -central_world(space).quality(rows)
+    per_world = [-sw.make_world(space, w).quality(rows) for w in range(20)]
+    return {"n_plans": int(len(y)), "r2": round(_r2(y, central, slope=False), 4),
+            "r2_slope_fitted": round(_r2(y, central, slope=True), 4),
+            "slope": round(float(np.polyfit(central, y, 1)[0]), 3),
+            "spearman": round(float(spearmanr(central, y).correlation), 4),
+            "r2_worlds_median": round(float(np.median([_r2(y, p, slope=False) for p in per_world])), 4),
+            "spearman_worlds_median": round(float(np.median([spearmanr(p, y).correlation for p in per_world])), 4),
+            "nll_range": round(float(np.ptp(y)), 4), "memory_tables_match_measured_bytes": True}
+
+
+def _hv(cost, quality, ref) -> float:
+    import search_worlds as sw
+    return sw.hv(np.asarray(cost, float), np.asarray(quality, float), ref)
+
+
+def fronts(default, chain, boot: int = 2000, seed: int = 0) -> dict:
+    both = [default, chain]
+    win_nll = [np.stack(f["eval_window_nll"].to_numpy()) for f in both]       # [plans, windows] sums
+    win_tok = [np.stack(f["eval_window_tokens"].to_numpy()).astype(float) for f in both]
+    cost = [f["weight_bytes"].to_numpy(float) for f in both]
+
+    def hvs(w):
+        q = [-(n[:, w].sum(axis=1) / t[:, w].sum(axis=1)) for n, t in zip(win_nll, win_tok)]
+        allq = np.concatenate(q)
+        ref = (max(c.max() for c in cost) + 1.0, allq.min() - 0.1 * np.ptp(allq))
+        return [_hv(c, qq, ref) for c, qq in zip(cost, q)]
+
+    W = win_nll[0].shape[1]
+    base = hvs(np.arange(W))
+    rng = np.random.default_rng(seed)
+    draws = np.array([hvs(rng.integers(W, size=W)) for _ in range(boot)])
+    rel = draws[:, 0] / draws[:, 1] - 1.0
+    return {"n_each": [int(len(default)), int(len(chain))], "hv_default": base[0], "hv_greedy_chain": base[1],
+            "default_over_chain_minus_1": round(base[0] / base[1] - 1.0, 4),
+            "default_over_chain_minus_1_se": round(float(rel.std()), 4),
+            "default_front_plans": int(_front_count(cost[0], -win_nll[0].sum(1) / win_tok[0].sum(1))),
+            "chain_front_plans": int(_front_count(cost[1], -win_nll[1].sum(1) / win_tok[1].sum(1)))}
+
+
+def _front_count(cost, q) -> int:
+    import search_worlds as sw
+    return int(sw.front_mask(np.asarray(cost, float), np.asarray(q, float)).sum())
+
+
+def main(run_dir: Path, stamp: dict) -> None:
+    plans = _load(run_dir / "plans")
+    default = _load(run_dir / "default")
+    if plans is None:
+        raise SystemExit(f"nothing recorded in {run_dir}/plans yet: run `record --stage plans` first")
+    origin = {p["code"]: p["origin"] for p in json.loads((run_dir / "plans.json").read_text())}
+    plans = plans.assign(kind=plans["plan_code"].map(origin).fillna("other"))
+    every = plans if default is None else __import__("pandas").concat([plans, default.assign(kind="default")])
+    every = every.drop_duplicates("plan_code")
+    res = {**stamp, "what": "REAL trials (the demo's recipe and tokens) against the large-space replay's demo world",
+           "source": ["results/search_real30/plans/trials.parquet", "results/search_real30/default/trials.parquet",
+                      "bench/search_worlds.py (30x3)"],
+           "plans_by_kind": every["kind"].value_counts().to_dict(), **prediction(every),
+           "median_trial_seconds": round(float(every["seconds_total"].median()), 1)}
+    chain = plans[plans["kind"] == "chain"]
+    if default is not None and len(default) >= 16 and len(chain) >= 16:
+        res["fronts_at_16"] = fronts(default.head(16), chain.head(16))
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    lines = [f"# {res['what']}", "", f"Command: `{res['command']}` at commit `{res['commit'][:10]}`; {res['date']}.", "",
+             f"Real plans: {res['n_plans']} ({res['plans_by_kind']}); median {res['median_trial_seconds']} s per trial.", "",
+             f"* Replay's central demo world vs the real NLL: R^2 **{res['r2']}** (intercept fitted), "
+             f"{res['r2_slope_fitted']} with a fitted scale (slope {res['slope']}), Spearman {res['spearman']}; over the "
+             f"20 benchmark worlds: R^2 median {res['r2_worlds_median']}, Spearman {res['spearman_worlds_median']}. "
+             f"NLL range of the real plans {res['nll_range']}."]
+    if "fronts_at_16" in res:
+        f = res["fronts_at_16"]
+        lines.append(f"* Fronts at N = 16 on the same tokens: default / greedy chain hypervolume - 1 = "
+                     f"**{f['default_over_chain_minus_1']:+.4f} ± {f['default_over_chain_minus_1_se']:.4f}** (bootstrap over "
+                     f"windows); front plans {f['default_front_plans']} vs {f['chain_front_plans']}.")
+    OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -205,6 +205,70 @@ def run_searcher(land: Landscape, kind: str, seed: int, n_trials: int, concurren
             "trained_repeats": len(trained) - len(set(trained))}
 
 
+class LandscapeWorld:
+    """The recorded landscape as a world for the Tune-free driver (``bench/search_drivers.py``): a plan's
+    quality is its recorded ``-nll`` (one real measurement; no noise is added)."""
+
+    def __init__(self, land: Landscape):
+        self.land, self.costs, self.options = land, land.costs, tuple(OPTIONS)
+        self.scores = np.array(land.group_scores, dtype=float)
+
+    def quality(self, rows, stage: str = "demo") -> np.ndarray:
+        rows = np.atleast_2d(rows)
+        return np.array([self.land.point("".join("48"[int(i)] for i in r))[1] for r in rows])
+
+    def observe(self, row, rng, stage: str = "demo") -> float:
+        return float(self.quality(row)[0])
+
+
+BASELINES = {"greedy_chain": "greedy chain from the scores, no feedback (baseline; Tune-free driver)",
+             "probe_knapsack": "all-nf4, single-unit probes, knapsack on the measured gains (baseline; Tune-free)",
+             "score_knapsack": "knapsack on the scores alone, no feedback (baseline; Tune-free driver)"}
+
+
+def baseline_rows(land: Landscape, checkpoints) -> dict:
+    """The simple baselines of ``bench/search_large.py`` on the recorded landscape (deterministic: one run
+    per N, each told its N in advance)."""
+    import search_drivers as drivers
+    world = LandscapeWorld(land)
+    make = {"greedy_chain": lambda n: drivers.greedy_chain(world.scores, land.costs, OPTIONS, n),
+            "probe_knapsack": lambda n: drivers.ProbeKnapsack(world.scores, land.costs, OPTIONS, n),
+            "score_knapsack": lambda n: drivers.score_knapsack(world.scores, land.costs, OPTIONS, n)}
+    out = {}
+    for kind, factory in make.items():
+        per_n = {}
+        for n in checkpoints:
+            trained = ["".join("48"[i] for i in r) for r in drivers.drive(world, factory(n), n)]
+            per_n[n] = scores_after(land, trained, n)
+        out[kind] = {"label": BASELINES[kind],
+                     "hv_ratio_median": {str(n): round(h, 4) for n, (h, _) in per_n.items()},
+                     "hv_ratio_min": {str(n): round(h, 4) for n, (h, _) in per_n.items()},
+                     "hv_ratio_mean": {str(n): round(h, 4) for n, (h, _) in per_n.items()},
+                     "hv_ratio_se": {str(n): None for n in per_n},
+                     "regret_median": {str(n): round(g, 4) for n, (_, g) in per_n.items()},
+                     "wasted_proposals_median": 0, "trained_over_budget": 0, "trained_repeats": 0,
+                     "deterministic": True}
+    return out
+
+
+def noise_ceiling(land: Landscape, noise: float = 0.0037, draws: int = 1000, seed: int = 0) -> dict:
+    """Every feasible plan's NLL drawn again with the measured same-seed noise (``noise``): the exact front's
+    plans, at the re-drawn values, against the front of all re-drawn plans (median, 10th percentile). Two
+    hypervolume ratios closer than this gap cannot be told apart on one measurement per plan."""
+    rng = np.random.default_rng(seed)
+    codes = [c for c in land.rows if land.costs.fits(land.idx(c))]
+    cost = np.array([land.point(c)[0] for c in codes])
+    q = np.array([land.point(c)[1] for c in codes])
+    on = np.isin(codes, [c for c in codes if land.point(c) in set(land.front)])
+    ratios = []
+    for _ in range(draws):
+        noisy = q + rng.normal(0, noise, len(q))
+        ratios.append(hypervolume(list(zip(cost[on], noisy[on])), land.ref) / hypervolume(list(zip(cost, noisy)), land.ref))
+    return {"noise_sd_nll": noise, "median": round(float(np.median(ratios)), 4),
+            "p10": round(float(np.percentile(ratios, 10)), 4), "draws": draws,
+            "what": "exact front's plans at re-drawn NLL / front of every re-drawn feasible plan"}
+
+
 def parse_kind(kind: str) -> tuple[str, int | None]:
     """``additive_seeds2`` -> (``additive``, 2 sampled seed plans); ``additive_ends`` -> 0; else the default."""
     m = re.fullmatch(r"(\w+?)_seeds(\d+)", kind)
@@ -300,6 +364,8 @@ def main(argv=None) -> int:
         done[kind] = res["searchers"][kind]
         partial.write_text(json.dumps({"key": key, "searchers": done}, indent=1) + "\n")
     ray.shutdown()
+    res["searchers"].update(baseline_rows(land, checkpoints))
+    res["noise_ceiling"] = noise_ceiling(land)
     ranked = sorted(res["searchers"], key=lambda k: (res["searchers"][k]["hv_ratio_median"].get("16", 0),
                                                      res["searchers"][k]["hv_ratio_median"].get("8", 0)), reverse=True)
     res["ranking_by_hv_at_16"] = ranked
@@ -360,6 +426,12 @@ def to_markdown(r: dict, checkpoints) -> str:
            "", head, rule]
     for kind, s in r["searchers"].items():
         out.append(f"| {s['label']} | " + " | ".join(f"{s['hv_ratio_median'][str(n)]:.3f}" for n in checkpoints) + " |")
+    if "noise_ceiling" in r:
+        nc = r["noise_ceiling"]
+        out += ["", f"Noise ceiling: with every plan's NLL drawn again with the same-seed noise ({nc['noise_sd_nll']}), the "
+                f"exact front's plans reach {nc['median']:.3f} of the re-drawn front (10th percentile {nc['p10']:.3f}): "
+                "ratios closer together than that are not told apart. Baseline rows are deterministic (one run per N, "
+                "Tune-free driver `bench/search_drivers.py`)."]
     out += ["", "Mean ± standard error over the seeds (two searchers whose means differ by less than about twice "
             "their SEs are not told apart):", "", head, rule]
     for kind, s in r["searchers"].items():

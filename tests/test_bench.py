@@ -95,6 +95,9 @@ def test_search_benchmark_replays_a_landscape_through_tune(tmp_path):
     assert res["searchers"]["additive"]["trained_over_budget"] == 0
     assert res["searchers"]["additive"]["wasted_proposals_median"] == 0
     assert "replay of recorded real trials" in (tmp_path / "search.md").read_text()
+    assert {"greedy_chain", "probe_knapsack", "score_knapsack"} <= set(res["searchers"])   # the simple baselines
+    assert all(0 < res["searchers"][b]["hv_ratio_median"]["8"] <= 1 + 1e-9 for b in ("greedy_chain", "score_knapsack"))
+    assert 0.5 < res["noise_ceiling"]["p10"] <= res["noise_ceiling"]["median"] <= 1.0
     assert not (tmp_path / ".search.partial.json").exists()          # the scratch file goes with success
     # resumable: a searcher finished by an earlier run of the same code and settings is not run again
     sys.path.insert(0, str(ROOT / "bench"))

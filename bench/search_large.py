@@ -238,14 +238,18 @@ def multi_fidelity_bound(per_world: list[dict], default: str, n_full: int = 16, 
     k = int(np.floor(fraction * n_full))
     best = median_se([worlds.best_subset_hv(pw["truth"], k) / pw["truth"].hv for pw in per_world])
     full = median_se([pw["hv"][default][n_full] for pw in per_world])
-    return {"searcher": None, "status": "not built: bounded (see why)", "compute_fraction": None, "hv_ratio_median": None,
-            "stage_seconds": worlds.STAGE_SECONDS, "full_trials_at_most": k,
+    need = full[0] - 0.005
+    verdict = ("out of reach of any strategy whose front holds only full-fidelity results"
+               if best[0] < need else
+               f"possible in principle only if screening lets {k} full-fidelity trials land within "
+               f"{best[0] - need:.3f} of the best {k} front plans (the full-fidelity default needs 16 trials for {full[0]:.3f})")
+    return {"searcher": None, "status": "not built yet (this bound only)", "compute_fraction": None,
+            "hv_ratio_median": None, "stage_seconds": worlds.STAGE_SECONDS, "full_trials_at_most": k,
             "best_any_strategy_hv_ratio_median": round(best[0], 4), "full_fidelity_default_at_16": round(full[0], 4),
-            "why": f"at compute fraction {fraction} a strategy can train at most {k} full-fidelity plans; the best "
-                   f"{k} plans of the best-known front reach {best[0]:.3f} (median), the full-fidelity default at "
-                   f"N = {n_full} reaches {full[0]:.3f}: the target (within 0.005) is out of reach of any strategy "
-                   "whose front holds only full-fidelity results, unless a full trial itself gets cheaper "
-                   "(e.g. LoftQ cached per unit and format, issue #26)"}
+            "why": f"at compute fraction {fraction} a strategy trains at most {k} full-fidelity plans (fewer once "
+                   f"screening costs anything: a zero-step trial is {worlds.STAGE_SECONDS['zero']} s against "
+                   f"{worlds.STAGE_SECONDS['demo']} s); the best {k} plans of the best-known front reach {best[0]:.3f} "
+                   f"(median), the target needs {need:.3f}: {verdict}"}
 
 
 def to_markdown(res: dict) -> str:
@@ -259,7 +263,9 @@ def to_markdown(res: dict) -> str:
     for name, sp in res["spaces"].items():
         t = sp["searchers"]
         ns = list(next(iter(t.values()))["hv_ratio_median"])
+        by = sp.get("made_by", {})
         lines += [f"## {name}: {sp['description']} ({sp['worlds']} worlds)", "",
+                  f"Made by `{by.get('command', res['command'])}` at commit `{str(by.get('commit', res['commit']))[:10]}`.", "",
                   "| searcher | " + " | ".join(f"N={n}" for n in ns) + " | default minus this (paired) at N=" + "/".join(ns) + " |",
                   "|---|" + "---:|" * len(ns) + "---|"]
         for s, row in t.items():
@@ -305,11 +311,23 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", nargs="+", type=int, default=list(CHECKPOINTS))
     parser.add_argument("--concurrency-worlds", type=int, default=8, help="0: skip the concurrency section")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the spaces and sections of an existing output that this run does not redo "
+                             "(each section carries the commit and command that made it)")
     args = parser.parse_args(argv)
     default = "additive"
-    res = {**stamp(), "what": "REPLAY ON CALIBRATED SYNTHETIC WORLDS (a proxy of real trials; see calibration)",
+    here = stamp()
+    res = {**here, "what": "REPLAY ON CALIBRATED SYNTHETIC WORLDS (a proxy of real trials; see calibration)",
            "source": worlds.SOURCES, "calibration": worlds.__doc__, "default_searcher": default,
            "noise_sd_nll": worlds.NOISE, "spaces": {}}
+    old = args.out / "search_large.json"
+    if args.merge and old.is_file():
+        before = json.loads(old.read_text())
+        res["spaces"] = before.get("spaces", {})
+        for key in ("multi_fidelity", "concurrency", "latency"):
+            if key in before:
+                res[key] = before[key]
+    made_by = {"commit": here["commit"], "dirty": here["dirty"], "command": here["command"]}
     for name in args.spaces:
         space = worlds.make_space(name)
         names = [s for s in args.searchers if not (s in CEILINGS + ABLATIONS and name != "30x3")]
@@ -325,14 +343,15 @@ def main(argv=None) -> int:
                                "noise_ceiling_world0": worlds.noise_ceiling(per_world[0]["world"], per_world[0]["truth"]),
                                "per_world_hv_ratio": {s: {str(n): [round(pw["hv"][s][n], 5) for pw in per_world]
                                                           for n in args.checkpoints} for s in names + ["best_subset"]},
-                               "front_size_median": float(np.median([pw["front_size"] for pw in per_world]))}
+                               "front_size_median": float(np.median([pw["front_size"] for pw in per_world])),
+                               "made_by": made_by}
         if name == "30x3" and 16 in args.checkpoints:
-            res["multi_fidelity"] = multi_fidelity_bound(per_world, default)
+            res["multi_fidelity"] = {**multi_fidelity_bound(per_world, default), "made_by": made_by}
         write(res, args.out)
     if args.concurrency_worlds:
-        res["concurrency"] = concurrency(worlds.make_space("30x3"), args.concurrency_worlds)
+        res["concurrency"] = {**concurrency(worlds.make_space("30x3"), args.concurrency_worlds), "made_by": made_by}
         write(res, args.out)
-        res["latency"] = latency(worlds.make_space("linear210"))
+        res["latency"] = {**latency(worlds.make_space("linear210")), "made_by": made_by}
         write(res, args.out)
     return 0
 

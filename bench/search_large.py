@@ -311,6 +311,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", nargs="+", type=int, default=list(CHECKPOINTS))
     parser.add_argument("--concurrency-worlds", type=int, default=8, help="0: skip the concurrency section")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench")
+    parser.add_argument("--latency-only", action="store_true", help="only the suggest-latency measurement (with --merge: "
+                        "into the existing output; run it on an idle machine)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the spaces and sections of an existing output that this run does not redo "
                              "(each section carries the commit and command that made it)")
@@ -328,6 +330,10 @@ def main(argv=None) -> int:
             if key in before:
                 res[key] = before[key]
     made_by = {"commit": here["commit"], "dirty": here["dirty"], "command": here["command"]}
+    if args.latency_only:
+        res["latency"] = {**latency(worlds.make_space("linear210")), "made_by": made_by}
+        write(res, args.out)
+        return 0
     for name in args.spaces:
         space = worlds.make_space(name)
         names = [s for s in args.searchers if not (s in CEILINGS + ABLATIONS and name != "30x3")]

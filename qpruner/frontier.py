@@ -1,29 +1,32 @@
-"""Memory-aware Bayesian search over per-unit formats: an additive Bayesian surrogate, Thompson
-sampling, and an exact knapsack over the (additive, exactly known) memory. Pure numpy, no Ray.
+"""Memory-aware Bayesian search over per-unit formats: a Bayesian linear surrogate over format steps,
+expected hypervolume improvement, and an exact knapsack over the (additive, exactly known) memory.
+Pure numpy, no Ray.
 
 The method, after BOCS (Baptista & Poloczek, *Bayesian Optimization of Combinatorial Structures*,
-ICML 2018), adapted to two objectives where one of them (memory) is known exactly in advance:
+ICML 2018) and noisy expected hypervolume improvement (Daulton et al., NeurIPS 2021), adapted to two
+objectives where one of them (memory) is known exactly in advance:
 
-* **Surrogate.** The quality of a plan that puts unit ``u`` in option ``k_u`` is modelled as
-  ``y = b0 + g * p(plan) + sum_u d[u, k_u] + noise``, a Bayesian linear model. ``p(plan) =
-  sum_u prior[u, k_u]`` is the *probabilistic decision's prior*: the layer scores say how much of the
-  total gain from upgrading every unit each unit should carry (see :func:`prior_gain`), and ``g``
-  (the size of that total gain) is learnt. The deviations ``d`` (option 0 of every unit is the
-  baseline, ``d = 0``) let the data overrule the scores unit by unit; their prior scale is set
-  empirically from ``g``. BOCS uses a second-order (pairwise) model with a horseshoe prior; on the
-  recorded SmolLM2 landscape log-perplexity is close to additive over units
-  (``results/bench/landscape.md``), so first order with a Gaussian prior is enough and is exact to
-  sample from.
-* **Proposals.** Draw ``theta`` from the posterior (Thompson sampling). Under that draw, the best
-  plan at every memory capacity is an exact multiple-choice knapsack (dynamic programme over
-  memory discretised into ``bins`` steps; candidates are re-checked against the exact budget). Of
-  those plans, not evaluated and not running, propose the one that adds the most hypervolume to the
-  current front (observed trials plus running ones at their posterior mean). So proposals spread
-  along the memory axis wherever the front can still grow, never exceed the budget, and never repeat.
+* **Surrogate** (:class:`StepModel`). A plan's quality is a Bayesian linear model over the steps each
+  unit takes up the format ladder (nf4 -> int8 -> bf16): per step, one total gain spread by the layer
+  scores (the *probabilistic decision's prior*) and one spread evenly over the weights, both learnt, so
+  the data decide how far to trust the scores; a prior that each step above gains ``step_ratio`` of the
+  one below (measured 0.12 on the pruned SmolLM2); per-unit deviations with a prior sized by the unit's
+  expected gain. BOCS uses a pairwise model with a horseshoe prior; on the recorded SmolLM2 landscape
+  NLL is close to additive over units (R^2 0.995, ``results/bench/landscape.md``), so first order with
+  a Gaussian prior is enough, exact to fit and to sample from.
+* **Candidates.** Under the posterior mean and a few posterior draws, the best plan at every memory
+  capacity is an exact multiple-choice knapsack (:func:`knapsack_fronts`: a dynamic programme over
+  memory discretised into ``bins`` steps, all draws in one pass; re-checked against the exact budget).
+* **Proposal.** Of the candidates not evaluated and not running, the one with the largest expected
+  hypervolume improvement (:func:`hv_improvements`) over posterior draws, where each draw's front is
+  that draw's values of every trained *and running* plan — so a running trial counts as what it would
+  likely measure, and concurrent proposals spread out instead of piling onto one region. Until then
+  the previous default drew one posterior sample per proposal (Thompson sampling): 0.05 lower at
+  N = 8-10 on the large-space replay (``results/bench/search_large.md``).
 * **Joint pruning and precision** (``prune.param_ratios``): the plan also picks one of ``V`` pruned
-  variants of the model. Memory stays exactly additive *within* a variant, so the knapsack runs once
-  per variant (with that variant's tables) and the candidates of all variants compete on hypervolume
-  improvement; the surrogate adds one offset per variant (:class:`AdditiveModel`).
+  variants of the model. Memory stays exactly additive *within* a variant, so the knapsack runs per
+  variant (with that variant's tables) and the candidates of all variants compete on the same
+  improvement; the surrogate adds one offset per variant.
 * Where BOCS optimises one objective with simulated annealing, we need a whole front and have an
   additive constraint, so the knapsack replaces annealing and hypervolume improvement replaces the
   plain maximum.
@@ -63,10 +66,11 @@ class StepModel:
     A plan puts unit ``u`` at option ``k_u`` (options in increasing bits); ``up[u, j] = 1`` when
     ``k_u >= j``. Its quality is modelled as
 
-        y = b0 + sum_j [ G_j * sum_u share[u] up[u, j]  +  E_j * mean_u up[u, j] ]  +  sum_{u,j} d[u, j] up[u, j]  (+ c[v])
+        y = b0 + sum_j [ G_j * sum_u share[u] up[u, j]  +  E_j * sum_u size[u] up[u, j] ]  +  sum_{u,j} d[u, j] up[u, j]  (+ c[v])
 
     ``share`` are the layer scores as shares (the probabilistic decision's prior), so ``G_j`` says how much
-    step ``j`` gains in total where the scores point and ``E_j`` how much it gains spread evenly: the data
+    step ``j`` gains in total where the scores point and ``E_j`` how much it gains spread evenly over the
+    weights (``size``: each unit's share of the weights, i.e. ``mean_u`` above when units are alike): the data
     decide how far to trust the scores (measured: their rank agreement with the true gains is only ~0.5-0.8,
     ``results/bench/importance_truth.md``). The step sizes are learnt per step, with a prior that each step
     up gains ``step_ratio`` of the one below (measured: int8 -> bf16 is ~0.12 of nf4 -> int8 on the pruned
@@ -81,10 +85,14 @@ class StepModel:
     """
 
     def __init__(self, shares: np.ndarray, n_options: int, step_ratio: float = 0.12, relative_noise: float = 0.02,
-                 deviation_scale: float = 0.5):
+                 deviation_scale: float = 0.5, sizes: np.ndarray | None = None):
         sh = np.asarray(shares, dtype=np.float64)
         self.shares = sh if sh.ndim == 2 else sh[None]            # [V, U]
         self.V, self.U = self.shares.shape
+        # the uninformed spread: every weight gains alike (a unit's share of the weights; equal by default)
+        sz = np.full((self.V, self.U), 1.0 / self.U) if sizes is None else np.asarray(sizes, dtype=np.float64)
+        sz = sz if sz.ndim == 2 else np.broadcast_to(sz[None], (self.V, self.U))
+        self.sizes = sz / sz.sum(axis=1, keepdims=True)
         self.K, self.J = n_options, max(0, n_options - 1)        # options, steps
         self.step_ratio, self.relative_noise, self.deviation_scale = step_ratio, relative_noise, deviation_scale
         self.mean = np.zeros(self.dim)
@@ -113,7 +121,7 @@ class StepModel:
         for j in range(1, self.K):
             up = (rows >= j).astype(np.float64)
             x[:, j] = (share * up).sum(axis=1)
-            x[:, self.J + j] = up.mean(axis=1)
+            x[:, self.J + j] = (self.sizes[v] * up).sum(axis=1)
             x[:, self.n_global + np.arange(self.U) * self.J + j - 1] = up
         pruned = np.flatnonzero(v > 0)
         x[pruned, self.n_global + self.U * self.J + v[pruned] - 1] = 1.0
@@ -139,7 +147,7 @@ class StepModel:
         """Prior sd of ``d[u, j]``: ``deviation_scale`` times the unit's expected gain at step ``j`` (mean share
         over variants), at least half an equal share of that step's total."""
         share = self.shares.mean(axis=0)[:, None]                   # [U, 1]
-        gain = np.abs(g)[None, :] * share + np.abs(e)[None, :] / self.U
+        gain = np.abs(g)[None, :] * share + np.abs(e)[None, :] * self.sizes.mean(axis=0)[:, None]
         floor = 0.5 * (np.abs(g) + np.abs(e))[None, :] / self.U
         return self.deviation_scale * np.maximum(gain, floor).reshape(-1)
 
@@ -175,7 +183,7 @@ class StepModel:
         steps = np.zeros((self.U, self.K))
         d = theta[self._devs()].reshape(self.U, self.J)
         for j in range(1, self.K):
-            steps[:, j] = theta[j] * self.shares[variant] + theta[self.J + j] / self.U + d[:, j - 1]
+            steps[:, j] = theta[j] * self.shares[variant] + theta[self.J + j] * self.sizes[variant] + d[:, j - 1]
         return np.cumsum(steps, axis=1)
 
     def offset(self, theta: np.ndarray, variant: int = 0) -> float:

@@ -52,6 +52,7 @@ class AdditiveSearcher(Searcher):
         per_variant = scores if self.variants else [scores]
         self.shares = np.stack([score_shares(np.ones(U) if s is None else s)
                                 for s in (per_variant if per_variant is not None else [None] * len(self.tables))])
+        self.sizes = np.stack([t.weights[:, -1] for t in self.tables])   # bytes in the widest format ~ weights
         self.points = [self._idx(p) for p in (points_to_evaluate or [])]
         self.rng = np.random.default_rng(seed)
         self.observed: dict[tuple, float] = {}     # plan -> quality (trained)
@@ -111,7 +112,7 @@ class AdditiveSearcher(Searcher):
         return self._config(idx)
 
     def _model(self) -> StepModel:
-        model = StepModel(self.shares, len(self.options))
+        model = StepModel(self.shares, len(self.options), sizes=self.sizes)
         if len(set(self.observed.values())) >= 2:
             plans = list(self.observed)
             split = [self._split(p) for p in plans]

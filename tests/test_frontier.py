@@ -250,3 +250,25 @@ def test_the_joint_searcher_prices_each_variant_with_its_own_tables():
     again = AdditiveSearcher(KEYS, [4, 8], tables, [None] * 3, None, 0, variants=amounts, variant_key="prune_amount")
     again.restore(path)
     assert again.observed == searcher.observed and again.suggest("x") == searcher.suggest("x")
+
+
+def test_many_running_trials_get_distinct_proposals_spread_over_memory():
+    """64 proposals before any result (a cluster filling its slots): all feasible, all distinct, and spread
+    along the memory axis rather than copies of one plan (each running trial enters the front at its
+    draw's value)."""
+    n = 30
+    w = np.stack([np.full(n, 1e6), np.full(n, 2e6), np.full(n, 4e6)], axis=1)
+    costs = UnitCosts(w, np.zeros_like(w), 1e7, int(w[:, 0].sum() * 2), Budget(avg_bits=8.5))
+    keys = [f"bits_{i:03d}" for i in range(n)]
+    scores = np.random.default_rng(0).lognormal(0, 1, n)
+    searcher = AdditiveSearcher(keys, [4, 8, 16], costs, scores, [{k: 4 for k in keys}, {k: 8 for k in keys}], 0)
+    for i, bits in enumerate((4, 8)):                          # the two ends are known
+        config = searcher.suggest(f"end{i}")
+        searcher.on_trial_complete(f"end{i}", {"objective": -3.8 + 0.17 * (bits == 8)})
+    plans = [searcher._idx(searcher.suggest(f"t{i}")) for i in range(64)]
+    assert len(set(plans)) == 64 and all(costs.fits(np.array(p)) for p in plans)
+    mem = np.array([costs.total(np.array(p)) for p in plans])
+    low, high = costs.total(np.zeros(n, dtype=int)), costs.capacity() + costs.fixed
+    assert np.ptp(mem) > 0.5 * (high - low)
+    hamming = [sum(a != b for a, b in zip(p, q)) for i, p in enumerate(plans) for q in plans[:i]]
+    assert np.median(hamming) >= 3

@@ -49,6 +49,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/memory_claim.py --quality
 	$(BIN)/python bench/loftq_bench.py
 	$(BIN)/python bench/search_bench.py
+	$(BIN)/python bench/search_large.py
+	$(BIN)/python bench/search_real30.py record --stage plans
+	$(BIN)/python bench/search_real30.py record --stage default
+	$(BIN)/python bench/search_real30.py report
 	$(BIN)/python bench/joint_bench.py
 	$(BIN)/python bench/dashboard_screenshot.py
 	test -d results/smollm2_demo && $(BIN)/python bench/report_screenshot.py || echo "no results/smollm2_demo: run make demo for the report screenshot"

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 IMPORTANCE_TRUTH = ROOT / "results" / "bench" / "importance_truth.json"
+REAL_CHECK = ROOT / "results" / "bench" / "search_real30.json"
 LANDSCAPE_JSON = ROOT / "results" / "bench" / "landscape.json"
 SOURCES = ["results/bench/importance_truth.json (truth.demo, truth.zero, estimators.sensitivity, "
            "estimators.mutual_information)", "results/bench/landscape_smollm2.parquet (via importance_truth: "
@@ -87,6 +88,7 @@ class Space:
     n_layers: int
     numel_share: np.ndarray       # [U] share of its layer's weights (1 for layer units)
     description: str = ""
+    gain_scale: float = 1.0       # every gain times this (30x3_today: the real check's measured scale)
 
 
 def _layout(shape: str):
@@ -96,10 +98,19 @@ def _layout(shape: str):
 
 
 def make_space(name: str, budget_bits: float = 8.5) -> Space:
-    """``30x3`` (the demo: 30 layers), ``7b`` (32 layers of a 20%-pruned LLaMA-2-7B), ``linear210``."""
+    """``30x3`` (the demo: 30 layers), ``7b`` (32 layers of a 20%-pruned LLaMA-2-7B), ``linear210``;
+    ``30x3_today``: the demo's space with every gain scaled to today's recipe (the slope of real NLL on the
+    replay's prediction, ``results/bench/search_real30.json``; the landscape was recorded with 1 LoftQ
+    iteration, the demo now runs 4, which shrinks the cost of nf4) at the same trial noise."""
     from qpruner import policy
     from qpruner.config import QuantConfig
     from qpruner.memory import Budget
+    scale = 1.0
+    if name == "30x3_today":
+        real = json.loads(REAL_CHECK.read_text()) if REAL_CHECK.is_file() else {}
+        if "slope" not in real:
+            raise SystemExit(f"30x3_today needs the real check's measured scale: run bench/search_real30.py first ({REAL_CHECK})")
+        name, scale = "30x3", float(real["slope"])
     shape, unit = {"30x3": ("smollm2", "layer"), "7b": ("llama7b", "layer"), "linear210": ("smollm2", "linear")}[name]
     layout = _layout(shape)
     memory = policy.PlanMemory(layout, QuantConfig(), "float32")
@@ -113,7 +124,9 @@ def make_space(name: str, budget_bits: float = 8.5) -> Space:
     desc = {"30x3": "SmolLM2-135M pruned as the demo: 30 layers x {nf4, int8, bf16}",
             "7b": "LLaMA-2-7B pruned 20% (layers 4-29): 32 layers x {nf4, int8, bf16}",
             "linear210": "SmolLM2-135M pruned as the demo, policy.unit linear: 210 linears x {nf4, int8, bf16}"}[name]
-    return Space(name, costs, layer_of, layout.n_layers, share, f"{desc}, budget {budget_bits} average bits")
+    if scale != 1.0:
+        name, desc = "30x3_today", f"{desc}; every gain x {scale:.3f} (today's recipe, measured on real trials)"
+    return Space(name, costs, layer_of, layout.n_layers, share, f"{desc}, budget {budget_bits} average bits", scale)
 
 
 @dataclass
@@ -224,7 +237,9 @@ def make_world(space: Space, seed: int) -> World:
     world = World(space, values, Js, np.zeros(U), "")
     for stage in ("demo", "zero"):
         world.J[stage] = _calibrate_interactions(world, Js[stage], stage)
-    if space.name == "30x3":
+        world.values[stage] = world.values[stage] * space.gain_scale   # R^2 is scale-free: calibrated first
+        world.J[stage] = world.J[stage] * space.gain_scale
+    if space.name.startswith("30x3"):
         world.scores, world.scores_source = mi30.copy(), "mutual_information layer scores (importance_truth.json)"
     else:
         g1 = world.values["demo"][:, 1]

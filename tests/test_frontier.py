@@ -263,7 +263,7 @@ def test_many_running_trials_get_distinct_proposals_spread_over_memory():
     scores = np.random.default_rng(0).lognormal(0, 1, n)
     searcher = AdditiveSearcher(keys, [4, 8, 16], costs, scores, [{k: 4 for k in keys}, {k: 8 for k in keys}], 0)
     for i, bits in enumerate((4, 8)):                          # the two ends are known
-        config = searcher.suggest(f"end{i}")
+        searcher.suggest(f"end{i}")
         searcher.on_trial_complete(f"end{i}", {"objective": -3.8 + 0.17 * (bits == 8)})
     plans = [searcher._idx(searcher.suggest(f"t{i}")) for i in range(64)]
     assert len(set(plans)) == 64 and all(costs.fits(np.array(p)) for p in plans)

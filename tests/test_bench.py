@@ -375,3 +375,17 @@ def test_large_space_benchmark_runs_and_the_default_beats_random(tmp_path):
     assert all(0 < table[s]["hv_ratio_median"]["16"] <= table["best_subset"]["hv_ratio_median"]["16"] + 1e-9
                for s in ("additive", "greedy_chain", "probe_knapsack", "score_knapsack", "random"))
     assert "| **additive** (default) |" in (tmp_path / "search_large.md").read_text()
+
+
+def test_real_check_report_reads_the_committed_trials(tmp_path):
+    """The real-trial check's report from the committed trials (no run directory): the replay's prediction,
+    and both strategies' fronts at N = 16 on the same tokens with a bootstrap SE."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import search_real30_report as rep
+    if not rep.TRIALS.is_file():
+        pytest.skip("no recorded real trials in this checkout")
+    rep.main(tmp_path / "no-run-here", {"commit": "x" * 40, "command": "test", "date": "now"}, out=tmp_path / "r")
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["n_trials"] >= 48 and res["n_plans"] >= 40 and "r2" in res and -1 <= res["spearman"] <= 1
+    f = res["fronts_at_16"]
+    assert f["n_each"] == [16, 16] and f["default_over_chain_minus_1_se"] > 0

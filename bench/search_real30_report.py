@@ -157,7 +157,8 @@ def main(run_dir: Path, stamp: dict, out: Path = OUT) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
     lines = [f"# {res['what']}", "", f"Command: `{res['command']}` at commit `{res['commit'][:10]}`; {res['date']}.", "",
-             f"Real trials: {res['n_trials']}; distinct plans: {res['n_plans']} ({res['plans_by_kind']}); median {res['median_trial_seconds']} s per trial.", "",
+             f"Real trials: {res['n_trials']}; distinct plans: {res['n_plans']} ({res['plans_by_kind']}); "
+             f"median {res['median_trial_seconds']} s per trial.", "",
              f"* Replay's central demo world vs the real NLL: R^2 **{res['r2']}** (intercept fitted), "
              f"{res['r2_slope_fitted']} with a fitted scale (slope {res['slope']}), Spearman {res['spearman']}; over the "
              f"20 benchmark worlds: R^2 median {res['r2_worlds_median']}, Spearman {res['spearman_worlds_median']}. "

@@ -301,9 +301,3 @@ def hypervolume(points: list[tuple[float, float]], ref: tuple[float, float]) -> 
 def hv_improvement(front: list[tuple[float, float]], point: tuple[float, float], ref: tuple[float, float]) -> float:
     """Hypervolume that ``point`` adds to ``front`` (0 when dominated)."""
     return hypervolume(front + [point], ref) - hypervolume(front, ref)
-
-
-def gap_to_front(front: list[tuple[float, float]], point: tuple[float, float]) -> float:
-    """How far ``point``'s quality is above the best front quality at its cost or less (may be < 0)."""
-    better = [q for c, q in front if c <= point[0]]
-    return point[1] - (max(better) if better else -np.inf)

@@ -43,6 +43,8 @@ class AdditiveSearcher(Searcher):
         self.tables = list(costs) if self.variants else [costs]          # one UnitCosts per variant
         self.costs, self.draws, self.fronts, self.bins = self.tables[0], draws, fronts, bins
         self.max_candidates = max_candidates
+        self._cached = None      # (observations it was fitted on, model, draws, candidates): see _posterior
+        self._hash_w = np.random.default_rng(12345).integers(1, 2 ** 62, size=len(self.keys) + 1, dtype=np.int64)
         U = len(self.keys)
         if self.variants and (variant_key is None or len(self.tables) != len(self.variants)):
             raise ValueError("a joint search needs variant_key and one cost table per variant")
@@ -130,9 +132,6 @@ class AdditiveSearcher(Searcher):
 
     def _hash(self, rows: np.ndarray, variants: np.ndarray) -> np.ndarray:
         """A 64-bit key per plan (random linear hash; wraps around on overflow) for fast set tests."""
-        if not hasattr(self, "_hash_w"):
-            g = np.random.default_rng(12345)
-            self._hash_w = g.integers(1, 2 ** 62, size=len(self.keys) + 1, dtype=np.int64)
         with np.errstate(over="ignore"):
             return (rows.astype(np.int64) + 1) @ self._hash_w[:-1] + variants.astype(np.int64) * self._hash_w[-1]
 
@@ -161,8 +160,8 @@ class AdditiveSearcher(Searcher):
         running trials, and a refit at 210 units costs ~0.1-0.3 s). Proposals between refits share one set
         of draws, as batch expected improvement does; the running trials keep them apart."""
         key = len(self.observed)
-        cached = getattr(self, "_cached", None)
-        if cached is None or key - cached[0] >= max(1, len(self.pending) // 8) or (key < cached[0]):
+        cached = self._cached
+        if cached is None or key - cached[0] >= max(1, len(self.pending) // 8):
             model = self._model()
             thetas = model.samples(self.rng, self.draws)
             self._cached = (key, model, thetas, *self._candidates(model, thetas))

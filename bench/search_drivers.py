@@ -97,6 +97,55 @@ def drive(world, searcher, n_trials: int, seed: int = 0, pending: int = 1, stage
     return trained
 
 
+def drive_screened(world, searcher, compute: float, windows: int, seed: int = 0, max_rejections: int = 2000,
+                   with_own_screen: bool = True) -> list[tuple]:
+    """Sequential multi-fidelity drive until ``compute`` trial-seconds are spent: a proposal whose config says
+    ``fidelity: screen`` is a screen (``world.screen``: zero steps, ``windows`` windows; costs
+    ``SCREEN_SECONDS[windows]``), any other a full trial (``STAGE_SECONDS['demo']``, plus its own screen before
+    fine-tuning when ``with_own_screen``, reported as ``objective_screen``). Returns ``(row, fidelity, seconds
+    spent when it finished)`` for every trial run (answers without training cost nothing)."""
+    import search_worlds as worlds
+    rng = np.random.default_rng(seed)
+    costs = world.costs
+    U = costs.weights.shape[0]
+    options = list(world_options(world))
+    full_s = worlds.STAGE_SECONDS["demo"] + (worlds.SCREEN_SECONDS[windows] - 4.15 if with_own_screen else 0.0)
+    screen_s = worlds.SCREEN_SECONDS[windows]
+    done: dict[tuple, dict] = {}
+    log: list[tuple] = []
+    spent, counter = 0.0, 0
+    while spent < compute:
+        for _ in range(max_rejections):
+            counter += 1
+            tid = f"t{counter}"
+            config = searcher.suggest(tid)
+            if config is None or config == FINISHED:
+                return log
+            fidelity = config.pop("fidelity", "full")
+            row = row_of(config, options, U)
+            if not costs.fits(np.array(row)):
+                searcher.on_trial_complete(tid, {"objective": -1000.5, "weight_bytes": costs.total(row)})
+                continue
+            if fidelity == "full" and row in done:
+                searcher.on_trial_complete(tid, done[row])
+                continue
+            break
+        else:
+            return log
+        if fidelity == "screen":
+            spent += screen_s
+            answer = {"objective": world.screen(np.array(row), rng, windows), "fidelity": "screen"}
+        else:
+            spent += full_s
+            answer = {"objective": world.observe(np.array(row), rng, "demo"), "weight_bytes": costs.total(row)}
+            if with_own_screen:
+                answer["objective_screen"] = world.screen(np.array(row), rng, windows)
+            done[row] = answer
+        searcher.on_trial_complete(tid, answer)
+        log.append((row, fidelity, spent))
+    return log
+
+
 def world_options(world) -> tuple:
     return tuple(world.options) if hasattr(world, "options") else (4, 8, 16)[: world.costs.weights.shape[1]]
 

@@ -20,8 +20,14 @@ world's prediction against real trials). What a world is made of, and where each
   world so that the 256 plans of the landscape's 8-group x {nf4, int8} space (layers tied by group) give
   an additive least-squares R^2 of ``TARGET_R2`` (the landscape's own: 0.995).
 * **Observation noise:** Gaussian, sd ``NOISE`` NLL per trial (same-seed noise between plans).
-* **Zero-step fidelity:** the same construction from ``truth.zero`` (gains at 0 steps) with the same
-  spread, jitter and interaction pattern; costs per fidelity from the landscape's median trial seconds.
+* **Zero-step fidelity:** the same construction from ``truth.zero`` (gains at 0 steps, 64 windows) with
+  the same interaction pattern and spread, each layer's share further jittered by a lognormal factor (sd
+  ``ZERO_JITTER``, its own random stream so the demo fidelity is unchanged): the measured group-level
+  log-ratio sd between zero-step and fine-tuned gains after their common slope, assumed to hold within
+  groups too. A **screen** (zero steps, first ``w`` evaluation windows) observes it with noise
+  ``SCREEN_NOISE[w]`` (the residual of the ``w``-window zero-step NLL on the 64-window one over the 256
+  landscape plans; at least ``NOISE``). Costs per stage from the landscape's median trial seconds
+  (``STAGE_SECONDS``, ``SCREEN_SECONDS``: quantize + evaluation scaled to ``w`` windows).
 * **Memory:** exact per-unit tables (``qpruner.policy.unit_costs``) of the demo's pruned SmolLM2 layout
   (the same shapes ``bench/memory_claim.py`` builds), and of a 20%-pruned LLaMA-2-7B for the 7B space.
 * **The searchers' prior:** in the demo space the real mutual-information layer scores of the pruned
@@ -61,6 +67,10 @@ LINEAR_JITTER = 0.5
 SCORE_ERROR = 1.0            # gives a median Spearman ~0.5 with the gains, as the real MI scores have in the demo world
 N_GROUPS = 8
 STAGE_SECONDS = {"zero": 37.8, "demo": 133.0}   # landscape.md: median seconds per real trial by stage
+# zero-step stage of landscape_smollm2.parquet, medians: quantize (+ LoftQ) 4.15 s, evaluation of 64 windows 33.12 s
+SCREEN_SECONDS = {w: round(4.15 + 33.12 * w / 64, 2) for w in (16, 32, 64)}
+SCREEN_NOISE = {16: 0.0104, 32: 0.0037, 64: 0.0037}   # NLL: w-window zero-step vs 64-window residual sd (floor NOISE)
+ZERO_JITTER = 0.25
 OPTIONS = (4, 8, 16)
 FORMATS = ("nf4", "int8", "bf16")
 
@@ -160,6 +170,10 @@ class World:
     def observe(self, row, rng: np.random.Generator, stage: str = "demo") -> float:
         return float(self.quality(row, stage)[0] + rng.normal(0.0, self.noise))
 
+    def screen(self, row, rng: np.random.Generator, windows: int) -> float:
+        """A screen: the zero-step quality on the first ``windows`` evaluation windows."""
+        return float(self.quality(row, "zero")[0] + rng.normal(0.0, SCREEN_NOISE[windows]))
+
 
 def _lognormal(rng, sd, n):
     return np.exp(rng.normal(0.0, sd, n))
@@ -225,8 +239,9 @@ def make_world(space: Space, seed: int) -> World:
     raw = np.triu(raw, 1)
     raw = raw + raw.T
     values, Js = {}, {}
+    zero_jitter = _lognormal(np.random.default_rng(20_000 + seed), ZERO_JITTER, n)
     for stage in ("demo", "zero"):
-        g1_layer = _layer_gains(space, rng, group_gains(stage), sens, jitter)
+        g1_layer = _layer_gains(space, rng, group_gains(stage), sens, jitter * (zero_jitter if stage == "zero" else 1.0))
         g2_layer = g1_layer * bf16_jitter
         g2_layer *= INT8_TO_BF16 * (g1_layer.sum() / group_gains("demo").sum()) / g2_layer.sum()
         split = space.numel_share * linear_jitter

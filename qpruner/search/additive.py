@@ -24,11 +24,13 @@ import json
 import numpy as np
 from ray.tune.search import Searcher
 
-from ..frontier import StepModel, hv_improvements, knapsack_fronts, score_shares
+from ..frontier import Screens, StepModel, hv_improvements, knapsack_fronts, score_shares
 from ..memory import UnitCosts
 
 logger = logging.getLogger(__name__)
 FEASIBLE_FLOOR = -999.0   # objectives at or below this are the wrapper's "not trained" answers
+FIDELITY_KEY = "fidelity"  # in a proposal's config: "screen" for a screening trial (absent: a full trial)
+SCREEN = "screen"
 
 
 class AdditiveSearcher(Searcher):
@@ -36,8 +38,13 @@ class AdditiveSearcher(Searcher):
     def __init__(self, keys: list[str], options: list, costs: UnitCosts | list[UnitCosts], scores=None,
                  points_to_evaluate: list[dict] | None = None, seed: int = 0, draws: int = 32, fronts: int = 8,
                  bins: int = 2048, max_candidates: int = 1024, metric: str = "objective", mode: str = "max",
-                 variants: list | None = None, variant_key: str | None = None):
+                 variants: list | None = None, variant_key: str | None = None, screen_ratio: float = 0.0,
+                 screen_noise: float = 0.04, screen_discrepancy: float = 0.5):
         super().__init__(metric=metric, mode=mode)
+        if screen_ratio < 0:
+            raise ValueError(f"screen_ratio must be >= 0, got {screen_ratio}")
+        self.screen_ratio, self.screen_noise = float(screen_ratio), float(screen_noise)
+        self.screen_discrepancy = float(screen_discrepancy)
         self.keys, self.options = list(keys), list(options)
         self.variants, self.variant_key = (list(variants), variant_key) if variants else (None, None)
         self.tables = list(costs) if self.variants else [costs]          # one UnitCosts per variant
@@ -60,6 +67,9 @@ class AdditiveSearcher(Searcher):
         self.observed: dict[tuple, float] = {}     # plan -> quality (trained)
         self.evaluated: set[tuple] = set()         # every plan answered, trained or not
         self.pending: dict[str, tuple] = {}        # trial id -> plan
+        self.pending_screens: set[str] = set()     # those of the pending trials that are screens
+        self.screened: dict[tuple, float] = {}     # plan -> screening measurement (screens, and full trials' own)
+        self.full_issued = self.screens_issued = 0   # model-based proposals so far, by fidelity
 
     # --- encoding -------------------------------------------------------------------------------------
     def _idx(self, config: dict) -> tuple:
@@ -106,22 +116,53 @@ class AdditiveSearcher(Searcher):
             if not self._taken(idx) and self._fits(idx):
                 self.pending[trial_id] = idx
                 return self._config(idx)
-        idx = self._propose()
+        screen = self._screen_next()
+        idx = self._propose(screen)
+        if idx is None and screen:          # nothing left worth screening: train instead
+            screen = False
+            idx = self._propose(False)
         if idx is None:
             logger.info("additive searcher: every plan within the budget has been evaluated")
             return Searcher.FINISHED
         self.pending[trial_id] = idx
+        if screen:
+            self.pending_screens.add(trial_id)
+            self.screens_issued += 1
+            return {**self._config(idx), FIDELITY_KEY: SCREEN}
+        self.full_issued += 1
         return self._config(idx)
+
+    def _screen_next(self) -> bool:
+        """Multi-fidelity (``screen_ratio > 0``): before each model-based full trial, screen until
+        ``screen_ratio`` screens per full trial have been issued (so ratio 2: screen, screen, train, ...)."""
+        return self.screen_ratio > 0 and self.screens_issued < self.screen_ratio * (self.full_issued + 1)
 
     def _model(self) -> StepModel:
         model = StepModel(self.shares, len(self.options), sizes=self.sizes)
-        if len(set(self.observed.values())) >= 2:
+        screens = self._screens()
+        if len(set(self.observed.values())) >= 2 or (screens is not None and len(set(screens.y)) >= 2):
             plans = list(self.observed)
-            split = [self._split(p) for p in plans]
-            return model.fit(np.array([i for _, i in split]), np.array([self.observed[p] for p in plans]),
-                             np.array([v for v, _ in split]))
+            rows, variants = self._rows(plans)
+            return model.fit(rows, np.array([self.observed[p] for p in plans], dtype=float), variants, screen=screens)
         # the prior alone: quality grows with the score shares of the upgraded units
         return model.prior_only(float(np.mean(list(self.observed.values()))) if self.observed else 0.0)
+
+    def _screens(self) -> Screens | None:
+        """The screening measurements, with the slope between fidelities estimated from the plans measured at
+        both (least squares, kept within [0.5, 3]; 1 until two such plans differ)."""
+        if not self.screened:
+            return None
+        plans = list(self.screened)
+        rows, variants = self._rows(plans)
+        both = [p for p in plans if p in self.observed]
+        slope = 1.0
+        if len(both) >= 2:
+            f = np.array([self.observed[p] for p in both])
+            sc = np.array([self.screened[p] for p in both])
+            if np.ptp(f) > 0:
+                slope = float(np.clip(np.polyfit(f, sc, 1)[0], 0.5, 3.0))
+        return Screens(rows, np.array([self.screened[p] for p in plans], dtype=float), variants, slope=slope,
+                       discrepancy=self.screen_discrepancy, relative_noise=self.screen_noise)
 
     def _rows(self, plans: list) -> tuple[np.ndarray, np.ndarray]:
         """(option rows ``[n, U]``, variant of each) of plan ids."""
@@ -159,7 +200,7 @@ class AdditiveSearcher(Searcher):
         ``len(pending) // 8`` new ones when many do (one more result changes little next to hundreds of
         running trials, and a refit at 210 units costs ~0.1-0.3 s). Proposals between refits share one set
         of draws, as batch expected improvement does; the running trials keep them apart."""
-        key = len(self.observed)
+        key = len(self.observed) + len(self.screened)
         cached = self._cached
         if cached is None or key - cached[0] >= max(1, len(self.pending) // 8):
             model = self._model()
@@ -167,9 +208,20 @@ class AdditiveSearcher(Searcher):
             self._cached = (key, model, thetas, *self._candidates(model, thetas))
         return self._cached[1:]
 
-    def _new(self, rows: np.ndarray, variants: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Those of the candidates not evaluated or running, at most ``max_candidates`` (spread over memory)."""
-        taken = self._hash(*self._rows(list(self.evaluated) + list(self.pending.values())))
+    def _new(self, rows: np.ndarray, variants: np.ndarray, keys: np.ndarray, screen: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Those of the candidates not evaluated or running (nor screened, for a screen), at most
+        ``max_candidates`` (spread over memory). A full trial's candidates also include every screened plan
+        not trained yet (its screen may put it on the front though no posterior draw's knapsack does)."""
+        if not screen and self.screened:
+            extra = [p for p in self.screened if p not in self.observed]
+            if extra:
+                er, ev = self._rows(extra)
+                rows, variants = np.concatenate([rows, er]), np.concatenate([variants, ev])
+                keys = np.concatenate([keys, self._hash(er, ev)])
+                keys, first = np.unique(keys, return_index=True)
+                rows, variants = rows[first], variants[first]
+        done = list(self.evaluated) + list(self.pending.values()) + (list(self.screened) if screen else [])
+        taken = self._hash(*self._rows(done))
         new = np.flatnonzero(~np.isin(keys, taken))
         if len(new) > self.max_candidates:
             new = new[np.linspace(0, len(new) - 1, self.max_candidates).round().astype(int)]
@@ -183,15 +235,20 @@ class AdditiveSearcher(Searcher):
                 out[on] = table.totals(rows[on])
         return out
 
-    def _propose(self):
+    def _propose(self, screen: bool = False):
         """The candidate with the largest expected hypervolume improvement (Monte Carlo over ``draws`` posterior
         draws; in each draw the front is that draw's values of every trained and running plan, so running
-        trials count as what they would likely measure and proposals under concurrency spread out)."""
+        trials count as what they would likely measure and proposals under concurrency spread out). For a
+        screen, screened plans count as known too (at their posterior values), and of the candidates with a
+        positive improvement the screen goes to the most uncertain one (information where the front may move);
+        a full trial's front holds full-fidelity plans only (screens never stand on the front)."""
         model, thetas, rows, variants, keys = self._posterior()
-        cand_rows, cand_var = self._new(rows, variants, keys)
+        cand_rows, cand_var = self._new(rows, variants, keys, screen)
         if not len(cand_rows):
-            return self._fallback()
-        known_rows, known_var = self._rows(list(self.observed) + list(self.pending.values()))
+            return None if screen else self._fallback()
+        full_pending = [p for t, p in self.pending.items() if t not in self.pending_screens]
+        known = list(self.observed) + (list(self.pending.values()) + list(self.screened) if screen else full_pending)
+        known_rows, known_var = self._rows(list(dict.fromkeys(known)))
         known_values = model.features(known_rows, known_var) @ thetas.T if len(known_rows) else np.zeros((0, len(thetas)))
         cand_values = model.features(cand_rows, cand_var) @ thetas.T
         known_cost, cand_cost = self._costs_of(known_rows, known_var), self._costs_of(cand_rows, cand_var)
@@ -203,6 +260,8 @@ class AdditiveSearcher(Searcher):
         for d in range(len(thetas)):
             gain += hv_improvements(known_cost, known_values[:, d], cand_cost, cand_values[:, d], ref)
         best = int(np.argmax(gain))
+        if screen and gain[best] > 0:   # a screen: the most uncertain of the plans that may move the front
+            best = int(np.argmax(np.where(gain > 0, cand_values.std(axis=1), -np.inf)))
         if gain[best] <= 0:   # no draw sees any improvement: the plan that comes closest to the known front
             level = np.where(known_cost[None, :] <= cand_cost[:, None], known_values.mean(axis=1)[None, :], -np.inf)
             best = int(np.argmax(cand_values.mean(axis=1) - level.max(axis=1, initial=-np.inf)))
@@ -242,12 +301,23 @@ class AdditiveSearcher(Searcher):
         idx = self.pending.pop(trial_id, None)
         if idx is None:
             return
-        self.evaluated.add(idx)
-        if error or not result or self.metric not in result:
+        screen = trial_id in self.pending_screens
+        self.pending_screens.discard(trial_id)
+        value = float(result[self.metric]) if result and not error and self.metric in result else float("nan")
+        feasible = np.isfinite(value) and value > FEASIBLE_FLOOR
+        sign = 1.0 if self.mode == "max" else -1.0
+        if screen:
+            if feasible:
+                self.screened[idx] = sign * value
+            elif value <= FEASIBLE_FLOOR:    # over the budget: never proposed again, at any fidelity
+                self.evaluated.add(idx)
             return
-        value = float(result[self.metric])
-        if np.isfinite(value) and value > FEASIBLE_FLOOR:
-            self.observed[idx] = value if self.mode == "max" else -value
+        self.evaluated.add(idx)
+        if feasible:
+            self.observed[idx] = sign * value
+            own = result.get(f"{self.metric}_screen") if result else None   # the full trial's own screen
+            if own is not None and np.isfinite(float(own)):
+                self.screened[idx] = sign * float(own)
 
     # --- checkpointing --------------------------------------------------------------------------------
     def save(self, checkpoint_path: str) -> None:
@@ -257,7 +327,10 @@ class AdditiveSearcher(Searcher):
         state = {"points": [ints(p) for p in self.points], "rng": self.rng.bit_generator.state,
                  "observed": [[ints(p), float(q)] for p, q in self.observed.items()],
                  "evaluated": [ints(p) for p in self.evaluated],
-                 "pending": {t: ints(p) for t, p in self.pending.items()}}
+                 "pending": {t: ints(p) for t, p in self.pending.items()},
+                 "pending_screens": sorted(self.pending_screens),
+                 "screened": [[ints(p), float(q)] for p, q in self.screened.items()],
+                 "issued": [self.full_issued, self.screens_issued]}
         with open(checkpoint_path, "w") as fh:
             json.dump(state, fh)
 
@@ -268,5 +341,8 @@ class AdditiveSearcher(Searcher):
         self.observed = {tuple(p): float(q) for p, q in state["observed"]}
         self.evaluated = {tuple(p) for p in state["evaluated"]}
         self.pending = {t: tuple(p) for t, p in state["pending"].items()}
+        self.pending_screens = set(state.get("pending_screens", []))
+        self.screened = {tuple(p): float(q) for p, q in state.get("screened", [])}
+        self.full_issued, self.screens_issued = state.get("issued", [0, 0])
         self.rng.bit_generator.state = state["rng"]
         self._cached = None

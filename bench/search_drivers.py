@@ -98,7 +98,7 @@ def drive(world, searcher, n_trials: int, seed: int = 0, pending: int = 1, stage
 
 
 def drive_screened(world, searcher, compute: float, windows: int, seed: int = 0, max_rejections: int = 2000,
-                   with_own_screen: bool = True) -> list[tuple]:
+                   with_own_screen: bool = True, screen_seconds: float | None = None) -> list[tuple]:
     """Sequential multi-fidelity drive until ``compute`` trial-seconds are spent: a proposal whose config says
     ``fidelity: screen`` is a screen (``world.screen``: zero steps, ``windows`` windows; costs
     ``SCREEN_SECONDS[windows]``), any other a full trial (``STAGE_SECONDS['demo']``, plus its own screen before
@@ -109,8 +109,8 @@ def drive_screened(world, searcher, compute: float, windows: int, seed: int = 0,
     costs = world.costs
     U = costs.weights.shape[0]
     options = list(world_options(world))
-    full_s = worlds.STAGE_SECONDS["demo"] + (worlds.SCREEN_SECONDS[windows] - 4.15 if with_own_screen else 0.0)
-    screen_s = worlds.SCREEN_SECONDS[windows]
+    screen_s = worlds.SCREEN_SECONDS[windows] if screen_seconds is None else screen_seconds
+    full_s = worlds.STAGE_SECONDS["demo"] + (max(0.0, screen_s - 4.15) if with_own_screen else 0.0)
     done: dict[tuple, dict] = {}
     log: list[tuple] = []
     spent, counter = 0.0, 0
@@ -134,10 +134,12 @@ def drive_screened(world, searcher, compute: float, windows: int, seed: int = 0,
             return log
         if fidelity == "screen":
             spent += screen_s
-            answer = {"objective": world.screen(np.array(row), rng, windows), "fidelity": "screen"}
+            answer = {"objective": world.screen(np.array(row), rng, windows), "fidelity": "screen",
+                      "seconds_total": screen_s}
         else:
             spent += full_s
-            answer = {"objective": world.observe(np.array(row), rng, "demo"), "weight_bytes": costs.total(row)}
+            answer = {"objective": world.observe(np.array(row), rng, "demo"), "weight_bytes": costs.total(row),
+                      "seconds_total": full_s}
             if with_own_screen:
                 answer["objective_screen"] = world.screen(np.array(row), rng, windows)
             done[row] = answer

@@ -38,12 +38,12 @@ class AdditiveSearcher(Searcher):
     def __init__(self, keys: list[str], options: list, costs: UnitCosts | list[UnitCosts], scores=None,
                  points_to_evaluate: list[dict] | None = None, seed: int = 0, draws: int = 32, fronts: int = 8,
                  bins: int = 2048, max_candidates: int = 1024, metric: str = "objective", mode: str = "max",
-                 variants: list | None = None, variant_key: str | None = None, screen_ratio: float = 0.0,
+                 variants: list | None = None, variant_key: str | None = None, screen_share: float = 0.0,
                  screen_noise: float = 0.04, screen_discrepancy: float = 0.5):
         super().__init__(metric=metric, mode=mode)
-        if screen_ratio < 0:
-            raise ValueError(f"screen_ratio must be >= 0, got {screen_ratio}")
-        self.screen_ratio, self.screen_noise = float(screen_ratio), float(screen_noise)
+        if not 0.0 <= screen_share < 1.0:
+            raise ValueError(f"screen_share must be in [0, 1), got {screen_share}")
+        self.screen_share, self.screen_noise = float(screen_share), float(screen_noise)
         self.screen_discrepancy = float(screen_discrepancy)
         self.keys, self.options = list(keys), list(options)
         self.variants, self.variant_key = (list(variants), variant_key) if variants else (None, None)
@@ -69,7 +69,7 @@ class AdditiveSearcher(Searcher):
         self.pending: dict[str, tuple] = {}        # trial id -> plan
         self.pending_screens: set[str] = set()     # those of the pending trials that are screens
         self.screened: dict[tuple, float] = {}     # plan -> screening measurement (screens, and full trials' own)
-        self.full_issued = self.screens_issued = 0   # model-based proposals so far, by fidelity
+        self.seconds = {"screen": [0.0, 0], "full": [0.0, 0]}   # trial-seconds and trials completed, by fidelity
 
     # --- encoding -------------------------------------------------------------------------------------
     def _idx(self, config: dict) -> tuple:
@@ -117,7 +117,10 @@ class AdditiveSearcher(Searcher):
                 self.pending[trial_id] = idx
                 return self._config(idx)
         screen = self._screen_next()
-        idx = self._propose(screen)
+        if screen and len(self.screened) + len(self.pending_screens) < len(self.keys):
+            idx = self._random_plan(screen=True)    # the first screens: a random design (one per unit)
+        else:
+            idx = self._propose(screen)
         if idx is None and screen:          # nothing left worth screening: train instead
             screen = False
             idx = self._propose(False)
@@ -127,15 +130,29 @@ class AdditiveSearcher(Searcher):
         self.pending[trial_id] = idx
         if screen:
             self.pending_screens.add(trial_id)
-            self.screens_issued += 1
             return {**self._config(idx), FIDELITY_KEY: SCREEN}
-        self.full_issued += 1
         return self._config(idx)
 
+    def _cost(self, fidelity: str) -> float:
+        """Mean trial-seconds of a trial of ``fidelity`` so far (before any: a screen is 0.1 of a full trial)."""
+        spent, n = self.seconds[fidelity]
+        other, m = self.seconds["full" if fidelity == "screen" else "screen"]
+        if n:
+            return spent / n
+        if m:
+            return other / m * (0.1 if fidelity == "screen" else 10.0)
+        return 1.0 if fidelity == "screen" else 10.0
+
     def _screen_next(self) -> bool:
-        """Multi-fidelity (``screen_ratio > 0``): before each model-based full trial, screen until
-        ``screen_ratio`` screens per full trial have been issued (so ratio 2: screen, screen, train, ...)."""
-        return self.screen_ratio > 0 and self.screens_issued < self.screen_ratio * (self.full_issued + 1)
+        """Multi-fidelity (``screen_share > 0``): screen while screens (done and running, at their mean cost)
+        stay within ``screen_share`` of the compute spent, counting the screen about to start."""
+        if self.screen_share <= 0:
+            return False
+        screen, full = self._cost("screen"), self._cost("full")
+        n_screens = len(self.pending_screens)
+        s = self.seconds["screen"][0] + n_screens * screen + screen
+        f = self.seconds["full"][0] + (len(self.pending) - n_screens) * full
+        return s / (s + f) <= self.screen_share
 
     def _model(self) -> StepModel:
         model = StepModel(self.shares, len(self.options), sizes=self.sizes)
@@ -268,6 +285,17 @@ class AdditiveSearcher(Searcher):
         idx = tuple(int(i) for i in cand_rows[best])
         return (int(cand_var[best]),) + idx if self.variants else idx
 
+    def _random_plan(self, screen: bool = False):
+        """A random feasible plan (each unit's option uniform, redrawn until it fits) not taken yet."""
+        U, K, V = len(self.keys), len(self.options), len(self.tables)
+        for _ in range(2000):
+            v = int(self.rng.integers(V))
+            row = self.rng.integers(K, size=U)
+            plan = (v,) + tuple(int(i) for i in row) if self.variants else tuple(int(i) for i in row)
+            if self.tables[v].fits(row) and not self._taken(plan) and not (screen and plan in self.screened):
+                return plan
+        return self._fallback()
+
     def _fallback(self):
         """No knapsack plan is new: a random plan (of a random variant), lowered unit by unit (in random
         order) until it fits, that was not evaluated yet; in a small space, the first such plan by
@@ -303,6 +331,11 @@ class AdditiveSearcher(Searcher):
             return
         screen = trial_id in self.pending_screens
         self.pending_screens.discard(trial_id)
+        took = float(result.get("seconds_total") or 0.0) if result and not error else 0.0
+        if took > 0:
+            tally = self.seconds["screen" if screen else "full"]
+            tally[0] += took
+            tally[1] += 1
         value = float(result[self.metric]) if result and not error and self.metric in result else float("nan")
         feasible = np.isfinite(value) and value > FEASIBLE_FLOOR
         sign = 1.0 if self.mode == "max" else -1.0
@@ -330,7 +363,7 @@ class AdditiveSearcher(Searcher):
                  "pending": {t: ints(p) for t, p in self.pending.items()},
                  "pending_screens": sorted(self.pending_screens),
                  "screened": [[ints(p), float(q)] for p, q in self.screened.items()],
-                 "issued": [self.full_issued, self.screens_issued]}
+                 "seconds": self.seconds}
         with open(checkpoint_path, "w") as fh:
             json.dump(state, fh)
 
@@ -343,6 +376,6 @@ class AdditiveSearcher(Searcher):
         self.pending = {t: tuple(p) for t, p in state["pending"].items()}
         self.pending_screens = set(state.get("pending_screens", []))
         self.screened = {tuple(p): float(q) for p, q in state.get("screened", [])}
-        self.full_issued, self.screens_issued = state.get("issued", [0, 0])
+        self.seconds = state.get("seconds", {"screen": [0.0, 0], "full": [0.0, 0]})
         self.rng.bit_generator.state = state["rng"]
         self._cached = None

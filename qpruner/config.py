@@ -201,6 +201,12 @@ class SearchConfig:
                              "hyperopt: TPE, scored against the nf4-int8 line; optuna_mo / optuna_gp: objective "
                              "and memory; random: baseline; points: only the seed plans")
     random_warmup: int = opt(2, min=0, help="random points after the seed plans before the model-based search")
+    screen_share: float = opt(0.0, min=0.0, max=0.9,
+                              help="multi-fidelity (additive searcher): share of the trial-seconds spent on screens "
+                                   "(zero-step evaluations on screen_windows windows, never on the front) that steer "
+                                   "the full trials; 0: off. Pays when a screen costs a few %% of a full trial (long "
+                                   "recovery fine-tunes), not at the demo's 10 CPU steps (results/bench/search_large.md)")
+    screen_windows: int = opt(32, min=1, help="evaluation windows (rows of the eval split) a screen evaluates")
     scheduler: str = opt("none", choices=("none", "asha", "median"),
                          help="early stopping on intermediate reports (needs finetune.eval_every > 0)")
     grace_period: int = opt(1, min=1, help="reports before a trial may be stopped early")
@@ -274,6 +280,8 @@ class JobConfig:
         if self.search.gpus_per_trial > 1 and self.search.gpus_per_trial != int(self.search.gpus_per_trial):
             problems.append("search.gpus_per_trial: fractions are only allowed below 1 (e.g. 0.5), "
                             f"got {self.search.gpus_per_trial}")
+        if self.search.screen_share > 0:
+            problems += _check_screens(self)
         if self.search.keep_dashboard and not (self.search.dashboard and self.search.ray_address is None):
             problems.append("search.keep_dashboard: keeps a local search's dashboard up; set search.dashboard: true "
                             "(on a cluster, the head's dashboard stays up by itself)")
@@ -292,6 +300,20 @@ def metric_names(job: "JobConfig") -> list[str]:
         stem = PurePath(task).stem if task.endswith(".jsonl") else task
         names += [f"{stem}:acc", f"{stem}:acc_norm"]
     return names
+
+
+def _check_screens(job: "JobConfig") -> list[str]:
+    """Screens (``search.screen_share``) are steered by the additive searcher and measure evaluation metrics only."""
+    problems = []
+    if job.search.searcher != "additive":
+        problems.append(f"search.screen_share: screening is a mode of the additive searcher; set search.searcher: "
+                        f"additive or search.screen_share: 0 (got searcher {job.search.searcher!r})")
+    terms = list(job.search.objective or {job.search.metric: 1.0})
+    tasks = [t for t in terms if t not in ("accuracy", "perplexity")]
+    if tasks:
+        problems.append(f"search.screen_share: a screen evaluates perplexity and next-token accuracy only, but the "
+                        f"objective uses {tasks}; use search.metric perplexity or accuracy, or search.screen_share: 0")
+    return problems
 
 
 def _check_metrics(job: "JobConfig") -> list[str]:

@@ -323,8 +323,19 @@ def _prepare_variant(job: JobConfig, out: Path, amount: float | None, device, bu
     context = TrialContext(config_dict=config_dict, state_dict=state_dict, layout=layout,
                            train=splits.train, eval=splits.eval, quant=job.quant, finetune=job.finetune,
                            evaluation=job.eval, budget=budget, metric=job.search.metric, unit=job.policy.unit,
-                           objective=job.search.objective, tasks=tokenized)
+                           objective=job.search.objective, tasks=tokenized, screen_windows=screen_windows(job, splits.eval))
     return Variant(amount, context, prune_report, scores, seeds, uniform), tokenized
+
+
+def screen_windows(job: JobConfig, eval_ids) -> int:
+    """Evaluation windows of a screen (0: no screens); all of them, with a warning, when the split has no more."""
+    if job.search.screen_share <= 0:
+        return 0
+    rows = int(eval_ids.shape[0])
+    if job.search.screen_windows >= rows:
+        logger.warning("search.screen_windows (%d) covers the whole evaluation split (%d windows): screens save "
+                       "only the fine-tuning; lower it or evaluate on more text", job.search.screen_windows, rows)
+    return min(job.search.screen_windows, rows)
 
 
 def variant_seeds(scores: UnitScores, memory: policy.PlanMemory, amount: float | None, job: JobConfig, budget: Budget,

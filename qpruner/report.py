@@ -288,6 +288,13 @@ def _read_json(path: Path):
         return None
 
 
+def _screen_windows(run) -> str:
+    try:
+        return str(run.read_job().search.screen_windows)
+    except Exception:  # noqa: BLE001 - a report of a changed or broken job.yaml still shows the trials
+        return "?"
+
+
 def write_report(directory: str | Path, metric: str | None = None) -> Path:
     """Write pareto.png, bits.png, hypervolume.png and report.html into ``directory``."""
     from .rundir import RunDir
@@ -320,6 +327,10 @@ def write_report(directory: str | Path, metric: str | None = None) -> Path:
                                      for k, v in sorted(variants.items(), key=lambda kv: float(kv[0])))
                            + " parameters (joint search)" if variants else "(unknown)"),
                ("trials", ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"),
+               *([("fidelity", f"{counts['screened']} screens: zero-step evaluations on the first "
+                                f"{_screen_windows(run)} evaluation windows (search.screen_share); another fidelity, "
+                                "so never on the front or in the hypervolume; every front plan is fine-tuned")]
+                 if counts.get("screened") else []),
                ("front", f"{len(front)} plans"),
                ("hypervolume", (f"{curve[-1]:.4g}" if curve else "0")
                 + ("" if ref else " (reference: 10% beyond the worst quality and largest memory seen)"))]

@@ -18,7 +18,7 @@ FAILED_OBJECTIVE = -2000.0
 class TrialResult:
     """Everything one trial produced: plan, status, quality with standard errors, memory, time."""
     plan: PrecisionPlan
-    status: str                       # ok | infeasible | failed
+    status: str                       # ok | screened | infeasible | failed
     objective: float
     weight_bytes: int                 # total weight memory (measured when trained, else predicted)
     weight_bytes_predicted: int
@@ -50,6 +50,8 @@ class TrialResult:
     seconds: dict = field(default_factory=dict)
     device: str = "cpu"
     error: str | None = None
+    fidelity: str = "full"            # full (fine-tuned, evaluated on every window) | screen (see trial.run_screen)
+    objective_screen: float | None = None   # a full trial's own screen (before fine-tuning), with search.screen_share
 
     def to_metrics(self) -> dict:
         """Flat, scalar-only dict (what the trainable reports to Ray Tune)."""

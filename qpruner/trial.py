@@ -14,6 +14,12 @@ itself for accuracies (next-token ``accuracy``, ``<task>:acc``, ``<task>:acc_nor
   overshoot of the budget) — below every feasible value, still ordered by distance to the budget;
 * trials that fail on their own (non-finite loss, out of memory) report ``objective = -2000`` and their
   reason; any other error propagates and is recorded by the search as an errored trial.
+
+Multi-fidelity (``search.screen_share > 0``): a **screen** (:func:`run_screen`) builds the plan's model as a
+trial does (quantized, LoRA LoftQ-initialised) but does not fine-tune it, and evaluates it on the first
+``screen_windows`` evaluation windows only; its result has ``status = "screened"``, ``fidelity = "screen"``
+and never stands on the front. A full trial then also evaluates its own screen before fine-tuning
+(``objective_screen``), which tells the searcher how the two fidelities relate.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class TrialContext:
     unit: str = "layer"
     objective: dict | None = None                 # metric -> weight; None: {metric: 1}
     tasks: tuple[TokenizedTask, ...] = ()
+    screen_windows: int = 0                       # > 0: the search screens plans on this many evaluation windows
 
     @property
     def n_layers(self) -> int:
@@ -101,9 +108,15 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _evaluate(ctx: TrialContext, model, device) -> EvalMetrics:
+def _evaluate(ctx: TrialContext, model, device, windows: int | None = None) -> EvalMetrics:
     e = ctx.evaluation
-    return evaluate(model, ctx.eval, e.batch_size, device, context=e.context, stride=e.stride)
+    ids = ctx.eval if windows is None else ctx.eval[:windows]
+    return evaluate(model, ids, e.batch_size, device, context=e.context, stride=e.stride)
+
+
+def _screen_objective(ctx: TrialContext, ev: EvalMetrics) -> float:
+    """The objective of a screen's evaluation (its terms must be evaluation metrics: JobConfig checks)."""
+    return objective_of(metric_values(ev, {}), ctx.weights)
 
 
 def quantized_with_lora(model: torch.nn.Module, plan: PrecisionPlan, quant: QuantConfig, ft: FinetuneConfig,
@@ -181,6 +194,8 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
         if measured.total_bytes != predicted_total:
             logger.warning("measured weight bytes %d differ from predicted %d", measured.total_bytes, predicted_total)
         before = _evaluate(ctx, model, device) if ctx.evaluation.before_finetune else None
+        own_screen = (_screen_objective(ctx, _evaluate(ctx, model, device, ctx.screen_windows))
+                      if ctx.screen_windows > 0 else None)
 
         def intermediate(step: int) -> None:
             if on_report is None:
@@ -222,13 +237,53 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
             tasks=task_values,
             adapter_bytes=adapter_bytes(model), peak_bytes=peak.peak_bytes, peak_kind=peak.kind,
             train_loss_first=stats.first_loss, train_loss_final=stats.final_loss, train_steps=stats.steps,
-            train_stopped=stats.stopped, eval_tokens_per_s=after.tokens_per_second, seconds=seconds, **common)
+            train_stopped=stats.stopped, eval_tokens_per_s=after.tokens_per_second, seconds=seconds,
+            objective_screen=own_screen, **common)
     except (TrialFailed, torch.OutOfMemoryError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
         logger.warning("trial failed: %s", reason)
         seconds["total"] = time.perf_counter() - t0
         return TrialResult(status="failed", objective=FAILED_OBJECTIVE, weight_bytes=predicted_total,
                            seconds=seconds, error=reason[:2000], **common)
+    finally:
+        del model
+        _release(device)
+
+
+def run_screen(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu") -> TrialResult:
+    """A screen of ``plan``: built as a trial builds it (quantized, LoRA attached and LoftQ-initialised when
+    configured), not fine-tuned, evaluated on the first ``ctx.screen_windows`` evaluation windows. Cheap
+    (no training, a fraction of the evaluation); the searcher uses it to decide which plans to train."""
+    if ctx.screen_windows <= 0:
+        raise ValueError("run_screen needs a context with screen_windows > 0 (search.screen_share > 0)")
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    common, infeasible = Precheck.of(ctx)(plan, device)
+    if infeasible is not None:
+        return infeasible
+    seconds: dict[str, float] = {}
+    model = None
+    try:
+        t = time.perf_counter()
+        model, measured = _build_quantized(ctx, plan, device)
+        seconds["quantize"] = time.perf_counter() - t
+        ev = _evaluate(ctx, model, device, ctx.screen_windows)
+        seconds["eval"] = ev.seconds
+        seconds["total"] = time.perf_counter() - t0
+        return TrialResult(status="screened", fidelity="screen", objective=_screen_objective(ctx, ev),
+                           objective_se=objective_se_of(metric_ses(ev, {}), ctx.weights),
+                           weight_bytes=measured.total_bytes, accuracy=ev.accuracy, perplexity=ev.perplexity,
+                           nll=ev.nll, nll_se=ev.nll_se, accuracy_se=ev.accuracy_se,
+                           perplexity_se=ev.perplexity * ev.nll_se, eval_window_nll=ev.window_nll,
+                           eval_window_tokens=ev.window_tokens, eval_window_correct=ev.window_correct,
+                           eval_tokens_per_s=ev.tokens_per_second, seconds=seconds, **common)
+    except (TrialFailed, torch.OutOfMemoryError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        logger.warning("screen failed: %s", reason)
+        seconds["total"] = time.perf_counter() - t0
+        # still "screened" (a screen never counts as a trained trial); the objective tells the searcher it failed
+        return TrialResult(status="screened", fidelity="screen", objective=FAILED_OBJECTIVE,
+                           weight_bytes=common["weight_bytes_predicted"], seconds=seconds, error=reason[:2000], **common)
     finally:
         del model
         _release(device)

@@ -122,6 +122,8 @@ def test_joint_pruning_amounts_are_validated():
     (["prune.layer_start=0", "prune.layer_end=31"], "builtin:smollm2-135m has 30 decoder layers"),
     (["finetune.target_modules=[]"], "LoRA would train nothing"),
     (["search.objective={accuracy: 0}"], "every weight is 0"),
+    (["search.screen_share=0.2", "search.searcher=hyperopt"], "screening is a mode of the additive searcher"),
+    (["search.screen_share=0.2", "eval.tasks=[piqa]", "search.metric=piqa:acc"], "a screen evaluates perplexity"),
 ])
 def test_inputs_that_failed_only_after_loading_are_refused_before_any_work(overrides, expected):
     problems = _problems({"model": {"source": "builtin:smollm2-135m"}}, overrides)

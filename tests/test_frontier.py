@@ -272,3 +272,79 @@ def test_many_running_trials_get_distinct_proposals_spread_over_memory():
     assert np.ptp(mem) > 0.5 * (high - low)
     hamming = [sum(a != b for a, b in zip(p, q)) for i, p in enumerate(plans) for q in plans[:i]]
     assert np.median(hamming) >= 3
+
+
+def test_screens_teach_the_model_what_few_full_trials_cannot():
+    """Full qualities of 3 plans, and screens of 40 more that see 1.5x the differences plus a discrepancy
+    of their own: fitted with the screens, the model's unit effects follow the truth (the slope between
+    fidelities is given); without them, three plans cannot tell 12 units apart."""
+    from qpruner.frontier import Screens
+    rng = np.random.default_rng(4)
+    n = 12
+    effect = rng.lognormal(0, 0.8, n)
+    full_plans = np.array([np.zeros(n, int), np.ones(n, int), np.r_[np.ones(6, int), np.zeros(6, int)]])
+    y = full_plans @ effect
+    screen_plans = rng.integers(0, 2, size=(40, n))
+    ys = 1.5 * (screen_plans @ (effect * rng.lognormal(0, 0.1, n))) + 2.0 + rng.normal(0, 0.02, 40)
+    alone = StepModel(score_shares(np.ones(n)), 2).fit(full_plans, y)
+    screened = StepModel(score_shares(np.ones(n)), 2).fit(full_plans, y, screen=Screens(screen_plans, ys, slope=1.5))
+    corr = [np.corrcoef(m.effects(m.mean)[:, 1], effect)[0, 1] for m in (alone, screened)]
+    assert corr[1] > 0.9 and corr[1] > corr[0] + 0.2
+    # it still describes the full fidelity: the total gain is the full one, not 1.5x it
+    assert screened.effects(screened.mean)[:, 1].sum() == pytest.approx(effect.sum(), rel=0.25)
+
+
+def _screening(share, seed=0):
+    costs = _costs()
+    return AdditiveSearcher(KEYS, [4, 8], costs, None, [{k: 4 for k in KEYS}], seed, screen_share=share), costs
+
+
+def test_screening_spends_its_share_of_the_compute_and_never_counts_screens_as_trained():
+    from qpruner.search.additive import FIDELITY_KEY, SCREEN
+    rng = np.random.default_rng(2)
+    sens = rng.lognormal(0, 1, U) * WIDTH
+    quality = _quality(sens)
+    searcher, costs = _screening(0.3)
+    seconds = {"screen": 1.0, "full": 10.0}
+    spent = {"screen": 0.0, "full": 0.0}
+    fulls, screens = [], []
+    for i in range(40):
+        config = searcher.suggest(f"t{i}")
+        assert config != AdditiveSearcher.FINISHED
+        kind = "screen" if config.get(FIDELITY_KEY) == SCREEN else "full"
+        idx = searcher._idx({k: v for k, v in config.items() if k != FIDELITY_KEY})
+        assert costs.fits(np.array(idx))
+        (screens if kind == "screen" else fulls).append(idx)
+        spent[kind] += seconds[kind]
+        result = {"objective": 1.5 * quality(idx) + 0.3, "seconds_total": seconds[kind]} if kind == "screen" else \
+            {"objective": quality(idx), "objective_screen": 1.5 * quality(idx) + 0.3, "seconds_total": seconds[kind]}
+        searcher.on_trial_complete(f"t{i}", result)
+    assert fulls[0] == (0,) * U and screens                        # the seed first, then screens and full trials
+    assert 0.2 <= spent["screen"] / (spent["screen"] + spent["full"]) <= 0.3 + 1.0 / sum(spent.values())
+    assert set(searcher.observed) == set(fulls) and len(set(fulls)) == len(fulls)   # screens are never "trained"
+    assert len(set(screens)) == len(screens)
+    assert set(searcher.screened) >= set(screens)                  # and full trials' own screens are kept too
+    assert searcher._screens().slope == pytest.approx(1.5, rel=1e-6)
+    # a full trial's candidates may be screened plans; a screen's never are
+    model, thetas, rows, variants, keys = searcher._posterior()
+    cand, _ = searcher._new(rows, variants, keys, screen=True)
+    assert not {tuple(int(i) for i in r) for r in cand} & set(searcher.screened)
+
+
+def test_screening_state_round_trips(tmp_path):
+    searcher, _ = _screening(0.5)
+    for i in range(5):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"objective": -float(i), "seconds_total": 2.0})
+    searcher.suggest("running")
+    path = tmp_path / "s.json"
+    searcher.save(str(path))
+    other, _ = _screening(0.5)
+    other.restore(str(path))
+    assert other.screened == searcher.screened and other.seconds == searcher.seconds
+    assert other.pending_screens == searcher.pending_screens and other.observed == searcher.observed
+
+
+def test_screen_share_must_be_a_share():
+    with pytest.raises(ValueError, match="screen_share"):
+        _screening(1.0)

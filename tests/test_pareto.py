@@ -100,3 +100,13 @@ def test_front_gain_without_windows_is_unpaired():
     assert front.loc[1, "gain"] == pytest.approx(0.1)
     assert front.loc[1, "gain_se"] == pytest.approx(math.sqrt(0.5))
     assert bool(front.loc[1, "separable"]) is False
+
+
+def test_a_screen_never_stands_on_the_front_even_when_it_looks_better(tmp_path):
+    from dataclasses import replace
+    log = TrialLog(tmp_path, "accuracy")
+    log.add("a", _result("44", 0.2, 1.0))
+    log.add("s", replace(_result("48", 0.9, 1.0), status="screened", fidelity="screen"))
+    assert list(log.front()["trial_id"]) == ["a"]
+    assert set(log.trained()) == {"a"}                      # not a trained trial: no num_trials count
+    assert log.lookup(_result("48", 0.9, 1.0).plan) is None  # and never answers a full proposal

@@ -175,3 +175,21 @@ def test_joint_search_over_pruning_amount_and_precision(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert again.returncode == 0 and "continued and finished" in again.stdout, again.stderr[-3000:]
     assert again.stderr.count("reusing the pruned model") == 2 and "saved the pruned model" not in again.stderr
+
+
+def test_multi_fidelity_screens_steer_the_search_and_never_reach_the_front(tmp_path):
+    trials, _ = _search(tmp_path, "search.screen_share=0.4", "search.screen_windows=3", "search.num_trials=5",
+                        "policy.seed_plans=0",
+                          "search.metric=perplexity")
+    trained = trials[trials["status"] == "ok"]
+    screened = trials[trials["status"] == "screened"]
+    assert len(trained) == 5 and len(screened) >= 1                   # num_trials counts full trials only
+    assert set(trained["fidelity"]) == {"full"} and set(screened["fidelity"]) == {"screen"}
+    assert trained["objective_screen"].notna().all()                   # every full trial screened itself too
+    assert (screened["train_steps"] == 0).all() and screened["error"].isna().all()
+    assert screened["eval_window_tokens"].map(len).eq(3).all()
+    assert trained["eval_window_tokens"].map(len).gt(3).all()
+    out = tmp_path / "tiny_smoke"
+    front = pd.read_parquet(out / "pareto.parquet")
+    assert set(front["trial_id"]) <= set(trained["trial_id"])
+    assert "screens: zero-step evaluations" in (out / "report.html").read_text()

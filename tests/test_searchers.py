@@ -141,3 +141,25 @@ def test_tpe_is_told_quality_above_the_uniform_line():
     again = AboveTheLine(Recorder(), 2)
     again.set_state(state)
     assert again.slope == pytest.approx(wrapper.slope) and again.anchor == wrapper.anchor
+
+
+def test_screens_run_even_when_the_plan_is_known_and_never_count_as_trials(tmp_path):
+    from qpruner.search.additive import FIDELITY_KEY, SCREEN
+    searcher, inner, log, pre = _wrapper(tmp_path, [])
+    searcher.num_trials = 1
+    screen = {**policy.encode(PrecisionPlan.from_bits([4, 4, 4, 4])), FIDELITY_KEY: SCREEN}
+    full = policy.encode(PrecisionPlan.from_bits([4, 4, 4, 4]))
+    inner.points = [dict(screen), dict(full), dict(screen)]
+    assert searcher.suggest("s1") == screen and "s1" in searcher.screens
+    assert not searcher._enough()                      # a running screen is not a trial
+    plan = PlanDecoder(4, "nf4", "layer")(screen)
+    common, _ = pre(plan)
+    result = TrialResult(status="screened", fidelity="screen", objective=0.1, weight_bytes=common["weight_bytes_predicted"],
+                         **common)
+    log.add("s1", result)
+    searcher.on_trial_complete("s1", result.to_metrics())
+    assert searcher.suggest("f1") == full               # not answered from the screen's row
+    _finish(searcher, log, "f1", full, pre, objective=0.4)
+    assert searcher._enough() and searcher.suggest("x") == tune.search.Searcher.FINISHED
+    rows = log.frame()
+    assert sorted(rows["status"]) == ["ok", "screened"] and set(rows["fidelity"]) == {"full", "screen"}

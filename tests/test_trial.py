@@ -106,3 +106,35 @@ def test_intermediate_reports(context):
     r = run_trial(ctx, PrecisionPlan(("nf4",) * 4), on_report=reports.append)
     assert [x["step"] for x in reports] == [1, 2] and all(x["status"] == "running" for x in reports)
     assert all(x["objective"] == x["accuracy"] for x in reports) and r.train_steps == 3
+
+
+def test_a_screen_builds_the_plan_but_neither_trains_nor_evaluates_everything(context, monkeypatch):
+    from dataclasses import replace
+
+    import qpruner.trial as trial_mod
+    from qpruner.trial import run_screen
+    ctx = replace(context, metric="perplexity", screen_windows=3)
+    plan = PrecisionPlan(("nf4", "int8", "nf4", "int8"))
+    monkeypatch.setattr(trial_mod, "finetune_", lambda *a, **k: pytest.fail("a screen fine-tuned"))
+    s = run_screen(ctx, plan)
+    assert s.status == "screened" and s.fidelity == "screen" and s.error is None
+    assert len(s.eval_window_tokens) == 3 < ctx.eval.shape[0]
+    assert s.train_steps == 0 and s.adapter_bytes is None and "finetune" not in s.seconds
+    assert s.objective == pytest.approx(-s.nll) and s.weight_bytes == s.weight_bytes_predicted
+    assert TrialResult.from_metrics(s.to_metrics()) == s
+    monkeypatch.undo()
+    # a full trial screens itself before fine-tuning: the same build, the same windows, the same number
+    full = run_trial(ctx, plan)
+    assert full.fidelity == "full" and full.status == "ok"
+    assert full.objective_screen == pytest.approx(s.objective, abs=1e-9)
+    assert full.objective != pytest.approx(s.objective)
+
+
+def test_a_screen_needs_screen_windows_and_an_over_budget_plan_is_not_built(context):
+    from dataclasses import replace
+
+    from qpruner.trial import run_screen
+    with pytest.raises(ValueError, match="screen_windows"):
+        run_screen(context, PrecisionPlan(("nf4",) * 4))
+    r = run_screen(replace(context, screen_windows=2), PrecisionPlan(("bf16",) * 4))
+    assert r.status == "infeasible"

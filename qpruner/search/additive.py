@@ -13,6 +13,17 @@ as evaluated and never fitted.
 
 Joint search (``variants``: the pruning amounts of ``prune.param_ratios``, under ``variant_key``):
 ``costs`` and ``scores`` are then lists, one per variant, and a plan is ``(variant, *unit options)``.
+
+Multi-fidelity (``screen_share > 0``, ``search.screen_share``): some proposals are **screens**, marked
+``{FIDELITY_KEY: "screen"}`` in the config: the plan's zero-step evaluation on a few windows
+(:func:`qpruner.trial.run_screen`), a fraction of a trial's cost. The searcher screens while screens (done
+and running, at their measured mean trial-seconds) stay within ``screen_share`` of the compute; the first
+screens (one per unit) are a random design that teaches the model the units' effects, later ones go to the
+most uncertain plan that may still move the front. Screens enter the model as measurements of another
+fidelity (:class:`qpruner.frontier.Screens`: a slope, estimated from the full trials' own screens, and a
+discrepancy of their own); they are never "observed" plans and never stand on a full trial's front, so
+full trials go where the screened model says the front can move. Measured: it pays when a screen costs a
+few % of a full trial, not at the demo's 10 CPU steps (``results/bench/search_large.md``, Multi-fidelity).
 """
 
 from __future__ import annotations
@@ -31,6 +42,13 @@ logger = logging.getLogger(__name__)
 FEASIBLE_FLOOR = -999.0   # objectives at or below this are the wrapper's "not trained" answers
 FIDELITY_KEY = "fidelity"  # in a proposal's config: "screen" for a screening trial (absent: a full trial)
 SCREEN = "screen"
+
+
+def screen_relative_noise(windows: int) -> float:
+    """A screen's noise relative to the front's quality range, by its evaluation windows: measured on the SmolLM2
+    landscape (zero-step NLL on the first w of 64 windows against all 64: residual sd 0.0104 at 16, 0.0036 at 32,
+    over a front range of ~0.17), with a margin at 32 and above."""
+    return 0.06 if windows < 32 else 0.025
 
 
 class AdditiveSearcher(Searcher):
@@ -117,9 +135,10 @@ class AdditiveSearcher(Searcher):
                 self.pending[trial_id] = idx
                 return self._config(idx)
         screen = self._screen_next()
+        idx = None
         if screen and len(self.screened) + len(self.pending_screens) < len(self.keys):
             idx = self._random_plan(screen=True)    # the first screens: a random design (one per unit)
-        else:
+        if idx is None:
             idx = self._propose(screen)
         if idx is None and screen:          # nothing left worth screening: train instead
             screen = False
@@ -286,21 +305,8 @@ class AdditiveSearcher(Searcher):
         return (int(cand_var[best]),) + idx if self.variants else idx
 
     def _random_plan(self, screen: bool = False):
-        """A random feasible plan (each unit's option uniform, redrawn until it fits) not taken yet."""
-        U, K, V = len(self.keys), len(self.options), len(self.tables)
-        for _ in range(2000):
-            v = int(self.rng.integers(V))
-            row = self.rng.integers(K, size=U)
-            plan = (v,) + tuple(int(i) for i in row) if self.variants else tuple(int(i) for i in row)
-            if self.tables[v].fits(row) and not self._taken(plan) and not (screen and plan in self.screened):
-                return plan
-        return self._fallback()
-
-    def _fallback(self):
-        """No knapsack plan is new: a random plan (of a random variant), lowered unit by unit (in random
-        order) until it fits, that was not evaluated yet; in a small space, the first such plan by
-        enumeration. ``None`` only when every feasible plan has been evaluated (small spaces) or 2000
-        tries found nothing new."""
+        """A random plan (of a random variant; each unit's option uniform), lowered unit by unit (in random order)
+        until it fits, not evaluated or running yet (nor screened, for a screen); ``None`` after 2000 tries."""
         U, K, V = len(self.keys), len(self.options), len(self.tables)
         for _ in range(2000):
             v = int(self.rng.integers(V))
@@ -312,8 +318,18 @@ class AdditiveSearcher(Searcher):
                 row[u] = 0
             idx = tuple(int(i) for i in row)
             plan = (v,) + idx if self.variants else idx
-            if table.fits(row) and not self._taken(plan):
+            if table.fits(row) and not self._taken(plan) and not (screen and plan in self.screened):
                 return plan
+        return None
+
+    def _fallback(self):
+        """No knapsack plan is new: a random plan (:meth:`_random_plan`); in a small space, the first new plan by
+        enumeration. ``None`` only when every feasible plan has been evaluated (small spaces) or 2000 tries
+        found nothing new."""
+        plan = self._random_plan()
+        if plan is not None:
+            return plan
+        U, K, V = len(self.keys), len(self.options), len(self.tables)
         if V * K ** U <= 200_000:
             for v in range(V):
                 for idx in itertools.product(range(K), repeat=U):

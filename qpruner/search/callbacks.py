@@ -3,7 +3,7 @@
 Ray metrics (Ray's metrics agent exports them to Prometheus with the prefix ``ray_``; labels
 ``qpruner_job`` = the job name and ``submission_id`` = the Ray job submission id, or ``local-<Ray job id>``):
 
-* ``ray_qpruner_trials{status}``: trials by status (ok, failed, infeasible, cached, stopped, error);
+* ``ray_qpruner_trials{status}``: trials by status (ok, screened, failed, infeasible, cached, stopped, error);
   published as zeros when the search starts;
 * ``ray_qpruner_front_size``, ``ray_qpruner_best_quality`` (the front's best value of the quality metric);
 * ``ray_qpruner_hypervolume``: against a reference fixed before the first trial (quality of a model that
@@ -29,7 +29,7 @@ from ..plan import PrecisionPlan
 from ..trial import TrialResult
 
 logger = logging.getLogger(__name__)
-STATUSES = ("ok", "failed", "infeasible", "cached", "stopped", "error")
+STATUSES = ("ok", "screened", "failed", "infeasible", "cached", "stopped", "error")
 SERIES = {  # name: (description, extra tag keys)
     "qpruner_trials": ("trials by status", ("status",)),
     "qpruner_front_size": ("plans on the Pareto front", ()),
@@ -129,7 +129,8 @@ class PersistTrials(tune.Callback):
             checkpoint = getattr(trial, "checkpoint", None)
             adapter = {"adapter_path": checkpoint_location(checkpoint)} if checkpoint is not None else {}
             self.log.add(trial.trial_id, TrialResult.from_metrics(result), **node, **adapter, trial_name=str(trial))
-            self.metrics.trial(str(trial), str(result.get("plan_code")), result)
+            if result.get("status") != "screened":   # a screen's quality is of another fidelity
+                self.metrics.trial(str(trial), str(result.get("plan_code")), result)
             logger.info("trial %s: %s", trial, describe(result))
         self._done()
 
@@ -156,6 +157,9 @@ def checkpoint_location(checkpoint) -> str:
 
 def describe(result: dict) -> str:
     """One line on a trial's result for the driver's log."""
+    if result.get("status") == "screened" and not result.get("error"):
+        return (f"screened: ppl {result['perplexity']:.2f} before fine-tuning on a few windows, "
+                f"{result['weight_bytes'] / 1e6:.1f} MB")
     if result.get("status") != "ok":
         return f"{result.get('status')} ({result.get('error') or 'over budget'})"
     return (f"ppl {result['perplexity']:.2f}, acc {result['accuracy']:.4f}, "

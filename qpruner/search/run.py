@@ -31,9 +31,9 @@ from ..config import JobConfig
 from ..errors import BackendError, ConfigError
 from ..pareto import TrialLog
 from ..plan import PrecisionPlan, format_for_bits, units_per_layer
-from ..trial import Precheck, TrialContext, TrialResult, run_trial
+from ..trial import Precheck, TrialContext, TrialResult, run_screen, run_trial
 from .callbacks import InfeasibleWatch, PersistTrials
-from .searchers import BudgetedSearcher, PlanScreen, SearchSpace, make_searcher
+from .searchers import BudgetedSearcher, PlanScreen, SearchSpace, is_screen, make_searcher
 
 logger = logging.getLogger(__name__)
 
@@ -212,8 +212,11 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
     if variants is not None:   # joint search: only this plan's pruned variant leaves the object store
         context = ray.get(variants[plan.pruned])
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_trial(context, plan, device, on_report=tune.report,  # intermediate evaluations
-                           on_trained=(lambda model: save_adapter(model, tmp)) if save_adapters else None)
+        if is_screen(config):   # multi-fidelity: a zero-step evaluation on a few windows (no adapter to keep)
+            result = run_screen(context, plan, device)
+        else:
+            result = run_trial(context, plan, device, on_report=tune.report,  # intermediate evaluations
+                               on_trained=(lambda model: save_adapter(model, tmp)) if save_adapters else None)
         release_memory()
         _note_training(trial_id, result)
         metrics = {**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -226,6 +229,7 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
 
 
 RESULT_FILE = "qpruner_result.json"
+MAX_SCREENS_PER_TRIAL = 100   # Tune's trial cap under screening: num_trials x (this + 1)
 
 
 def recover_results(experiment: str, log: TrialLog) -> list[str]:
@@ -475,7 +479,7 @@ def _new_tuner(job, contexts: dict, seeds, log, decode, trainable, n_units, scor
         param_space[policy.PRUNE_KEY] = tune.choice(sorted(contexts))
     points = [policy.encode(s.plan) for s in seeds][: cfg.num_trials]
     space = search_space(job, contexts, n_units, scores)
-    inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup, space)
+    inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup, space, cfg.screen_share, cfg.screen_windows)
     device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
     screen = PlanScreen(decode, OverBudget({a: Precheck.of(c) for a, c in contexts.items()}, device), log)
     searcher = BudgetedSearcher(inner, screen, cfg.max_rejections, num_trials=cfg.num_trials)
@@ -486,7 +490,10 @@ def _new_tuner(job, contexts: dict, seeds, log, decode, trainable, n_units, scor
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(job, multi), num_samples=cfg.num_trials,
+        # screens are Tune trials too, but only full trials count (BudgetedSearcher ends the search at num_trials)
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=_scheduler(job, multi),
+                                    num_samples=cfg.num_trials * (MAX_SCREENS_PER_TRIAL + 1) if cfg.screen_share > 0
+                                    else cfg.num_trials,
                                     metric=None if multi else "objective", mode=None if multi else "max",
                                     max_concurrent_trials=cfg.max_concurrent, reuse_actors=True,
                                     trial_name_creator=TrialNames(decode),

@@ -60,10 +60,18 @@ class PlanScreen:
         infeasible = self.precheck(plan)
         if infeasible is not None:
             return plan, Verdict("infeasible", infeasible)
+        if is_screen(config):     # cheap, and a trained result of the plan is not a screen: always run
+            return plan, None
         row = self.log.lookup(plan)
         if row is not None:
             return plan, Verdict("cached", TrialResult.from_metrics(row), str(row["trial_id"]))
         return plan, None
+
+
+def is_screen(config: dict) -> bool:
+    """Whether a proposal is a screen (multi-fidelity: see :mod:`.additive`)."""
+    from .additive import FIDELITY_KEY, SCREEN
+    return config.get(FIDELITY_KEY) == SCREEN
 
 
 def _answer(result: TrialResult) -> dict:
@@ -110,15 +118,18 @@ class BudgetedSearcher(_Wrapper):
         self.live: dict[str, str] = {}            # Tune trial id -> id the wrapped searcher knows it by
         self.in_flight: dict[str, str] = {}       # Tune trial id -> plan key
         self.waiting: dict[str, list[str]] = {}   # plan key of a running trial -> duplicate proposals' ids
+        self.screens: set[str] = set()            # Tune trial ids of running screens (never counted as trials)
         self.counter = 0
 
     # --- state (the wrapped searcher saves its own) ------------------------------------------------------
     def get_state(self) -> dict:
-        return {"live": self.live, "in_flight": self.in_flight, "waiting": self.waiting, "counter": self.counter}
+        return {"live": self.live, "in_flight": self.in_flight, "waiting": self.waiting, "counter": self.counter,
+                "screens": sorted(self.screens)}
 
     def set_state(self, state: dict) -> None:
         self.live, self.in_flight = dict(state["live"]), dict(state["in_flight"])
         self.waiting, self.counter = {k: list(v) for k, v in state["waiting"].items()}, state["counter"]
+        self.screens = set(state.get("screens", []))
 
     # --- the screening ---------------------------------------------------------------------------------
     def _record(self, plan: PrecisionPlan, verdict: Verdict) -> None:
@@ -128,7 +139,7 @@ class BudgetedSearcher(_Wrapper):
     def _enough(self) -> bool:
         if self.num_trials is None:
             return False
-        return len(set(self.screen.log.trained()) | set(self.live)) >= self.num_trials
+        return len(set(self.screen.log.trained()) | (set(self.live) - self.screens)) >= self.num_trials
 
     def suggest(self, trial_id: str):
         if self._enough():
@@ -140,7 +151,7 @@ class BudgetedSearcher(_Wrapper):
             if config is None or config == Searcher.FINISHED:
                 return config
             plan, verdict = self.screen(config)
-            key = plan.key()
+            key = plan.key() + ("#screen" if is_screen(config) else "")
             if verdict is not None:
                 self.searcher.on_trial_complete(inner_id, result=_answer(verdict.result))
                 self._record(plan, verdict)
@@ -149,6 +160,8 @@ class BudgetedSearcher(_Wrapper):
                 self.waiting.setdefault(key, []).append(inner_id)
                 continue
             self.live[trial_id], self.in_flight[trial_id] = inner_id, key
+            if is_screen(config):
+                self.screens.add(trial_id)
             return config
         logger.warning("the searcher proposed %d plans in a row that were over budget or already evaluated; "
                        "ending the search", self.max_rejections)
@@ -160,6 +173,7 @@ class BudgetedSearcher(_Wrapper):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         inner_id = self.live.pop(trial_id, None)
+        self.screens.discard(trial_id)
         if inner_id is not None:
             self.searcher.on_trial_complete(inner_id, result=result, error=error)
         key = self.in_flight.pop(trial_id, None)
@@ -290,18 +304,22 @@ class SearchSpace:
 
 
 def make_searcher(kind: str, points: list[dict], seed: int, random_warmup: int,
-                  space: SearchSpace | None = None) -> Searcher:
-    """The wrapped searcher for ``search.searcher``; multi-objective ones carry their metrics."""
+                  space: SearchSpace | None = None, screen_share: float = 0.0, screen_windows: int = 32) -> Searcher:
+    """The wrapped searcher for ``search.searcher``; multi-objective ones carry their metrics. ``screen_share``:
+    the additive searcher's multi-fidelity mode (see :mod:`.additive`)."""
     startup = max(1, len(points) + random_warmup)
+    if screen_share > 0 and kind != "additive":
+        raise ValueError(f"screening (screen_share {screen_share}) is a mode of the additive searcher, not {kind!r}")
     if kind == "additive":
         if space is None:
             raise ValueError("the additive searcher needs the search space's memory tables (SearchSpace)")
-        from .additive import AdditiveSearcher
+        from .additive import AdditiveSearcher, screen_relative_noise
+        screens = dict(screen_share=screen_share, screen_noise=screen_relative_noise(screen_windows))
         if space.variants:
             from ..policy import PRUNE_KEY
             return AdditiveSearcher(space.keys, space.options, list(space.variant_costs), list(space.variant_scores),
-                                    points, seed, variants=list(space.variants), variant_key=PRUNE_KEY)
-        return AdditiveSearcher(space.keys, space.options, space.costs, space.scores, points, seed)
+                                    points, seed, variants=list(space.variants), variant_key=PRUNE_KEY, **screens)
+        return AdditiveSearcher(space.keys, space.options, space.costs, space.scores, points, seed, **screens)
     if kind == "hyperopt":
         from ray.tune.search.hyperopt import HyperOptSearch
         tpe = HyperOptSearch(points_to_evaluate=points or None, random_state_seed=seed, n_initial_points=startup)

@@ -348,3 +348,14 @@ def test_screening_state_round_trips(tmp_path):
 def test_screen_share_must_be_a_share():
     with pytest.raises(ValueError, match="screen_share"):
         _screening(1.0)
+
+
+def test_screens_that_cost_too_much_are_named_once(caplog):
+    import logging
+    searcher, _ = _screening(0.3)
+    with caplog.at_level(logging.WARNING, logger="qpruner.search.additive"):
+        for i, (fid, took) in enumerate((("full", 10.0), ("screen", 2.0), ("screen", 2.0))):
+            searcher.suggest(f"t{i}")
+            assert (f"t{i}" in searcher.pending_screens) == (fid == "screen")   # the seed, then two screens
+            searcher.on_trial_complete(f"t{i}", {"objective": -float(i), "seconds_total": took})
+    assert sum("a screen costs 20% of a full trial" in r.message for r in caplog.records) == 1

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 FEASIBLE_FLOOR = -999.0   # objectives at or below this are the wrapper's "not trained" answers
 FIDELITY_KEY = "fidelity"  # in a proposal's config: "screen" for a screening trial (absent: a full trial)
 SCREEN = "screen"
+SCREEN_COST_WARNING = 0.08  # screen / full trial-seconds: 0.05 paid (+0.02 HV at equal compute), 0.09 did not
 
 
 def screen_relative_noise(windows: int) -> float:
@@ -88,6 +89,7 @@ class AdditiveSearcher(Searcher):
         self.pending_screens: set[str] = set()     # those of the pending trials that are screens
         self.screened: dict[tuple, float] = {}     # plan -> screening measurement (screens, and full trials' own)
         self.seconds = {"screen": [0.0, 0], "full": [0.0, 0]}   # trial-seconds and trials completed, by fidelity
+        self._warned_cost = False
 
     # --- encoding -------------------------------------------------------------------------------------
     def _idx(self, config: dict) -> tuple:
@@ -161,6 +163,18 @@ class AdditiveSearcher(Searcher):
         if m:
             return other / m * (0.1 if fidelity == "screen" else 10.0)
         return 1.0 if fidelity == "screen" else 10.0
+
+    def _check_screen_cost(self) -> None:
+        """Warn once when screens cost so much of a full trial that screening was measured not to pay."""
+        if self.screen_share <= 0 or self._warned_cost or not (self.seconds["screen"][1] and self.seconds["full"][1]):
+            return
+        ratio = self._cost("screen") / self._cost("full")
+        if ratio > SCREEN_COST_WARNING:
+            self._warned_cost = True
+            logger.warning("a screen costs %.0f%% of a full trial; above ~%.0f%% screening was measured not to pay on "
+                           "the large-space replay (results/bench/search_large.md, Multi-fidelity): consider "
+                           "search.screen_share: 0, fewer search.screen_windows, or longer fine-tunes",
+                           100 * ratio, 100 * SCREEN_COST_WARNING)
 
     def _screen_next(self) -> bool:
         """Multi-fidelity (``screen_share > 0``): screen while screens (done and running, at their mean cost)
@@ -352,6 +366,7 @@ class AdditiveSearcher(Searcher):
             tally = self.seconds["screen" if screen else "full"]
             tally[0] += took
             tally[1] += 1
+            self._check_screen_cost()
         value = float(result[self.metric]) if result and not error and self.metric in result else float("nan")
         feasible = np.isfinite(value) and value > FEASIBLE_FLOOR
         sign = 1.0 if self.mode == "max" else -1.0

@@ -289,7 +289,8 @@ class JobConfig:
 
     @property
     def results_path(self) -> Path:
-        return Path(self.results_dir) / self.name
+        """``<results_dir>/<name>``, with ``~`` expanded (as for ``model.source`` and ``data.source``)."""
+        return Path(self.results_dir).expanduser() / self.name
 
 
 def metric_names(job: "JobConfig") -> list[str]:

@@ -122,9 +122,14 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
     pruned = run.pruned_at(plan.pruned)
     if not (pruned / "model.safetensors").is_file():
         raise ResultsError(f"{pruned} has no pruned model; run `qpruner prune` or `qpruner search` for this job")
-    # written to a temporary sibling, renamed into place when complete: no half-written export survives
-    final.parent.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    # written to a temporary directory, moved into place when complete: no half-written export survives. Into an
+    # empty directory named by --out (also through a symlink, or `.`) the files move; the directory itself stays
+    target = final.resolve()
+    into_existing = target.is_dir()
+    if not into_existing:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target if into_existing else target.parent))
+    moved: list[Path] = []
     try:
         shutil.copytree(pruned, out, ignore=shutil.ignore_patterns("qpruner_prune.json"), dirs_exist_ok=True)
         adapter = out / "adapter"
@@ -142,12 +147,18 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
             "job": job.name, "prune": (read_meta(pruned) or {}).get("report", {})},
             indent=2, default=str))
         (out / "README.md").write_text(_model_card(job, plan, metrics, point))
+        if into_existing:
+            for entry in sorted(out.iterdir(), key=lambda p: p.name == PLAN_FILE):   # the record last
+                os.replace(entry, target / entry.name)
+                moved.append(target / entry.name)
+            out.rmdir()
+        else:
+            os.replace(out, target)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # only our own temporary directory
+        for path in moved:                      # and what of it had already moved into the empty --out
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise
-    if final.exists():  # an empty directory named by --out
-        final.rmdir()
-    os.replace(out, final)
     logger.info("exported front point %d (trial %s) to %s", point, row["trial_id"], final)
     return final
 

@@ -75,7 +75,17 @@ def save_adapter(model: nn.Module, directory) -> None:
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Wrap a quantized model with a LoRA adapter saved by :func:`save_adapter` (safetensors only)."""
+    from pathlib import Path
+
     from peft import PeftModel
+
+    from .errors import ModelError
+    weights = Path(directory) / "adapter_model.safetensors"
+    if not weights.is_file():   # peft would fall back to adapter_model.bin, a pickle: never load one
+        found = sorted(p.name for p in Path(directory).glob("adapter_model*")) if Path(directory).is_dir() else []
+        raise ModelError(f"no adapter_model.safetensors in {directory}" + (f" (found {', '.join(found)}: qpruner loads "
+                         "adapters as safetensors only, never pickles)" if found else "") +
+                         "; export the point again (qpruner export) or convert the adapter to safetensors")
     _mark_quantized(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)

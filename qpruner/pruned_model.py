@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -134,7 +135,9 @@ def save_pruned(model: nn.Module, tokenizer, directory: str | Path, meta: dict |
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in directory.iterdir()}
-    (directory / PARTIAL_FILE).write_text("a qpruner save in progress (or interrupted)\n")
+    # names what was here before, so that after an interrupted save only what this save wrote counts as ours
+    (directory / PARTIAL_FILE).write_text(json.dumps({"note": "a qpruner save in progress (or interrupted)",
+                                                      "present_before": sorted(before)}) + "\n")
     model.save_pretrained(directory, safe_serialization=True)
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(directory)
@@ -145,10 +148,12 @@ def save_pruned(model: nn.Module, tokenizer, directory: str | Path, meta: dict |
     return directory
 
 
-# files save_pretrained writes for a model and its tokenizer (a record of an earlier version lists none)
-_WRITTEN = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer*",
-            "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template*",
-            META_FILE, PARTIAL_FILE)
+# the exact names save_pretrained writes for a model and its tokenizer (a record of an earlier version lists none)
+_WRITTEN = re.compile("|".join([
+    r"model(-\d{5}-of-\d{5})?\.safetensors", r"model\.safetensors\.index\.json", r"config\.json",
+    r"generation_config\.json", r"tokenizer\.json", r"tokenizer_config\.json", r"tokenizer\.model",
+    r"special_tokens_map\.json", r"vocab\.json", r"vocab\.txt", r"merges\.txt", r"added_tokens\.json",
+    r"chat_template\.(jinja|json)", re.escape(META_FILE), re.escape(PARTIAL_FILE)]))
 
 
 def foreign_files(directory: str | Path) -> list[str]:
@@ -158,11 +163,23 @@ def foreign_files(directory: str | Path) -> list[str]:
         return []
     meta = read_meta(directory)
     present = sorted(p.name for p in directory.iterdir())
-    if meta is None and not (directory / PARTIAL_FILE).is_file():
+    partial = directory / PARTIAL_FILE
+    if meta is None and not partial.is_file():
         return present
-    listed = set((meta or {}).get("files") or [])  # none: an interrupted save, or a record of an earlier version
-    return [name for name in present
-            if name not in listed and not (not listed and any(Path(name).match(g) for g in _WRITTEN))]
+    listed = set((meta or {}).get("files") or [])
+    if listed:
+        return [name for name in present if name not in listed]
+    # no list (an interrupted save, or a record of an earlier version): only the exact names a save writes,
+    # and never a name the interrupted save found already there
+    before = set(_present_before(partial))
+    return [name for name in present if name in before or not _WRITTEN.fullmatch(name)]
+
+
+def _present_before(partial: Path) -> list[str]:
+    try:
+        return list(json.loads(partial.read_text()).get("present_before", []))
+    except (OSError, ValueError, AttributeError):   # missing, or the plain-text marker of an earlier version
+        return []
 
 
 def clear_pruned(directory: str | Path) -> None:

@@ -62,3 +62,17 @@ def test_status_of_a_bare_job_name_reads_its_results_directory(tmp_path, monkeyp
     assert main(["status", "myjob"]) == 0
     out = capsys.readouterr().out
     assert "results/myjob: 1 trials" in out
+
+
+def test_a_tilde_in_results_dir_means_home_not_a_directory_named_tilde(tmp_path, monkeypatch, capsys):
+    """#25.8: ``results_dir=~/qp`` writes under $HOME (as model.source and data.source already do)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    job = str(ROOT / "tune_jobs" / "tiny_smoke.yaml")
+    assert main(["validate", job, "results_dir=~/qp"]) == 0
+    assert f"results -> {home / 'qp' / 'tiny_smoke'}" in capsys.readouterr().out
+    assert main(["prune", job, "results_dir=~/qp"]) == 0
+    assert (home / "qp" / "tiny_smoke" / "pruned" / "model.safetensors").is_file()
+    assert not (tmp_path / "~").exists()

@@ -230,3 +230,37 @@ def test_lm_eval_task_files_are_checked(searched, tmp_path):
     (tmp_path / "bad.yaml").write_text("dataset_path: json\n")
     with pytest.raises(ConfigError, match="no 'task' key"):
         lm_eval(out, [str(tmp_path / "bad.yaml")])
+
+
+@pytest.mark.parametrize("how", ["symlink", "dot"])
+def test_export_into_an_empty_directory_by_symlink_or_dot(searched, tmp_path, monkeypatch, how):
+    """#25.9: ``--out`` a symlink to an empty directory, or ``--out .`` in one: the export lands there, the
+    directory (and the link) stay, and no hidden partial copy is left behind."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if how == "symlink":
+        out = tmp_path / "link"
+        out.symlink_to(empty, target_is_directory=True)
+    else:
+        monkeypatch.chdir(empty)
+        out = Path(".")
+    got = export_point(searched, 0, out)
+    assert (empty / "qpruner_plan.json").is_file() and (empty / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [p for p in list(tmp_path.iterdir()) + list(empty.iterdir()) if ".partial-" in p.name]
+    assert how != "symlink" or (tmp_path / "link").is_symlink()
+    assert export_point(searched, 0, got) == got               # found again, not rewritten
+
+
+def test_an_adapter_saved_as_a_pickle_is_refused_never_unpickled(searched, tmp_path, monkeypatch):
+    """#25.11: peft would fall back to adapter_model.bin (torch.load); qpruner.load refuses it instead."""
+    import torch
+    from safetensors.torch import load_file
+
+    from qpruner.errors import ModelError
+    out = export_point(searched, 0, tmp_path / "exp")
+    weights = out / "adapter" / "adapter_model.safetensors"
+    torch.save(load_file(weights), out / "adapter" / "adapter_model.bin")
+    weights.unlink()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was loaded"))
+    with pytest.raises(ModelError, match="safetensors only"):
+        qpruner.load(out)

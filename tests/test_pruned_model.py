@@ -138,3 +138,33 @@ def test_a_budget_no_plan_can_meet_fails_before_pruning(tmp_path, monkeypatch):
     with pytest.raises(PlanError, match=r"budget_gb=1e-05.*all-4-bit, needs .* GB .*before pruning"):
         load_or_prune(job, torch.device("cpu"))
     assert not (tmp_path / "j" / "pruned").exists()
+
+
+@pytest.mark.parametrize("how", ["old_record", "interrupted"])
+def test_without_a_file_list_only_the_exact_names_a_save_writes_are_ours(tmp_path, how):
+    """#25.2: a record of an earlier version (no ``files``) or an interrupted save: ``*.safetensors`` and
+    ``tokenizer*`` of the user's are not taken for ours, nor is anything present before the save began."""
+    import json
+
+    from qpruner.errors import ResultsError
+    from qpruner.pruned_model import foreign_files
+    job = _job(tmp_path)
+    load_or_prune(job, torch.device("cpu"))
+    pruned = tmp_path / "j" / "pruned"
+    record = pruned / "qpruner_prune.json"
+    if how == "old_record":
+        meta = json.loads(record.read_text())
+        meta.pop("files")
+        record.write_text(json.dumps(meta))
+    else:
+        record.unlink()
+        (pruned / "qpruner_prune.partial").write_text(json.dumps({"present_before": ["config.json"]}))
+    (pruned / "my_finetuned_lora.safetensors").write_text("mine")
+    (pruned / "tokenizer_notes.md").write_text("mine too")
+    foreign = foreign_files(pruned)
+    assert {"my_finetuned_lora.safetensors", "tokenizer_notes.md"} <= set(foreign)
+    assert ("config.json" in foreign) == (how == "interrupted") and "model.safetensors" not in foreign
+    with pytest.raises(ResultsError, match="nothing was deleted"):
+        load_or_prune(job, torch.device("cpu"), force=True)
+    assert (pruned / "my_finetuned_lora.safetensors").read_text() == "mine"
+    assert (pruned / "tokenizer_notes.md").read_text() == "mine too"

@@ -180,3 +180,19 @@ def test_infeasible_events_are_matched_to_the_trials_request():
     assert not gpu.matches({"CPU": 1.0, "GPU": 0.5, "memory": 1e12})   # someone else's request
     import pickle
     assert pickle.loads(pickle.dumps(watch))._listening is False
+
+
+def test_a_local_ray_makes_its_token_file_owner_only(tmp_path, monkeypatch):
+    """#25.12: Ray writes ~/.ray/auth_token as 0644; qpruner's local Ray tightens it to 0600."""
+    import os
+    import stat
+
+    from qpruner.search.run import tighten_token_file
+    token = tmp_path / "auth_token"
+    token.write_text("secret")
+    token.chmod(0o644)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    tighten_token_file()
+    assert stat.S_IMODE(os.stat(token).st_mode) == 0o600
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "absent"))
+    tighten_token_file()                                   # no token: nothing to do, no error

@@ -131,6 +131,26 @@ def hold_dashboard() -> None:
         ray.shutdown()
 
 
+def token_file() -> str:
+    """Where Ray keeps its authentication token (``RAY_AUTH_TOKEN_PATH``, default ``~/.ray/auth_token``)."""
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+
+
+def tighten_token_file() -> None:
+    """Ray writes its token file readable by every local user (0644); a local Ray started by qpruner makes it
+    owner-only (0600). A file of another user is left alone."""
+    path = token_file()
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(path, 0o600)
+            logger.info("made Ray's token file %s readable by its owner only", path)
+    except (FileNotFoundError, AttributeError):   # no token (the default: no auth), or no getuid (Windows)
+        return
+    except OSError as exc:
+        logger.warning("could not restrict Ray's token file %s to its owner (%s)", path, exc)
+
+
 def init_ray(job: JobConfig) -> bool:
     """Connect to (or start) Ray. Returns True when this call started it (and should stop it)."""
     ray, _ = _ray()
@@ -150,10 +170,11 @@ def init_ray(job: JobConfig) -> bool:
     # address="local": always a new local instance, never a `ray start` cluster found on this machine
     context = ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.dashboard,
                        dashboard_host="127.0.0.1", log_to_driver=True)
+    tighten_token_file()
     global DASHBOARD_URL
     DASHBOARD_URL = getattr(context, "dashboard_url", None) if cfg.dashboard else None
     if cfg.dashboard and getattr(context, "dashboard_url", None):
-        token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        token = token_file()
         auth = (f"; it asks for the token in {token}" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
                 else "")
         logger.warning("Ray dashboard of this search: http://%s (127.0.0.1 only%s). It stops with the search "

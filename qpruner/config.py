@@ -21,7 +21,7 @@ from typing import Optional
 import yaml
 
 from .errors import ConfigError
-from .validation import _apply_override, _build, _did_you_mean, build_section, opt  # noqa: F401  (build_section: re-exported)
+from .validation import _apply_override, _build, _did_you_mean, build_section, check_size, opt, safe_yaml  # noqa: F401  (build_section: re-exported)
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BUILTIN_MODELS = ("tiny", "builtin:smollm2-135m")
@@ -476,10 +476,15 @@ def build_job(data: dict | None, overrides: list[str] | tuple[str, ...] = (), so
     ``check_files=False`` checks the structure only, not that the model, data and task files exist here
     (a stored job.yaml read by status / report / export, possibly on another machine or directory)."""
     import copy
-    problems: list[str] = []
+    problems: list[str] = check_size(data)     # before anything recurses into it
+    if problems:
+        raise ConfigError(problems, source)
     data = copy.deepcopy(dict(data or {}))  # overrides must not write into the caller's nested dicts
     for ov in overrides:
         _apply_override(data, ov, problems)
+    size = check_size(data)                   # an override's value may nest too (parsed as YAML)
+    if size:
+        raise ConfigError(problems + size, source)
     token = _CHECK_FILES.set(check_files)
     try:
         job = _build(JobConfig, data, "", problems)
@@ -503,7 +508,7 @@ def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (
     except OSError as exc:
         raise ConfigError([f"cannot read the job file ({exc.strerror})"], str(path)) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
     if data is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import typing
 from dataclasses import field
 from typing import Any
@@ -30,6 +31,47 @@ def opt(default: Any, *, min: float | None = None, max: float | None = None,
         value = tuple(default)
         return field(default_factory=lambda: value, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+MAX_DEPTH = 32           # nesting of a job file's values; deeper is refused before anything recurses into it
+MAX_NODES = 100_000      # values in a job file, counting every use of a YAML alias (a "billion laughs" is refused)
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 3, 6, 6, 6, 80, 80
+
+
+def show(value) -> str:
+    """A value as error messages quote it: ``repr``, cut to a few elements and levels (never expanding a
+    structure of aliases) and to 160 characters."""
+    text = _SHOW.repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def check_size(data, where: str = "job") -> list[str]:
+    """Problems when ``data`` nests deeper than ``MAX_DEPTH`` or holds more than ``MAX_NODES`` values (aliases
+    counted at every use): checked without recursion, so a hostile file fails here, not in a traceback."""
+    stack, nodes = [(data, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_DEPTH:
+            return [f"{where}: values nested more than {MAX_DEPTH} levels deep; a job file is a few levels of "
+                    "mappings and lists"]
+        if nodes > MAX_NODES:
+            return [f"{where}: more than {MAX_NODES:,} values (counting every use of a YAML alias); a job file "
+                    "holds a few hundred"]
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in list(value.keys()) + list(value.values()))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
+    return []
+
+
+def safe_yaml(text: str):
+    """``yaml.safe_load`` that turns a document too deep for the parser into a ``yaml.YAMLError``."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise yaml.YAMLError(f"nested too deeply for the parser (more than {MAX_DEPTH} levels is never a job file)") from None
 
 
 def _did_you_mean(word: str, options) -> str:
@@ -52,13 +94,13 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
     if origin is dict:
         key_t, value_t = typing.get_args(tp)
         if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping, got {value!r}")
+            problems.append(f"{where}: expected a mapping, got {show(value)}")
             return None
         return {str(k): _coerce(v, value_t, f"{where}.{k}", problems) for k, v in value.items()}
     if origin is tuple:
         inner = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{where}: expected a list of {_type_name(inner)} values, got {value!r}")
+            problems.append(f"{where}: expected a list of {_type_name(inner)} values, got {show(value)}")
             return None
         items = [_coerce(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
         return tuple(items)
@@ -80,12 +122,12 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
         if number is not None:
             if math.isfinite(number):
                 return number
-            problems.append(f"{where}: expected a finite number, got {value!r}")
+            problems.append(f"{where}: expected a finite number, got {show(value)}")
             return None
     elif tp is str:
         if isinstance(value, str):
             return value
-    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    problems.append(f"{where}: expected {_type_name(tp)}, got {show(value)}")
     return None
 
 
@@ -99,12 +141,12 @@ def _check_limits(value: Any, meta: dict, where: str, problems: list[str]) -> No
         else:
             where_i = where
         if meta.get("choices") is not None and v not in meta["choices"]:
-            problems.append(f"{where_i}: {v!r} is not one of {list(meta['choices'])}"
+            problems.append(f"{where_i}: {show(v)} is not one of {list(meta['choices'])}"
                             + _did_you_mean(v, meta["choices"]))
         if meta.get("min") is not None and v < meta["min"]:
-            problems.append(f"{where_i}: {v!r} is below the minimum {meta['min']}")
+            problems.append(f"{where_i}: {show(v)} is below the minimum {meta['min']}")
         if meta.get("max") is not None and v > meta["max"]:
-            problems.append(f"{where_i}: {v!r} is above the maximum {meta['max']}")
+            problems.append(f"{where_i}: {show(v)} is above the maximum {meta['max']}")
 
 
 def _build(cls, data: Any, prefix: str, problems: list[str]):
@@ -112,7 +154,7 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{prefix or 'job'}: expected a mapping of keys, got {data!r}")
+        problems.append(f"{prefix or 'job'}: expected a mapping of keys, got {show(data)}")
         data = {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -152,13 +194,13 @@ def build_section(cls, data: Any, source: str):
 
 def _apply_override(data: dict, override: str, problems: list[str]) -> None:
     if "=" not in override:
-        problems.append(f"override {override!r}: expected key=value, e.g. finetune.steps=5")
+        problems.append(f"override {show(override)}: expected key=value, e.g. finetune.steps=5")
         return
     key, raw = override.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = safe_yaml(raw) if raw != "" else None
     except yaml.YAMLError as exc:
-        problems.append(f"override {override!r}: value is not valid YAML ({exc})")
+        problems.append(f"override {show(override)}: value is not valid YAML ({exc})")
         return
     parts = key.strip().split(".")
     node = data
@@ -167,6 +209,6 @@ def _apply_override(data: dict, override: str, problems: list[str]) -> None:
             node[part] = {} if node.get(part) is None else node[part]
         node = node[part]
         if not isinstance(node, dict):
-            problems.append(f"override {override!r}: {part} is not a section")
+            problems.append(f"override {show(override)}: {part} is not a section")
             return
     node[parts[-1]] = value

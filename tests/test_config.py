@@ -148,3 +148,31 @@ def test_layer_range_of_a_local_model_is_checked_from_its_config(tmp_path):
     assert job.prune.layer_end == 12
     problems = _problems({"model": {"source": str(tmp_path)}, "prune": {"layer_start": 4, "layer_end": 13}})
     assert any("has 12 decoder layers" in p for p in problems), problems
+
+
+def _laughs(levels: int, tail: str) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n" + tail + "\n"
+
+
+@pytest.mark.parametrize("text", [
+    "x: " + "[" * 3000 + "]" * 3000,                      # deeper than the parser can go
+    "model: " + "{a: " * 200 + "1" + "}" * 200,           # parses, but deeper than any job file
+    _laughs(9, "name: *a8"), _laughs(9, "model: *a8"), _laughs(9, "eval: {tasks: *a8}"),
+])
+def test_hostile_yaml_is_refused_quickly_and_briefly(tmp_path, text):
+    """#25.5: no RecursionError, no exponential expansion in an error message: a short ConfigError."""
+    import time
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_job(path)
+    assert time.perf_counter() - t0 < 5 and len(str(info.value)) < 2000
+
+
+def test_error_messages_quote_values_briefly():
+    from qpruner.validation import show
+    nested = [[list(range(50))] * 50] * 50
+    assert len(show(nested)) < 200 and show("abc") == "'abc'"

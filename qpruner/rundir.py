@@ -288,8 +288,14 @@ class RunDir:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                try:   # a reader's shared lock (`qpruner status` probing) blocks us too, but holds nothing
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    writer = False
+                except BlockingIOError:
+                    writer = True
                 os.close(fd)
-                if holder or attempt == 19:
+                if (writer and holder) or attempt == 19:   # text left by a killed writer names no one
                     raise ResultsError(f"{self.path} is in use by {holder or 'another process'}; wait for it to "
                                        "finish, or stop it (then `qpruner search JOB --resume`)") from None
                 time.sleep(0.1)

@@ -366,3 +366,18 @@ def test_resume_after_a_kill_during_start_up_continues_from_the_trials(tmp_path)
     assert not continuing and opened.path == run.path
     moved = rundir.set_aside_experiment(job, opened)                   # the partial folder is kept, aside
     assert moved and (Path(moved) / "tuner.pkl").is_file()
+
+
+def test_a_reader_probing_a_dead_writers_lock_never_makes_it_look_held(tmp_path):
+    """#25.10: a SIGKILLed search leaves its text in .lock; a reader (as `qpruner status` probes) holds a
+    shared lock for a moment. A new writer waits for the reader instead of naming the dead process."""
+    import fcntl
+    import threading
+    run = rundir.RunDir(tmp_path / "r")
+    run.path.mkdir()
+    (run.path / rundir.LOCK).write_text("qpruner search (pid 999999 on gone, since 2026-01-01 00:00:00: killed)\n")
+    fd = os.open(run.path / rundir.LOCK, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)                      # the reader, mid-probe
+    threading.Timer(0.3, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))).start()
+    with run.lock("search"):
+        assert "pid 999999" not in (run.path / rundir.LOCK).read_text()

@@ -130,7 +130,11 @@ def _cmd_status(args) -> int:
 def _cmd_report(args) -> int:
     from .report import write_report
 
+    from .rundir import MARKER
     run = _run_dir(args.results)
+    if not run.is_ours():   # never write into (or over a report.html of) a directory qpruner did not write
+        raise ResultsError(f"{run.path} was not written by qpruner (no {MARKER}, no valid job.yaml); nothing was "
+                           "written. Give the results/<job>/ directory of a search")
     run.trials()  # a clear error when missing or unreadable
     print(f"wrote {write_report(run.path)} (and pareto.png, bits.png, hypervolume.png)")
     return 0

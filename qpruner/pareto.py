@@ -78,10 +78,14 @@ def quality_values(frame: pd.DataFrame, metric: str) -> list[float]:
 
 
 def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    """Write ``frame`` to ``path`` through a temporary file and a rename."""
+    """Write ``frame`` to ``path`` through a temporary file and a rename (the temporary file never stays: a
+    write that fails, e.g. on a full disk, leaves ``path`` as it was)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class TrialLog:

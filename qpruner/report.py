@@ -117,6 +117,21 @@ def choice_table(trials: pd.DataFrame, metric: str, fixed: float | None = None, 
     return "\n".join(lines)
 
 
+def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader (or a search rewriting it) never sees half a file."""
+    import os
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_figure(fig, path: Path) -> None:
+    _atomic(Path(path), lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png"))
+
+
 def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -170,7 +185,7 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -192,7 +207,7 @@ def plot_bits(front: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("bits per unit of each front plan")
     fig.colorbar(image, ax=ax, ticks=[4, 8, 16], label="bits")
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -232,7 +247,7 @@ def plot_hypervolume(curve: list[float], path: str | Path) -> Path:
     ax.set_title("hypervolume of the front over the search")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -357,6 +372,6 @@ paired standard errors.</p>
 <table id="trials"><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table>
 </body></html>"""
     out = directory / "report.html"
-    out.write_text(page, encoding="utf-8")
+    _atomic(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     logger.info("wrote %s", out)
     return out

@@ -354,8 +354,11 @@ QPrunerErrorTypes = (ConfigError, ResultsError)
 
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def storage_dir(job, run_path: str | os.PathLike) -> str:

@@ -94,3 +94,27 @@ def test_chromium_renders_the_front_plot(tmp_path):
     assert distance(shown, plot) < 0.2 * distance(plot, blank)   # that plot, not an empty box or another plot
     other = Image.open(out.parent / "hypervolume.png").convert("RGB").resize((w, h))
     assert distance(shown, other) > 0.5 * distance(plot, blank)
+
+
+def test_report_refuses_a_directory_qpruner_did_not_write(tmp_path, capsys):
+    """#25.3: `qpruner report` on a copied trials.parquet with the user's own report.html: refused, untouched."""
+    from qpruner.cli import main
+    theirs = tmp_path / "notours"
+    theirs.mkdir()
+    shutil.copy(_results(tmp_path / "src") / "trials.parquet", theirs / "trials.parquet")
+    (theirs / "report.html").write_text("mine")
+    assert main(["report", str(theirs)]) == 2
+    assert "not written by qpruner" in capsys.readouterr().err
+    assert (theirs / "report.html").read_text() == "mine" and sorted(p.name for p in theirs.iterdir()) == \
+        ["report.html", "trials.parquet"]
+
+
+def test_report_files_are_replaced_whole(tmp_path, monkeypatch):
+    """A report (or the search rewriting it) never leaves half a file: each is written aside, then renamed."""
+    import os
+    renamed = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append(Path(b).name), real(a, b)))
+    write_report(_results(tmp_path), "accuracy")
+    assert {"report.html", "pareto.png", "bits.png", "hypervolume.png"} <= set(renamed)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

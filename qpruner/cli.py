@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import load_job, to_dict
-from .errors import QPrunerError, ResultsError
+from .errors import QPrunerError, ResultsError, SearchIncomplete
 from .rundir import front_metric
 
 
@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return args.func(args)
+    except SearchIncomplete as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except QPrunerError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

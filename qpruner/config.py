@@ -214,6 +214,9 @@ class SearchConfig:
     max_failures: int = opt(2, min=0, help="retries of a trial whose worker or node was lost")
     max_rejections: int = opt(1000, min=1, help="proposals in a row over budget or already evaluated "
                                                 "before the search ends")
+    disk_full_wait_s: float = opt(600.0, min=0.0, help="while trials.parquet cannot be written (a full disk), the "
+                                                       "search starts no trial and waits this long for space, keeping "
+                                                       "finished results in memory; then it stops (exit 1)")
     save_adapters: bool = opt(True, help="keep every trained trial's LoRA adapter (a Tune checkpoint) for export")
     loggers: tuple[str, ...] = opt((), choices=("tensorboard", "csv", "mlflow", "wandb"),
                                    help="Ray Tune experiment tracking; mlflow logs to results/<job>/mlruns unless "

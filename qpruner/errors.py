@@ -33,3 +33,12 @@ class TrialFailed(QPrunerError):
 
 class ResultsError(QPrunerError):
     """A results directory is missing, corrupt, in use, or holds a different run than the one asked for."""
+
+
+class SearchIncomplete(QPrunerError):
+    """A search ended before training ``search.num_trials`` trials (interrupted, or its results could not be
+    written): what is recorded stands, and the same command continues it. ``exit_code``: 130 when interrupted."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

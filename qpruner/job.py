@@ -395,6 +395,50 @@ def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Jo
             contexts = prepared.contexts if prepared.joint else prepared.context
             scores = {a: v.scores for a, v in prepared.variants.items()} if prepared.joint else prepared.scores
             run_search(job, contexts, prepared.seeds, log, resume=continuing, scores=scores)
+            if _short(job, log, out) and continuing:
+                # Tune's restored experiment had nothing left to run (e.g. trials it gave up on counted as
+                # done), though fewer trials are trained than asked: go on in a fresh one from trials.parquet
+                logger.warning("the resumed Ray Tune experiment ended with %d of %d trials trained: continuing in a "
+                               "fresh experiment (trained plans are answered from trials.parquet)",
+                               len(log.trained()), job.search.num_trials)
+                set_aside_experiment(job, run)
+                run_search(job, contexts, prepared.seeds, log, resume=False, scores=scores)
         trials, front = log.frame(), log.front()
-        report.write_report(out, front_metric(job))
+        if not log.unsaved:
+            report.write_report(out, front_metric(job))
+        _check_complete(job, log, out)
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0, continuing, moved)
+
+
+def _short(job: JobConfig, log: TrialLog, out) -> bool:
+    """Fewer trained trials than asked, for no reason the search gave (interrupt, unwritable log, exhausted space)."""
+    from .pareto import write_failure
+    from .search.searchers import ENDED
+    return (len(log.trained()) < job.search.num_trials and not log.interrupted and not log.unsaved
+            and write_failure(out) is None and str(out) not in ENDED)
+
+
+def _check_complete(job: JobConfig, log: TrialLog, out) -> None:
+    """The one rule: a search is finished when ``num_trials`` trials are trained (counted in trials.parquet),
+    or when its searcher had nothing left to propose. Otherwise it says why it stopped, and how to go on."""
+    from .errors import SearchIncomplete
+    from .pareto import write_failure
+    from .search.searchers import ENDED, EXHAUSTED
+    trained, wanted = len(log.trained()), job.search.num_trials
+    why = ENDED.pop(str(out), None)
+    if trained >= wanted or why == EXHAUSTED:
+        if why == EXHAUSTED and trained < wanted:
+            logger.warning("%s: %d of %d trials trained", why, trained, wanted)
+        return
+    again = f"run the same command again to continue (qpruner search {job.name} ... --resume)"
+    failure = write_failure(out)
+    if log.unsaved or failure is not None:
+        raise SearchIncomplete(f"the search stopped after {trained} of {wanted} trained trials: {log.path} could "
+                               f"not be written ({failure[1] if failure else 'write failed'}); "
+                               f"{len(log.unsaved)} finished result(s) could not be saved and will be trained again. "
+                               f"Free space, then {again}")
+    if log.interrupted:
+        raise SearchIncomplete(f"interrupted after {trained} of {wanted} trained trials (each recorded in "
+                               f"{log.path}); {again}", exit_code=130)
+    raise SearchIncomplete(f"the search ended after {trained} of {wanted} trained trials"
+                           f"{': ' + why if why else ' (see the trials that failed or errored above)'}; {again}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import os
 import time
@@ -45,6 +46,7 @@ from .results import TrialResult, plan_columns, plan_of_row
 
 from .rundir import PARETO_FILE, TRIALS_FILE, read_table  # noqa: F401  (re-exported: the files' one definition)
 
+logger = logging.getLogger(__name__)
 TRAINED = ("ok", "failed", "stopped", "error")   # statuses of trials that ran (not answered without training)
 SCREENED = ("infeasible", "cached")              # answered without training; ids "<status>-<n>"
 
@@ -88,10 +90,19 @@ def atomic_write_parquet(frame: pd.DataFrame, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+WRITE_FAILURES: dict[str, tuple[float, str]] = {}   # results directory -> (since, why): its log cannot be written
+
+
+def write_failure(directory) -> tuple[float, str] | None:
+    """``(since, why)`` while a search's trial log in ``directory`` cannot be written (e.g. a full disk)."""
+    return WRITE_FAILURES.get(str(Path(directory)))
+
+
 class TrialLog:
     """Every finished or screened trial of one search, persisted as it arrives."""
 
     run_key = None  # (an instance unpickled from an older experiment lacks it)
+    interrupted = False   # set by the search when Ray Tune was stopped by SIGINT
 
     def __init__(self, directory: str | os.PathLike, metric: str, origins: dict[PrecisionPlan, str] | None = None,
                  run_key: str | None = None):
@@ -101,6 +112,7 @@ class TrialLog:
         self.origins = dict(origins or {})   # plan -> "seed:uniform" | "seed:best_guess" | "seed:sampled"
         self.run_key = run_key               # rundir.trial_key of the job: stamped on rows, required by lookup
         self.rows: list[dict] = []
+        self.unsaved: list[dict] = []        # rows a failed write (a full disk) could not persist yet
         self._stamp: tuple[int, int, int] | None = None
         self.refresh()
 
@@ -121,6 +133,8 @@ class TrialLog:
             frame = read_table(self.path, "the trial log")
             self.rows = [{k: v for k, v in row.items() if not _missing(v)} for row in frame.to_dict("records")]
             self._stamp = stamp
+            on_disk = {r.get("trial_id") for r in self.rows}
+            self.rows += [r for r in getattr(self, "unsaved", []) if r.get("trial_id") not in on_disk]
 
     def write(self) -> None:
         frame = pd.DataFrame(self.rows)
@@ -128,6 +142,34 @@ class TrialLog:
         atomic_write_parquet(pareto_front(frame, self.metric), self.directory / PARETO_FILE)
         stat = self.path.stat()
         self._stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def _persist(self, row: dict | None = None) -> bool:
+        """Write the log (inside ``_writing``). A failed write (full disk, quota, read-only) raises nothing: the
+        rows stay in memory (``unsaved``), ``write_failure`` names the problem, and :meth:`flush` tries again."""
+        try:
+            self.write()
+        except OSError as exc:
+            if row is not None and all(r is not row for r in self.unsaved):
+                self.unsaved.append(row)
+            if str(self.directory) not in WRITE_FAILURES:
+                logger.error("could not write %s (%s): %d result(s) kept in memory; the search starts no new trial "
+                             "until they are written (free space; it tries again every few seconds)", self.path,
+                             exc.strerror or exc, len(self.unsaved))
+            WRITE_FAILURES.setdefault(str(self.directory), (time.time(), f"{exc.strerror or exc} ({self.path})"))
+            return False
+        if self.unsaved or str(self.directory) in WRITE_FAILURES:
+            logger.warning("%s written after all: %d kept result(s) saved", self.path, len(self.unsaved))
+        self.unsaved = []
+        WRITE_FAILURES.pop(str(self.directory), None)
+        return True
+
+    def flush(self) -> bool:
+        """Try again to write rows a failed write kept in memory; True when nothing is left unsaved."""
+        if not self.unsaved and str(self.directory) not in WRITE_FAILURES:
+            return True
+        with self._writing():
+            self.refresh()
+            return self._persist()
 
     @contextlib.contextmanager
     def _writing(self):
@@ -142,7 +184,7 @@ class TrialLog:
 
     def __getstate__(self):  # Ray pickles the tuner; after unpickling, the file is the truth
         state = dict(self.__dict__)
-        state["rows"], state["_stamp"] = [], None
+        state["rows"], state["_stamp"], state["unsaved"] = [], None, []
         return state
 
     def __setstate__(self, state):
@@ -172,7 +214,7 @@ class TrialLog:
             else:
                 row["number"] = len(self.rows)
                 self.rows.append(row)
-            self.write()
+            self._persist(row)
 
     def add(self, trial_id: str | None, result: TrialResult, **extra) -> str:
         """A trial's result; ``trial_id=None`` for a proposal answered without training (pass its ``status``):

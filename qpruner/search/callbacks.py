@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from ray import tune
 
@@ -29,6 +30,7 @@ from ..plan import PrecisionPlan
 from ..trial import TrialResult
 
 logger = logging.getLogger(__name__)
+FLUSH_EVERY_S = 5.0   # retry of a failed trial-log write
 STATUSES = ("ok", "screened", "failed", "infeasible", "cached", "stopped", "error")
 SERIES = {  # name: (description, extra tag keys)
     "qpruner_trials": ("trials by status", ("status",)),
@@ -101,6 +103,13 @@ class PersistTrials(tune.Callback):
             from ..rundir import RunDir
             RunDir(self.log.directory).write_reference(self.ref)   # `qpruner status` uses the same reference
         self._done()  # zeros (or, after a restart, the counts so far) before the first trial ends
+
+    def on_step_end(self, iteration, trials, **info):
+        """While the trial log cannot be written (a full disk), try again every few seconds."""
+        if self.log.unsaved and time.time() - getattr(self, "_flushed_at", 0.0) > FLUSH_EVERY_S:
+            self._flushed_at = time.time()
+            if self.log.flush():
+                self._done()
 
     def _plan(self, trial) -> PrecisionPlan | None:
         try:

@@ -244,9 +244,16 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
                    "worker_rss_bytes": _rss_bytes()}
         # the result (and the adapter) become a Tune checkpoint, persisted by this worker before the driver
         # hears of it: `qpruner export` finds the adapter there, and a resumed driver the result (recover_results)
-        with open(os.path.join(tmp, RESULT_FILE), "w") as fh:
-            json.dump({"trial_id": trial_id, "metrics": metrics}, fh)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        try:
+            with open(os.path.join(tmp, RESULT_FILE), "w") as fh:
+                json.dump({"trial_id": trial_id, "metrics": metrics}, fh)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        except OSError as exc:
+            # no room for the checkpoint (a full disk): the result still goes to the driver, which keeps it,
+            # instead of failing a trial that trained fine (Tune would train it again); export retrains the adapter
+            logging.getLogger(__name__).error("trial %s: could not write its checkpoint (%s); reporting its result "
+                                              "without one", trial_id, exc.strerror or exc)
+            tune.report({**metrics, "checkpoint_error": str(exc.strerror or exc)})
 
 
 RESULT_FILE = "qpruner_result.json"
@@ -259,7 +266,7 @@ def recover_results(experiment: str, log: TrialLog) -> list[str]:
     only; returns the recovered trial ids."""
     if "://" in experiment or not os.path.isdir(experiment):
         return []
-    recorded, out = set(log.trained()), []
+    recorded, out = {str(r.get("trial_id")) for r in (log.refresh(), log.rows)[1]}, []   # every row, screens too
     for path in sorted(Path(experiment).glob(f"*/checkpoint_*/{RESULT_FILE}")):
         try:
             saved = json.loads(path.read_text())
@@ -445,12 +452,18 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
             tuner = _new_tuner(job, contexts, seeds, log, decode, trainable, n_units, scores, watch)
+        state_log = logging.getLogger(_TUNE_STATE_LOGGER)
+        if not any(isinstance(f, _OneLineOSErrors) for f in state_log.filters):
+            state_log.addFilter(_OneLineOSErrors())
+        interrupted = _SigintProbe()
         try:
-            tuner.fit()
+            with interrupted:
+                tuner.fit()
         except Exception as exc:
             if watch is not None and watch.problem:
                 raise BackendError(watch.problem) from exc
             raise
+        log.interrupted = interrupted.seen
         if watch is not None and watch.problem:  # in case Tune logged the callback's error and returned
             raise BackendError(watch.problem)
         linger = cfg.metrics_linger_s if cfg.metrics_linger_s is not None else (
@@ -465,6 +478,52 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
         if started and not (cfg.keep_dashboard and not on_cluster):
             ray.shutdown()   # else the CLI holds it up (search.keep_dashboard) and stops it on Ctrl-C
     return log
+
+
+class _OneLineOSErrors(logging.Filter):
+    """Ray Tune logs a failed save of its experiment state (e.g. on a full disk) with a whole traceback, and goes
+    on; qpruner already says what happened (the trial log waits for space): one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None and not isinstance(exc, OSError):
+            exc = exc.__cause__ or exc.__context__
+        if exc is not None:
+            record.msg, record.args = f"{record.getMessage()} {exc.strerror or exc}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_TUNE_STATE_LOGGER = "ray.tune.execution.experiment_state"
+
+
+class _SigintProbe:
+    """Whether Ray Tune was interrupted (Ctrl-C / SIGINT) during ``tuner.fit()``. Tune catches the first SIGINT
+    itself, checkpoints and returns normally; it then puts back the handler it found, which is ours. So: ours
+    in place after ``fit`` means Tune saw a SIGINT (on a normal end Tune's own handler stays)."""
+
+    def __init__(self):
+        self.seen = False
+
+    @staticmethod
+    def _ours(signum, frame):   # what a second Ctrl-C does after Tune handed the signal back: stop now
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, self._ours)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self.active:
+            self.seen = signal.getsignal(signal.SIGINT) is self._ours and exc[0] is None and \
+                os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") == "0"
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def search_space(job: JobConfig, context: TrialContext | dict, n_units: int, scores=None) -> SearchSpace:
@@ -504,6 +563,7 @@ def _new_tuner(job, contexts: dict, seeds, log, decode, trainable, n_units, scor
     device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
     screen = PlanScreen(decode, OverBudget({a: Precheck.of(c) for a, c in contexts.items()}, device), log)
     searcher = BudgetedSearcher(inner, screen, cfg.max_rejections, num_trials=cfg.num_trials)
+    searcher.disk_wait_s = cfg.disk_full_wait_s
     top = len(space.options) - 1
     largest = max(table.total(np.full(n_units, top)) for table in (space.variant_costs or (space.costs,)))
     ref = reference_point(job, next(iter(contexts.values())), largest)

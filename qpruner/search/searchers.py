@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +34,7 @@ import numpy as np
 from ray.tune.search import Searcher
 
 from ..memory import UnitCosts
-from ..pareto import TrialLog
+from ..pareto import TrialLog, write_failure
 from ..plan import PrecisionPlan
 from ..trial import TrialResult
 
@@ -103,9 +104,15 @@ class _Wrapper(Searcher):
         self.searcher.restore(checkpoint_path)
 
 
+EXHAUSTED = "the search space is exhausted (every plan the searcher could propose was evaluated)"
+ENDED: dict[str, str] = {}   # results directory -> why its searcher ended before num_trials trained trials
+DISK_WAIT_S = 600.0          # how long a search waits for its trial log to become writable again
+
+
 class BudgetedSearcher(_Wrapper):
     """Wraps a searcher: over-budget and repeated proposals are answered without training."""
     num_trials = None  # (an instance unpickled from an older experiment lacks it)
+    disk_wait_s = None
 
     def __init__(self, searcher: Searcher, screen: PlanScreen, max_rejections: int = 1000,
                  num_trials: int | None = None):
@@ -144,10 +151,24 @@ class BudgetedSearcher(_Wrapper):
     def suggest(self, trial_id: str):
         if self._enough():
             return Searcher.FINISHED
+        failure = write_failure(self.screen.log.directory)
+        if failure is not None:       # results cannot be written (a full disk): start nothing that could be lost
+            time.sleep(1.0)           # Tune asks again at once when nothing runs: try the write about once a second
+            if self.screen.log.flush():
+                failure = None
+        if failure is not None:
+            since, why = failure
+            if time.time() - since < (self.disk_wait_s if self.disk_wait_s is not None else DISK_WAIT_S):
+                return None           # no trial now; Tune asks again
+            logger.error("the trial log could not be written for %.0f s (%s): ending the search", time.time() - since, why)
+            ENDED[str(self.screen.log.directory)] = f"its results could not be written: {why}"
+            return Searcher.FINISHED
         for _ in range(self.max_rejections):
             self.counter += 1
             inner_id = f"{trial_id}~{self.counter}"
             config = self.searcher.suggest(inner_id)
+            if config == Searcher.FINISHED:
+                ENDED.setdefault(str(self.screen.log.directory), EXHAUSTED)
             if config is None or config == Searcher.FINISHED:
                 return config
             plan, verdict = self.screen(config)
@@ -165,6 +186,7 @@ class BudgetedSearcher(_Wrapper):
             return config
         logger.warning("the searcher proposed %d plans in a row that were over budget or already evaluated; "
                        "ending the search", self.max_rejections)
+        ENDED.setdefault(str(self.screen.log.directory), EXHAUSTED)
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import load_job, to_dict
-from .errors import QPrunerError, ResultsError, SearchIncomplete
+from .errors import ConfigError, QPrunerError, ResultsError, SearchIncomplete
 from .rundir import front_metric
 
 
@@ -45,6 +45,10 @@ def _cmd_validate(args) -> int:
               "the exact sizes, and which uniform plans the budget admits, are printed after pruning)")
     if job.model.trust_remote_code:
         print(f"warning: model.trust_remote_code is on: {job.model.source} may run its own code here", file=sys.stderr)
+    if job.device == "cuda":
+        from .config import preflight
+        for problem in preflight(job):
+            print(f"note: {problem} (valid as a job for another machine)", file=sys.stderr)
     return 0
 
 
@@ -152,14 +156,32 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    from .job import amounts, load_or_prune, prune_key, resolve_device, variant_job
     from .rundir import MARKER, RunDir
 
+    from .config import preflight
     job = load_job(args.job, args.overrides)
+    if preflight(job):
+        raise ConfigError(preflight(job), job.name)
     run = RunDir(job.results_path)
     if not run.is_empty() and not run.is_ours():
         raise ResultsError(f"{run.path} exists and was not written by qpruner (no {MARKER}); nothing was changed. "
                            "Choose another name (name=...) or results_dir")
+    fresh = run.is_empty()
+    try:
+        done = _prune_locked(job, run, args.force)
+    except BaseException:
+        if fresh:
+            run.discard_unstarted()   # failed before any work: no marker, lock or directory left behind
+        raise
+    for amount, pruned in done:   # one pruned model; or, with prune.param_ratios, one per amount
+        print(("reused: " if pruned.reused else "") + pruned.report.summary())
+        print(f"pruned model: {run.pruned_at(amount)}/ (load it with `import qpruner` and "
+              "transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _prune_locked(job, run, force: bool) -> list:
+    from .job import amounts, load_or_prune, prune_key, resolve_device, variant_job
     with run.lock("prune"):
         searched = (run.read_marker() or {}).get("identity") or run.has_trials()  # (no marker: an earlier version)
         stored = searched and run.job_file.is_file() and run.read_job()
@@ -169,13 +191,8 @@ def _cmd_prune(args) -> int:
                                "pruning again there would leave its trials without their model. Give this job a "
                                "new name (name=...)")
         run.write_marker(job, searched=False)
-        done = [(a, load_or_prune(job, resolve_device(job.device), force=args.force, check_budget=False, amount=a))
+        return [(a, load_or_prune(job, resolve_device(job.device), force=force, check_budget=False, amount=a))
                 for a in amounts(job)]
-    for amount, pruned in done:   # one pruned model; or, with prune.param_ratios, one per amount
-        print(("reused: " if pruned.reused else "") + pruned.report.summary())
-        print(f"pruned model: {run.pruned_at(amount)}/ (load it with `import qpruner` and "
-              "transformers.AutoModelForCausalLM.from_pretrained)")
-    return 0
 
 
 def _cmd_search(args) -> int:

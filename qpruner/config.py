@@ -21,7 +21,7 @@ from typing import Optional
 import yaml
 
 from .errors import ConfigError
-from .validation import _apply_override, _build, _did_you_mean, build_section, check_size, opt, safe_yaml  # noqa: F401  (build_section: re-exported)
+from .validation import _apply_override, _build, _did_you_mean, build_section, check_size, opt, safe_yaml, show  # noqa: F401  (build_section: re-exported)
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BUILTIN_MODELS = ("tiny", "builtin:smollm2-135m")
@@ -29,6 +29,8 @@ BUILTIN_DATA = ("builtin:pydoc",)
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")  # config.json model_type (models.py adapts these)
 PRUNED_PREFIX = "qpruner_"  # model_type of a saved pruned model: qpruner_<base>
+MAX_SEED = 2**63 - 1     # torch.Generator.manual_seed takes at most 64 bits
+MAX_NAME = 100          # characters of a job name
 ONLINE_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 
@@ -48,12 +50,12 @@ class DataConfig:
     source: str = opt("builtin:pydoc", help="builtin:pydoc | file.txt | file.jsonl | file.parquet")
     text_field: str = opt("text", help="field holding the text in .jsonl / .parquet rows")
     seq_len: int = opt(128, min=8, max=32768, help="tokens per sample (all splits)")
-    calib_samples: int = opt(8, min=1, help="samples for pruning and layer scoring (LLM-Pruner: 10)")
+    calib_samples: int = opt(8, min=1, max=10_000_000, help="samples for pruning and layer scoring (LLM-Pruner: 10)")
     calib_seq_len: Optional[int] = opt(None, min=2, help="tokens per calibration sample (<= seq_len; "
                                                          "default seq_len; LLM-Pruner: 64)")
-    eval_samples: int = opt(64, min=1, help="held-out samples for evaluation (64 x 128 tokens: adjacent front "
+    eval_samples: int = opt(64, min=1, max=10_000_000, help="held-out samples for evaluation (64 x 128 tokens: adjacent front "
                                              "plans separable on SmolLM2, results/bench/landscape.md)")
-    seed: int = opt(0, help="seed of the deterministic split")
+    seed: int = opt(0, min=0, max=MAX_SEED, help="seed of the deterministic split")
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class FinetuneConfig:
     lora_alpha: float = opt(16.0, min=0.0)
     lora_dropout: float = opt(0.0, min=0.0, max=0.99)
     target_modules: tuple[str, ...] = opt(LINEAR_NAMES, choices=LINEAR_NAMES)
-    seed: int = opt(0)
+    seed: int = opt(0, min=0, max=MAX_SEED)
 
     def _check(self) -> list[str]:
         problems = []
@@ -229,7 +231,7 @@ class SearchConfig:
                                          "<task>:acc_norm for a task in eval.tasks")
     objective: Optional[dict[str, float]] = opt(None, help="weighted mix maximised by the search, e.g. "
                                                            "{accuracy: 1.0, piqa:acc: 0.5}; perplexity enters as -log")
-    seed: int = opt(0)
+    seed: int = opt(0, min=0, max=MAX_SEED)
     ray_address: Optional[str] = opt(None, help="None: start a local Ray (inside `ray job submit`: join that "
                                          "cluster); 'auto': join a running cluster; or an address")
     num_cpus: Optional[int] = opt(None, min=1, help="CPUs of a local Ray (default: all)")
@@ -263,7 +265,10 @@ class JobConfig:
         problems = []
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name):
             problems.append(f"name: expected one directory name (letters, digits, '_', '-', '.'; not starting "
-                            f"with '.'), got {self.name!r}")
+                            f"with '.'), got {show(self.name)}")
+        elif len(self.name) > MAX_NAME:
+            problems.append(f"name: {len(self.name)} characters; at most {MAX_NAME} (it names directories, with "
+                            "suffixes such as .replaced-<time>, under a 255-byte file-name limit)")
         problems += _check_budget(self)
         if self.data.calib_seq_len is not None and self.data.calib_seq_len > self.data.seq_len:
             problems.append(f"data.calib_seq_len: {self.data.calib_seq_len} is longer than data.seq_len "
@@ -271,6 +276,10 @@ class JobConfig:
         if _CHECK_FILES.get():
             problems += _check_model_source(self.model.source)
             problems += _check_data_source(self.data.source)
+            if not problems and Path(self.data.source).expanduser().is_file():
+                from .sources import check_text
+                problems += check_text(self.data)   # readable, UTF-8, right rows and columns, enough of it
+
         if self.score.method == "block_influence" and self.policy.unit == "linear":
             problems.append("score.method: block_influence scores layers or module groups; with "
                             "policy.unit=linear use fisher, taylor, mutual_information or sensitivity")
@@ -419,7 +428,26 @@ def _check_model_dir(path: Path, source: str) -> list[str]:
     if base not in SUPPORTED_ARCHITECTURES:
         return [f"model.source: {source!r} is a {model_type!r} model (config.json model_type); supported: "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)}"]
+    from .sources import check_model_dir
+    return check_model_dir(path, source, json.loads(config.read_text(encoding="utf-8")))
+
+
+def preflight(job: "JobConfig") -> list[str]:
+    """What this machine must offer to run ``job`` here (not part of a job file's validity: a job for a GPU
+    cluster validates on a laptop): checked by `search` and `prune` before they write anything."""
+    if job.device == "cuda" and not cuda_available():
+        return ["device: cuda, but this machine has no CUDA device torch can use; run it where there is one, or "
+                "set device: auto (or cpu)"]
     return []
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (imports torch: only asked when a job names device: cuda)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 def lowest_avg_bits(bits: int, quant: "QuantConfig") -> float:

@@ -55,17 +55,9 @@ def load_texts(cfg: DataConfig) -> list[str]:
         from pydoc_data.topics import topics
         return [topics[k] for k in sorted(topics)]
     path = Path(source).expanduser()
-    if source.endswith(".txt"):
-        return [path.read_text(encoding="utf-8")]
-    if source.endswith(".jsonl"):
-        return _read_jsonl(path, cfg.text_field)
-    if source.endswith(".parquet"):
-        import pandas as pd
-        frame = pd.read_parquet(path)
-        if cfg.text_field not in frame.columns:
-            raise ConfigError([f"data.source: {source} has no column {cfg.text_field!r}; "
-                               f"columns: {list(frame.columns)}; set data.text_field"])
-        return [str(t) for t in frame[cfg.text_field].tolist()]
+    if source.endswith((".txt", ".jsonl", ".parquet")):
+        from .sources import read_texts
+        return read_texts(path, cfg.text_field)    # clear errors: not UTF-8, bad rows, nulls, no such column
     return _load_hf_dataset(source, cfg.text_field)
 
 
@@ -73,23 +65,18 @@ def iter_jsonl(path: str | Path, where: str = ""):
     """(line number, parsed row) of every non-blank line; invalid JSON is a ConfigError that names the
     line (``where`` prefixes the message, e.g. the config key)."""
     with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError([f"{where}{path}:{lineno} is not valid JSON ({exc.msg})"]) from None
-
-
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    texts = []
-    for lineno, row in iter_jsonl(path, "data.source: "):
-        if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise ConfigError([f"data.source: {path}:{lineno} has no string field {field!r}; "
-                               "set data.text_field to the field holding the text"])
-        texts.append(row[field])
-    return texts
+        lineno = 0
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError([f"{where}{path}:{lineno} is not valid JSON ({exc.msg})"]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{where}{path}: line {lineno + 1} is not UTF-8 ({exc.reason}); save the file as "
+                               "UTF-8"]) from None
 
 
 def _load_hf_dataset(name: str, field: str) -> list[str]:

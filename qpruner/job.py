@@ -360,8 +360,11 @@ def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Jo
     The directory is checked before any work (:func:`qpruner.rundir.open_for_search`): a different run
     there is refused (``overwrite`` moves it aside, never deletes it); the same job found unfinished is
     continued, as with ``resume``."""
-    from .search import run_search  # keeps `qpruner validate` free of the Ray import
+    from .config import preflight
+    from .errors import ConfigError
     from .search.run import in_submitted_job
+    if preflight(job):
+        raise ConfigError(preflight(job), job.name)
     t0 = time.perf_counter()
     run, continuing = open_for_search(job, resume=resume, overwrite=overwrite)
     moved = None
@@ -373,6 +376,18 @@ def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Jo
     if in_submitted_job() and not out.is_absolute():
         logger.warning("results go to %s, inside the job's temporary working directory, which Ray may delete; "
                        "pass results_dir=/an/absolute/path (shared storage on a multi-node cluster)", out.resolve())
+    fresh = run.is_empty()
+    try:
+        return _search_locked(job, run, resume, t0, moved)
+    except BaseException:
+        if fresh and run.discard_unstarted():   # failed before any work: leave no marker, lock or directory
+            logger.info("removed %s again: the search failed before writing anything there", run.path)
+        raise
+
+
+def _search_locked(job: JobConfig, run, resume: bool, t0: float, moved) -> JobOutcome:
+    from .search import run_search  # keeps `qpruner validate` free of the Ray import
+    out = run.path
     with run.lock("search"):
         run, continuing = open_for_search(job, resume=resume)  # again, now that no one else can write here
         finished = continuing and run.has_trials() and len(TrialLog(out, front_metric(job)).trained()) >= \

@@ -140,9 +140,16 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
     except OSError as exc:
         raise ModelError(f"cannot load a model config from {cfg.source!r}: {exc}") from exc
     check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(cfg.source, config=config, dtype=dtype,
-                                                 use_safetensors=True, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.source, **kw)
+    from safetensors import SafetensorError
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.source, config=config, dtype=dtype,
+                                                     use_safetensors=True, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.source, **kw)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:   # truncated weights, shapes != config, ...
+        detail = str(exc).strip().splitlines()
+        raise ModelError(f"cannot load the model in {cfg.source!r}: {type(exc).__name__}: "
+                         f"{(detail[0] if detail else '')[:400]}; check that its config.json and weights belong "
+                         "together and are complete") from None
     return LoadedModel(model.to(device).eval(), tokenizer, cfg.source)
 
 

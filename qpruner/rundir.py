@@ -247,6 +247,25 @@ class RunDir:
         """Absent, or holding nothing but the lock file."""
         return not self.path.exists() or (self.path.is_dir() and all(p.name == LOCK for p in self.path.iterdir()))
 
+    def discard_unstarted(self) -> bool:
+        """After a run that failed before any work in a directory it created: remove the bookkeeping it wrote
+        there (marker, job.yaml, lock) and the directory, so the failure leaves nothing behind. A directory
+        holding anything else (a pruned model, trials) is kept whole. True when it was removed."""
+        bookkeeping = {LOCK, MARKER, JOB_FILE, ".trials.lock"}
+        try:
+            names = {p.name for p in self.path.iterdir()}
+        except FileNotFoundError:
+            return False
+        if not names <= bookkeeping:
+            return False
+        for name in names:
+            (self.path / name).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:   # someone wrote in the meantime: leave it
+            return False
+        return True
+
     def read_job(self):
         """The run's job.yaml, validated (an error names the file)."""
         from .config import build_job

@@ -143,7 +143,10 @@ def test_a_stored_job_of_an_earlier_run_is_still_read_and_an_empty_objective_is_
 
 def test_layer_range_of_a_local_model_is_checked_from_its_config(tmp_path):
     import json
+    import numpy as np
+    from safetensors.numpy import save_file
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 12}))
+    save_file({"lm_head.weight": np.zeros((2, 2), dtype=np.float32)}, str(tmp_path / "model.safetensors"))
     job = build_job({"model": {"source": str(tmp_path)}, "prune": {"layer_start": 4, "layer_end": 12}})
     assert job.prune.layer_end == 12
     problems = _problems({"model": {"source": str(tmp_path)}, "prune": {"layer_start": 4, "layer_end": 13}})

@@ -298,7 +298,7 @@ def test_a_run_of_an_earlier_version_is_continued_afresh_not_restored(tmp_path):
 
 def test_a_stored_job_is_read_even_where_its_files_are_not(tmp_path, monkeypatch):
     data = tmp_path / "text.txt"
-    data.write_text("hello " * 500)
+    data.write_text("hello " * 2000)
     job = _job(tmp_path, **{"data.source": str(data)})
     run = _started(job)
     data.unlink()                           # the run was copied elsewhere: its data file is not here

@@ -445,7 +445,7 @@ def _check_complete(job: JobConfig, log: TrialLog, out) -> None:
         if why == EXHAUSTED and trained < wanted:
             logger.warning("%s: %d of %d trials trained", why, trained, wanted)
         return
-    again = f"run the same command again to continue (qpruner search {job.name} ... --resume)"
+    again = "run the same command again to continue it (with or without --resume; nothing recorded is trained again)"
     failure = write_failure(out)
     if log.unsaved or failure is not None:
         raise SearchIncomplete(f"the search stopped after {trained} of {wanted} trained trials: {log.path} could "

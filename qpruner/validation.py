@@ -163,6 +163,7 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
             problems.append(f"{prefix}{key}: unknown key" + _did_you_mean(key, fields)
                             + f"; valid keys: {', '.join(fields)}")
     kwargs = {}
+    own_problems = False
     for name, f in fields.items():
         if name not in data:
             continue
@@ -176,9 +177,14 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
         if len(problems) == before:
             _check_limits(value, dict(f.metadata), where, problems)
             kwargs[name] = value
+        own_problems = own_problems or len(problems) > before
     obj = cls(**kwargs)
     if hasattr(obj, "_check"):
-        problems.extend(obj._check())
+        try:
+            problems.extend(obj._check())
+        except (ArithmeticError, TypeError, ValueError, AttributeError):
+            if not own_problems:   # a rule across fields tripped on a field already reported (e.g. a 0 divisor)
+                raise
     return obj
 
 

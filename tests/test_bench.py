@@ -389,3 +389,15 @@ def test_real_check_report_reads_the_committed_trials(tmp_path):
     assert res["n_trials"] >= 48 and res["n_plans"] >= 40 and "r2" in res and -1 <= res["spearman"] <= 1
     f = res["fronts_at_16"]
     assert f["n_each"] == [16, 16] and f["default_over_chain_minus_1_se"] > 0
+
+
+def test_every_bad_input_of_the_reliability_table_is_refused_cleanly_and_writes_nothing(tmp_path):
+    """#25: the >= 100 bad inputs of bench/reliability.py --bad-inputs, through the real CLI: exit 2, no
+    traceback, nothing written."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bad_inputs
+    results = bad_inputs.run_all(tmp_path)
+    assert len(results) >= 100
+    problems = [r for r in results if r["exit"] != 2 or not r["clean"] or r["wrote"]]
+    assert not problems, problems[:5]

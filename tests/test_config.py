@@ -122,6 +122,7 @@ def test_joint_pruning_amounts_are_validated():
     (["prune.layer_start=0", "prune.layer_end=31"], "builtin:smollm2-135m has 30 decoder layers"),
     (["finetune.target_modules=[]"], "LoRA would train nothing"),
     (["search.objective={accuracy: 0}"], "every weight is 0"),
+    (["finetune.batch_size=0"], "below the minimum 1"),                       # was a ZeroDivisionError
     (["search.screen_share=0.2", "search.searcher=hyperopt"], "screening is a mode of the additive searcher"),
     (["search.screen_share=0.2", "eval.tasks=[piqa]", "search.metric=piqa:acc"], "a screen evaluates perplexity"),
 ])

@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL the search driver at random moments, resume, and count what was lost.
 
 Each round is one tiny search (``tune_jobs/tiny_smoke.yaml``: the tiny random Llama, real Ray Tune,
-7 trained trials, 2 at a time) in a fresh directory:
+7 trained trials, 2 at a time, 12 LoRA steps each) in a fresh directory:
 
     start `qpruner search` -> SIGKILL its whole process group (driver + the Ray it started) at a random
     moment -> `qpruner search --resume` -> SIGKILL again -> ... -> a last `--resume` that runs to the end
@@ -107,7 +107,8 @@ class Reader(threading.Thread):
 
 
 def _launch(results: Path, resume: bool, training_log: Path, log) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(JOB), f"results_dir={results}"]
+    # 12 LoRA steps: long enough (~40 s a search on 2 cores) that kills land among the trials as well
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(JOB), f"results_dir={results}", "finetune.steps=12"]
     if resume:
         cmd.append("--resume")
     env = {**os.environ, "QPRUNER_TRAINING_LOG": str(training_log), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -138,7 +139,7 @@ def one_round(index: int, kills: int, work: Path, rng: random.Random) -> dict:
             launches += 1
             if delivered < kills:
                 # a random moment: during set-up (pruning, Ray start) or among the trials
-                deadline = time.time() + rng.uniform(6.0, 45.0)
+                deadline = time.time() + rng.uniform(4.0, 30.0)
                 while time.time() < deadline and proc.poll() is None:
                     time.sleep(0.2)
                 if proc.poll() is None:

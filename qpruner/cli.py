@@ -166,11 +166,11 @@ def _cmd_prune(args) -> int:
     if not run.is_empty() and not run.is_ours():
         raise ResultsError(f"{run.path} exists and was not written by qpruner (no {MARKER}); nothing was changed. "
                            "Choose another name (name=...) or results_dir")
-    fresh = run.is_empty()
+    created = not run.path.exists()   # only a directory this run creates may be removed again
     try:
         done = _prune_locked(job, run, args.force)
     except BaseException:
-        if fresh:
+        if created:
             run.discard_unstarted()   # failed before any work: no marker, lock or directory left behind
         raise
     for amount, pruned in done:   # one pruned model; or, with prune.param_ratios, one per amount

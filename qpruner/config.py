@@ -321,6 +321,10 @@ def _check_screens(job: "JobConfig") -> list[str]:
     if job.search.searcher != "additive":
         problems.append(f"search.screen_share: screening is a mode of the additive searcher; set search.searcher: "
                         f"additive or search.screen_share: 0 (got searcher {job.search.searcher!r})")
+    if job.search.scheduler != "none":
+        problems.append(f"search.screen_share: screens report once, at zero steps, and would move the "
+                        f"{job.search.scheduler} scheduler's cut-offs for full trials; use one of the two "
+                        "(search.scheduler: none, or search.screen_share: 0)")
     terms = list(job.search.objective or {job.search.metric: 1.0})
     tasks = [t for t in terms if t not in ("accuracy", "perplexity")]
     if tasks:

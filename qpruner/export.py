@@ -55,6 +55,8 @@ def _existing_export(out: Path, job_name: str, trial_id: str) -> bool:
         return False
     if not out.is_dir():
         raise ResultsError(f"--out {out} is a file; choose a new directory")
+    for stale in out.resolve().glob(f".{out.resolve().name}.partial-*"):   # ours: an export killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
     if not any(out.iterdir()):
         return False
     try:

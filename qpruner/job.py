@@ -376,18 +376,20 @@ def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Jo
     if in_submitted_job() and not out.is_absolute():
         logger.warning("results go to %s, inside the job's temporary working directory, which Ray may delete; "
                        "pass results_dir=/an/absolute/path (shared storage on a multi-node cluster)", out.resolve())
-    fresh = run.is_empty()
+    created = not run.path.exists()   # only a directory this run creates may be removed again
     try:
         return _search_locked(job, run, resume, t0, moved)
     except BaseException:
-        if fresh and run.discard_unstarted():   # failed before any work: leave no marker, lock or directory
+        if created and run.discard_unstarted():   # failed before any work: leave no marker, lock or directory
             logger.info("removed %s again: the search failed before writing anything there", run.path)
         raise
 
 
 def _search_locked(job: JobConfig, run, resume: bool, t0: float, moved) -> JobOutcome:
     from .search import run_search  # keeps `qpruner validate` free of the Ray import
+    from .search.searchers import ENDED
     out = run.path
+    ENDED.pop(str(out), None)   # an earlier search of this directory in this process says nothing about this one
     with run.lock("search"):
         run, continuing = open_for_search(job, resume=resume)  # again, now that no one else can write here
         finished = continuing and run.has_trials() and len(TrialLog(out, front_metric(job)).trained()) >= \
@@ -419,8 +421,12 @@ def _search_locked(job: JobConfig, run, resume: bool, t0: float, moved) -> JobOu
                 set_aside_experiment(job, run)
                 run_search(job, contexts, prepared.seeds, log, resume=False, scores=scores)
         trials, front = log.frame(), log.front()
-        if not log.unsaved:
-            report.write_report(out, front_metric(job))
+        from .pareto import write_failure
+        if not log.unsaved and write_failure(out) is None:
+            try:
+                report.write_report(out, front_metric(job))
+            except OSError as exc:   # e.g. the disk filled again: the trials are safe, the report is not essential
+                logger.error("could not write the report (%s); `qpruner report %s` writes it later", exc, out)
         _check_complete(job, log, out)
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0, continuing, moved)
 
@@ -450,7 +456,8 @@ def _check_complete(job: JobConfig, log: TrialLog, out) -> None:
     if log.unsaved or failure is not None:
         raise SearchIncomplete(f"the search stopped after {trained} of {wanted} trained trials: {log.path} could "
                                f"not be written ({failure[1] if failure else 'write failed'}); "
-                               f"{len(log.unsaved)} finished result(s) could not be saved and will be trained again. "
+                               f"{len(log.unsaved) or 'some'} finished result(s) could not be saved and will be trained "
+                               "again. "
                                f"Free space, then {again}")
     if log.interrupted:
         raise SearchIncomplete(f"interrupted after {trained} of {wanted} trained trials (each recorded in "

@@ -133,8 +133,8 @@ class TrialLog:
             frame = read_table(self.path, "the trial log")
             self.rows = [{k: v for k, v in row.items() if not _missing(v)} for row in frame.to_dict("records")]
             self._stamp = stamp
-            on_disk = {r.get("trial_id") for r in self.rows}
-            self.rows += [r for r in getattr(self, "unsaved", []) if r.get("trial_id") not in on_disk]
+            kept = {r.get("trial_id"): r for r in self.unsaved}   # not yet on disk: the newer version wins
+            self.rows = [kept.pop(r.get("trial_id"), r) for r in self.rows] + list(kept.values())
 
     def write(self) -> None:
         frame = pd.DataFrame(self.rows)
@@ -149,13 +149,7 @@ class TrialLog:
         try:
             self.write()
         except OSError as exc:
-            if row is not None and all(r is not row for r in self.unsaved):
-                self.unsaved.append(row)
-            if str(self.directory) not in WRITE_FAILURES:
-                logger.error("could not write %s (%s): %d result(s) kept in memory; the search starts no new trial "
-                             "until they are written (free space; it tries again every few seconds)", self.path,
-                             exc.strerror or exc, len(self.unsaved))
-            WRITE_FAILURES.setdefault(str(self.directory), (time.time(), f"{exc.strerror or exc} ({self.path})"))
+            self._unsaved(row, exc)
             return False
         if self.unsaved or str(self.directory) in WRITE_FAILURES:
             logger.warning("%s written after all: %d kept result(s) saved", self.path, len(self.unsaved))
@@ -163,13 +157,27 @@ class TrialLog:
         WRITE_FAILURES.pop(str(self.directory), None)
         return True
 
+    def _unsaved(self, row: dict | None, exc: OSError) -> None:
+        """Keep ``row`` (replacing an unsaved one of the same id) until a write succeeds; name the failure."""
+        if row is not None:
+            self.unsaved = [r for r in self.unsaved if r.get("trial_id") != row.get("trial_id")] + [row]
+        if str(self.directory) not in WRITE_FAILURES:
+            logger.error("could not write %s (%s): %d result(s) kept in memory; the search starts no new trial "
+                         "until they are written (free space; it tries again every few seconds)", self.path,
+                         exc.strerror or exc, len(self.unsaved))
+        WRITE_FAILURES.setdefault(str(self.directory), (time.time(), f"{exc.strerror or exc} ({self.path})"))
+
     def flush(self) -> bool:
         """Try again to write rows a failed write kept in memory; True when nothing is left unsaved."""
         if not self.unsaved and str(self.directory) not in WRITE_FAILURES:
             return True
-        with self._writing():
-            self.refresh()
-            return self._persist()
+        try:
+            with self._writing():
+                self.refresh()
+                return self._persist()
+        except OSError as exc:   # not even the log's lock file could be opened (read-only, no space for it)
+            self._unsaved(None, exc)
+            return False
 
     @contextlib.contextmanager
     def _writing(self):
@@ -189,6 +197,7 @@ class TrialLog:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("unsaved", [])   # pickled by an earlier version
         self.refresh()
 
     # changes ---------------------------------------------------------------------------------------
@@ -197,6 +206,17 @@ class TrialLog:
         return self.origins.get(plan, "searcher") if plan is not None else "searcher"
 
     def _put(self, row: dict) -> None:
+        try:
+            self._put_locked(row)
+        except OSError as exc:   # the log's lock file could not be opened: keep the row like a failed write
+            if row.get("trial_id") is None:   # an answer without training (over budget, cached): nothing is lost
+                logger.warning("could not record a %s proposal (%s)", row.get("status"), exc.strerror or exc)
+                return
+            if all(r is not row for r in self.rows):
+                self.rows.append(row)
+            self._unsaved(row, exc)
+
+    def _put_locked(self, row: dict) -> None:
         with self._writing():
             self.refresh()
             row["finished_at"] = time.time()

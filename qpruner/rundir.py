@@ -54,7 +54,11 @@ PARETO_FILE = "pareto.parquet"
 # settings that change where and how visibly a run executes, never what it computes
 logger = logging.getLogger(__name__)
 RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", "search.dashboard", "search.keep_dashboard",
-                "search.verbose", "search.loggers", "search.metrics_linger_s", "search.storage_path", "search.max_failures")
+                "search.verbose", "search.loggers", "search.metrics_linger_s", "search.storage_path", "search.max_failures",
+                "search.disk_full_wait_s")
+# keys added after runs were recorded: left out of a run's identity while at these defaults, so that those runs
+# (which ran with the default) keep their identity and are continued, not refused as "a different run"
+ADDED_KEYS = {"search.screen_share": 0.0, "search.screen_windows": 32}
 # of these sections, every key changes a trained trial's result
 TRIAL_SECTIONS = ("model", "data", "prune", "quant", "finetune", "eval")
 
@@ -92,7 +96,8 @@ def data_fingerprint(job) -> list | None:
 
 def _settings(job) -> dict:
     from .config import to_dict
-    out = {k: v for k, v in flatten(to_dict(job)).items() if k not in RUNTIME_KEYS}
+    out = {k: v for k, v in flatten(to_dict(job)).items()
+           if k not in RUNTIME_KEYS and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
     out["data.file"] = data_fingerprint(job)
     return out
 
@@ -248,23 +253,32 @@ class RunDir:
         return not self.path.exists() or (self.path.is_dir() and all(p.name == LOCK for p in self.path.iterdir()))
 
     def discard_unstarted(self) -> bool:
-        """After a run that failed before any work in a directory it created: remove the bookkeeping it wrote
-        there (marker, job.yaml, lock) and the directory, so the failure leaves nothing behind. A directory
-        holding anything else (a pruned model, trials) is kept whole. True when it was removed."""
+        """After a run that created this directory and failed before any work: remove the bookkeeping it wrote
+        (marker, job.yaml), its lock file and the directory, so the failure leaves nothing behind. Only while no
+        one else holds the lock (taken here, non-blocking), and only when the directory holds nothing but that
+        bookkeeping: a pruned model, trials or any other file keeps the directory whole. True when removed."""
         bookkeeping = {LOCK, MARKER, JOB_FILE, ".trials.lock"}
         try:
-            names = {p.name for p in self.path.iterdir()}
-        except FileNotFoundError:
+            fd = os.open(self.path / LOCK, os.O_RDWR)
+        except OSError:
             return False
-        if not names <= bookkeeping:
-            return False
-        for name in names:
-            (self.path / name).unlink(missing_ok=True)
         try:
-            self.path.rmdir()
-        except OSError:   # someone wrote in the meantime: leave it
-            return False
-        return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:       # another process holds it: the directory is theirs now
+                return False
+            names = {p.name for p in self.path.iterdir()}
+            if not names <= bookkeeping:
+                return False
+            for name in sorted(names - {LOCK}) + [LOCK]:
+                (self.path / name).unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:   # someone wrote in the meantime: leave it
+                return False
+            return True
+        finally:
+            os.close(fd)
 
     def read_job(self):
         """The run's job.yaml, validated (an error names the file)."""

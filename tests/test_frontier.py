@@ -359,3 +359,24 @@ def test_screens_that_cost_too_much_are_named_once(caplog):
             assert (f"t{i}" in searcher.pending_screens) == (fid == "screen")   # the seed, then two screens
             searcher.on_trial_complete(f"t{i}", {"objective": -float(i), "seconds_total": took})
     assert sum("a screen costs 20% of a full trial" in r.message for r in caplog.records) == 1
+
+
+def test_a_failed_screen_is_not_screened_again_and_does_not_ban_training():
+    searcher, _ = _screening(0.5)
+    searcher.suggest("seed")
+    searcher.on_trial_complete("seed", {"objective": -1.0, "seconds_total": 10.0})
+    config = searcher.suggest("s1")
+    idx = searcher._idx({k: v for k, v in config.items() if k != "fidelity"})
+    assert "s1" in searcher.pending_screens
+    searcher.on_trial_complete("s1", {"objective": -2000.0, "seconds_total": 1.0})   # e.g. out of memory
+    assert idx in searcher.unscreenable and idx not in searcher.evaluated and idx not in searcher.screened
+
+
+def test_a_searcher_pickled_by_an_earlier_version_gets_the_screening_state():
+    import pickle
+    searcher, _ = _screening(0.0)
+    for name in ("screen_share", "pending_screens", "screened", "unscreenable", "seconds", "_warned_cost"):
+        del searcher.__dict__[name]
+    again = pickle.loads(pickle.dumps(searcher))
+    assert again.screen_share == 0.0 and again.screened == {} and again.pending_screens == set()
+    assert again.suggest("t0") is not None

@@ -381,3 +381,39 @@ def test_a_reader_probing_a_dead_writers_lock_never_makes_it_look_held(tmp_path)
     threading.Timer(0.3, lambda: (fcntl.flock(fd, fcntl.LOCK_UN), os.close(fd))).start()
     with run.lock("search"):
         assert "pid 999999" not in (run.path / rundir.LOCK).read_text()
+
+
+def test_a_failed_start_never_removes_a_directory_another_process_holds(tmp_path):
+    """Review of #25: a run that failed (e.g. refused because another search holds the directory) removes
+    the directory it created only when no one holds its lock and it holds nothing but bookkeeping."""
+    run = rundir.RunDir(tmp_path / "r")
+    with run.lock("search"):
+        (run.path / rundir.MARKER).write_text("{}")
+        assert not rundir.RunDir(tmp_path / "r").discard_unstarted()
+        assert (run.path / rundir.MARKER).is_file()
+    (run.path / "notes.txt").write_text("mine")
+    assert not run.discard_unstarted() and (run.path / "notes.txt").is_file()
+    (run.path / "notes.txt").unlink()
+    assert run.discard_unstarted() and not run.path.exists()
+
+
+def test_new_settings_at_their_defaults_keep_an_earlier_runs_identity():
+    """Keys added later (screening) leave the identity of runs recorded before them alone while at their
+    defaults; the wait for a full disk is a runtime setting (raising it on resume continues the same run)."""
+    base = build_job({})
+    assert rundir.identity(build_job({"search": {"disk_full_wait_s": 5.0}})) == rundir.identity(base)
+    assert "search.screen_share" not in rundir._settings(base)
+    assert rundir.identity(build_job({"search": {"screen_share": 0.2}})) != rundir.identity(base)
+
+
+def test_an_unsaved_replacement_wins_over_the_row_on_disk(tmp_path):
+    from qpruner.plan import PrecisionPlan
+    from qpruner.trial import TrialResult
+    log = TrialLog(tmp_path, "accuracy")
+    result = TrialResult(plan=PrecisionPlan.from_bits([4, 8]), status="ok", objective=0.3, weight_bytes=10,
+                         weight_bytes_predicted=10, avg_bits=6.0, accuracy=0.3, perplexity=3.0)
+    log.add("t1", result)
+    log.unsaved = [{**log.rows[0], "accuracy": 0.8}]      # a newer version of t1 that a write could not save
+    log._stamp = None                                     # the file "changed": re-read, then merge
+    log.refresh()
+    assert len(log.rows) == 1 and log.rows[0]["accuracy"] == 0.8

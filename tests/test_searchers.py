@@ -163,3 +163,18 @@ def test_screens_run_even_when_the_plan_is_known_and_never_count_as_trials(tmp_p
     assert searcher._enough() and searcher.suggest("x") == tune.search.Searcher.FINISHED
     rows = log.frame()
     assert sorted(rows["status"]) == ["ok", "screened"] and set(rows["fidelity"]) == {"full", "screen"}
+
+
+def test_a_screen_that_errors_is_recorded_as_a_screen_not_a_trained_trial(tmp_path):
+    from types import SimpleNamespace
+
+    from qpruner.search.additive import FIDELITY_KEY, SCREEN
+    from qpruner.search.callbacks import PersistTrials
+    log = TrialLog(tmp_path, "accuracy")
+    callback = PersistTrials(log, PlanDecoder(4, "nf4", "layer"), "job")
+    config = {**policy.encode(PrecisionPlan.from_bits([4, 8, 4, 8])), FIDELITY_KEY: SCREEN}
+    trial = SimpleNamespace(trial_id="s1", config=config, get_error=lambda: RuntimeError("worker died"))
+    callback.on_trial_error(0, [], trial)
+    rows = log.frame()
+    assert list(rows["status"]) == ["screened"] and list(rows["fidelity"]) == ["screen"]
+    assert "worker died" in rows.loc[0, "error"] and log.trained() == {}

@@ -40,6 +40,7 @@ from ..memory import UnitCosts
 
 logger = logging.getLogger(__name__)
 FEASIBLE_FLOOR = -999.0   # objectives at or below this are the wrapper's "not trained" answers
+FAILED_OBJECTIVE = -2000.0  # a trial (or screen) that failed on its own (qpruner.results)
 FIDELITY_KEY = "fidelity"  # in a proposal's config: "screen" for a screening trial (absent: a full trial)
 SCREEN = "screen"
 SCREEN_COST_WARNING = 0.08  # screen / full trial-seconds: 0.05 paid (+0.02 HV at equal compute), 0.09 did not
@@ -88,8 +89,20 @@ class AdditiveSearcher(Searcher):
         self.pending: dict[str, tuple] = {}        # trial id -> plan
         self.pending_screens: set[str] = set()     # those of the pending trials that are screens
         self.screened: dict[tuple, float] = {}     # plan -> screening measurement (screens, and full trials' own)
+        self.unscreenable: set[tuple] = set()      # plans whose screen failed or errored
         self.seconds = {"screen": [0.0, 0], "full": [0.0, 0]}   # trial-seconds and trials completed, by fidelity
         self._warned_cost = False
+
+    def __setstate__(self, state: dict) -> None:
+        """A searcher pickled by an earlier version (Ray Tune's experiment state) lacks the multi-fidelity state."""
+        self.__dict__.update(state)
+        for name, default in (("screen_share", 0.0), ("screen_noise", 0.04), ("screen_discrepancy", 0.5),
+                              ("_warned_cost", False)):
+            self.__dict__.setdefault(name, default)
+        for name, make in (("pending_screens", set), ("screened", dict), ("unscreenable", set),
+                           ("seconds", lambda: {"screen": [0.0, 0], "full": [0.0, 0]})):
+            if name not in self.__dict__:
+                self.__dict__[name] = make()
 
     # --- encoding -------------------------------------------------------------------------------------
     def _idx(self, config: dict) -> tuple:
@@ -270,7 +283,8 @@ class AdditiveSearcher(Searcher):
                 keys = np.concatenate([keys, self._hash(er, ev)])
                 keys, first = np.unique(keys, return_index=True)
                 rows, variants = rows[first], variants[first]
-        done = list(self.evaluated) + list(self.pending.values()) + (list(self.screened) if screen else [])
+        done = list(self.evaluated) + list(self.pending.values()) + (
+            list(self.screened) + list(self.unscreenable) if screen else [])
         taken = self._hash(*self._rows(done))
         new = np.flatnonzero(~np.isin(keys, taken))
         if len(new) > self.max_candidates:
@@ -332,7 +346,8 @@ class AdditiveSearcher(Searcher):
                 row[u] = 0
             idx = tuple(int(i) for i in row)
             plan = (v,) + idx if self.variants else idx
-            if table.fits(row) and not self._taken(plan) and not (screen and plan in self.screened):
+            if table.fits(row) and not self._taken(plan) and not (
+                    screen and (plan in self.screened or plan in self.unscreenable)):
                 return plan
         return None
 
@@ -373,8 +388,10 @@ class AdditiveSearcher(Searcher):
         if screen:
             if feasible:
                 self.screened[idx] = sign * value
-            elif value <= FEASIBLE_FLOOR:    # over the budget: never proposed again, at any fidelity
+            elif FAILED_OBJECTIVE < value <= FEASIBLE_FLOOR:    # over the budget: never proposed again, at all
                 self.evaluated.add(idx)
+            else:                            # the screen failed or errored: not screened again (may be trained)
+                self.unscreenable.add(idx)
             return
         self.evaluated.add(idx)
         if feasible:
@@ -394,7 +411,7 @@ class AdditiveSearcher(Searcher):
                  "pending": {t: ints(p) for t, p in self.pending.items()},
                  "pending_screens": sorted(self.pending_screens),
                  "screened": [[ints(p), float(q)] for p, q in self.screened.items()],
-                 "seconds": self.seconds}
+                 "seconds": self.seconds, "unscreenable": [ints(p) for p in self.unscreenable]}
         with open(checkpoint_path, "w") as fh:
             json.dump(state, fh)
 
@@ -408,5 +425,6 @@ class AdditiveSearcher(Searcher):
         self.pending_screens = set(state.get("pending_screens", []))
         self.screened = {tuple(p): float(q) for p, q in state.get("screened", [])}
         self.seconds = state.get("seconds", {"screen": [0.0, 0], "full": [0.0, 0]})
+        self.unscreenable = {tuple(p) for p in state.get("unscreenable", [])}
         self.rng.bit_generator.state = state["rng"]
         self._cached = None

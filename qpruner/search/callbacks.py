@@ -144,9 +144,14 @@ class PersistTrials(tune.Callback):
         self._done()
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        from .searchers import is_screen
         err = trial.get_error()
         reason = str(err).strip().splitlines()[-1] if err else "unknown error"
-        self.log.add_error(trial.trial_id, self._plan(trial), reason)
+        if is_screen(trial.config):   # a screen that errored is still no trained trial (never counts as one)
+            plan = self._plan(trial)
+            self.log.add_partial(trial.trial_id, plan, "screened", {"error": reason[-2000:]}, fidelity="screen")
+        else:
+            self.log.add_error(trial.trial_id, self._plan(trial), reason)
         logger.warning("trial %s errored: %s", trial.trial_id, reason)
         self._done()
 

@@ -237,7 +237,8 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
             result = run_screen(context, plan, device)
         else:
             result = run_trial(context, plan, device, on_report=tune.report,  # intermediate evaluations
-                               on_trained=(lambda model: save_adapter(model, tmp)) if save_adapters else None)
+                               on_trained=(lambda model: _keep_adapter(model, tmp, save_adapter)) if save_adapters
+                               else None)
         release_memory()
         _note_training(trial_id, result)
         metrics = {**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id(),
@@ -254,6 +255,20 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
             logging.getLogger(__name__).error("trial %s: could not write its checkpoint (%s); reporting its result "
                                               "without one", trial_id, exc.strerror or exc)
             tune.report({**metrics, "checkpoint_error": str(exc.strerror or exc)})
+
+
+def _keep_adapter(model, directory: str, save) -> None:
+    """Save the trained adapter for export; with no room for it (a full disk) the trial's result still counts
+    (`qpruner export` trains the plan's adapter again, deterministically)."""
+    try:
+        save(model, directory)
+    except OSError as exc:
+        logging.getLogger(__name__).error("could not save the trained adapter (%s); the result is kept without it",
+                                          exc.strerror or exc)
+        for name in os.listdir(directory):   # a half-written adapter must not look like one
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                os.remove(path)
 
 
 RESULT_FILE = "qpruner_result.json"
@@ -455,7 +470,7 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
         state_log = logging.getLogger(_TUNE_STATE_LOGGER)
         if not any(isinstance(f, _OneLineOSErrors) for f in state_log.filters):
             state_log.addFilter(_OneLineOSErrors())
-        interrupted = _SigintProbe()
+        interrupted = _SigintProbe(active=not str(cfg.ray_address or "").startswith("ray://"))
         try:
             with interrupted:
                 tuner.fit()
@@ -502,8 +517,8 @@ class _SigintProbe:
     itself, checkpoints and returns normally; it then puts back the handler it found, which is ours. So: ours
     in place after ``fit`` means Tune saw a SIGINT (on a normal end Tune's own handler stays)."""
 
-    def __init__(self):
-        self.seen = False
+    def __init__(self, active: bool = True):   # inactive under Ray Client (ray://): Tune runs on the cluster
+        self.seen, self.wanted = False, active
 
     @staticmethod
     def _ours(signum, frame):   # what a second Ctrl-C does after Tune handed the signal back: stop now
@@ -512,7 +527,7 @@ class _SigintProbe:
     def __enter__(self):
         import signal
         import threading
-        self.active = threading.current_thread() is threading.main_thread()
+        self.active = self.wanted and threading.current_thread() is threading.main_thread()
         if self.active:
             self.previous = signal.signal(signal.SIGINT, self._ours)
         return self

@@ -128,6 +128,10 @@ class BudgetedSearcher(_Wrapper):
         self.screens: set[str] = set()            # Tune trial ids of running screens (never counted as trials)
         self.counter = 0
 
+    def __setstate__(self, state: dict) -> None:   # pickled by an earlier version: no running screens known
+        self.__dict__.update(state)
+        self.__dict__.setdefault("screens", set())
+
     # --- state (the wrapped searcher saves its own) ------------------------------------------------------
     def get_state(self) -> dict:
         return {"live": self.live, "in_flight": self.in_flight, "waiting": self.waiting, "counter": self.counter,

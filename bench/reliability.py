@@ -139,7 +139,7 @@ def one_round(index: int, kills: int, work: Path, rng: random.Random) -> dict:
             launches += 1
             if delivered < kills:
                 # a random moment: during set-up (pruning, Ray start) or among the trials
-                deadline = time.time() + rng.uniform(4.0, 30.0)
+                deadline = time.time() + rng.uniform(3.0, 18.0)   # a search here takes ~20-40 s
                 while time.time() < deadline and proc.poll() is None:
                     time.sleep(0.2)
                 if proc.poll() is None:
@@ -348,7 +348,8 @@ def main(argv=None) -> None:
             ("worker_rounds_detail", args.worker_rounds, lambda i, rng: worker_round(i, work, rng))]
     for key, wanted, run in plan:
         for index in range(len(sections[key]), wanted):
-            sections[key].append(run(index, random.Random(args.seed * 1000 + index + 7919 * len(key))))
+            entry = run(index, random.Random(args.seed * 1000 + index + 7919 * len(key)))
+            sections[key].append({**entry, "commit": stamp()["commit"][:10]})
             print(key, json.dumps(sections[key][-1]), flush=True)
             write(sections, bad)
     if args.bad_inputs:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,7 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
     from ..finetune import save_adapter
     import logging as _logging
     _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)  # this worker's own output: a harmless CPU notice
+    sys.unraisablehook = _quiet_shutdown
     trial_id = tune.get_context().get_trial_id()
     if done and trial_id in done:
         # finished and recorded before the driver died, but Tune's last checkpoint still had it running:
@@ -255,6 +257,14 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
             logging.getLogger(__name__).error("trial %s: could not write its checkpoint (%s); reporting its result "
                                               "without one", trial_id, exc.strerror or exc)
             tune.report({**metrics, "checkpoint_error": str(exc.strerror or exc)})
+
+
+def _quiet_shutdown(unraisable) -> None:
+    """A trial worker stopped by Ray (Ctrl-C, end of search) raises SystemExit in its SIGTERM handler, which Python
+    prints as an 'Exception ignored' traceback from a weakref callback: noise, not an error. Others go on."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def _keep_adapter(model, directory: str, save) -> None:

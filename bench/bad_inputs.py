@@ -131,7 +131,8 @@ def _one(name: str, kind: str, job: Path, overrides: list[str], results: Path) -
             err.write(traceback.format_exc(limit=2))
         text = err.getvalue()
         clean = clean and "Traceback (most recent call last)" not in text
-        messages.append(next((line for line in text.splitlines() if line.strip()), ""))
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        messages.append(next((line[2:] for line in lines if line.startswith("- ")), lines[0] if lines else ""))
     wrote = sorted(str(p.relative_to(results)) for p in results.rglob("*")) if results.exists() else []
     return {"name": name, "kind": kind, "exit": codes[1], "exit_validate": codes[0], "clean": clean,
             "wrote": ", ".join(wrote[:3]) + (" ..." if len(wrote) > 3 else ""), "message": messages[1] or messages[0]}

@@ -154,7 +154,7 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{prefix or 'job'}: expected a mapping of keys, got {show(data)}")
+        problems.append(f"{prefix.rstrip('.') or 'job'}: expected a mapping of keys, got {show(data)}")
         data = {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

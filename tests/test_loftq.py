@@ -82,3 +82,26 @@ def test_loftq_only_where_asked(tiny, tiny_splits):
     b_norms = [float(models.layer_linears(layer)["q_proj"].lora_B["default"].weight.detach().abs().sum())
                for layer in models.decoder_layers(model)]
     assert b_norms[0] > 0 and b_norms[3] > 0 and b_norms[1] == 0 and b_norms[2] == 0
+
+
+def test_loftq_on_cpu_runs_on_one_thread_whatever_the_caller_uses(tiny, monkeypatch):
+    """LoftQ's base weights decide the quantized model: with multi-threaded BLAS their rounding (and so the
+    quantization bins) would depend on the thread count, and a reloaded export on a bigger machine would differ
+    from its trial (seen on SmolLM2: perplexity 77.86 against 77.73). So it runs on one thread, then restores."""
+    import qpruner.loftq as loftq_mod
+    seen = []
+    real = loftq_mod.loftq_linear
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loftq_mod, "loftq_linear", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loftq_mod.loftq_model_(tiny, PrecisionPlan(("nf4",) * 4), QuantConfig(), FinetuneConfig(lora_r=2), "cpu",
+                               torch.float32)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -289,9 +289,10 @@ class JobConfig:
         if self.search.scheduler != "none" and self.finetune.eval_every == 0:
             problems.append(f"search.scheduler: {self.search.scheduler} stops trials on intermediate evaluations; "
                             "set finetune.eval_every > 0 (e.g. steps / 4)")
-        if self.search.gpus_per_trial > 1 and self.search.gpus_per_trial != int(self.search.gpus_per_trial):
-            problems.append("search.gpus_per_trial: fractions are only allowed below 1 (e.g. 0.5), "
-                            f"got {self.search.gpus_per_trial}")
+        if self.search.gpus_per_trial > 1:
+            problems.append(f"search.gpus_per_trial: {self.search.gpus_per_trial:g} would reserve that many GPUs "
+                            "while a trial places its model on one (multi-GPU trials are not implemented yet); use "
+                            "1, or a fraction such as 0.5 to share a GPU")
         if self.search.screen_share > 0:
             problems += _check_screens(self)
         if self.search.keep_dashboard and not (self.search.dashboard and self.search.ray_address is None):

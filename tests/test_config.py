@@ -123,6 +123,7 @@ def test_joint_pruning_amounts_are_validated():
     (["finetune.target_modules=[]"], "LoRA would train nothing"),
     (["search.objective={accuracy: 0}"], "every weight is 0"),
     (["finetune.batch_size=0"], "below the minimum 1"),                       # was a ZeroDivisionError
+    (["search.gpus_per_trial=2"], "multi-GPU trials are not implemented"),    # reserved 2, used 1 (#26)
     (["search.screen_share=0.2", "search.scheduler=asha", "finetune.eval_every=1"], "scheduler's cut-offs"),
     (["search.screen_share=0.2", "search.searcher=hyperopt"], "screening is a mode of the additive searcher"),
     (["search.screen_share=0.2", "eval.tasks=[piqa]", "search.metric=piqa:acc"], "a screen evaluates perplexity"),

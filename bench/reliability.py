@@ -19,7 +19,7 @@ Counted, over all rounds:
     short_trials     rounds that ended with fewer than num_trials trained trials
     failed_reads     reads by read_table / `qpruner status` that raised
 
-    python bench/reliability.py --rounds 10 --kills 2      # 20 kills; resumable (re-run: more rounds)
+    python bench/reliability.py --rounds 10 --kills 2      # ~20 kills; resumable (re-run: more rounds)
 
 Further faults (``--disk-rounds``, ``--sigint-rounds``, ``--worker-rounds``, ``--bad-inputs``; each section
 resumable, kept when a later run adds another):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DataConfig
+from .config import TEXT_SUFFIXES, DataConfig
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def load_texts(cfg: DataConfig) -> list[str]:
         from pydoc_data.topics import topics
         return [topics[k] for k in sorted(topics)]
     path = Path(source).expanduser()
-    if source.endswith((".txt", ".jsonl", ".parquet")):
+    if source.endswith(TEXT_SUFFIXES):
         from .sources import read_texts
         return read_texts(path, cfg.text_field)    # clear errors: not UTF-8, bad rows, nulls, no such column
     return _load_hf_dataset(source, cfg.text_field)

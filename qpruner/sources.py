@@ -21,7 +21,7 @@ import re
 import struct
 from pathlib import Path
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+from .config import TEXT_SUFFIXES
 
 
 def read_texts(path: Path, field: str, where: str = "data.source") -> list[str]:

@@ -240,14 +240,19 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
             train_stopped=stats.stopped, eval_tokens_per_s=after.tokens_per_second, seconds=seconds,
             objective_screen=own_screen, **common)
     except (TrialFailed, torch.OutOfMemoryError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        logger.warning("trial failed: %s", reason)
-        seconds["total"] = time.perf_counter() - t0
-        return TrialResult(status="failed", objective=FAILED_OBJECTIVE, weight_bytes=predicted_total,
-                           seconds=seconds, error=reason[:2000], **common)
+        return _failed(exc, "failed", "full", seconds, t0, common)
     finally:
         del model
         _release(device)
+
+
+def _failed(exc: Exception, status: str, fidelity: str, seconds: dict, t0: float, common: dict) -> TrialResult:
+    """The result of a trial or screen that failed on its own (non-finite loss, out of memory), with its reason."""
+    reason = f"{type(exc).__name__}: {exc}"
+    logger.warning("%s failed: %s", "screen" if fidelity == "screen" else "trial", reason)
+    seconds["total"] = time.perf_counter() - t0
+    return TrialResult(status=status, fidelity=fidelity, objective=FAILED_OBJECTIVE,
+                       weight_bytes=common["weight_bytes_predicted"], seconds=seconds, error=reason[:2000], **common)
 
 
 def run_screen(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu") -> TrialResult:
@@ -278,12 +283,8 @@ def run_screen(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.devic
                            eval_window_tokens=ev.window_tokens, eval_window_correct=ev.window_correct,
                            eval_tokens_per_s=ev.tokens_per_second, seconds=seconds, **common)
     except (TrialFailed, torch.OutOfMemoryError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        logger.warning("screen failed: %s", reason)
-        seconds["total"] = time.perf_counter() - t0
         # still "screened" (a screen never counts as a trained trial); the objective tells the searcher it failed
-        return TrialResult(status="screened", fidelity="screen", objective=FAILED_OBJECTIVE,
-                           weight_bytes=common["weight_bytes_predicted"], seconds=seconds, error=reason[:2000], **common)
+        return _failed(exc, "screened", "screen", seconds, t0, common)
     finally:
         del model
         _release(device)

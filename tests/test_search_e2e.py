@@ -202,18 +202,25 @@ def _rows(path):
         return pd.DataFrame()
 
 
+def _search_until_trained(cwd, results, n: int, *extra: str):
+    """Start a slow-ish tiny search (1 at a time, 12 steps) and return once ``n`` trials are recorded (or it
+    ended): (its command line, its trials.parquet, the running process)."""
+    import time
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
+           f"results_dir={results}", "search.max_concurrent=1", "finetune.steps=12", *extra]
+    trials_file = Path(results) / "tiny_smoke" / "trials.parquet"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(_rows(trials_file)) < n and proc.poll() is None:
+        time.sleep(0.2)
+    return cmd, trials_file, proc
+
+
 def test_ctrl_c_is_not_a_finished_run_and_the_rerun_completes_it(tmp_path):
     """#25.4: SIGINT after 2 trained trials: exit 130, "interrupted", no "finished" and no front printed; the
     same command again trains the rest, each plan once."""
     import signal
-    import time
-    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
-           f"results_dir={tmp_path}", "search.max_concurrent=1", "finetune.steps=12"]
-    trials_file = tmp_path / "tiny_smoke" / "trials.parquet"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(_rows(trials_file)) < 2 and proc.poll() is None:
-        time.sleep(0.2)
+    cmd, trials_file, proc = _search_until_trained(tmp_path, tmp_path, 2)
     assert proc.poll() is None, "the search ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
@@ -257,14 +264,8 @@ def test_a_full_disk_loses_no_result_and_never_ends_a_run_as_finished(small_disk
     keeps the finished results in memory, writes them, and completes (no trial trained twice). Still full: it
     stops with exit 1 and says why; after freeing, the same command completes it. No temporary file stays."""
     import time
-    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
-           f"results_dir={small_disk}", "search.max_concurrent=1", "finetune.steps=12",
-           f"search.disk_full_wait_s={60 if frees_in_time else 4}"]
-    trials_file = small_disk / "tiny_smoke" / "trials.parquet"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(_rows(trials_file)) < 2 and proc.poll() is None:
-        time.sleep(0.2)
+    cmd, trials_file, proc = _search_until_trained(tmp_path, small_disk, 2,
+                                                   f"search.disk_full_wait_s={60 if frees_in_time else 4}")
     assert proc.poll() is None, "the search ended before the disk filled"
     filler = _fill(small_disk)
     if frees_in_time:

@@ -219,6 +219,12 @@ class SearchConfig:
     disk_full_wait_s: float = opt(600.0, min=0.0, help="while trials.parquet cannot be written (a full disk), the "
                                                        "search starts no trial and waits this long for space, keeping "
                                                        "finished results in memory; then it stops (exit 1)")
+    memory_per_trial_gb: Optional[float] = opt(None, min=0.0, help="memory one trial may use (GB): a plan whose "
+                                               "predicted fine-tuning peak exceeds it is never trained (a screened "
+                                               "row with the reason). Default: the GPU's memory x gpus_per_trial on "
+                                               "CUDA, 0.7 x the host's RAM x this trial's share of its CPUs on CPU")
+    loftq_cache: bool = opt(True, help="keep each unit's LoftQ result per format next to the pruned weights and "
+                                       "reuse it in later trials (bit-identical; off: every trial computes LoftQ)")
     save_adapters: bool = opt(True, help="keep every trained trial's LoRA adapter (a Tune checkpoint) for export")
     loggers: tuple[str, ...] = opt((), choices=("tensorboard", "csv", "mlflow", "wandb"),
                                    help="Ray Tune experiment tracking; mlflow logs to results/<job>/mlruns unless "

@@ -319,12 +319,35 @@ def _prepare_variant(job: JobConfig, out: Path, amount: float | None, device, bu
     seeds = variant_seeds(scores, memory, amount, job, budget, job.search.seed)
     if tokenized is None:
         tokenized = load_tasks(job, pruned.tokenizer, model)
-    config_dict, state_dict = models.model_state(model)
-    context = TrialContext(config_dict=config_dict, state_dict=state_dict, layout=layout,
+    weights, loftq_root = trial_weights(job, out, pruned_dir(job, amount), prune_key(vjob))
+    context = TrialContext(config_dict=model.config.to_dict(), model_weights=weights, layout=layout,
                            train=splits.train, eval=splits.eval, quant=job.quant, finetune=job.finetune,
                            evaluation=job.eval, budget=budget, metric=job.search.metric, unit=job.policy.unit,
-                           objective=job.search.objective, tasks=tokenized, screen_windows=screen_windows(job, splits.eval))
+                           objective=job.search.objective, tasks=tokenized, screen_windows=screen_windows(job, splits.eval),
+                           loftq_cache=loftq_root if job.search.loftq_cache else None)
     return Variant(amount, context, prune_report, scores, seeds, uniform), tokenized
+
+
+def trial_weights(job: JobConfig, out: Path, directory: Path, key: str):
+    """Where trials read the pruned model in ``directory`` from, and where their LoftQ cache lives.
+
+    * no ``search.storage_path``: the run's own ``pruned/`` directory (one machine, or results_dir on shared
+      storage), LoftQ cache in ``results/<job>/loftq/``;
+    * ``search.storage_path`` a shared path or a URI: the pruned model is published there once
+      (``<storage_path>/pruned/<key>``) for every node; the LoftQ cache is ``<storage_path>/loftq`` on a shared
+      path, each node's local cache for a URI."""
+    from .rundir import LOFTQ_DIR
+    from .trial import NODE_CACHE
+    from .weights import PrunedWeights, publish
+    storage = job.search.storage_path
+    if not storage:
+        return PrunedWeights(str(directory.resolve()), key), str((out / LOFTQ_DIR).resolve())
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    weights = publish(directory, storage, key)
+    if weights.is_uri:
+        return weights, NODE_CACHE
+    return weights, str(Path(storage) / LOFTQ_DIR)
 
 
 def screen_windows(job: JobConfig, eval_ids) -> int:

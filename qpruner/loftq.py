@@ -39,6 +39,12 @@ from 40 steps on.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -46,6 +52,8 @@ from torch import nn
 from . import models
 from .config import FinetuneConfig, QuantConfig
 from .plan import PrecisionPlan
+
+logger = logging.getLogger(__name__)
 
 
 def _low_rank(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,3 +146,129 @@ def load_adapters_(model: nn.Module, init: dict[tuple[int, str], tuple[torch.Ten
         module = models.layer_linears(layers[i])[name]
         module.lora_A[adapter].weight.data.copy_(a.to(module.lora_A[adapter].weight.device))
         module.lora_B[adapter].weight.data.copy_(b.to(module.lora_B[adapter].weight.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache: one LoftQ result per (layer, linear, format) of a pruned model
+
+
+CACHE_VERSION = 1
+
+
+class LoftQCache:
+    """LoftQ's result for one linear in one format does not depend on the rest of the plan: computed once per
+    pruned model, it is kept here and reused by every later trial (and export) of a plan that puts that linear
+    in that format. An entry holds the quantized base module's tensors exactly as the trial built them
+    (packed 4-bit data and quantization state, int8 data and row scales, or bf16 weights) and the adapter's
+    initial (A, B), so a cached build is bit-identical to an uncached one and runs no SVD and no quantization.
+
+    ``directory`` is one folder per pruned model and settings (:meth:`folder`): the pruned model's identity,
+    the LoRA rank / alpha / iterations / balancing, the 4-bit block size and double quantization, the int8
+    threshold, the compute dtype, the device type and the torch and bitsandbytes versions all name it, so a
+    change to any of them never reads an entry made under others. Entries are written whole or not at all
+    (temporary file, then rename): concurrent trials may compute the same entry; the last rename wins with
+    identical content."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.hits = self.misses = 0
+        self._unwritable = False
+
+    @staticmethod
+    def folder(root: str | os.PathLike, pruned_key: str, quant: QuantConfig, ft: FinetuneConfig, device,
+               compute: torch.dtype) -> Path:
+        """The cache folder for a pruned model and these settings, under ``root``."""
+        import bitsandbytes
+        settings = {"version": CACHE_VERSION, "pruned": pruned_key, "r": ft.lora_r, "alpha": ft.lora_alpha,
+                    "iters": ft.loftq_iters, "balance": ft.loftq_balance, "blocksize": quant.blocksize,
+                    "double_quant": quant.double_quant, "int8_threshold": quant.int8_threshold,
+                    "compute": str(compute), "device": torch.device(device).type, "torch": torch.__version__,
+                    "bitsandbytes": bitsandbytes.__version__}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(root) / f"{pruned_key}-{digest}"
+
+    def _path(self, layer: int, name: str, fmt: str) -> Path:
+        return self.directory / f"L{layer:03d}.{name}.{fmt}.safetensors"
+
+    def load(self, layer: int, name: str, fmt: str, lin: nn.Linear, quant: QuantConfig, device,
+             compute: torch.dtype):
+        """(quantized module, A, B) for ``lin`` in ``fmt`` from the cache, or None (a miss)."""
+        from safetensors.torch import load_file
+        path = self._path(layer, name, fmt)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            tensors = load_file(str(path))
+            module = _module_from(tensors, fmt, lin, quant, device, compute)
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
+            logger.warning("LoftQ cache entry %s is unreadable (%s); computing it again", path, exc)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return module, tensors["lora_A"], tensors["lora_B"]
+
+    def store(self, layer: int, name: str, fmt: str, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Keep one entry (best effort: a full or read-only disk costs the next trial the SVDs, nothing else)."""
+        from safetensors.torch import save_file
+        if self._unwritable:
+            return
+        path = self._path(layer, name, fmt)
+        tmp = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=self.directory)
+            os.close(fd)
+            save_file({**_module_tensors(module, fmt), "lora_A": a.contiguous(), "lora_B": b.contiguous()}, tmp)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as exc:
+            self._unwritable = True
+            logger.warning("cannot write the LoftQ cache in %s (%s); trials compute LoftQ without it",
+                           self.directory, exc.strerror or exc)
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _module_tensors(module: nn.Module, fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors that make a quantized base module (not its bias: that comes from the pruned weights)."""
+    w = module.weight
+    if fmt in ("nf4", "fp4"):
+        state = {f"qs.{k}": v.detach().cpu().contiguous() for k, v in w.quant_state.as_dict(packed=True).items()}
+        return {"data": w.data.detach().cpu().contiguous(), **state}
+    if fmt == "int8":
+        return {"data": w.data.detach().cpu().contiguous(), "SCB": w.SCB.detach().cpu().contiguous()}
+    return {"data": w.data.detach().cpu().contiguous()}
+
+
+def _module_from(tensors: dict, fmt: str, lin: nn.Linear, quant: QuantConfig, device, compute: torch.dtype) -> nn.Module:
+    """The quantized module an entry describes, on ``device``, with ``lin``'s bias (as convert_linear builds it)."""
+    import bitsandbytes as bnb
+
+    from .quantize import Linear16
+    has_bias = lin.bias is not None
+    if fmt in ("nf4", "fp4"):
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias, compute_dtype=compute,
+                              compress_statistics=quant.double_quant, quant_type=fmt, device="meta")
+        stats = {k[3:]: v for k, v in tensors.items() if k.startswith("qs.")}
+        q.weight = bnb.nn.Params4bit.from_prequantized(tensors["data"], stats, requires_grad=False, device=device,
+                                                       module=q)
+        q.support_avx512bf16_for_cpu = False
+        q.weight.support_avx512bf16_for_cpu = False
+    elif fmt == "int8":
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
+                                threshold=quant.int8_threshold, device="meta")
+        data = tensors["data"]
+        q.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False, CB=data, SCB=tensors["SCB"])
+    elif fmt == "bf16":
+        q = Linear16(lin.in_features, lin.out_features, bias=has_bias, device="meta")
+        q.weight = nn.Parameter(tensors["data"].to(device), requires_grad=False)
+        if has_bias:
+            q.bias = nn.Parameter(lin.bias.data.to(device=device, dtype=torch.bfloat16), requires_grad=False)
+        return q
+    else:
+        raise ValueError(f"no LoftQ cache for format {fmt!r}")
+    if has_bias:
+        q.bias = nn.Parameter(lin.bias.data.to("cpu", compute), requires_grad=False)
+    return q.to(device)

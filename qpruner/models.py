@@ -117,7 +117,7 @@ def _load_smollm2(dtype: torch.dtype):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict(gguf.state_dict(), assign=True)
-    _reset_rotary(model)
+    reset_rotary(model)
     model.tie_weights()
     return model.to(dtype).eval(), tokenizer
 
@@ -235,7 +235,7 @@ def count_params(model: nn.Module) -> int:
 # rebuilding a (pruned) model from its config and weights
 
 
-def _reset_rotary(model: nn.Module) -> None:
+def reset_rotary(model: nn.Module) -> None:
     """Recreate rotary-embedding modules: their ``inv_freq`` buffer is not in the state dict."""
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
@@ -243,10 +243,8 @@ def _reset_rotary(model: nn.Module) -> None:
             setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=model.config))
 
 
-def build_model(config_dict: dict, state_dict: dict[str, torch.Tensor], device="cpu") -> nn.Module:
-    """Rebuild a model (pruned or not) from ``config.to_dict()`` and its state dict, without
-    allocating anything twice: modules are created on the meta device with the widths the config
-    records, then the weights are assigned."""
+def meta_model(config_dict: dict) -> nn.Module:
+    """The model (pruned or not) that ``config.to_dict()`` describes, with every tensor on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from .pruned_model import PREFIX, base_type, classes_for
     d = dict(config_dict)
@@ -259,16 +257,22 @@ def build_model(config_dict: dict, state_dict: dict[str, torch.Tensor], device="
     with torch.device("meta"):
         if model_type.startswith(PREFIX):
             config_cls, model_cls = classes_for(model_type)
-            model = model_cls(config_cls(**d))
-        else:
-            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d))
+            return model_cls(config_cls(**d))
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d))
+
+
+def build_model(config_dict: dict, state_dict: dict[str, torch.Tensor], device="cpu") -> nn.Module:
+    """Rebuild a model (pruned or not) from ``config.to_dict()`` and its state dict, without
+    allocating anything twice: modules are created on the meta device with the widths the config
+    records, then the weights are assigned."""
+    model = meta_model(config_dict)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
         raise ModelError(f"weights do not match the config: missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model.tie_weights()
-    _reset_rotary(model)
+    reset_rotary(model)
     return model.to(device).eval()
 
 

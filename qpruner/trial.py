@@ -1,9 +1,10 @@
 """One search trial: plan -> (LoftQ) -> quantize -> LoRA fine-tune -> evaluate -> measure. No Ray here.
 
-The driver builds a :class:`TrialContext` once (pruned weights, token splits, tokenized tasks,
-configs); Ray ships it to workers through the object store. :func:`run_trial` rebuilds the pruned
-model from it, so no trial loads or prunes the original model again, and it evaluates the model it
-trained — the bitsandbytes modules with their adapters, never a de-quantized stand-in.
+The driver builds a :class:`TrialContext` once (where the pruned weights are, token splits, tokenized
+tasks, configs); it is small, and Ray ships it to workers through the object store. :func:`run_trial`
+builds the plan's quantized model from the pruned weights one linear at a time (:mod:`qpruner.build`), so
+no trial loads or prunes the original model again or holds it in full precision, and it evaluates the model
+it trained — the bitsandbytes modules with their adapters, never a de-quantized stand-in.
 
 Objective (maximised by the searcher): ``sum_m w_m * f_m`` over the weights of ``search.objective``
 (default: weight 1 on ``search.metric``), with ``f = -log(perplexity)`` for perplexity and the value
@@ -33,16 +34,16 @@ from typing import Callable
 
 import torch
 
-from . import models
 from .config import EvalConfig, FinetuneConfig, QuantConfig
 from .errors import TrialFailed
 from .evaluate import EvalMetrics, evaluate
-from .finetune import attach_lora, finetune_, load_adapter
+from .finetune import finetune_
 from .finetune_memory import estimate as estimate_finetune_memory, measure_peak
-from .loftq import load_adapters_, loftq_model_
-from .memory import Budget, ModelLayout, adapter_bytes, measure_bytes, plan_bytes
+from .build import build_quantized, quantized_with_lora  # noqa: F401  (re-exported)
+from .loftq import LoftQCache
+from .memory import Budget, ModelLayout, adapter_bytes, plan_bytes
 from .plan import PrecisionPlan
-from .quantize import quantize_, resolve_compute_dtype
+from .quantize import resolve_compute_dtype
 from .results import FAILED_OBJECTIVE, INFEASIBLE_OBJECTIVE, TrialResult  # noqa: F401  (re-exported)
 from .tasks import TokenizedTask, score
 
@@ -50,11 +51,14 @@ logger = logging.getLogger(__name__)
 
 
 
+NODE_CACHE = "node"   # TrialContext.loftq_cache: the LoftQ cache in each node's local cache (weights at a URI)
+
+
 @dataclass(frozen=True)
 class TrialContext:
     """Everything a trial needs, built once by the driver."""
     config_dict: dict
-    state_dict: dict
+    model_weights: object                         # PrunedWeights (by location), or a state dict (tests, benchmarks)
     layout: ModelLayout
     train: torch.Tensor
     eval: torch.Tensor
@@ -67,6 +71,7 @@ class TrialContext:
     objective: dict | None = None                 # metric -> weight; None: {metric: 1}
     tasks: tuple[TokenizedTask, ...] = ()
     screen_windows: int = 0                       # > 0: the search screens plans on this many evaluation windows
+    loftq_cache: str | None = None                # LoftQ cache folder (weights by location only), NODE_CACHE, or None (off)
 
     @property
     def n_layers(self) -> int:
@@ -119,29 +124,21 @@ def _screen_objective(ctx: TrialContext, ev: EvalMetrics) -> float:
     return objective_of(metric_values(ev, {}), ctx.weights)
 
 
-def quantized_with_lora(model: torch.nn.Module, plan: PrecisionPlan, quant: QuantConfig, ft: FinetuneConfig,
-                        device: torch.device, adapter_dir: str | None = None):
-    """Quantize the pruned ``model`` to ``plan`` and attach LoRA: LoftQ-initialised (if configured), or the
-    trained adapter in ``adapter_dir``. LoftQ decides the quantized base weights, so it runs either way:
-    a reloaded export gets exactly the base its adapters were trained on."""
-    init = None
-    if ft.init == "loftq":
-        init = loftq_model_(model, plan, quant, ft, device, resolve_compute_dtype(quant, device))
-    quantize_(model, plan, quant, device)
-    measured = measure_bytes(model)
-    if adapter_dir is not None:
-        return load_adapter(model, adapter_dir), measured
-    torch.manual_seed(ft.seed)  # same plan -> same adapters -> same result, in any worker
-    model = attach_lora(model, ft)
-    if init:
-        load_adapters_(model, init)
-    return model, measured
-
-
 def _build_quantized(ctx: TrialContext, plan: PrecisionPlan, device: torch.device):
-    """The pruned model quantized to ``plan`` with LoRA attached (LoftQ-initialised if configured)."""
-    model = models.build_model(ctx.config_dict, ctx.state_dict)
-    return quantized_with_lora(model, plan, ctx.quant, ctx.finetune, device)
+    """The pruned model quantized to ``plan`` with LoRA attached (LoftQ-initialised if configured), read from the
+    context's weights one linear at a time; LoftQ results come from (and go to) the pruned model's cache."""
+    from .weights import PrunedWeights, open_weights
+    source = open_weights(ctx.model_weights)
+    cache = None
+    if isinstance(ctx.model_weights, PrunedWeights) and ctx.finetune.init == "loftq" and ctx.loftq_cache:
+        compute = resolve_compute_dtype(ctx.quant, device)
+        from .weights import cache_root
+        root = cache_root() / "loftq" if ctx.loftq_cache == NODE_CACHE else ctx.loftq_cache
+        cache = LoftQCache(LoftQCache.folder(root, ctx.model_weights.key, ctx.quant, ctx.finetune, device, compute))
+    model, measured = build_quantized(ctx.config_dict, source, plan, ctx.quant, ctx.finetune, device, cache)
+    if cache is not None and (cache.hits or cache.misses):
+        logger.info("LoftQ cache: %d linears reused, %d computed (%s)", cache.hits, cache.misses, cache.directory)
+    return model, measured
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def test_a_trial_quantizes_trains_evaluates_and_measures(context):
 
 def test_an_infeasible_plan_is_not_trained(context, monkeypatch):
     import qpruner.trial as trial_mod
-    monkeypatch.setattr(trial_mod, "quantize_", lambda *a, **k: pytest.fail("an infeasible plan was built"))
+    monkeypatch.setattr(trial_mod, "build_quantized", lambda *a, **k: pytest.fail("an infeasible plan was built"))
     r = run_trial(context, PrecisionPlan(("bf16",) * 4))
     assert r.status == "infeasible" and r.budget_excess > 0
     assert r.objective == pytest.approx(INFEASIBLE_OBJECTIVE - r.budget_excess)

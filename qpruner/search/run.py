@@ -1,7 +1,9 @@
 """Ray Tune search over per-unit precision.
 
-* The :class:`~qpruner.trial.TrialContext` (pruned weights + token splits + tasks) goes into Ray's
-  object store once via ``tune.with_parameters``; every trial reads it from there, on any node.
+* The :class:`~qpruner.trial.TrialContext` (where the pruned weights are, token splits, tasks: small) goes
+  into Ray's object store once via ``tune.with_parameters``; every trial reads it from there, on any node,
+  and reads the pruned weights themselves from their location (:mod:`qpruner.weights`), never through the
+  object store.
 * Search space: one ``tune.choice(policy.bits)`` per unit (see :mod:`qpruner.policy`); the searcher
   runs behind :class:`~.searchers.BudgetedSearcher` (over-budget plans never trained, repeats cached).
 * The objective reported to Tune is ``objective`` (maximised; see :mod:`qpruner.trial`). With
@@ -446,6 +448,9 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
     variant goes into Ray's object store once; a trial fetches only its own plan's variant."""
     ray, tune = _ray()
     cfg = job.search
+    release_memory()   # the driver's own model and scratch are gone by now: hand the memory (and GPU cache) back
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     started = init_ray(job)
     on_cluster = not started or bool(cfg.ray_address or in_submitted_job())
     watch = InfeasibleWatch(cfg.cpus_per_trial, cfg.gpus_per_trial).listen() if on_cluster else None

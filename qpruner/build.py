@@ -16,6 +16,7 @@ bit-identical to computing them (``tests/test_build.py``).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import torch
@@ -45,12 +46,24 @@ def quantized_with_lora(model: nn.Module, plan: PrecisionPlan, quant: QuantConfi
 
 
 def build_quantized(config_dict: dict, weights, plan: PrecisionPlan, quant: QuantConfig, ft: FinetuneConfig,
-                    device: torch.device, cache: LoftQCache | None = None, adapter_dir: str | None = None):
+                    device: torch.device, cache: LoftQCache | None = None, adapter_dir: str | None = None,
+                    seconds: dict | None = None):
     """The pruned model of ``config_dict`` quantized to ``plan`` with LoRA attached, read from ``weights`` (a
-    name -> tensor mapping, e.g. :class:`~qpruner.weights.SafetensorsDir`) one linear at a time."""
+    name -> tensor mapping, e.g. :class:`~qpruner.weights.SafetensorsDir`) one linear at a time. ``seconds``
+    (optional) receives the time spent reading (``load``) and in LoftQ (``loftq``, cache reads included)."""
+    seconds = {} if seconds is None else seconds
+    t = time.perf_counter()
     model, names = skeleton(config_dict, weights)
+    seconds["load"] = seconds.get("load", 0.0) + time.perf_counter() - t
 
     def fetch(i: int, name: str, module: nn.Module) -> nn.Linear:
+        t = time.perf_counter()
+        try:
+            return _read_linear(i, name, module)
+        finally:
+            seconds["load"] = seconds.get("load", 0.0) + time.perf_counter() - t
+
+    def _read_linear(i: int, name: str, module: nn.Module) -> nn.Linear:
         prefix = names[id(module)]
         has_bias = f"{prefix}.bias" in weights
         tensors = (weights.read([f"{prefix}.weight", f"{prefix}.bias"] if has_bias else [f"{prefix}.weight"])
@@ -63,7 +76,7 @@ def build_quantized(config_dict: dict, weights, plan: PrecisionPlan, quant: Quan
             lin.bias = nn.Parameter(tensors[f"{prefix}.bias"], requires_grad=False)
         return lin
 
-    return _quantize_and_attach(model, plan, quant, ft, torch.device(device), fetch, adapter_dir, cache)
+    return _quantize_and_attach(model, plan, quant, ft, torch.device(device), fetch, adapter_dir, cache, seconds)
 
 
 def skeleton(config_dict: dict, weights) -> tuple[nn.Module, dict[int, str]]:
@@ -89,7 +102,7 @@ def skeleton(config_dict: dict, weights) -> tuple[nn.Module, dict[int, str]]:
     return model.eval(), names
 
 
-def _quantize_and_attach(model, plan, quant, ft, device, fetch: Fetch, adapter_dir, cache):
+def _quantize_and_attach(model, plan, quant, ft, device, fetch: Fetch, adapter_dir, cache, seconds=None):
     layers = models.decoder_layers(model)
     plan.check_units(len(layers))
     compute = resolve_compute_dtype(quant, device)
@@ -99,7 +112,10 @@ def _quantize_and_attach(model, plan, quant, ft, device, fetch: Fetch, adapter_d
         for name, module in models.layer_linears(layer).items():
             lin, fmt = fetch(i, name, module), formats[name]
             if ft.init == "loftq" and name in ft.target_modules and fmt in ft.loftq_formats:
+                t = time.perf_counter()
                 q, init[(i, name)] = _loftq_quantized(i, name, lin, fmt, quant, ft, scaling, device, compute, cache)
+                if seconds is not None:
+                    seconds["loftq"] = seconds.get("loftq", 0.0) + time.perf_counter() - t
             else:
                 q = convert_linear(lin, fmt, quant, device, compute)
             models.set_layer_linear(layer, name, q)

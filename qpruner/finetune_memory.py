@@ -113,6 +113,7 @@ def measure_peak(device: torch.device, resident_bytes: int = 0):
         reading.kind, reading.peak_bytes = "cuda_allocated", int(torch.cuda.max_memory_allocated(device))
         return
     rss_before = _proc_status("VmRSS")
+    _note_peak()   # the reset below forgets the peak so far: keep it for process_peak()
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         can_reset = True
@@ -122,3 +123,34 @@ def measure_peak(device: torch.device, resident_bytes: int = 0):
     hwm = _proc_status("VmHWM")
     if can_reset and rss_before is not None and hwm is not None:
         reading.kind, reading.peak_bytes = "cpu_rss", resident_bytes + max(0, hwm - rss_before)
+
+
+# ----------------------------------------------------------------------------------------------
+# the process's peak resident memory over a span that contains measure_peak's resets
+
+
+_PEAK_SEEN = [0]
+
+
+def _note_peak() -> None:
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        _PEAK_SEEN[0] = max(_PEAK_SEEN[0], hwm)
+
+
+def reset_process_peak() -> bool:
+    """Start measuring this process's peak resident memory afresh (Linux: ``VmHWM`` reset through
+    ``/proc/self/clear_refs``); False where it cannot be reset."""
+    _PEAK_SEEN[0] = 0
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def process_peak() -> int | None:
+    """This process's peak resident memory (bytes) since :func:`reset_process_peak` (or its start), including
+    the peaks that :func:`measure_peak`'s own resets would otherwise forget; None where it cannot be read."""
+    _note_peak()
+    return _PEAK_SEEN[0] or None

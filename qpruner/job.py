@@ -450,8 +450,19 @@ def _search_locked(job: JobConfig, run, resume: bool, t0: float, moved) -> JobOu
                 report.write_report(out, front_metric(job))
             except OSError as exc:   # e.g. the disk filled again: the trials are safe, the report is not essential
                 logger.error("could not write the report (%s); `qpruner report %s` writes it later", exc, out)
+        _record_driver_peak(out)
         _check_complete(job, log, out)
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0, continuing, moved)
+
+
+def _record_driver_peak(out: Path) -> None:
+    """The driver's peak resident memory over the whole job (load, prune, score, search), into driver.json."""
+    from .finetune_memory import process_peak
+    from .rundir import record_driver
+    peak = process_peak()
+    if peak:
+        logger.info("driver peak resident memory: %.2f GB", peak / 1e9)
+        record_driver(out, driver_peak_rss_bytes=peak)
 
 
 def _short(job: JobConfig, log: TrialLog, out) -> bool:

@@ -51,6 +51,7 @@ LOCK = ".lock"
 JOB_FILE = "job.yaml"
 TRIALS_FILE = "trials.parquet"
 PARETO_FILE = "pareto.parquet"
+DRIVER_FILE = "driver.json"   # what the driver measured of itself: peak resident memory, bytes shipped per trial
 LOFTQ_DIR = "loftq"   # the LoftQ cache of the run's pruned models (qpruner.loftq.LoftQCache; derived, safe to delete)
 # settings that change where and how visibly a run executes, never what it computes
 logger = logging.getLogger(__name__)
@@ -501,3 +502,16 @@ def set_aside_experiment(job, run: RunDir) -> str | None:
     os.rename(where, target)
     return target
 
+
+
+def record_driver(run_path: str | os.PathLike, **fields) -> None:
+    """Merge ``fields`` into the run's :data:`DRIVER_FILE` (best effort: a measurement, never worth failing for)."""
+    path = Path(run_path) / DRIVER_FILE
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        old = {}
+    try:
+        _atomic_text(path, json.dumps({**old, **fields}, indent=2) + "\n")
+    except OSError as exc:
+        logger.warning("could not write %s (%s)", path, exc)

@@ -127,7 +127,8 @@ class PersistTrials(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         node = {"node_ip": result.get("node_ip"), "node_id": result.get("node_id"), "failures": trial.num_failures,
-                "worker_rss_bytes": result.get("worker_rss_bytes")}
+                "worker_rss_bytes": result.get("worker_rss_bytes"),
+                "worker_peak_rss_bytes": result.get("worker_peak_rss_bytes")}
         if result.get("replayed"):  # recorded before a driver restart (see run._trainable): the row stands
             logger.info("trial %s: already recorded before the restart, not trained again", trial.trial_id)
         elif result.get("status") == "running":  # stopped early by the scheduler: keep its last evaluation

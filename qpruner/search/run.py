@@ -232,6 +232,8 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
         tune.report({**done[trial_id], "replayed": True})
         return
     torch.set_num_threads(threads)
+    from ..finetune_memory import process_peak, reset_process_peak
+    reset_process_peak()   # this trial's own peak, not an earlier trial's of this reused actor
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     plan = decode(config)
     if variants is not None:   # joint search: only this plan's pruned variant leaves the object store
@@ -243,10 +245,11 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
             result = run_trial(context, plan, device, on_report=tune.report,  # intermediate evaluations
                                on_trained=(lambda model: _keep_adapter(model, tmp, save_adapter)) if save_adapters
                                else None)
+        peak = process_peak()
         release_memory()
         _note_training(trial_id, result)
         metrics = {**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id(),
-                   "worker_rss_bytes": _rss_bytes()}
+                   "worker_rss_bytes": _rss_bytes(), "worker_peak_rss_bytes": peak}
         # the result (and the adapter) become a Tune checkpoint, persisted by this worker before the driver
         # hears of it: `qpruner export` finds the adapter there, and a resumed driver the result (recover_results)
         try:
@@ -305,12 +308,26 @@ def recover_results(experiment: str, log: TrialLog) -> list[str]:
         if trial_id in recorded:
             continue
         log.add(trial_id, result, node_id=metrics.get("node_id"), worker_rss_bytes=metrics.get("worker_rss_bytes"),
+                worker_peak_rss_bytes=metrics.get("worker_peak_rss_bytes"),
                 adapter_path=str(path.parent), recovered=True)
         recorded.add(trial_id)
         out.append(trial_id)
         logger.warning("trial %s finished before the driver died but was not recorded: recovered from %s",
                        trial_id, path.parent)
     return out
+
+
+def _record_shipped(directory, params: dict, contexts: dict) -> None:
+    """Bytes a trial fetches from Ray's object store (the serialized trainable parameters, and in a joint search its
+    own variant's context), into the run's driver record: small, since the weights travel by location."""
+    from ray import cloudpickle
+
+    from ..rundir import record_driver
+    size = sum(len(cloudpickle.dumps(v)) for k, v in params.items() if k != "variants")
+    if "variants" in params:
+        size += max(len(cloudpickle.dumps(c)) for c in contexts.values())
+    logger.info("each trial fetches %.2f MB from the object store (the pruned weights go by location)", size / 1e6)
+    record_driver(directory, object_store_bytes_per_trial=size)
 
 
 def _note_training(trial_id: str, result: TrialResult) -> None:
@@ -474,8 +491,10 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
             shipped = {"context": contexts[None]}
         else:  # one object per variant: a trial fetches its own (nested references stay references)
             shipped = {"context": None, "variants": {a: ray.put(c) for a, c in contexts.items()}}
-        trainable = tune.with_parameters(qpruner_trial, decode=decode, done=done, threads=max(1, int(cfg.cpus_per_trial)),
-                                         save_adapters=cfg.save_adapters, **shipped)
+        params = dict(decode=decode, done=done, threads=max(1, int(cfg.cpus_per_trial)),
+                      save_adapters=cfg.save_adapters, **shipped)
+        _record_shipped(log.directory, params, contexts)
+        trainable = tune.with_parameters(qpruner_trial, **params)
         trainable = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
         if resume:
             logger.info("resuming the search in %s", experiment)

@@ -163,7 +163,7 @@ def targets(row: dict) -> dict:
 
 def markdown(result: dict) -> str:
     s = result["stamp"]
-    lines = [f"# Scale benchmark (`bench/scale_bench.py`)\n",
+    lines = ["# Scale benchmark (`bench/scale_bench.py`)\n",
              f"commit {s['commit']}{' (dirty)' if s['dirty'] else ''}, `{s['command']}`, {s['machine']}, {s['date']}.",
              "Random-weight LLaMA shapes (bf16): memory and time only, never quality. Pruned 20% (l2), all-nf4 plan, "
              "2 LoRA steps, 8 evaluation windows, one trial at a time on every core, through `qpruner search`. "

@@ -154,3 +154,76 @@ def process_peak() -> int | None:
     the peaks that :func:`measure_peak`'s own resets would otherwise forget; None where it cannot be read."""
     _note_peak()
     return _PEAK_SEEN[0] or None
+
+
+# ----------------------------------------------------------------------------------------------
+# admission: the memory a trial has
+
+
+HOST_SHARE = 0.7   # on CPU, trials together may use this share of the host's RAM (the rest: Ray, the OS, the driver)
+
+
+def trial_memory_limit(explicit_gb: float | None, device_type: str, gpus_per_trial: float, cpus_per_trial: float,
+                       gpu_total: int | None = None, host_total: int | None = None,
+                       host_cpus: int | None = None) -> int | None:
+    """The memory one trial may use (bytes), which a plan's predicted fine-tuning peak must not exceed.
+
+    ``search.memory_per_trial_gb`` when set; else on CUDA the GPU's memory x ``gpus_per_trial`` (a fraction of one
+    GPU); else on CPU :data:`HOST_SHARE` x the host's RAM x this trial's share of the host's CPUs (at least one
+    CPU's share). None when the needed figure is unknown (no admission)."""
+    if explicit_gb is not None:
+        return int(explicit_gb * 1e9)
+    if device_type == "cuda":
+        return int(gpu_total * min(1.0, gpus_per_trial)) if gpu_total else None
+    if not host_total or not host_cpus:
+        return None
+    share = min(1.0, max(1.0, cpus_per_trial) / host_cpus)
+    return int(HOST_SHARE * host_total * share)
+
+
+def host_memory() -> int | None:
+    """This machine's RAM (bytes), or its container's memory limit where lower (cgroup v2 or v1: a KubeRay pod)."""
+    import os
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and 0 < int(value) < total:
+            total = int(value)
+    return total
+
+
+def host_cpus() -> int | None:
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def local_memory_limit(explicit_gb: float | None, device_type: str, gpus_per_trial: float,
+                       cpus_per_trial: float) -> int | None:
+    """:func:`trial_memory_limit` on this machine (the trial's own node: its GPU, RAM and CPUs)."""
+    gpu_total = None
+    if device_type == "cuda" and explicit_gb is None and torch.cuda.is_available():
+        gpu_total = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    return trial_memory_limit(explicit_gb, device_type, gpus_per_trial, cpus_per_trial, gpu_total,
+                              host_memory(), host_cpus())
+
+
+def cap_gpu_memory(limit: int | None, device: torch.device) -> float | None:
+    """Hold this process to ``limit`` bytes of its GPU when that is less than the GPU (fractional-GPU trials share
+    one: Ray's fractions are logical only, this makes them real); returns the fraction set, or None."""
+    if limit is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if limit >= total:
+        return None
+    fraction = limit / total
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction

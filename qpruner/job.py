@@ -174,6 +174,7 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, che
         logger.info("reusing the pruned model in %s (key %s, %.1fs)", directory, key, time.perf_counter() - t)
         splits = data.load_splits(job.data, tokenizer)
         return LoadedPruned(model, tokenizer, splits, prune.PruneReport.from_dict(meta["report"]), True)
+    check_driver_memory(job, device)
     t = time.perf_counter()
     loaded = models.load_model(job.model, device)
     logger.info("loaded %s (%s parameters) in %.1fs", loaded.name, f"{models.count_params(loaded.model):,}",
@@ -190,6 +191,44 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, che
                  "job": {"model": to_dict(job.model), "prune": to_dict(job.prune), "data": to_dict(job.data)}})
     logger.info("saved the pruned model to %s", directory)
     return LoadedPruned(loaded.model, loaded.tokenizer, splits, prune_report, False)
+
+
+GRADIENT_PRUNING = ("taylor", "taylor_vector", "param_second", "param_mix")   # prune.importance with gradients
+GRADIENT_SCORES = ("fisher", "taylor", "mutual_information")                 # score.method with gradients
+
+
+def driver_memory_need(params: int, job: JobConfig) -> int:
+    """What the driver holds on its device to prune and score a model of ``params`` parameters: the weights in
+    ``model.dtype``, and as much again for their gradients when an estimator takes gradients (activations of the
+    small calibration batches not counted)."""
+    weights = params * models.DTYPES[job.model.dtype].itemsize
+    gradients = job.prune.importance in GRADIENT_PRUNING or job.score.method in GRADIENT_SCORES
+    return weights * (2 if gradients else 1)
+
+
+def check_driver_memory(job: JobConfig, device: torch.device) -> None:
+    """The driver prunes and scores the whole model on one device (layer-by-layer pruning and offload are not
+    implemented): refuse, before loading anything, a model that cannot fit there, with what would fit."""
+    from .errors import ModelError
+    from .finetune_memory import host_memory
+    params = models.source_params(job.model)
+    if params is None:
+        return
+    if device.type == "cuda":
+        have, where = int(torch.cuda.get_device_properties(device).total_memory), f"{device} has"
+    else:
+        have, where = host_memory(), "this machine's RAM is"
+    need = driver_memory_need(params, job)
+    if have is None or need <= have:
+        return
+    gradient_free = need // 2 if job.prune.importance in GRADIENT_PRUNING or job.score.method in GRADIENT_SCORES else need
+    raise ModelError(f"the driver prunes and scores on one device: this {params / 1e9:.1f}B-parameter model needs about "
+                     f"{need / 1e9:.1f} GB there (weights in {job.model.dtype}"
+                     f"{' and their gradients' if gradient_free < need else ''}) and {where} {have / 1e9:.1f} GB. "
+                     + (f"Gradient-free estimators (prune.importance: l2, score.method: block_influence) need "
+                        f"{gradient_free / 1e9:.1f} GB; " if gradient_free < need else "")
+                     + "or run the driver on a larger device (device: cpu uses the host's RAM). Pruning layer by "
+                       "layer, or with offload, is not implemented")
 
 
 def check_budget_before_pruning(job: JobConfig, model: torch.nn.Module) -> None:

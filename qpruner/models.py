@@ -153,6 +153,21 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
     return LoadedModel(model.to(device).eval(), tokenizer, cfg.source)
 
 
+def source_params(cfg: ModelConfig) -> int | None:
+    """Parameters of the model ``cfg.source`` names, from its config alone (modules built on the meta device, no
+    weights read); None for the built-in models and where the config cannot be read."""
+    if cfg.source in ("tiny", "builtin:smollm2-135m"):
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(cfg.source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - load_model reports an unreadable source with its own, clearer message
+        return None
+    return count_params(model)
+
+
 def check_architecture(config) -> None:
     """Raise :class:`ModelError` unless the config's architecture is supported."""
     if getattr(config, "model_type", None) not in SUPPORTED_ARCHITECTURES:

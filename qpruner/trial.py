@@ -144,42 +144,62 @@ def _build_quantized(ctx: TrialContext, plan: PrecisionPlan, device: torch.devic
 
 @dataclass(frozen=True)
 class Precheck:
-    """What a plan costs, known before building anything (small: the driver keeps one per search)."""
+    """What a plan costs, known before building anything (small: the driver keeps one per search). A plan over
+    the weight budget, or whose predicted fine-tuning peak exceeds ``memory_limit`` (bytes; None: no limit),
+    is answered at once with an ``infeasible`` result and its reason: never built, never trained."""
     layout: ModelLayout
     quant: QuantConfig
     finetune: FinetuneConfig
     budget: Budget
     seq_len: int
+    memory_limit: int | None = None
 
     @classmethod
-    def of(cls, ctx: TrialContext) -> "Precheck":
-        return cls(ctx.layout, ctx.quant, ctx.finetune, ctx.budget, ctx.train.shape[1])
+    def of(cls, ctx: TrialContext, memory_limit: int | None = None) -> "Precheck":
+        return cls(ctx.layout, ctx.quant, ctx.finetune, ctx.budget, ctx.train.shape[1], memory_limit)
+
+    def peak(self, plan: PrecisionPlan, device: str | torch.device = "cpu") -> int:
+        """The predicted fine-tuning peak of ``plan`` (bytes; :func:`qpruner.finetune_memory.estimate`)."""
+        compute = str(resolve_compute_dtype(self.quant, torch.device(device))).removeprefix("torch.")
+        return estimate_finetune_memory(self.layout, plan, self.quant, self.finetune, self.seq_len, compute).total
 
     def __call__(self, plan: PrecisionPlan, device: str | torch.device = "cpu") -> tuple[dict, TrialResult | None]:
-        """(fields every result of ``plan`` shares, the result itself when the plan is over budget)."""
+        """(fields every result of ``plan`` shares, the result itself when the plan is over budget or memory)."""
         device = torch.device(device)
         plan.check_units(self.layout.n_layers)
         compute = str(resolve_compute_dtype(self.quant, device)).removeprefix("torch.")
         predicted = plan_bytes(self.layout, plan, self.quant, compute)
         excess = self.budget.excess(predicted)
-        peak = estimate_finetune_memory(self.layout, plan, self.quant, self.finetune, self.seq_len, compute).total
+        peak = self.peak(plan, device)
         common = dict(plan=plan, weight_bytes_predicted=predicted.total_bytes, avg_bits=predicted.avg_bits,
                       budget_excess=excess, device=str(device), peak_bytes_estimate=peak)
-        if excess <= 0:
-            return common, None
-        return common, TrialResult(status="infeasible", objective=INFEASIBLE_OBJECTIVE - excess,
-                                   weight_bytes=predicted.total_bytes, seconds={"total": 0.0}, **common)
+        if excess > 0:
+            return common, TrialResult(status="infeasible", objective=INFEASIBLE_OBJECTIVE - excess,
+                                       weight_bytes=predicted.total_bytes, seconds={"total": 0.0}, **common)
+        if self.memory_limit is not None and peak > self.memory_limit:
+            over = peak / self.memory_limit - 1.0
+            return common, TrialResult(status="infeasible", objective=INFEASIBLE_OBJECTIVE - over,
+                                       weight_bytes=predicted.total_bytes, seconds={"total": 0.0},
+                                       error=over_memory_reason(peak, self.memory_limit), **common)
+        return common, None
+
+
+def over_memory_reason(peak: int, limit: int) -> str:
+    """Why a plan is not trained: its predicted fine-tuning peak against the trial's memory."""
+    return (f"over memory: fine-tuning this plan needs an estimated {peak / 1e9:.2f} GB, more than the "
+            f"{limit / 1e9:.2f} GB a trial has (search.memory_per_trial_gb)")
 
 
 def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu",
               on_report: Callable[[dict], None] | None = None,
-              on_trained: Callable[[torch.nn.Module], None] | None = None) -> TrialResult:
+              on_trained: Callable[[torch.nn.Module], None] | None = None,
+              memory_limit: int | None = None) -> TrialResult:
     """Quantize, fine-tune and evaluate ``plan``. ``on_report`` receives intermediate metrics every
     ``finetune.eval_every`` steps (for early stopping); ``on_trained`` receives the trained model (e.g. to
     save its adapters) before it is released; the final result is returned, not reported."""
     device = torch.device(device)
     t0 = time.perf_counter()
-    common, infeasible = Precheck.of(ctx)(plan, device)
+    common, infeasible = Precheck.of(ctx, memory_limit)(plan, device)
     if infeasible is not None:
         return infeasible
     predicted_total, avg_bits = common["weight_bytes_predicted"], common["avg_bits"]
@@ -253,7 +273,8 @@ def _failed(exc: Exception, status: str, fidelity: str, seconds: dict, t0: float
                        weight_bytes=common["weight_bytes_predicted"], seconds=seconds, error=reason[:2000], **common)
 
 
-def run_screen(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu") -> TrialResult:
+def run_screen(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu",
+               memory_limit: int | None = None) -> TrialResult:
     """A screen of ``plan``: built as a trial builds it (quantized, LoRA attached and LoftQ-initialised when
     configured), not fine-tuned, evaluated on the first ``ctx.screen_windows`` evaluation windows. Cheap
     (no training, a fraction of the evaluation); the searcher uses it to decide which plans to train."""
@@ -261,7 +282,7 @@ def run_screen(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.devic
         raise ValueError("run_screen needs a context with screen_windows > 0 (search.screen_share > 0)")
     device = torch.device(device)
     t0 = time.perf_counter()
-    common, infeasible = Precheck.of(ctx)(plan, device)
+    common, infeasible = Precheck.of(ctx, memory_limit)(plan, device)
     if infeasible is not None:
         return infeasible
     seconds: dict[str, float] = {}

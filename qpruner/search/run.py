@@ -214,7 +214,8 @@ class OverBudget:
 
 
 def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecoder, threads: int,
-                  save_adapters: bool = True, done: dict | None = None, variants: dict | None = None):
+                  save_adapters: bool = True, done: dict | None = None, variants: dict | None = None,
+                  memory: "TrialMemory | None" = None):
     """The Ray Tune trainable: one trial of ``config``'s plan on its pruned model, reported to Tune."""
     import tempfile
 
@@ -235,16 +236,17 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
     from ..finetune_memory import process_peak, reset_process_peak
     reset_process_peak()   # this trial's own peak, not an earlier trial's of this reused actor
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    limit = memory.limit(device) if memory is not None else None   # what this trial has, on its own node
     plan = decode(config)
     if variants is not None:   # joint search: only this plan's pruned variant leaves the object store
         context = ray.get(variants[plan.pruned])
     with tempfile.TemporaryDirectory() as tmp:
         if is_screen(config):   # multi-fidelity: a zero-step evaluation on a few windows (no adapter to keep)
-            result = run_screen(context, plan, device)
+            result = run_screen(context, plan, device, memory_limit=limit)
         else:
             result = run_trial(context, plan, device, on_report=tune.report,  # intermediate evaluations
                                on_trained=(lambda model: _keep_adapter(model, tmp, save_adapter)) if save_adapters
-                               else None)
+                               else None, memory_limit=limit)
         peak = process_peak()
         release_memory()
         _note_training(trial_id, result)
@@ -262,6 +264,56 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
             logging.getLogger(__name__).error("trial %s: could not write its checkpoint (%s); reporting its result "
                                               "without one", trial_id, exc.strerror or exc)
             tune.report({**metrics, "checkpoint_error": str(exc.strerror or exc)})
+
+
+class TrialMemory:
+    """How a trial decides the memory it has (small and picklable: it travels with the trainable).
+
+    ``search.memory_per_trial_gb`` when set, else the rule of :func:`qpruner.finetune_memory.trial_memory_limit` on
+    the trial's own node; on a GPU shared by fractional trials the process is also held to its share
+    (``torch.cuda.set_per_process_memory_fraction``), so that one trial cannot take its neighbour's memory."""
+
+    def __init__(self, explicit_gb: float | None, gpus_per_trial: float, cpus_per_trial: float):
+        self.explicit_gb, self.gpus, self.cpus = explicit_gb, gpus_per_trial, cpus_per_trial
+
+    def limit(self, device: str) -> int | None:
+        from ..finetune_memory import cap_gpu_memory, local_memory_limit
+        limit = local_memory_limit(self.explicit_gb, device, self.gpus, self.cpus)
+        if device == "cuda" and self.gpus < 1:
+            cap_gpu_memory(limit, torch.device("cuda", torch.cuda.current_device()))
+        return limit
+
+
+def driver_memory_limit(job: JobConfig) -> int | None:
+    """The trial memory the driver can know before the search: ``search.memory_per_trial_gb``, or for a local Ray
+    this machine's rule. None on a cluster without the setting: each trial then decides on its own node."""
+    from ..finetune_memory import local_memory_limit
+    cfg = job.search
+    if cfg.memory_per_trial_gb is None and (cfg.ray_address or in_submitted_job()):
+        return None
+    return local_memory_limit(cfg.memory_per_trial_gb, "cuda" if cfg.gpus_per_trial > 0 else "cpu",
+                              cfg.gpus_per_trial, cfg.cpus_per_trial)
+
+
+def check_memory(job: JobConfig, contexts: dict, limit: int | None) -> None:
+    """Refuse a search none of whose plans fits a trial's memory (exit 2), before anything is trained: the plan with
+    the smallest fine-tuning peak, all-lowest-bit, priced on every pruned variant."""
+    from ..errors import PlanError
+    from ..trial import over_memory_reason
+    if limit is None:
+        return
+    low = format_for_bits(min(job.policy.bits), job.quant.four_bit)
+    device = "cuda" if job.search.gpus_per_trial > 0 else "cpu"
+    peaks = {}
+    for amount, ctx in contexts.items():
+        plan = PrecisionPlan.uniform(low, ctx.n_layers * units_per_layer(ctx.unit), ctx.unit)
+        peaks[amount] = Precheck.of(ctx).peak(plan, device)
+    smallest = min(peaks.values())
+    if smallest > limit:
+        raise PlanError(f"no plan fits in a trial's memory: the smallest, all-{min(job.policy.bits)}-bit, "
+                        f"{over_memory_reason(smallest, limit).removeprefix('over memory: fine-tuning this plan ')}. "
+                        "Nothing was trained. Give trials more memory (search.memory_per_trial_gb, gpus_per_trial, "
+                        "cpus_per_trial on CPU), or lower finetune.batch_size / data.seq_len, or prune more")
 
 
 def _quiet_shutdown(unraisable) -> None:
@@ -465,6 +517,9 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
     variant goes into Ray's object store once; a trial fetches only its own plan's variant."""
     ray, tune = _ray()
     cfg = job.search
+    contexts = context if isinstance(context, dict) else {None: context}
+    limit = driver_memory_limit(job)
+    check_memory(job, contexts, limit)
     release_memory()   # the driver's own model and scratch are gone by now: hand the memory (and GPU cache) back
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -475,7 +530,6 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
         if not on_cluster:
             _check_local_resources(cfg, ray.cluster_resources())
         _provision_dashboard()
-        contexts = context if isinstance(context, dict) else {None: context}
         first = next(iter(contexts.values()))
         n_units = first.n_layers * units_per_layer(first.unit)
         decode = PlanDecoder(n_units, job.quant.four_bit, first.unit)
@@ -492,7 +546,8 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
         else:  # one object per variant: a trial fetches its own (nested references stay references)
             shipped = {"context": None, "variants": {a: ray.put(c) for a, c in contexts.items()}}
         params = dict(decode=decode, done=done, threads=max(1, int(cfg.cpus_per_trial)),
-                      save_adapters=cfg.save_adapters, **shipped)
+                      save_adapters=cfg.save_adapters,
+                      memory=TrialMemory(cfg.memory_per_trial_gb, cfg.gpus_per_trial, cfg.cpus_per_trial), **shipped)
         _record_shipped(log.directory, params, contexts)
         trainable = tune.with_parameters(qpruner_trial, **params)
         trainable = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
@@ -500,7 +555,7 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
             logger.info("resuming the search in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
         else:
-            tuner = _new_tuner(job, contexts, seeds, log, decode, trainable, n_units, scores, watch)
+            tuner = _new_tuner(job, contexts, seeds, log, decode, trainable, n_units, scores, watch, limit)
         state_log = logging.getLogger(_TUNE_STATE_LOGGER)
         if not any(isinstance(f, _OneLineOSErrors) for f in state_log.filters):
             state_log.addFilter(_OneLineOSErrors())
@@ -600,7 +655,7 @@ def search_space(job: JobConfig, context: TrialContext | dict, n_units: int, sco
     return SearchSpace(keys, options, tables[0], per[0], tuple(amounts), tables, per)
 
 
-def _new_tuner(job, contexts: dict, seeds, log, decode, trainable, n_units, scores=None, watch=None):
+def _new_tuner(job, contexts: dict, seeds, log, decode, trainable, n_units, scores=None, watch=None, limit=None):
     _, tune = _ray()
     cfg = job.search
     param_space = {policy.key(i): tune.choice(sorted(job.policy.bits)) for i in range(n_units)}
@@ -610,7 +665,7 @@ def _new_tuner(job, contexts: dict, seeds, log, decode, trainable, n_units, scor
     space = search_space(job, contexts, n_units, scores)
     inner = make_searcher(cfg.searcher, points, cfg.seed, cfg.random_warmup, space, cfg.screen_share, cfg.screen_windows)
     device = "cuda" if cfg.gpus_per_trial > 0 else "cpu"
-    screen = PlanScreen(decode, OverBudget({a: Precheck.of(c) for a, c in contexts.items()}, device), log)
+    screen = PlanScreen(decode, OverBudget({a: Precheck.of(c, limit) for a, c in contexts.items()}, device), log)
     searcher = BudgetedSearcher(inner, screen, cfg.max_rejections, num_trials=cfg.num_trials)
     searcher.disk_wait_s = cfg.disk_full_wait_s
     top = len(space.options) - 1

@@ -38,8 +38,10 @@ def main(argv=None) -> int:
         job.results_path.mkdir(parents=True)
         prep = driver.prepare(job, job.results_path)
         digest = hashlib.sha256()
-        for t in prep.context.state_dict.values():
-            digest.update(t.detach().contiguous().numpy().tobytes())
+        from qpruner.weights import open_weights
+        weights = open_weights(prep.context.model_weights)
+        for name in sorted(weights.keys()):
+            digest.update(weights[name].detach().contiguous().float().numpy().tobytes())
         torch.set_num_threads(args.trial_threads)
         r = run_trial(prep.context, PrecisionPlan.uniform("int8", prep.context.n_layers))
     print(json.dumps({"driver_threads": args.driver_threads, "trial_threads": args.trial_threads,

@@ -161,6 +161,47 @@ def targets(row: dict) -> dict:
     return out
 
 
+def seven_b() -> dict:
+    """The 7B job in tune_jobs/ priced by the product's own models (computed, not measured): LLaMA-2-7B's shape on
+    the meta device, pruned as the job asks (the per-layer ratio bisected so that 20% of all parameters go, as
+    ``param_ratio`` solves it), every uniform plan's predicted fine-tuning peak and the driver's device need."""
+    import dataclasses
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qpruner import models, prune
+    from qpruner.config import load_job
+    from qpruner.finetune_memory import ADMISSION_MARGIN, estimate
+    from qpruner.job import driver_memory_need
+    from qpruner.memory import ModelLayout, plan_bytes
+    from qpruner.plan import PrecisionPlan, format_for_bits
+    job = load_job(ROOT / "tune_jobs" / "llama2_7b_20pct.yaml")
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    before, total = models.layer_widths(model), models.count_params(model)
+    lo, hi = 0.0, 0.95
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        after = prune.narrowest_widths(before, dataclasses.replace(job.prune, param_ratio=None, ratio=mid))
+        lo, hi = (mid, hi) if models.param_count(model, after) > (1 - job.prune.param_ratio) * total else (lo, mid)
+    after = prune.narrowest_widths(before, dataclasses.replace(job.prune, param_ratio=None, ratio=hi))
+    layout = ModelLayout.from_model(model).narrowed(before, after)
+    plans = {}
+    for bits in sorted(set(job.policy.bits) | {16}):
+        plan = PrecisionPlan.uniform(format_for_bits(bits, job.quant.four_bit), layout.n_layers)
+        peak = estimate(layout, plan, job.quant, job.finetune, job.data.seq_len, "bfloat16").total
+        plans[f"all-{bits}"] = {"weight_bytes": plan_bytes(layout, plan, job.quant, "bfloat16").total_bytes,
+                                "ft_peak_estimate_bytes": peak, "admitted_at_bytes": int(peak * ADMISSION_MARGIN)}
+    return {"proxy": "computed by the product's estimators, not measured (no GPU in this session)",
+            "job": "tune_jobs/llama2_7b_20pct.yaml", "params": total, "bf16_bytes": 2 * total,
+            "pruned_params": models.param_count(model, after), "group_ratio": round(hi, 4),
+            "driver_device_need_bytes": driver_memory_need(total, job), "plans": plans,
+            "micro_batch_tokens": (job.finetune.micro_batch_size or job.finetune.batch_size) * job.data.seq_len}
+
+
 def markdown(result: dict) -> str:
     s = result["stamp"]
     lines = ["# Scale benchmark (`bench/scale_bench.py`)\n",
@@ -183,6 +224,17 @@ def markdown(result: dict) -> str:
                          f"{(r['trial_peak_rss_bytes'] or 0) / GB:.2f} | {(r['driver_peak_rss_bytes'] or 0) / GB:.2f} | "
                          f"{(r['object_store_bytes_per_trial'] or 0) / 1e6:.2f} | {sec['load']:.1f} | {sec['loftq']:.1f} | "
                          f"{sec['quantize']:.1f} | {sec['finetune']:.1f} | {sec['eval']:.1f} | {sec['trial_total']:.1f} |")
+    est = result.get("llama2_7b")
+    if est:
+        lines.append(f"\n## The 7B job, computed ({est['proxy']})\n")
+        lines.append(f"`{est['job']}`: {est['params'] / 1e9:.2f} B parameters ({est['bf16_bytes'] / GB:.1f} GB bf16), pruned "
+                     f"to {est['pruned_params'] / 1e9:.2f} B (group ratio {est['group_ratio']}); the driver needs "
+                     f"{est['driver_device_need_bytes'] / GB:.1f} GB on its device (weights and gradients). Trials, "
+                     f"{est['micro_batch_tokens']} tokens per micro-batch:\n")
+        lines.append("| plan | weights GB | FT peak est. GB | admitted at GB (+15%) |\n|---|---|---|---|")
+        for name, p in est["plans"].items():
+            lines.append(f"| {name} | {p['weight_bytes'] / GB:.2f} | {p['ft_peak_estimate_bytes'] / GB:.2f} | "
+                         f"{p['admitted_at_bytes'] / GB:.2f} |")
     lines.append("\n## Targets (issue #26, sizes >= 1B)\n")
     for row in result["rows"]:
         if row.get("targets"):
@@ -228,7 +280,8 @@ def main(argv=None) -> None:
 
 
 def _save(path: Path, rows: list) -> None:
-    result = {"stamp": stamp(), "proxy": "random-weight models: memory and time only", "rows": rows}
+    result = {"stamp": stamp(), "proxy": "random-weight models: memory and time only", "rows": rows,
+              "llama2_7b": seven_b()}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str))
     os.replace(tmp, path)

@@ -26,6 +26,7 @@ from . import models
 from .config import FinetuneConfig, QuantConfig
 from .errors import ModelError
 from .finetune import attach_lora, load_adapter
+from .finetune_memory import trim_heap
 from .loftq import LoftQCache, _one_thread, load_adapters_, loftq_linear
 from .memory import measure_bytes
 from .plan import PrecisionPlan
@@ -120,6 +121,7 @@ def _quantize_and_attach(model, plan, quant, ft, device, fetch: Fetch, adapter_d
                 q = convert_linear(lin, fmt, quant, device, compute)
             models.set_layer_linear(layer, name, q)
             del lin
+        trim_heap()   # this layer's full-precision tensors are gone: give their pages back before the next layer
     _quantize_ends_(model, quant, device, compute, DTYPES[quant.rest_dtype])
     model.to(device)
     check_applied(model, plan)

@@ -184,6 +184,8 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, che
     splits = data.load_splits(job.data, loaded.tokenizer)
     prune_report = prune.prune_(loaded.model, splits.calib, job.prune,
                            seed=job.data.seed)
+    from .finetune_memory import trim_heap
+    trim_heap()   # the unpruned tensors are freed: hand their pages back (glibc keeps them otherwise)
     clear_pruned(directory)  # only the files an earlier save_pruned wrote
     # save_pruned writes the record last: a directory without it (an interrupted save) is never reused
     save_pruned(loaded.model, loaded.tokenizer, directory,

@@ -142,8 +142,10 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
     check_architecture(config)
     from safetensors import SafetensorError
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.source, config=config, dtype=dtype,
-                                                     use_safetensors=True, **kw)
+        model = _load_local(Path(cfg.source).expanduser(), config, dtype, cfg.trust_remote_code)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(cfg.source, config=config, dtype=dtype,
+                                                         use_safetensors=True, **kw)
         tokenizer = AutoTokenizer.from_pretrained(cfg.source, **kw)
     except (OSError, RuntimeError, ValueError, SafetensorError) as exc:   # truncated weights, shapes != config, ...
         detail = str(exc).strip().splitlines()
@@ -151,6 +153,38 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LoadedMo
                          f"{(detail[0] if detail else '')[:400]}; check that its config.json and weights belong "
                          "together and are complete") from None
     return LoadedModel(model.to(device).eval(), tokenizer, cfg.source)
+
+
+def _load_local(directory: Path, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module | None:
+    """A local safetensors model read tensor by tensor into memory of its own (``pread``, no memory map: a mapped
+    checkpoint stays resident next to the pruned copy — measured at 1.1B, 1.9 GB of the driver's 3.8 GB after
+    pruning). None when the directory is not a plain safetensors checkpoint of ``config``'s modules: then
+    ``from_pretrained`` loads it, with its own key conversions."""
+    from transformers import AutoModelForCausalLM
+
+    from .weights import SafetensorsDir
+    if not directory.is_dir():
+        return None
+    try:
+        source = SafetensorsDir(directory)
+    except ModelError:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    expected = set(model.state_dict())
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    keys = set(source.keys())
+    if keys - expected or expected - tied - keys:
+        logger.info("%s: checkpoint keys differ from the model's; loading it with from_pretrained", directory)
+        return None
+    state = {}
+    for name in sorted(keys):
+        t = source[name]
+        state[name] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    reset_rotary(model)
+    return model
 
 
 def source_params(cfg: ModelConfig) -> int | None:

@@ -38,7 +38,7 @@ from .config import EvalConfig, FinetuneConfig, QuantConfig
 from .errors import TrialFailed
 from .evaluate import EvalMetrics, evaluate
 from .finetune import finetune_
-from .finetune_memory import estimate as estimate_finetune_memory, measure_peak
+from .finetune_memory import ADMISSION_MARGIN, estimate as estimate_finetune_memory, measure_peak, trim_heap
 from .build import build_quantized, quantized_with_lora  # noqa: F401  (re-exported)
 from .loftq import LoftQCache
 from .memory import Budget, ModelLayout, adapter_bytes, plan_bytes
@@ -109,6 +109,7 @@ def objective_se_of(ses: dict[str, float], weights: dict[str, float]) -> float:
 
 def _release(device: torch.device) -> None:
     gc.collect()
+    trim_heap()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -176,8 +177,8 @@ class Precheck:
         if excess > 0:
             return common, TrialResult(status="infeasible", objective=INFEASIBLE_OBJECTIVE - excess,
                                        weight_bytes=predicted.total_bytes, seconds={"total": 0.0}, **common)
-        if self.memory_limit is not None and peak > self.memory_limit:
-            over = peak / self.memory_limit - 1.0
+        if self.memory_limit is not None and peak * ADMISSION_MARGIN > self.memory_limit:
+            over = peak * ADMISSION_MARGIN / self.memory_limit - 1.0
             return common, TrialResult(status="infeasible", objective=INFEASIBLE_OBJECTIVE - over,
                                        weight_bytes=predicted.total_bytes, seconds={"total": 0.0},
                                        error=over_memory_reason(peak, self.memory_limit), **common)
@@ -185,9 +186,11 @@ class Precheck:
 
 
 def over_memory_reason(peak: int, limit: int) -> str:
-    """Why a plan is not trained: its predicted fine-tuning peak against the trial's memory."""
-    return (f"over memory: fine-tuning this plan needs an estimated {peak / 1e9:.2f} GB, more than the "
-            f"{limit / 1e9:.2f} GB a trial has (search.memory_per_trial_gb)")
+    """Why a plan is not trained: its predicted fine-tuning peak (with the admission margin) against the trial's
+    memory."""
+    return (f"over memory: fine-tuning this plan needs an estimated {peak / 1e9:.2f} GB "
+            f"({peak * ADMISSION_MARGIN / 1e9:.2f} GB with the {ADMISSION_MARGIN - 1:.0%} margin for what the estimate "
+            f"leaves out), more than the {limit / 1e9:.2f} GB a trial has (search.memory_per_trial_gb)")
 
 
 def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu",
@@ -209,6 +212,7 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
         t = time.perf_counter()
         model, measured = _build_quantized(ctx, plan, device, seconds)
         seconds["quantize"] = time.perf_counter() - t   # the whole build: its reads (load) and LoftQ (loftq) included
+        trim_heap()
         if measured.total_bytes != predicted_total:
             logger.warning("measured weight bytes %d differ from predicted %d", measured.total_bytes, predicted_total)
         before = _evaluate(ctx, model, device) if ctx.evaluation.before_finetune else None
@@ -230,6 +234,7 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
         with measure_peak(device, resident) as peak:
             stats = finetune_(model, ctx.train, ctx.finetune, device, on_eval=intermediate)
         seconds["finetune"] = time.perf_counter() - t
+        trim_heap()
         after = _evaluate(ctx, model, device)
         seconds["eval"] = after.seconds
         task_values = {}

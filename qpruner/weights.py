@@ -73,8 +73,9 @@ def _has_weights(path: Path) -> bool:
 class SafetensorsDir:
     """Tensors of a ``save_pretrained`` directory (one file or shards), read one at a time.
 
-    Each read opens its file, copies the tensor out and closes (unmaps) it again, so the process never keeps
-    the whole file mapped: its resident memory grows by the tensors it keeps, not by the model's size."""
+    Tensors are read with ``pread`` into memory of their own (safetensors' ``pread`` backend), never memory-mapped:
+    a mapping would keep every page it touched resident (and counted against the process) for as long as any
+    tensor of the file lived, so a process reading a model tensor by tensor would still end up holding all of it."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -83,7 +84,7 @@ class SafetensorsDir:
             self._file_of = {name: self.directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
         elif (self.directory / SINGLE_FILE).is_file():
             from safetensors import safe_open
-            with safe_open(str(self.directory / SINGLE_FILE), framework="pt") as fh:
+            with safe_open(str(self.directory / SINGLE_FILE), framework="pt", backend="pread") as fh:
                 self._file_of = {name: self.directory / SINGLE_FILE for name in fh.keys()}
         else:
             raise ModelError(f"{self.directory} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
@@ -108,9 +109,9 @@ class SafetensorsDir:
             by_file.setdefault(self._file_of[name], []).append(name)
         out = {}
         for file, wanted in by_file.items():
-            with safe_open(str(file), framework="pt") as fh:
+            with safe_open(str(file), framework="pt", backend="pread") as fh:
                 for name in wanted:
-                    out[name] = fh.get_tensor(name).clone()   # own memory: nothing keeps the mapping alive
+                    out[name] = fh.get_tensor(name)
         return out
 
 

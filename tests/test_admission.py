@@ -10,7 +10,8 @@ import torch
 
 from qpruner import finetune_memory
 from qpruner.config import EvalConfig, FinetuneConfig, QuantConfig, build_job
-from qpruner.finetune_memory import HOST_SHARE, cap_gpu_memory, host_memory, trial_memory_limit
+from qpruner.finetune_memory import (ADMISSION_MARGIN, HOST_SHARE, cap_gpu_memory, estimate, host_memory,
+                                     trial_memory_limit)
 from qpruner.memory import Budget, ModelLayout
 from qpruner.plan import PrecisionPlan
 from qpruner.trial import Precheck, TrialContext, run_trial
@@ -71,8 +72,8 @@ def test_a_plan_over_the_trial_memory_is_answered_with_the_reason_and_never_buil
     import qpruner.trial as trial_mod
     small, large = PrecisionPlan(("nf4",) * 4), PrecisionPlan(("bf16",) * 4)
     peak_small, peak_large = Precheck.of(context).peak(small), Precheck.of(context).peak(large)
-    assert peak_small < peak_large
-    limit = (peak_small + peak_large) // 2
+    limit = int(peak_small * ADMISSION_MARGIN) + 1     # the small plan with its margin fits, the large one does not
+    assert peak_large * ADMISSION_MARGIN > limit
     monkeypatch.setattr(trial_mod, "build_quantized", lambda *a, **k: pytest.fail("an over-memory plan was built"))
     r = run_trial(context, large, memory_limit=limit)
     assert r.status == "infeasible" and r.objective < -999 and r.peak_bytes_estimate == peak_large
@@ -109,15 +110,17 @@ def test_a_search_whose_plans_all_exceed_the_memory_trains_nothing_and_exits_2(t
 
 def test_plans_over_the_memory_get_a_row_with_the_reason_and_the_rest_train(tmp_path):
     peaks = _peaks(tmp_path)
-    limit = (peaks["nf4"] + peaks["int8"]) / 2
+    limit = peaks["nf4"] * ADMISSION_MARGIN * 1.001
+    assert peaks["int8"] * ADMISSION_MARGIN > limit
     job, overrides = _job(tmp_path, memory_per_trial_gb=limit / 1e9, num_trials=3)
     proc = subprocess.run([sys.executable, "-m", "qpruner.cli", "search", str(job), *overrides], capture_output=True,
                           text=True, timeout=600, cwd=tmp_path)
     trials = pd.read_parquet(tmp_path / "tiny_smoke" / "trials.parquet")
     trained = trials[trials["status"] == "ok"]
     over = trials[trials["error"].fillna("").str.startswith("over memory")]
-    assert len(trained) >= 1 and (trained["peak_bytes_estimate"] <= limit).all()
-    assert len(over) >= 1 and (over["status"] == "infeasible").all() and (over["peak_bytes_estimate"] > limit).all()
+    assert len(trained) >= 1 and (trained["peak_bytes_estimate"] * ADMISSION_MARGIN <= limit).all()
+    assert len(over) >= 1 and (over["status"] == "infeasible").all()
+    assert (over["peak_bytes_estimate"] * ADMISSION_MARGIN > limit).all()
     assert proc.returncode in (0, 1), proc.stderr[-2000:]   # 1: fewer plans fit than num_trials (said so)
 
 
@@ -156,3 +159,13 @@ def test_a_model_too_big_for_the_drivers_device_is_refused_before_loading(tmp_pa
     assert "Gradient-free" not in str(err.value)
     monkeypatch.setattr(finetune_memory, "host_memory", lambda: 64 * GB)
     job_mod.check_driver_memory(job, torch.device("cpu"))     # fits: no error
+
+
+def test_the_estimate_follows_micro_batches_and_checkpointing(context):
+    plan, base = PrecisionPlan(("nf4",) * 4), FinetuneConfig(batch_size=8, lora_r=2)
+    full = estimate(context.layout, plan, QuantConfig(), base, 128)
+    micro = estimate(context.layout, plan, QuantConfig(), FinetuneConfig(batch_size=8, micro_batch_size=2, lora_r=2), 128)
+    ckpt = estimate(context.layout, plan, QuantConfig(), FinetuneConfig(batch_size=8, lora_r=2,
+                                                                        gradient_checkpointing=True), 128)
+    assert micro.activations * 4 == full.activations and micro.weights == full.weights
+    assert ckpt.activations < full.activations and ckpt.optimizer == full.optimizer

@@ -80,3 +80,37 @@ def test_saved_adapter_reloads_and_reproduces_the_trial_on_cuda(tiny, tiny_split
     ev = evaluate(model.eval(), tiny_splits.eval, EvalConfig().batch_size, "cuda", EvalConfig().context,
                   EvalConfig().stride)
     assert ev.perplexity == pytest.approx(r.perplexity, rel=1e-4) and ev.accuracy == pytest.approx(r.accuracy, abs=1e-6)
+
+
+def test_a_cached_loftq_build_on_cuda_is_bit_identical(tiny, tiny_splits, tmp_path):
+    from qpruner.build import build_quantized
+    from qpruner.loftq import LoftQCache
+    from qpruner.pruned_model import save_pruned
+    from qpruner.weights import SafetensorsDir
+    prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5))
+    save_pruned(tiny, models.byte_tokenizer(), tmp_path / "pruned", {"key": "k0"})
+    plan, ft, cuda = PrecisionPlan(("nf4", "int8", "fp4", "nf4")), FinetuneConfig(lora_r=2), torch.device("cuda")
+    cache = LoftQCache(tmp_path / "c")
+    cold, _ = build_quantized(tiny.config.to_dict(), SafetensorsDir(tmp_path / "pruned"), plan, QuantConfig(), ft, cuda, cache)
+    again = LoftQCache(tmp_path / "c")
+    warm, _ = build_quantized(tiny.config.to_dict(), SafetensorsDir(tmp_path / "pruned"), plan, QuantConfig(), ft, cuda, again)
+    assert again.hits == cache.misses > 0 and again.misses == 0
+    for (n1, p1), (n2, p2) in zip(cold.named_parameters(), warm.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_a_fractional_trial_cannot_take_its_neighbours_memory():
+    import subprocess
+    import sys
+    code = ("import torch\n"
+            "from qpruner.finetune_memory import cap_gpu_memory\n"
+            "d = torch.device('cuda', 0)\n"
+            "total = torch.cuda.get_device_properties(d).total_memory\n"
+            "assert cap_gpu_memory(total // 4, d) == 0.25\n"
+            "try:\n"
+            "    x = torch.empty(int(total * 0.3), dtype=torch.uint8, device=d)\n"
+            "    print('allocated')\n"
+            "except torch.OutOfMemoryError:\n"
+            "    print('refused')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "refused", out.stdout + out.stderr

@@ -32,6 +32,37 @@ def test_local_directory_loads_with_safetensors(tmp_path, tiny):
     assert loaded.tokenizer.encode("the a of", add_special_tokens=False) == [2, 3, 4]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_local_checkpoint_is_read_into_own_memory_exactly_as_from_pretrained(tmp_path, tiny, dtype):
+    from transformers import AutoModelForCausalLM
+    tiny.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")   # sharded, like a 7B checkpoint
+    _word_tokenizer().save_pretrained(tmp_path)
+    import qpruner.models as models_mod
+    loaded = models.load_model(ModelConfig(source=str(tmp_path), dtype=dtype))
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=models_mod.DTYPES[dtype])
+    ours, theirs = loaded.model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight     # tied, as the config says
+    x = torch.randint(0, 256, (1, 8))
+    assert torch.equal(loaded.model(x).logits, reference.eval()(x).logits)
+
+
+def test_a_checkpoint_with_other_keys_is_left_to_from_pretrained(tmp_path, tiny, monkeypatch):
+    from safetensors.torch import load_file, save_file
+    tiny.save_pretrained(tmp_path, safe_serialization=True)
+    _word_tokenizer().save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)   # a legacy key, as old checkpoints carry
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    import qpruner.models as models_mod
+    assert models_mod._load_local(tmp_path, tiny.config, torch.float32, False) is None
+    loaded = models.load_model(ModelConfig(source=str(tmp_path)))
+    x = torch.randint(0, 256, (1, 8))
+    assert torch.allclose(loaded.model(x).logits, tiny(x).logits)
+
+
 def test_unsupported_architecture_is_refused_with_the_list(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path)

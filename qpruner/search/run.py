@@ -309,7 +309,8 @@ def check_memory(job: JobConfig, contexts: dict, limit: int | None) -> None:
         plan = PrecisionPlan.uniform(low, ctx.n_layers * units_per_layer(ctx.unit), ctx.unit)
         peaks[amount] = Precheck.of(ctx).peak(plan, device)
     smallest = min(peaks.values())
-    if smallest > limit:
+    from ..finetune_memory import ADMISSION_MARGIN
+    if smallest * ADMISSION_MARGIN > limit:
         raise PlanError(f"no plan fits in a trial's memory: the smallest, all-{min(job.policy.bits)}-bit, "
                         f"{over_memory_reason(smallest, limit).removeprefix('over memory: fine-tuning this plan ')}. "
                         "Nothing was trained. Give trials more memory (search.memory_per_trial_gb, gpus_per_trial, "
@@ -399,15 +400,11 @@ def release_memory() -> None:
     one actor): worker RSS grew 1.9 -> 4.3 GB over 5 trials and reached 8.4 GB per worker in a long
     search, until Ray's OOM killer ended it; with this call it stayed at 1.58 GB over 6 trials. Every
     trial records its worker's resident memory (``worker_rss_bytes``)."""
-    import ctypes
-    import ctypes.util
     import gc
+
+    from ..finetune_memory import trim_heap
     gc.collect()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def _rss_bytes() -> int | None:

@@ -35,6 +35,11 @@ def test_qpruner_search_tiny_smoke(tmp_path):
     assert sorted(trained["origin"]) == ["searcher"] * 2 + ["seed:best_guess"] + ["seed:sampled"] * 2 + ["seed:uniform"] * 2
     assert (trained["nll_se"] > 0).all() and (trained["objective_se"] > 0).all()
     assert (trained["worker_rss_bytes"] > 0).all()              # recorded per trial (leak watch)
+    assert (trained["worker_peak_rss_bytes"] >= trained["worker_rss_bytes"]).all()
+    import json
+    driver = json.loads((out / "driver.json").read_text())      # the weights go by location, not by value
+    assert 0 < driver["object_store_bytes_per_trial"] < 5e6 and driver["driver_peak_rss_bytes"] > 0
+    assert list((out / "loftq").glob("*/L000.*.nf4.safetensors"))   # LoftQ results kept for later trials
     front = pd.read_parquet(out / "pareto.parquet")
     assert len(front) >= 1 and set(front["trial_id"]) <= set(trained["trial_id"])
     assert all(front_mask(front["accuracy"].tolist(), front["weight_bytes"].tolist()))
@@ -55,6 +60,23 @@ def test_qpruner_search_tiny_smoke(tmp_path):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("tiny_smoke.replaced-")]
     assert len(aside) == 1 and pd.read_parquet(aside[0] / "trials.parquet").equals(trials)
     assert len(pd.read_parquet(out / "trials.parquet")) == 1
+
+
+def test_weights_published_to_a_uri_reach_trials_through_the_node_cache(tmp_path):
+    """search.storage_path as a URI (pyarrow's file:// stands in for s3://): the driver publishes the pruned model
+    there once, each node downloads it once into its cache, trials read it from that copy."""
+    store, cache = tmp_path / "bucket", tmp_path / "node-cache"
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
+           f"results_dir={tmp_path / 'r'}", f"search.storage_path={store.as_uri()}", "search.num_trials=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "QPRUNER_CACHE_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [published] = list((store / "pruned").iterdir())
+    assert (published / "qpruner_weights.complete").is_file() and (published / "model.safetensors").is_file()
+    assert (cache / "weights" / published.name / "model.safetensors").is_file()      # the node's own copy
+    assert list((cache / "loftq").glob(f"{published.name}-*/L*.safetensors"))        # its LoftQ cache beside it
+    trials = pd.read_parquet(tmp_path / "r" / "tiny_smoke" / "trials.parquet")
+    assert (trials["status"] == "ok").sum() == 2
 
 
 def test_killed_driver_resumes_with_nothing_lost_and_no_trial_trained_twice(tmp_path):

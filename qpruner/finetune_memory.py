@@ -235,21 +235,41 @@ def host_memory() -> int | None:
 
 
 def host_cpus() -> int | None:
+    """CPUs this process may use: its affinity, or its container's CPU quota where lower (cgroup v2 ``cpu.max`` or
+    v1 ``cpu.cfs_quota_us``: a KubeRay pod with ``cpu: "4"`` on a 64-core node has 4)."""
+    import math
     import os
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count()
+        cpus = os.cpu_count() or 0
+    quota = None
+    try:
+        parts = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if len(parts) == 2 and parts[0] != "max":
+            quota = int(parts[0]) / int(parts[1])
+    except (OSError, ValueError):
+        try:
+            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota = q / p if q > 0 and p > 0 else None
+        except (OSError, ValueError):
+            quota = None
+    if quota:
+        cpus = min(cpus, max(1, math.ceil(quota))) if cpus else max(1, math.ceil(quota))
+    return cpus or None
 
 
 def local_memory_limit(explicit_gb: float | None, device_type: str, gpus_per_trial: float,
-                       cpus_per_trial: float) -> int | None:
-    """:func:`trial_memory_limit` on this machine (the trial's own node: its GPU, RAM and CPUs)."""
+                       cpus_per_trial: float, node_cpus: float | None = None) -> int | None:
+    """:func:`trial_memory_limit` on this machine (the trial's own node: its GPU, RAM and CPUs; ``node_cpus``: the
+    CPUs Ray gives the node, when known, else what the process may use)."""
     gpu_total = None
     if device_type == "cuda" and explicit_gb is None and torch.cuda.is_available():
         gpu_total = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    cpus = node_cpus if node_cpus else host_cpus()
     return trial_memory_limit(explicit_gb, device_type, gpus_per_trial, cpus_per_trial, gpu_total,
-                              host_memory(), host_cpus())
+                              host_memory(), int(cpus) if cpus else None)
 
 
 def cap_gpu_memory(limit: int | None, device: torch.device) -> float | None:

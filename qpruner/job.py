@@ -190,7 +190,8 @@ def load_or_prune(job: JobConfig, device: torch.device, force: bool = False, che
     # save_pruned writes the record last: a directory without it (an interrupted save) is never reused
     save_pruned(loaded.model, loaded.tokenizer, directory,
                 {"key": key, "source": loaded.name, "report": prune_report.to_dict(),
-                 "job": {"model": to_dict(job.model), "prune": to_dict(job.prune), "data": to_dict(job.data)}})
+                 "job": {"model": to_dict(job.model), "prune": to_dict(job.prune), "data": to_dict(job.data)}},
+                digest=True)
     logger.info("saved the pruned model to %s", directory)
     return LoadedPruned(loaded.model, loaded.tokenizer, splits, prune_report, False)
 
@@ -360,13 +361,21 @@ def _prepare_variant(job: JobConfig, out: Path, amount: float | None, device, bu
     seeds = variant_seeds(scores, memory, amount, job, budget, job.search.seed)
     if tokenized is None:
         tokenized = load_tasks(job, pruned.tokenizer, model)
-    weights, loftq_root = trial_weights(job, out, pruned_dir(job, amount), prune_key(vjob))
+    weights, loftq_root = trial_weights(job, out, pruned_dir(job, amount), weights_key(vjob, pruned_dir(job, amount)))
     context = TrialContext(config_dict=model.config.to_dict(), model_weights=weights, layout=layout,
                            train=splits.train, eval=splits.eval, quant=job.quant, finetune=job.finetune,
                            evaluation=job.eval, budget=budget, metric=job.search.metric, unit=job.policy.unit,
                            objective=job.search.objective, tasks=tokenized, screen_windows=screen_windows(job, splits.eval),
                            loftq_cache=loftq_root if job.search.loftq_cache else None)
     return Variant(amount, context, prune_report, scores, seeds, uniform), tokenized
+
+
+def weights_key(job: JobConfig, directory: Path) -> str:
+    """Identity of the pruned weights trials read: the prune key and the content digest of the files (recorded by the
+    prune that wrote them; computed here for a record of an earlier version)."""
+    from .weights import digest
+    meta = read_meta(directory) or {}
+    return f"{prune_key(job)}-{meta.get('weights_sha256') or digest(directory)}"
 
 
 def trial_weights(job: JobConfig, out: Path, directory: Path, key: str):

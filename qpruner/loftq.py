@@ -182,7 +182,7 @@ class LoftQCache:
         settings = {"version": CACHE_VERSION, "pruned": pruned_key, "r": ft.lora_r, "alpha": ft.lora_alpha,
                     "iters": ft.loftq_iters, "balance": ft.loftq_balance, "blocksize": quant.blocksize,
                     "double_quant": quant.double_quant, "int8_threshold": quant.int8_threshold,
-                    "compute": str(compute), "device": torch.device(device).type, "torch": torch.__version__,
+                    "compute": str(compute), "device": _hardware(device), "torch": torch.__version__,
                     "bitsandbytes": bitsandbytes.__version__}
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
         return Path(root) / f"{pruned_key}-{digest}"
@@ -200,16 +200,21 @@ class LoftQCache:
             return None
         try:
             tensors = load_file(str(path))
+            a, b = tensors["lora_A"], tensors["lora_B"]
+            if b.shape[0] != lin.out_features or a.shape[1] != lin.in_features:
+                raise ValueError(f"entry for a {b.shape[0]} x {a.shape[1]} linear, this one is "
+                                 f"{lin.out_features} x {lin.in_features}")
             module = _module_from(tensors, fmt, lin, quant, device, compute)
         except Exception as exc:  # noqa: BLE001 - a damaged entry is recomputed, never trusted
             logger.warning("LoftQ cache entry %s is unreadable (%s); computing it again", path, exc)
             self.misses += 1
             return None
         self.hits += 1
-        return module, tensors["lora_A"], tensors["lora_B"]
+        return module, a, b
 
     def store(self, layer: int, name: str, fmt: str, module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
         """Keep one entry (best effort: a full or read-only disk costs the next trial the SVDs, nothing else)."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
         if self._unwritable:
             return
@@ -222,13 +227,24 @@ class LoftQCache:
             save_file({**_module_tensors(module, fmt), "lora_A": a.contiguous(), "lora_B": b.contiguous()}, tmp)
             os.replace(tmp, path)
             tmp = None
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:   # a full disk reaches save_file as a SafetensorError
             self._unwritable = True
             logger.warning("cannot write the LoftQ cache in %s (%s); trials compute LoftQ without it",
-                           self.directory, exc.strerror or exc)
+                           self.directory, getattr(exc, "strerror", None) or exc)
         finally:
             if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _hardware(device) -> str:
+    """What LoftQ's rounding depends on besides the settings: the device type and its kind (GPU name and compute
+    capability; the CPU's vector instruction set), so a cache shared across machines never mixes their results."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}"
+    return f"{device.type}:{torch.backends.cpu.get_cpu_capability()}"
 
 
 def _module_tensors(module: nn.Module, fmt: str) -> dict[str, torch.Tensor]:

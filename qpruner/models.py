@@ -184,6 +184,12 @@ def _load_local(directory: Path, config, dtype: torch.dtype, trust_remote_code: 
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     reset_rotary(model)
+    if (directory / "generation_config.json").is_file():   # as from_pretrained: e.g. Llama-3's list of eos tokens
+        from transformers import GenerationConfig
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except (OSError, ValueError):
+            pass
     return model
 
 

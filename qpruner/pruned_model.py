@@ -130,8 +130,10 @@ def adopt_(model: nn.Module, config) -> nn.Module:
 # save / load
 
 
-def save_pruned(model: nn.Module, tokenizer, directory: str | Path, meta: dict | None = None) -> Path:
-    """Write ``model`` (safetensors + config), its tokenizer and ``meta`` (the pruning record)."""
+def save_pruned(model: nn.Module, tokenizer, directory: str | Path, meta: dict | None = None,
+                digest: bool = False) -> Path:
+    """Write ``model`` (safetensors + config), its tokenizer and ``meta`` (the pruning record; with ``digest``, the
+    weights' content digest too, :func:`qpruner.weights.digest`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in directory.iterdir()}
@@ -142,6 +144,9 @@ def save_pruned(model: nn.Module, tokenizer, directory: str | Path, meta: dict |
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(directory)
     if meta is not None:  # the record, written last, lists the files written (what clear_pruned may delete)
+        if digest:
+            from .weights import digest as weights_digest
+            meta = {**meta, "weights_sha256": weights_digest(directory)}
         files = sorted({p.name for p in directory.iterdir()} - before | {META_FILE})
         (directory / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2, default=str))
     (directory / PARTIAL_FILE).unlink()

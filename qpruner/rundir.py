@@ -57,10 +57,10 @@ LOFTQ_DIR = "loftq"   # the LoftQ cache of the run's pruned models (qpruner.loft
 logger = logging.getLogger(__name__)
 RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", "search.dashboard", "search.keep_dashboard",
                 "search.verbose", "search.loggers", "search.metrics_linger_s", "search.storage_path", "search.max_failures",
-                "search.disk_full_wait_s", "search.loftq_cache")
+                "search.disk_full_wait_s", "search.loftq_cache", "search.memory_per_trial_gb")
 # keys added after runs were recorded: left out of a run's identity while at these defaults, so that those runs
 # (which ran with the default) keep their identity and are continued, not refused as "a different run"
-ADDED_KEYS = {"search.screen_share": 0.0, "search.screen_windows": 32, "search.memory_per_trial_gb": None}
+ADDED_KEYS = {"search.screen_share": 0.0, "search.screen_windows": 32}
 # of these sections, every key changes a trained trial's result
 TRIAL_SECTIONS = ("model", "data", "prune", "quant", "finetune", "eval")
 

@@ -40,7 +40,8 @@ SINGLE_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class PrunedWeights:
-    """Where a pruned model's safetensors are (a directory path or a URI) and its identity (the prune key)."""
+    """Where a pruned model's safetensors are (a directory path or a URI) and its identity: the prune key and the
+    weights' content digest (:func:`digest`), ``<prune key>-<digest>``."""
     location: str
     key: str
 
@@ -70,6 +71,28 @@ def _has_weights(path: Path) -> bool:
     return (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file()
 
 
+def _open(path: str):
+    """A safetensors file opened to read with ``pread`` (safetensors >= 0.8), else memory-mapped (older versions)."""
+    from safetensors import safe_open
+    try:
+        return safe_open(path, framework="pt", backend="pread")
+    except TypeError:   # no backend keyword: the memory-mapped reader (pages stay resident while tensors live)
+        return safe_open(path, framework="pt")
+
+
+def digest(directory: str | Path) -> str:
+    """Content identity of a pruned model's weights: sha256 over its safetensors files (names and bytes). Caches and
+    published copies are named by it, so a pruned model written again (``--force``, another version) never meets an
+    entry made from the old one."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in sorted(Path(directory).glob("model*.safetensors")):
+        h.update(path.name.encode())
+        with open(path, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
 class SafetensorsDir:
     """Tensors of a ``save_pretrained`` directory (one file or shards), read one at a time.
 
@@ -83,8 +106,7 @@ class SafetensorsDir:
         if index.is_file():
             self._file_of = {name: self.directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
         elif (self.directory / SINGLE_FILE).is_file():
-            from safetensors import safe_open
-            with safe_open(str(self.directory / SINGLE_FILE), framework="pt", backend="pread") as fh:
+            with _open(str(self.directory / SINGLE_FILE)) as fh:
                 self._file_of = {name: self.directory / SINGLE_FILE for name in fh.keys()}
         else:
             raise ModelError(f"{self.directory} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE})")
@@ -103,13 +125,12 @@ class SafetensorsDir:
 
     def read(self, names) -> dict[str, torch.Tensor]:
         """Several tensors at once (one open per file they are in)."""
-        from safetensors import safe_open
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self._file_of[name], []).append(name)
         out = {}
         for file, wanted in by_file.items():
-            with safe_open(str(file), framework="pt", backend="pread") as fh:
+            with _open(str(file)) as fh:
                 for name in wanted:
                     out[name] = fh.get_tensor(name)
         return out
@@ -148,8 +169,10 @@ def publish(directory: str | Path, storage_path: str, key: str) -> PrunedWeights
     total = sum(p.stat().st_size for p in files)
     logger.info("publishing the pruned model (%d files, %.2f GB) to %s", len(files), total / 1e9, target)
     local = pafs.LocalFileSystem()
-    for p in files:
-        pafs.copy_files(str(p.resolve()), f"{root}/{p.name}", source_filesystem=local, destination_filesystem=fs)
+    for p in files:   # each file under a temporary name, then renamed: a reader never sees half a file
+        partial = f"{root}/.{p.name}.partial"
+        pafs.copy_files(str(p.resolve()), partial, source_filesystem=local, destination_filesystem=fs)
+        fs.move(partial, f"{root}/{p.name}")
     with fs.open_output_stream(f"{root}/{COMPLETE_FILE}") as out:   # last: a half-published copy is never used
         out.write(json.dumps({"key": key, "files": [p.name for p in files], "bytes": total}).encode())
     return PrunedWeights(target, key)
@@ -173,6 +196,8 @@ def node_copy(weights: PrunedWeights) -> Path:
     with _locked(target.parent / f"{weights.key}.lock"):
         if (target / COMPLETE_FILE).is_file():   # another trial of this node downloaded it meanwhile
             return target
+        for stale in target.parent.glob(f".{weights.key}-*"):   # a download killed half-way (ours: under the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         fs, root = _filesystem(weights.location)
         if fs.get_file_info(f"{root}/{COMPLETE_FILE}").type == pafs.FileType.NotFound:
             raise ModelError(f"no complete pruned model at {weights.location} (its {COMPLETE_FILE} is missing)")

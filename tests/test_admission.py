@@ -169,3 +169,18 @@ def test_the_estimate_follows_micro_batches_and_checkpointing(context):
                                                                         gradient_checkpointing=True), 128)
     assert micro.activations * 4 == full.activations and micro.weights == full.weights
     assert ckpt.activations < full.activations and ckpt.optimizer == full.optimizer
+
+
+def test_a_container_cpu_quota_is_the_cpu_count_that_counts(monkeypatch):
+    real = Path.read_text
+
+    def fake(self, *a, **k):
+        if str(self) == "/sys/fs/cgroup/cpu.max":
+            return "50000 100000\n"           # half a CPU: a pod's cpu limit
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", fake)
+    assert finetune_memory.host_cpus() == 1
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "max 100000\n" if str(self) == "/sys/fs/cgroup/cpu.max"
+                        else real(self, *a, **k))
+    assert finetune_memory.host_cpus() == len(__import__("os").sched_getaffinity(0))

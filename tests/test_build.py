@@ -66,6 +66,23 @@ def test_a_model_read_linear_by_linear_equals_the_one_built_in_memory(pruned):
     assert got_bytes == ref_bytes
 
 
+def test_the_linear_by_linear_build_equals_the_whole_model_loftq_then_quantize_it_replaced(pruned):
+    """The earlier path (LoftQ over the whole model, then quantize_ over the whole model) gives the same tensors."""
+    from qpruner.finetune import attach_lora
+    from qpruner.loftq import load_adapters_, loftq_model_
+    from qpruner.quantize import quantize_
+    tiny, directory = pruned
+    config, state = models.model_state(tiny)
+    old = models.build_model(config, state)
+    init = loftq_model_(old, PLAN, QuantConfig(), FT, "cpu", torch.float32)
+    quantize_(old, PLAN, QuantConfig(), "cpu")
+    torch.manual_seed(FT.seed)
+    old = attach_lora(old, FT)
+    load_adapters_(old, init)
+    new, _ = build_quantized(config, SafetensorsDir(directory), PLAN, QuantConfig(), FT, torch.device("cpu"))
+    _same(_tensors(old), _tensors(new))
+
+
 def test_a_cached_loftq_build_is_bit_identical_and_runs_no_loftq(pruned, tmp_path, monkeypatch):
     tiny, directory = pruned
     config = tiny.config.to_dict()
@@ -169,3 +186,46 @@ def test_an_incomplete_publication_is_never_read(pruned, tmp_path, monkeypatch):
     (tmp_path / "bucket" / "pruned" / "k9").mkdir(parents=True)
     with pytest.raises(ModelError, match="no complete pruned model"):
         node_copy(PrunedWeights((tmp_path / "bucket").as_uri() + "/pruned/k9", "k9"))
+
+
+def test_a_pruned_model_written_again_gets_a_new_identity_and_never_meets_old_cache_entries(pruned, tiny_splits,
+                                                                                          tmp_path):
+    from qpruner.pruned_model import read_meta
+    from qpruner.weights import digest
+    tiny, directory = pruned
+    first = digest(directory)
+    assert first == digest(directory) and len(first) == 16
+    with torch.no_grad():
+        models.decoder_layers(tiny)[0].self_attn.q_proj.weight.add_(1.0)   # the same key, other weights
+    save_pruned(tiny, models.byte_tokenizer(), tmp_path / "again", {"key": "k0"}, digest=True)
+    assert digest(tmp_path / "again") != first
+    assert read_meta(tmp_path / "again")["weights_sha256"] == digest(tmp_path / "again")
+
+
+def test_a_cache_entry_of_another_shape_is_a_miss(pruned, tmp_path):
+    tiny, directory = pruned
+    config, cpu, plan = tiny.config.to_dict(), torch.device("cpu"), PrecisionPlan(("nf4",) * 4)
+    build_quantized(config, SafetensorsDir(directory), plan, QuantConfig(), FT, cpu, LoftQCache(tmp_path / "c"))
+    q, k = tmp_path / "c" / "L000.q_proj.nf4.safetensors", tmp_path / "c" / "L000.k_proj.nf4.safetensors"
+    q.write_bytes(k.read_bytes())                       # another linear's entry under this one's name
+    again = LoftQCache(tmp_path / "c")
+    build_quantized(config, SafetensorsDir(directory), plan, QuantConfig(), FT, cpu, again)
+    assert again.misses == 1 and again.hits == 27          # q_proj and k_proj differ in shape (GQA)
+
+
+def test_without_the_pread_backend_tensors_are_still_read(pruned, monkeypatch):
+    import safetensors
+
+    import qpruner.weights as weights_mod
+    _, directory = pruned
+    real = safetensors.safe_open
+
+    def old_safe_open(path, framework, **kw):
+        if "backend" in kw:
+            raise TypeError("safe_open() got an unexpected keyword argument 'backend'")
+        return real(path, framework=framework, **kw)
+
+    monkeypatch.setattr(safetensors, "safe_open", old_safe_open)
+    source = weights_mod.SafetensorsDir(directory)
+    name = next(iter(source.keys()))
+    assert source[name].numel() > 0

@@ -90,13 +90,16 @@ def test_a_cached_loftq_build_on_cuda_is_bit_identical(tiny, tiny_splits, tmp_pa
     prune.prune_(tiny, tiny_splits.calib, PruneConfig(ratio=0.5))
     save_pruned(tiny, models.byte_tokenizer(), tmp_path / "pruned", {"key": "k0"})
     plan, ft, cuda = PrecisionPlan(("nf4", "int8", "fp4", "nf4")), FinetuneConfig(lora_r=2), torch.device("cuda")
+    from test_build import _same, _tensors
+    source = SafetensorsDir(tmp_path / "pruned")
+    uncached, _ = build_quantized(tiny.config.to_dict(), source, plan, QuantConfig(), ft, cuda)
     cache = LoftQCache(tmp_path / "c")
-    cold, _ = build_quantized(tiny.config.to_dict(), SafetensorsDir(tmp_path / "pruned"), plan, QuantConfig(), ft, cuda, cache)
+    cold, _ = build_quantized(tiny.config.to_dict(), source, plan, QuantConfig(), ft, cuda, cache)
     again = LoftQCache(tmp_path / "c")
-    warm, _ = build_quantized(tiny.config.to_dict(), SafetensorsDir(tmp_path / "pruned"), plan, QuantConfig(), ft, cuda, again)
+    warm, _ = build_quantized(tiny.config.to_dict(), source, plan, QuantConfig(), ft, cuda, again)
     assert again.hits == cache.misses > 0 and again.misses == 0
-    for (n1, p1), (n2, p2) in zip(cold.named_parameters(), warm.named_parameters()):
-        assert n1 == n2 and torch.equal(p1, p2), n1
+    _same(_tensors(uncached), _tensors(cold))     # every tensor: data, 4-bit statistics, int8 scales, LoRA
+    _same(_tensors(uncached), _tensors(warm))
 
 
 def test_a_fractional_trial_cannot_take_its_neighbours_memory():

@@ -32,12 +32,18 @@ def test_local_directory_loads_with_safetensors(tmp_path, tiny):
     assert loaded.tokenizer.encode("the a of", add_special_tokens=False) == [2, 3, 4]
 
 
+def reference_config(directory):
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(directory)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_local_checkpoint_is_read_into_own_memory_exactly_as_from_pretrained(tmp_path, tiny, dtype):
     from transformers import AutoModelForCausalLM
     tiny.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")   # sharded, like a 7B checkpoint
     _word_tokenizer().save_pretrained(tmp_path)
     import qpruner.models as models_mod
+    assert models_mod._load_local(tmp_path, reference_config(tmp_path), models_mod.DTYPES[dtype], False) is not None
     loaded = models.load_model(ModelConfig(source=str(tmp_path), dtype=dtype))
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=models_mod.DTYPES[dtype])
     ours, theirs = loaded.model.state_dict(), reference.state_dict()

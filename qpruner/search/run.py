@@ -278,10 +278,23 @@ class TrialMemory:
 
     def limit(self, device: str) -> int | None:
         from ..finetune_memory import cap_gpu_memory, local_memory_limit
-        limit = local_memory_limit(self.explicit_gb, device, self.gpus, self.cpus)
+        limit = local_memory_limit(self.explicit_gb, device, self.gpus, self.cpus, _node_cpus())
         if device == "cuda" and self.gpus < 1:
             cap_gpu_memory(limit, torch.device("cuda", torch.cuda.current_device()))
         return limit
+
+
+def _node_cpus() -> float | None:
+    """The CPUs Ray gives this worker's node (its share of RAM follows its share of them), or None."""
+    try:
+        import ray
+        node = ray.get_runtime_context().get_node_id()
+        for info in ray.nodes():
+            if info.get("NodeID") == node:
+                return float(info.get("Resources", {}).get("CPU") or 0) or None
+    except Exception:  # noqa: BLE001 - a best-effort figure: the process's own CPU count stands in
+        return None
+    return None
 
 
 def driver_memory_limit(job: JobConfig) -> int | None:
@@ -292,26 +305,28 @@ def driver_memory_limit(job: JobConfig) -> int | None:
     if cfg.memory_per_trial_gb is None and (cfg.ray_address or in_submitted_job()):
         return None
     return local_memory_limit(cfg.memory_per_trial_gb, "cuda" if cfg.gpus_per_trial > 0 else "cpu",
-                              cfg.gpus_per_trial, cfg.cpus_per_trial)
+                              cfg.gpus_per_trial, cfg.cpus_per_trial, cfg.num_cpus)
 
 
 def check_memory(job: JobConfig, contexts: dict, limit: int | None) -> None:
-    """Refuse a search none of whose plans fits a trial's memory (exit 2), before anything is trained: the plan with
-    the smallest fine-tuning peak, all-lowest-bit, priced on every pruned variant."""
+    """Refuse a search none of whose plans fits a trial's memory (exit 2), before anything is trained: the uniform
+    plan with the smallest fine-tuning peak (usually all-lowest-bit; an int8 layer keeps a copy of its inputs, so
+    not always), priced on every pruned variant."""
     from ..errors import PlanError
     from ..trial import over_memory_reason
     if limit is None:
         return
-    low = format_for_bits(min(job.policy.bits), job.quant.four_bit)
     device = "cuda" if job.search.gpus_per_trial > 0 else "cpu"
     peaks = {}
     for amount, ctx in contexts.items():
-        plan = PrecisionPlan.uniform(low, ctx.n_layers * units_per_layer(ctx.unit), ctx.unit)
-        peaks[amount] = Precheck.of(ctx).peak(plan, device)
-    smallest = min(peaks.values())
+        for bits in job.policy.bits:
+            plan = PrecisionPlan.uniform(format_for_bits(bits, job.quant.four_bit),
+                                         ctx.n_layers * units_per_layer(ctx.unit), ctx.unit)
+            peaks[(amount, bits)] = Precheck.of(ctx).peak(plan, device)
+    (_, best_bits), smallest = min(peaks.items(), key=lambda kv: kv[1])
     from ..finetune_memory import ADMISSION_MARGIN
     if smallest * ADMISSION_MARGIN > limit:
-        raise PlanError(f"no plan fits in a trial's memory: the smallest, all-{min(job.policy.bits)}-bit, "
+        raise PlanError(f"no plan fits in a trial's memory: the smallest, all-{best_bits}-bit, "
                         f"{over_memory_reason(smallest, limit).removeprefix('over memory: fine-tuning this plan ')}. "
                         "Nothing was trained. Give trials more memory (search.memory_per_trial_gb, gpus_per_trial, "
                         "cpus_per_trial on CPU), or lower finetune.batch_size / data.seq_len, or prune more")

@@ -115,7 +115,8 @@ def _search(tmp_path, *overrides):
     return pd.read_parquet(tmp_path / "tiny_smoke" / "trials.parquet"), proc
 
 
-@pytest.mark.parametrize("searcher", ["optuna_mo", "optuna_gp", "random"])
+@pytest.mark.parametrize("searcher", ["optuna_mo", pytest.param("optuna_gp", marks=pytest.mark.slow),
+                                      pytest.param("random", marks=pytest.mark.slow)])
 def test_other_searchers(tmp_path, searcher):
     trials, _ = _search(tmp_path, f"search.searcher={searcher}", "search.num_trials=6")
     trained = trials[trials["status"] == "ok"]

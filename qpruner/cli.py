@@ -5,7 +5,7 @@
     qpruner status   DIR|JOB.yaml|SUBMISSION_ID  progress and front of a search (also while it runs; a
                                                submission id through the Ray job API, no files needed)
     qpruner report   RESULTS_DIR               report.html (front, bits heat-map, hypervolume, trial table)
-    qpruner export   RESULTS_DIR --point K     a front point as a loadable model (safetensors + adapter)
+    qpruner export   RESULTS_DIR --point K     a front point (or --trial t0007) as a loadable model
     qpruner validate JOB.yaml [key=value ...]   check a job file (and overrides) without running it
     qpruner dashboard [--out FILE]              the Grafana dashboard of the qpruner Ray metrics
 """
@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -64,6 +65,58 @@ PROGRESS = re.compile(r"(\d\d:\d\d:\d\d) INFO qpruner\.search\.callbacks: progre
                       r"front (\d+) plans, hypervolume (\S+)")
 
 
+TRIAL_LINE = re.compile(r"(\d\d:\d\d:\d\d) (?:INFO|WARNING) qpruner\.search\.callbacks: trial (\S+?): (.*)$")
+
+
+def _seconds(stamp: str) -> int:
+    h, m, s = stamp.split(":")
+    return int(h) * 3600 + int(m) * 60 + int(s)
+
+
+def running_from_logs(logs: str) -> list[dict]:
+    """The trials a search's log shows running: started (or reporting progress) and not ended since, each with
+    its start, last step/steps/loss/ETA from its progress lines (``trial t0007-…: step 12/40, loss 2.31, ...``)."""
+    running: dict[str, dict] = {}
+    last = None
+    for line in logs.splitlines():
+        m = TRIAL_LINE.search(line)
+        if not m:
+            continue
+        stamp, name, rest = m.groups()
+        last = stamp
+        if rest.startswith("started"):
+            running[name] = {"trial": name, "started_at": stamp}
+        elif rest.startswith("step "):
+            entry = running.setdefault(name, {"trial": name, "started_at": stamp})
+            step = re.match(r"step (\d+)/(\d+), loss (\S+?)(?:,|$)", rest)
+            eta = re.search(r"ETA ([\d.]+) min", rest)
+            if step:
+                entry.update(step=int(step.group(1)), steps=int(step.group(2)), train_loss=step.group(3))
+            entry["eta_s"] = float(eta.group(1)) * 60 if eta else None
+            entry["updated_at"] = stamp
+        else:   # its result, an error, an early stop: ended
+            running.pop(name, None)
+    for entry in running.values():
+        entry["elapsed_s"] = (_seconds(last) - _seconds(entry["started_at"])) % 86400 if last else None
+    return list(running.values())
+
+
+def format_running(trials: list[dict]) -> str:
+    """``running: t0007-44448888  4.2 min  step 12/40  loss 2.314  ETA 3.1 min`` lines, one per trial."""
+    lines = []
+    for t in trials:
+        elapsed = t.get("elapsed_s")
+        if elapsed is None and t.get("started"):
+            elapsed = time.time() - float(t["started"])
+        loss = t.get("train_loss")
+        parts = [f"running: {t.get('trial')}", f"{elapsed / 60:.1f} min" if elapsed is not None else "",
+                 f"step {t['step']}/{t.get('steps', '?')}" if t.get("step") is not None else "not training yet",
+                 f"loss {float(loss):.4g}" if loss not in (None, "nan") else "",
+                 f"ETA {t['eta_s'] / 60:.1f} min" if t.get("eta_s") is not None else ""]
+        lines.append("  ".join(p for p in parts if p))
+    return "\n".join(lines)
+
+
 def _status_of_submission(submission: str, address: str | None, also_path: bool = False) -> int:
     """A search submitted with `ray job submit`, through the Ray job API (no access to the head's files)."""
     from .errors import BackendError
@@ -84,6 +137,8 @@ def _status_of_submission(submission: str, address: str | None, also_path: bool 
     progress = PROGRESS.findall(logs)
     if not progress:
         print(f"{submission}: {status}" + (", 0 trials finished" if status in ("RUNNING", "PENDING") else ""))
+        if status == "RUNNING" and (running := running_from_logs(logs)):
+            print(format_running(running))
         return 0
     stamp, done, wanted, _, front, hv = progress[-1]
     line = f"{submission}: {status}, {done} of {wanted} trials finished; front {front} plans, hypervolume {hv}"
@@ -94,7 +149,11 @@ def _status_of_submission(submission: str, address: str | None, also_path: bool 
             pace = ((seconds[-1] - seconds[0]) % 86400) / (trained[-1] - trained[0])
             line += f"; about {pace * (int(wanted) - int(done)) / 60:.0f} min left at the current pace"
     print(line)
-    print("\n".join(l for l in logs.splitlines() if "qpruner.search.callbacks: trial " in l)[-3000:])
+    ended = [l for l in logs.splitlines() if "qpruner.search.callbacks: trial " in l
+             and not (TRIAL_LINE.search(l) and TRIAL_LINE.search(l).group(3).startswith(("step ", "started")))]
+    print("\n".join(ended)[-3000:])
+    if status == "RUNNING" and (running := running_from_logs(logs)):
+        print(format_running(running))
     return 0
 
 
@@ -117,6 +176,8 @@ def _cmd_status(args) -> int:
     metric = front_metric(job) if job else "accuracy"
     holder = run.holder()
     print(f"{run.path}: " + (f"running: {holder}" if holder else "not running (no search holds it)"))
+    if running := run.running():
+        print(format_running(running))
     if not run.has_trials():
         print(f"{run.path}: no trial finished yet" + (f" (job '{job.name}', {job.search.num_trials} trials wanted)"
                                                         if job else ""))
@@ -147,8 +208,9 @@ def _cmd_report(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_point, lm_eval
 
-    out = export_point(args.results, args.point, args.out)
-    print(f"exported front point {args.point} to {out}/ (load it with qpruner.load)")
+    out = export_point(args.results, args.point, args.out, trial=args.trial, retrain=args.retrain)
+    print(f"exported {('trial ' + args.trial) if args.trial else f'front point {args.point}'} to {out}/ "
+          "(load it with qpruner.load)")
     if args.lm_eval:
         summary = lm_eval(out, [t for t in args.lm_eval.split(",") if t], args.lm_eval_limit)
         print(f"lm-evaluation-harness: {summary}")
@@ -262,7 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("export", help="export a front point as a loadable model directory")
     p.add_argument("results", help="a results/<job>/ directory")
-    p.add_argument("--point", type=int, default=0, help="front point, 0 = the smallest model (default)")
+    p.add_argument("--point", type=int, default=0, help="front point, 0 = the smallest model (default; "
+                   "`qpruner status` lists the points)")
+    p.add_argument("--trial", default=None, help="a completed trial instead of --point: its name (t0007) or id")
+    p.add_argument("--retrain", action="store_true", help="when the trial's adapter checkpoint is not readable "
+                   "here, train the plan again (same seeds, same adapter); without it such an export fails")
     p.add_argument("--out", default=None, help="output directory (default results/<job>/exports/point<K>-<trial>)")
     p.add_argument("--lm-eval", default="", metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks: harness names (their datasets "

@@ -155,6 +155,8 @@ class FinetuneConfig:
     gradient_checkpointing: bool = opt(False, help="recompute activations in the backward pass (less memory)")
     autocast: str = opt("auto", choices=("auto", "off"), help="auto: bf16 autocast on CUDA")
     eval_every: int = opt(0, min=0, help="evaluate (and report to the search) every N steps; 0: only at the end")
+    report_every: int = opt(10, min=0, help="report progress (step, loss, tokens/s, ETA) to Ray Tune every N steps; "
+                                           "0: never. A progress report, not a scheduler signal: it carries no metric")
     init: str = opt("loftq", choices=("loftq", "plain"), help="LoRA initialisation: LoftQ, or QLoRA-style (B = 0)")
     loftq_iters: int = opt(4, min=1, max=20, help="LoftQ alternations of quantization and low-rank SVD (4: better "
                                                    "than 1 after 10, 40 and 120 steps, results/bench/loftq.md)")
@@ -232,6 +234,9 @@ class SearchConfig:
     storage_path: Optional[str] = opt(None, help="Ray Tune's experiment storage: shared filesystem or URI "
                                                  "(s3://...) for multi-node runs, one folder per job name under it; "
                                                  "default results/<job>/ray")
+    storage_shared: bool = opt(False, help="the local storage (storage_path, or results_dir) is shared by every node "
+                                           "though its filesystem is not a known network one (e.g. several Ray nodes "
+                                           "on one machine); a multi-node search refuses node-local storage otherwise")
     metric: str = opt("perplexity", help="quality axis of the front and default objective: perplexity (held-out, min; "
                                          "the least noisy signal), accuracy (next token, max), or <task>:acc / "
                                          "<task>:acc_norm for a task in eval.tasks")

@@ -1,11 +1,12 @@
 """Any point of the front -> a directory you can load, evaluate and serve.
 
-``qpruner export RESULTS_DIR --point K`` writes ``results/<job>/exports/point<K>-<trial>/``:
+``qpruner export RESULTS_DIR --point K`` (or ``--trial t0007``) writes ``results/<job>/exports/point<K>-<trial>/``:
 
 * the pruned model — ``model.safetensors``, ``config.json`` (with its per-layer widths), tokenizer;
 * ``adapter/`` — the trial's trained LoRA adapter (``adapter_model.safetensors``), taken from the
-  trial's Tune checkpoint; if the search did not keep adapters, the plan is trained again, which
-  gives the same adapter (trials are deterministic);
+  trial's Tune checkpoint (recorded relative to the run directory or ``search.storage_path``, so a copied
+  results directory still finds it); with none readable the export fails unless ``--retrain`` trains the
+  plan again, which gives the same adapter (trials are deterministic);
 * ``qpruner_plan.json`` — the precision plan, the quantization, LoRA and evaluation settings, and the
   trial's metrics;
 * ``README.md`` — a model card.
@@ -69,6 +70,32 @@ def _existing_export(out: Path, job_name: str, trial_id: str) -> bool:
                        f"{trial_id}); nothing was changed. Choose a new or empty directory")
 
 
+def adapter_source(recorded, run, job) -> str | None:
+    """Where a row's ``adapter_path`` is readable now. Recorded paths are relative to the run directory (the
+    default storage, ``results/<job>/ray``) or to ``search.storage_path``, so a results directory copied elsewhere
+    still finds its adapters; URIs (``s3://``, ``gs://``) stay as they are. An absolute path of an older run that
+    no longer exists is looked for again under the run directory (its ``ray/...`` part)."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    if "://" in recorded:
+        return recorded
+    path = Path(recorded)
+    storage = job.search.storage_path if job is not None else None
+    if not path.is_absolute():
+        candidates = [run.path / path]
+        if storage and "://" not in storage:
+            candidates.append(Path(storage).expanduser() / path)
+    else:
+        candidates = [path]
+        marker = f"{os.sep}ray{os.sep}"
+        if marker in recorded:   # results/<job>/ray/... of a run directory that has since moved
+            candidates.append(run.path / recorded[recorded.rindex(marker) + 1:])
+    for candidate in candidates:
+        if (candidate / "adapter_model.safetensors").is_file():
+            return str(candidate)
+    return str(candidates[0])
+
+
 def _fetch_adapter(source: str, into: Path) -> bool:
     """Copy a trial's adapter checkpoint (a local path, or a URI such as ``s3://`` / ``gs://`` when the
     search kept its checkpoints in an object store) into ``into``. False when it is not readable here."""
@@ -106,20 +133,47 @@ def _retrain_adapter(directory: Path, job, plan: PrecisionPlan, into: Path) -> N
               on_trained=lambda model: save_adapter(model, into))
 
 
-def export_point(directory: str | Path, point: int = 0, out: str | Path | None = None) -> Path:
-    """Export front point ``point`` (0 = the smallest model) of the search in ``directory``."""
+def find_trial(run, front: pd.DataFrame, trial: str) -> tuple[int | None, pd.Series]:
+    """(front point or None, row) of ``trial``: its label ``t0007`` (or name ``t0007-<plan code>``), or its trial id;
+    a completed trial off the front can be exported too."""
+    from .pareto import trial_label
+    want = str(trial).split("-", 1)[0] if str(trial)[:1] == "t" and str(trial)[1:5].isdigit() else str(trial)
+    for i, (_, row) in enumerate(front.iterrows()):
+        if want in (trial_label(row), str(row["trial_id"])):
+            return i, row
+    trials = run.trials()
+    ok = trials[trials["status"] == "ok"] if "status" in trials else trials.iloc[0:0]
+    for _, row in ok.iterrows():
+        if want in (trial_label(row), str(row["trial_id"])):
+            return None, row
+    shown = ", ".join(f"{i}: {trial_label(r)}" for i, (_, r) in enumerate(front.iterrows()))
+    raise ConfigError([f"--trial {trial}: no completed trial of {run.path} has that name or id (the front: {shown})"])
+
+
+def export_point(directory: str | Path, point: int = 0, out: str | Path | None = None, trial: str | None = None,
+                 retrain: bool = False) -> Path:
+    """Export front point ``point`` (0 = the smallest model) of the search in ``directory``, or the completed trial
+    named ``trial`` (``t0007`` or its trial id). Its adapter comes from the trial's checkpoint; with none readable
+    the export fails, unless ``retrain`` trains the plan again (same seeds: the same adapter)."""
     from .rundir import RunDir
     run = RunDir(directory)
     directory = run.path
     job = run.read_job()
     front = _front(run)
-    if not 0 <= point < len(front):
-        raise ConfigError([f"--point {point}: the front has {len(front)} plans (0..{len(front) - 1}, smallest first)"])
-    row = front.iloc[point]
+    if trial is not None:
+        found, row = find_trial(run, front, trial)
+        name = f"point{found}-{row['trial_id']}" if found is not None else f"trial-{row['trial_id']}"
+        point = found if found is not None else -1
+    else:
+        if not 0 <= point < len(front):
+            raise ConfigError([f"--point {point}: the front has {len(front)} plans (0..{len(front) - 1}, smallest "
+                               "first; `qpruner status` shows them)"])
+        row = front.iloc[point]
+        name = f"point{point}-{row['trial_id']}"
     plan = plan_of_row(row)
-    final = Path(out) if out else directory / "exports" / f"point{point}-{row['trial_id']}"
+    final = Path(out) if out else directory / "exports" / name
     if _existing_export(final, job.name, str(row["trial_id"])):
-        logger.info("front point %d (trial %s) is already exported to %s", point, row["trial_id"], final)
+        logger.info("trial %s is already exported to %s", row["trial_id"], final)
         return final
     pruned = run.pruned_at(plan.pruned)
     if not (pruned / "model.safetensors").is_file():
@@ -135,8 +189,14 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
     try:
         shutil.copytree(pruned, out, ignore=shutil.ignore_patterns("qpruner_prune.json"), dirs_exist_ok=True)
         adapter = out / "adapter"
-        source = row.get("adapter_path")
-        if not (isinstance(source, str) and source and _fetch_adapter(source, adapter)):
+        source = adapter_source(row.get("adapter_path"), run, job)
+        if not (source and _fetch_adapter(source, adapter)):
+            if not retrain:
+                raise ResultsError(
+                    f"no readable adapter checkpoint for trial {row['trial_id']} "
+                    f"({source or 'the search kept none'}); nothing was exported. Copy the run's storage "
+                    f"(search.storage_path, or results/<job>/ray) along with the results, give read access to it, or "
+                    "pass --retrain to train this plan again here (same seeds: the same adapter, at a trial's cost)")
             with run.lock("export (training a front plan's adapter again)"):  # prepare() writes in the run
                 _retrain_adapter(directory, job, plan, adapter)
         metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
@@ -161,13 +221,15 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
         for path in moved:                      # and what of it had already moved into the empty --out
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         raise
-    logger.info("exported front point %d (trial %s) to %s", point, row["trial_id"], final)
+    logger.info("exported %s (trial %s) to %s", f"front point {point}" if point >= 0 else "a trial off the front",
+                row["trial_id"], final)
     return final
 
 
 def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int) -> str:
     amount = "" if plan.pruned is None else f" at {100 * plan.pruned:g}% of the parameters (joint search)"
-    lines = [f"# {job.name}: QPruner export, front point {point}", "",
+    where = f"front point {point}" if point >= 0 else f"trial {metrics.get('trial_id')} (not on the front)"
+    lines = [f"# {job.name}: QPruner export, {where}", "",
              f"Pruned from `{job.model.source}`{amount} ({job.prune.scope} scope, {job.prune.importance} importance), "
              f"quantized per {plan.unit} with bitsandbytes, LoRA adapter (r={job.finetune.lora_r}) fine-tuned for "
              f"{job.finetune.steps} steps on `{job.data.source}`.", "",

@@ -10,7 +10,9 @@ Optimisation: AdamW on the adapters; ``batch_size`` sequences per step, split in
 learning rate; gradient clipping; bf16 autocast on CUDA; optional gradient checkpointing; a step
 budget and an optional time budget; batches drawn without replacement from the fine-tune split in a
 seeded order (same seed, same data order, same adapters' initialisation — same result). Every
-``eval_every`` steps an evaluation callback can report intermediate metrics (for early stopping).
+``eval_every`` steps an evaluation callback can report intermediate metrics (for early stopping);
+every ``report_every`` steps a :class:`StepProgress` can report how far it is (step, loss, tokens/s,
+ETA) — a progress report for people and dashboards, which carries no metric a scheduler could act on.
 A non-finite loss stops the trial with :class:`~qpruner.errors.TrialFailed`.
 """
 
@@ -30,6 +32,7 @@ from torch import nn
 from . import models
 from .config import FinetuneConfig
 from .errors import BackendError, TrialFailed
+from .results import PROGRESS_STATUS
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,30 @@ class FinetuneStats:
     seconds: float
     stopped: str = ""            # why training ended before cfg.steps ("time budget"), else ""
     losses: tuple[float, ...] = ()
+
+
+class StepProgress:
+    """``on_step`` for :func:`finetune_`: every ``every`` optimizer steps (and at the last), calls ``report``
+    with ``{"status": "training", "step", "steps", "train_loss", "tokens_per_s", "finetune_s", "eta_s"}``.
+    The ETA is the mean step time so far times the steps left (capped by ``max_seconds``)."""
+
+    def __init__(self, report: Callable[[dict], None], cfg: FinetuneConfig, tokens_per_step: int,
+                 extra: dict | None = None):
+        self.report, self.every, self.steps = report, cfg.report_every, cfg.steps
+        self.max_seconds, self.tokens_per_step, self.extra = cfg.max_seconds, tokens_per_step, extra or {}
+        self.t0 = time.perf_counter()
+
+    def __call__(self, step: int, loss: float) -> None:
+        done = step + 1
+        if not self.every or (done % self.every and done != self.steps):
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.steps - done)
+        if self.max_seconds is not None:
+            eta = min(eta, max(0.0, self.max_seconds - elapsed))
+        self.report({"status": PROGRESS_STATUS, "step": done, "steps": self.steps, "train_loss": loss,
+                     "tokens_per_s": self.tokens_per_step * done / elapsed if elapsed > 0 else None,
+                     "finetune_s": elapsed, "eta_s": eta, **self.extra})
 
 
 def attach_lora(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:

@@ -25,11 +25,16 @@ aggregates its parameters' slice scores with ``sum`` (default), ``mean`` or ``ma
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from . import models
+from .progress import Progress
 from .surgery import Coupled
+
+logger = logging.getLogger(__name__)
 
 ESTIMATORS = ("l1", "l2", "random", "taylor_vector", "taylor", "param_second", "param_mix")
 FIRST_ORDER = {"taylor_vector", "taylor", "param_mix"}
@@ -38,9 +43,11 @@ AGGREGATIONS = ("sum", "mean", "max")
 
 
 def accumulate_gradients(model: nn.Module, calib: torch.Tensor, batch_size: int = 4,
-                         params: list[nn.Parameter] | None = None, fisher: bool = False) -> dict[int, torch.Tensor]:
+                         params: list[nn.Parameter] | None = None, fisher: bool = False,
+                         what: str | None = None) -> dict[int, torch.Tensor]:
     """Set ``.grad`` of ``params`` (default: decoder-linear weights) to the gradient of the mean LM loss
-    over ``calib``; other parameters get no gradient (saves memory and time).
+    over ``calib``; other parameters get no gradient (saves memory and time). ``what``: log progress with an
+    ETA under that name (:class:`qpruner.progress.Progress`).
 
     With ``fisher=True`` samples go one at a time and ``{id(param): sum_b g_b**2}`` is returned too.
     """
@@ -55,19 +62,22 @@ def accumulate_gradients(model: nn.Module, calib: torch.Tensor, batch_size: int 
     squares: dict[int, torch.Tensor] = {}
     total: dict[int, torch.Tensor] = {}
     n = calib.shape[0]
+    progress = Progress(logger, what, n) if what else None
     try:
         for batch in calib.split(1 if fisher else batch_size):
             batch = batch.to(device)
             loss = model(input_ids=batch, labels=batch).loss
             if not fisher:
                 (loss * (batch.shape[0] / n)).backward()
-                continue
-            loss.backward()
-            for p in params:
-                g = p.grad.detach().float()
-                squares[id(p)] = squares.get(id(p), 0) + g * g
-                total[id(p)] = total.get(id(p), 0) + g / n
-                p.grad = None
+            else:
+                loss.backward()
+                for p in params:
+                    g = p.grad.detach().float()
+                    squares[id(p)] = squares.get(id(p), 0) + g * g
+                    total[id(p)] = total.get(id(p), 0) + g / n
+                    p.grad = None
+            if progress is not None:
+                progress.step(batch.shape[0])
         for p in params if fisher else ():
             p.grad = total[id(p)].to(p.dtype)
     finally:

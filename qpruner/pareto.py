@@ -73,6 +73,28 @@ def hypervolume(quality: list[float], cost: list[float], ref: tuple[float, float
     return area(list(zip(cost, quality)), (ref[1], ref[0]))
 
 
+def trial_label(row) -> str:
+    """The short name people see for a trial row: ``t0007`` (its number in the search, as in the logs and the Tune
+    table, from ``trial_name`` ``t0007-<plan code>``), else its trial id (e.g. a result answered from the cache)."""
+    name = row.get("trial_name") if hasattr(row, "get") else None
+    if isinstance(name, str) and name[:1] == "t" and name[1:5].isdigit():
+        return name.split("-", 1)[0]
+    return str(row.get("trial_id") if hasattr(row, "get") else row)
+
+
+def ideal_quality(metric: str) -> float:
+    """The best value the quality axis can take: 0 for perplexity (``-log 1``), else 1 (accuracies, and an
+    objective of weighted accuracies)."""
+    return 0.0 if metric == "perplexity" else 1.0
+
+
+def normalized_hypervolume(hv: float, ref: tuple[float, float], metric: str) -> float:
+    """``hv`` as a share of the box between the reference ``(q_ref, cost_ref)`` and the ideal corner (the best
+    quality at no memory): 0 for an empty front, 1 for the unreachable ideal; comparable across jobs and models."""
+    box = (ideal_quality(metric) - ref[0]) * ref[1]
+    return hv / box if box > 0 else 0.0
+
+
 def quality_values(frame: pd.DataFrame, metric: str) -> list[float]:
     """The quality axis of the front: ``-log(perplexity)`` for perplexity, else the metric."""
     values = frame[metric].astype(float).tolist()
@@ -290,16 +312,19 @@ class TrialLog:
         """Counts by status, front size, best quality and hypervolume: against ``ref = (q_ref, cost_ref)``
         when given (fixed, comparable over time), else the live reference (lowest quality, largest memory seen)."""
         frame = self.frame()
+        fixed = ref is not None
         counts = frame["status"].value_counts().to_dict() if not frame.empty and "status" in frame else {}
         front = pareto_front(frame, self.metric)
         out = {"trials": len(frame), **{f"n_{k}": int(v) for k, v in counts.items()}, "front_size": len(front),
-               "best": None, "hypervolume": 0.0}
+               "best": None, "hypervolume": 0.0, **({"hypervolume_normalized": 0.0} if fixed else {})}
         ok = frame[frame["status"] == "ok"] if counts else frame
         if not front.empty:
             if ref is None:
                 ref = (min(quality_values(ok, self.metric)) - 1e-9, float(ok["weight_bytes"].max()) + 1.0)
             out["hypervolume"] = hypervolume(quality_values(front, self.metric), front["weight_bytes"].astype(float).tolist(),
                                              ref)
+            if fixed:
+                out["hypervolume_normalized"] = normalized_hypervolume(out["hypervolume"], ref, self.metric)
             best = front[self.metric].max() if maximize(self.metric) else front[self.metric].min()
             out["best"] = float(best)
         return out

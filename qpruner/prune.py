@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from . import models, surgery
+from .progress import Progress
 from .config import PruneConfig
 from .errors import ConfigError
 from .models import LayerWidth
@@ -163,12 +164,15 @@ def score_groups(model: nn.Module, calib: torch.Tensor, cfg: PruneConfig, *, see
     fisher = None
     if cfg.importance in FIRST_ORDER | SECOND_ORDER:
         params = list({id(p.param): p.param for ps in parts.values() for p in ps}.values())
-        fisher = accumulate_gradients(model, calib, cfg.batch_size, params, fisher=cfg.importance in SECOND_ORDER)
+        fisher = accumulate_gradients(model, calib, cfg.batch_size, params, fisher=cfg.importance in SECOND_ORDER,
+                                      what=f"pruning: {cfg.importance} importance, gradient pass")
     gen = torch.Generator().manual_seed(seed)
     scores = GroupScores()
+    progress = Progress(logger, f"pruning: {cfg.importance} scores of the groups", len(parts), unit="groups")
     with torch.no_grad():
         for key, ps in parts.items():
             s = group_scores(ps, cfg.importance, cfg.aggregation, fisher, gen)
+            progress.step()
             if key == "hidden":
                 scores.hidden = s
             elif key.startswith("attention"):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .pareto import hypervolume, maximize, pareto_front, quality_values, se_column
+from .pareto import hypervolume, maximize, pareto_front, quality_values, se_column, trial_label
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def front_table(front: pd.DataFrame, metric: str) -> str:
         return "(no completed trial: the front is empty)"
     extra = metric not in ("accuracy", "perplexity")
     unit = "NLL" if metric == "perplexity" else metric
-    header = (f"{'trial':<10} {'weights MB':>10} {'avg bits':>8} {'perplexity':>17} {'accuracy':>17}"
+    header = (f"{'point':>5} {'trial':<6} {'id':<10} {'weights MB':>10} {'avg bits':>8} {'perplexity':>17} {'accuracy':>17}"
               + (f" {metric:>18}" if extra else "") + f" {'gain vs cheaper (' + unit + ')':>26}"
               + "  plan (4=nf4 f=fp4 8=int8 H=bf16)")
     joint = _joint(front)
@@ -44,7 +44,7 @@ def front_table(front: pd.DataFrame, metric: str) -> str:
         header = header.replace(f"{'weights MB':>10}", f"{'pruned':>6} {'weights MB':>10}", 1)
     lines = [header, "-" * len(header)]
     unclear = 0
-    for _, r in front.iterrows():
+    for point, (_, r) in enumerate(front.iterrows()):
         gain = r.get("gain")
         if gain is None or pd.isna(gain):
             vs = "-"
@@ -53,13 +53,15 @@ def front_table(front: pd.DataFrame, metric: str) -> str:
             unclear += sep is False
             vs = _fmt_se(gain, r.get("gain_se"), 4) + ("" if sep is not False else " ~")
         pruned = f"{_amount(r.get('prune_param_ratio')):>6} " if joint else ""
-        lines.append(f"{str(r['trial_id']):<10} {pruned}{r['weight_bytes'] / 1e6:>10.2f} {r['avg_bits']:>8.2f} "
+        lines.append(f"{point:>5} {trial_label(r):<6} {str(r['trial_id']):<10} {pruned}"
+                     f"{r['weight_bytes'] / 1e6:>10.2f} {r['avg_bits']:>8.2f} "
                      f"{_fmt_se(r['perplexity'], r.get('perplexity_se'), 2):>17} "
                      f"{_fmt_se(r['accuracy'], r.get('accuracy_se'), 4):>17}"
                      + (f" {_fmt_se(r[metric], r.get(metric + '_se'), 4):>18}" if extra else "")
                      + f" {vs:>26}  {r['plan_code']}")
     lines.append(f"objective: {'max' if maximize(metric) else 'min'} {metric}; ± one standard error over evaluation "
-                 "windows; gain: paired difference on the same tokens")
+                 "windows; gain: paired difference on the same tokens; export a point with `qpruner export DIR "
+                 "--point N` (or --trial t0007)")
     if unclear:
         lines.append(f"~ : {unclear} point(s) not better than the cheaper neighbour by more than 2 SE "
                      "(within evaluation noise)")
@@ -174,8 +176,8 @@ def plot_front(trials: pd.DataFrame, front: pd.DataFrame, metric: str, path: str
         if not unclear.empty:
             ax.scatter(unclear["weight_bytes"] / 1e6, unclear[metric], marker="x", color="red", s=70, zorder=5,
                        label=f"within noise of the cheaper neighbour ({len(unclear)})")
-        for _, r in front.iterrows():
-            ax.annotate(f"{r['avg_bits']:.2f}b", (r["weight_bytes"] / 1e6, r[metric]),
+        for point, (_, r) in enumerate(front.iterrows()):
+            ax.annotate(f"#{point} {trial_label(r)} {r['avg_bits']:.2f}b", (r["weight_bytes"] / 1e6, r[metric]),
                         textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("weight memory (MB)    [thin bars: ±1 SE of each value; bold: ±1 SE of each front step, paired]",
                   fontsize=8)
@@ -201,7 +203,8 @@ def plot_bits(front: pd.DataFrame, path: str | Path) -> Path:
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # units are indices: never 2.5
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([f"{t} ({w / 1e6:.1f} MB)" for t, w in zip(front["trial_id"], front["weight_bytes"])]
+    ax.set_yticklabels([f"#{i} {trial_label(r)} ({r['weight_bytes'] / 1e6:.1f} MB)"
+                        for i, (_, r) in enumerate(front.iterrows())]
                        if not front.empty else ["(empty)"], fontsize=7)
     ax.set_xlabel(f"unit ({front['plan_unit'].iloc[0] if not front.empty and 'plan_unit' in front else 'layer'})")
     ax.set_title("bits per unit of each front plan")
@@ -256,11 +259,13 @@ def plot_hypervolume(curve: list[float], path: str | Path) -> Path:
 # HTML
 
 
-_COLUMNS = [("trial_id", "trial"), ("status", "status"), ("origin", "origin"), ("avg_bits", "avg bits"),
+_COLUMNS = [("point", "point"), ("trial_name", "trial"), ("trial_id", "id"), ("status", "status"), ("origin", "origin"),
+            ("avg_bits", "avg bits"),
             ("weight_bytes", "weights MB"), ("perplexity", "perplexity"), ("perplexity_se", "± SE"),
             ("accuracy", "accuracy"), ("accuracy_se", "± SE"), ("objective", "objective"),
             ("peak_bytes_estimate", "FT peak est. MB"), ("seconds_total", "seconds"),
             ("prune_param_ratio", "pruned"), ("plan_code", "plan")]
+TEXT_COLUMNS = ("trial_name", "trial_id", "status", "origin")
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
@@ -292,7 +297,7 @@ def _cell(value, column: str) -> str:
         shown = f"{value / 1e6:.2f}"
     elif isinstance(value, float):
         shown = f"{value:.4g}"
-    cls = ' class="l plan"' if column == "plan_code" else (' class="l"' if column in ("trial_id", "status", "origin") else "")
+    cls = ' class="l plan"' if column == "plan_code" else (' class="l"' if column in TEXT_COLUMNS else "")
     return f'<td{cls} data-v="{html.escape(str(value))}">{html.escape(str(shown))}</td>'
 
 
@@ -350,10 +355,14 @@ def write_report(directory: str | Path, metric: str | None = None) -> Path:
                ("hypervolume", (f"{curve[-1]:.4g}" if curve else "0")
                 + ("" if ref else " (reference: 10% beyond the worst quality and largest memory seen)"))]
     rows = []
+    points = {tid: i for i, tid in enumerate(front["trial_id"])} if not front.empty else {}
     for _, r in trials.iterrows():
         cls = ' class="front"' if r.get("trial_id") in front_ids else ""
-        rows.append(f"<tr{cls}>" + "".join(_cell(r.get(c), c) for c, _ in _COLUMNS) + "</tr>")
-    header = "".join(f'<th class="{"l" if c in ("trial_id", "status", "origin", "plan_code") else ""}" '
+        shown = {c: r.get(c) for c, _ in _COLUMNS}
+        shown["point"] = points.get(r.get("trial_id"))   # the N of `qpruner export --point N`
+        shown["trial_name"] = trial_label(r)
+        rows.append(f"<tr{cls}>" + "".join(_cell(shown[c], c) for c, _ in _COLUMNS) + "</tr>")
+    header = "".join(f'<th class="{"l" if c in TEXT_COLUMNS or c == "plan_code" else ""}" '
                      f'onclick="sortTable({i})">{html.escape(label)}</th>' for i, (c, label) in enumerate(_COLUMNS))
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>QPruner report: {html.escape(directory.name)}</title>
 <style>{_CSS}</style><script>{_JS}</script></head><body>

@@ -14,6 +14,15 @@ INFEASIBLE_OBJECTIVE = -1000.0
 FAILED_OBJECTIVE = -2000.0
 
 
+PROGRESS_STATUS = "training"   # the ``status`` of a trial's progress report (qpruner.finetune.StepProgress)
+
+
+def is_progress(result: dict | None) -> bool:
+    """Whether a reported result is a progress report: step, loss, tokens/s, ETA, and no ``objective`` (so no
+    scheduler or searcher acts on it)."""
+    return bool(result) and result.get("status") == PROGRESS_STATUS
+
+
 @dataclass(frozen=True)
 class TrialResult:
     """Everything one trial produced: plan, status, quality with standard errors, memory, time."""

@@ -10,6 +10,7 @@ Layout of a run directory::
     trials.parquet     every trial (one row per trial id)      pareto.parquet   the front
     pruned/            the pruned model (with its own marker, ``qpruner_prune.json``)
     layer_scores.json, prune.json, seeds.json, report.html, *.png, ray/ (Ray Tune's experiment), exports/
+    running.json       the trials a live search is running (their last step, loss, ETA), for `qpruner status`
     pruned-p<percent>/, layer_scores-p<percent>.json, prune-p<percent>.json
                        a joint search's variants, one per ``prune.param_ratios`` amount (e.g. ``pruned-p20/``)
 
@@ -51,13 +52,15 @@ LOCK = ".lock"
 JOB_FILE = "job.yaml"
 TRIALS_FILE = "trials.parquet"
 PARETO_FILE = "pareto.parquet"
+RUNNING_FILE = "running.json"   # the trials a live search is running: name, start, last step/loss/ETA (driver-written)
 DRIVER_FILE = "driver.json"   # what the driver measured of itself: peak resident memory, bytes shipped per trial
 LOFTQ_DIR = "loftq"   # the LoftQ cache of the run's pruned models (qpruner.loftq.LoftQCache; derived, safe to delete)
 # settings that change where and how visibly a run executes, never what it computes
 logger = logging.getLogger(__name__)
 RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", "search.dashboard", "search.keep_dashboard",
                 "search.verbose", "search.loggers", "search.metrics_linger_s", "search.storage_path", "search.max_failures",
-                "search.disk_full_wait_s", "search.loftq_cache", "search.memory_per_trial_gb")
+                "search.disk_full_wait_s", "search.loftq_cache", "search.memory_per_trial_gb",
+                "finetune.report_every", "search.storage_shared")
 # keys added after runs were recorded: left out of a run's identity while at these defaults, so that those runs
 # (which ran with the default) keep their identity and are continued, not refused as "a different run"
 ADDED_KEYS = {"search.screen_share": 0.0, "search.screen_windows": 32}
@@ -121,6 +124,7 @@ def trial_key(job) -> str:
     from . import __version__
     from .config import to_dict
     d = to_dict(job)
+    d["finetune"].pop("report_every", None)   # how often a trial says how far it is: not what it computes
     return _hash({"sections": {s: d[s] for s in TRIAL_SECTIONS}, "data_file": data_fingerprint(job),
                   "metric": job.search.metric,
                   "objective": job.search.objective, "unit": job.policy.unit, "device": job.device,
@@ -313,6 +317,25 @@ class RunDir:
         return self.trials_file.is_file()
 
     # the lock ------------------------------------------------------------------------------------
+    def write_running(self, trials: list[dict]) -> None:
+        """Replace :data:`RUNNING_FILE` with ``trials`` (best effort: a view for `qpruner status`, never worth
+        failing a search for)."""
+        try:
+            _atomic_text(self.path / RUNNING_FILE, json.dumps({"updated": time.time(), "trials": trials}) + "\n")
+        except OSError as exc:
+            logger.debug("could not write %s (%s)", self.path / RUNNING_FILE, exc)
+
+    def running(self) -> list[dict]:
+        """The running trials the live search last wrote, or [] when no search holds the run (a file left by a
+        driver that died is not a running search)."""
+        path = self.path / RUNNING_FILE
+        if not path.is_file() or self.holder() is None:
+            return []
+        try:
+            return list(json.loads(path.read_text()).get("trials") or [])
+        except (OSError, ValueError, AttributeError):
+            return []
+
     @contextlib.contextmanager
     def lock(self, purpose: str):
         """Hold the directory's exclusive lock (creating the directory) for the ``with`` block."""

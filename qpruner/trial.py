@@ -37,7 +37,7 @@ import torch
 from .config import EvalConfig, FinetuneConfig, QuantConfig
 from .errors import TrialFailed
 from .evaluate import EvalMetrics, evaluate
-from .finetune import finetune_
+from .finetune import StepProgress, finetune_
 from .finetune_memory import ADMISSION_MARGIN, estimate as estimate_finetune_memory, measure_peak, trim_heap
 from .build import build_quantized, quantized_with_lora  # noqa: F401  (re-exported)
 from .loftq import LoftQCache
@@ -196,10 +196,13 @@ def over_memory_reason(peak: int, limit: int) -> str:
 def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device = "cpu",
               on_report: Callable[[dict], None] | None = None,
               on_trained: Callable[[torch.nn.Module], None] | None = None,
-              memory_limit: int | None = None) -> TrialResult:
+              memory_limit: int | None = None,
+              on_progress: Callable[[dict], None] | None = None) -> TrialResult:
     """Quantize, fine-tune and evaluate ``plan``. ``on_report`` receives intermediate metrics every
-    ``finetune.eval_every`` steps (for early stopping); ``on_trained`` receives the trained model (e.g. to
-    save its adapters) before it is released; the final result is returned, not reported."""
+    ``finetune.eval_every`` steps (for early stopping); ``on_progress`` a progress report every
+    ``finetune.report_every`` steps (:class:`~qpruner.finetune.StepProgress`: no metric); ``on_trained`` receives
+    the trained model (e.g. to save its adapters) before it is released; the final result is returned, not
+    reported."""
     device = torch.device(device)
     t0 = time.perf_counter()
     common, infeasible = Precheck.of(ctx, memory_limit)(plan, device)
@@ -232,7 +235,9 @@ def run_trial(ctx: TrialContext, plan: PrecisionPlan, device: str | torch.device
         t = time.perf_counter()
         resident = measured.total_bytes + adapter_bytes(model)
         with measure_peak(device, resident) as peak:
-            stats = finetune_(model, ctx.train, ctx.finetune, device, on_eval=intermediate)
+            progress = (StepProgress(on_progress, ctx.finetune, ctx.finetune.batch_size * int(ctx.train.shape[-1]),
+                                     {"plan_code": plan.code()}) if on_progress is not None else None)
+            stats = finetune_(model, ctx.train, ctx.finetune, device, on_step=progress, on_eval=intermediate)
         seconds["finetune"] = time.perf_counter() - t
         trim_heap()
         after = _evaluate(ctx, model, device)

@@ -48,6 +48,7 @@ from .config import LINEAR_NAMES, QuantConfig, ScoreConfig
 from .errors import ConfigError, ModelError
 from .plan import UNIT_MEMBERS, units_per_layer
 from .group_importance import accumulate_gradients
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,10 @@ def _weights(model: nn.Module) -> list[dict[str, nn.Parameter]]:
 def _fisher(model, calib, unit, **_) -> list[float]:
     weights = _weights(model)
     per_linear = [{n: 0.0 for n in LINEAR_NAMES} for _ in weights]
+    progress = Progress(logger, "layer scores (fisher)", calib.shape[0])
     for sample in calib.split(1):
         accumulate_gradients(model, sample, batch_size=1)
+        progress.step()
         for acc, layer in zip(per_linear, weights):
             for name, w in layer.items():
                 acc[name] += float(((w.data.float() * w.grad.float()) ** 2).sum())
@@ -89,7 +92,7 @@ def _fisher(model, calib, unit, **_) -> list[float]:
 
 
 def _taylor(model, calib, unit, **_) -> list[float]:
-    accumulate_gradients(model, calib)
+    accumulate_gradients(model, calib, what="layer scores (taylor)")
     per_linear = [{n: float((w.data.float() * w.grad.float()).abs().sum()) for n, w in layer.items()}
                   for layer in _weights(model)]
     model.zero_grad(set_to_none=True)
@@ -135,16 +138,18 @@ def _block_influence(model, calib, unit, **_) -> list[float]:
     _check_residual_unit("block_influence", unit)
     device = next(model.parameters()).device
     sums, count = None, 0
+    progress = Progress(logger, "layer scores (block influence)", calib.shape[0])
     for batch in calib.split(4):
         streams, _ = _residual_streams(model, batch.to(device), unit)
         values = torch.stack([(1.0 - F.cosine_similarity(a, b, dim=-1)).sum() for a, b in zip(streams, streams[1:])])
         sums = values if sums is None else sums + values
         count += streams[0].shape[0]
+        progress.step(batch.shape[0])
     return (sums / count).tolist()
 
 
 def _fisher_weighted(model: nn.Module, calib: torch.Tensor, weights, weight_by, draws: int = 2,
-                     seed: int = 0) -> list[dict[str, float]]:
+                     seed: int = 0, what: str = "empirical Fisher") -> list[dict[str, float]]:
     """``sum_w F_ww * weight_by[w]`` per linear, with ``F`` the diagonal Fisher information of the
     decoder-linear weights: per calibration sequence, the squared gradient of the log-likelihood of tokens
     sampled from the model's own predictions (``draws`` per sequence), averaged. ``weights``:
@@ -164,6 +169,7 @@ def _fisher_weighted(model: nn.Module, calib: torch.Tensor, weights, weight_by, 
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
             p.grad = None
+        progress = Progress(logger, f"layer scores ({what})", calib.shape[0])
         for sample in calib.split(1):
             sample = sample.to(device)
             logits = model(input_ids=sample).logits.float()
@@ -178,6 +184,7 @@ def _fisher_weighted(model: nn.Module, calib: torch.Tensor, weights, weight_by, 
                             acc[name] += float((w.grad.float() ** 2 * by[name].to(w.grad.device)).sum())
                             w.grad = None
                 count += 1
+            progress.step()
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
@@ -199,13 +206,16 @@ def _mutual_information(model, calib, unit, quant: QuantConfig | None = None, **
     # each weight's extra squared round-trip error in 4 bits over int8, d4(w)^2 - d8(w)^2: on the CPU
     # (float32), so that the GPU holds only the model, its gradients and one linear's factor at a time
     extra = []
+    layers = models.decoder_layers(model)
+    progress = Progress(logger, "layer scores (mutual information): round-trip errors", len(layers), unit="layers")
     with torch.no_grad():
-        for layer in models.decoder_layers(model):
+        for layer in layers:
             extra.append({name: (_round_trip_error(lin, quant.four_bit, quant) ** 2
                                  - _round_trip_error(lin, "int8", quant) ** 2).cpu()
                           for name, lin in models.layer_linears(layer).items()})
+            progress.step()
     per_linear = [{n: 0.5 * v for n, v in layer.items()}
-                  for layer in _fisher_weighted(model, calib, weights, extra)]
+                  for layer in _fisher_weighted(model, calib, weights, extra, what="mutual information: Fisher pass")]
     return _by_unit(per_linear, unit)
 
 
@@ -224,7 +234,9 @@ def _sensitivity(model, calib, unit, quant: QuantConfig | None = None, **_) -> l
     reference = _log_probs(model, calib)
     tokens = sum(r.shape[0] * r.shape[1] for r in reference)
     scores = []
-    for layer in models.decoder_layers(model):
+    layers = models.decoder_layers(model)
+    progress = Progress(logger, "layer scores (sensitivity)", len(layers), unit="layers")
+    for layer in layers:
         originals = models.layer_linears(layer)
         for names in UNIT_MEMBERS[unit]:
             for name in names:
@@ -235,6 +247,7 @@ def _sensitivity(model, calib, unit, quant: QuantConfig | None = None, **_) -> l
             finally:
                 for name in names:
                     models.set_layer_linear(layer, name, originals[name])
+        progress.step()
     return scores
 
 

@@ -94,7 +94,7 @@ def _alive(cluster) -> list[dict] | None:
 def _search(cluster, results: Path, *overrides: str, timeout: int = 300):
     return subprocess.run([str(BIN / "qpruner"), "search", "tune_jobs/tiny_smoke.yaml", f"results_dir={results}",
                            f"search.ray_address={cluster['address']}", "search.num_cpus=null", "search.num_trials=3",
-                           "search.metrics_linger_s=0", *overrides],
+                           "search.metrics_linger_s=0", "search.storage_shared=true", *overrides],
                           cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=timeout)
 
 

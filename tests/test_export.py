@@ -57,7 +57,10 @@ def test_without_kept_adapters_the_plan_is_trained_again(searched, tmp_path):
     shutil.copytree(searched, copy, ignore=shutil.ignore_patterns("ray", "exports"))
     trials.to_parquet(copy / "trials.parquet")
     front.assign(adapter_path=None).to_parquet(copy / "pareto.parquet")
-    out = export_point(copy, 0)
+    with pytest.raises(ResultsError, match="--retrain"):   # never trains unless asked
+        export_point(copy, 0)
+    assert not (copy / "exports").exists() or not any((copy / "exports").iterdir())
+    out = export_point(copy, 0, retrain=True)
     _reproduce(out, front.iloc[0])                      # deterministic training: the same adapter again
 
 
@@ -73,7 +76,7 @@ def _with_adapter_paths(searched, tmp_path, transform):
 def test_adapters_kept_in_an_object_store_are_fetched_by_uri(searched, tmp_path, monkeypatch):
     """search.storage_path = s3://... records checkpoint URIs; pyarrow's file:// transport stands in for S3."""
     import qpruner.export as export_module
-    copy, front = _with_adapter_paths(searched, tmp_path, lambda p: Path(p).resolve().as_uri())
+    copy, front = _with_adapter_paths(searched, tmp_path, lambda p: (searched / p).resolve().as_uri())
     assert front["adapter_path"].notna().all()
     monkeypatch.setattr(export_module, "_retrain_adapter", lambda *a: pytest.fail("fetched, not retrained"))
     out = export_point(copy, 0)
@@ -81,9 +84,45 @@ def test_adapters_kept_in_an_object_store_are_fetched_by_uri(searched, tmp_path,
     _reproduce(out, front.iloc[0])
 
 
-def test_an_unreadable_adapter_uri_falls_back_to_training_again(searched, tmp_path):
+def test_an_unreadable_adapter_uri_fails_unless_retrain_is_asked(searched, tmp_path):
     copy, front = _with_adapter_paths(searched, tmp_path, lambda p: f"file://{tmp_path}/gone/checkpoint_000000")
+    with pytest.raises(ResultsError, match="no readable adapter checkpoint"):
+        export_point(copy, 0)
+    _reproduce(export_point(copy, 0, retrain=True), front.iloc[0])
+
+
+def test_adapter_paths_are_recorded_relative_and_a_moved_results_directory_exports_without_training(
+        searched, tmp_path, monkeypatch):
+    import shutil
+
+    import qpruner.export as export_module
+    front = pd.read_parquet(searched / "pareto.parquet")
+    assert all(isinstance(p, str) and not p.startswith("/") and p.startswith("ray/") for p in front["adapter_path"])
+    moved = tmp_path / "elsewhere" / "tiny_smoke"
+    shutil.copytree(searched, moved, ignore=shutil.ignore_patterns("exports"))
+    monkeypatch.setattr(export_module, "_retrain_adapter", lambda *a: pytest.fail("found, not retrained"))
+    for k in range(len(front)):
+        _reproduce(export_point(moved, k), front.iloc[k])
+
+
+def test_an_older_runs_absolute_adapter_paths_are_found_in_the_moved_directory(searched, tmp_path, monkeypatch):
+    import qpruner.export as export_module
+    copy, front = _with_adapter_paths(searched, tmp_path, lambda p: f"/no/longer/here/tiny_smoke/{p}")
+    monkeypatch.setattr(export_module, "_retrain_adapter", lambda *a: pytest.fail("found, not retrained"))
     _reproduce(export_point(copy, 0), front.iloc[0])
+
+
+def test_export_by_trial_name_or_id(searched, tmp_path):
+    from qpruner.pareto import trial_label
+    front = pd.read_parquet(searched / "pareto.parquet")
+    last = len(front) - 1
+    label = trial_label(front.iloc[last])
+    assert label.startswith("t0") and len(label) == 5
+    out = export_point(searched, trial=label, out=tmp_path / "by-name")
+    assert json.loads((out / "qpruner_plan.json").read_text())["trial"]["trial_id"] == front.iloc[last]["trial_id"]
+    assert export_point(searched, trial=str(front.iloc[last]["trial_id"]), out=out) == out   # by id: the same export
+    with pytest.raises(ConfigError, match="no completed trial"):
+        export_point(searched, trial="t9999")
 
 
 def test_checkpoint_locations_are_uris_for_object_stores():

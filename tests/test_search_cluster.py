@@ -23,6 +23,7 @@ pytestmark = pytest.mark.ray   # extra Ray processes: `pytest -m 'not ray'` skip
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tune_jobs" / "tiny_smoke.yaml"
+SHARED = ["search.storage_shared=true"]   # both nodes run on this machine: its disk is shared by them (and probed)
 
 
 @pytest.fixture
@@ -52,16 +53,44 @@ def _check_consistent(trials: pd.DataFrame, n_trained: int) -> pd.DataFrame:
 def test_trials_run_on_both_nodes(cluster, tmp_path):
     c, worker = cluster
     job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=20",
-                         "search.num_trials=4"])
+                         "search.num_trials=4", *SHARED])
     run_job(job)
     ok = _check_consistent(_trials(tmp_path), 4)
     assert worker.node_id in set(ok["node_id"]) and len(set(ok["node_id"])) == 2
 
 
+def test_node_local_storage_on_two_nodes_is_refused_before_training(cluster, tmp_path, capsys):
+    """A disk local to one machine, two nodes: refused with exit code 2 and the fix, before any trial or prune."""
+    from qpruner.cli import main
+    c, _ = cluster
+    code = main(["search", str(JOB), f"results_dir={tmp_path}", f"search.ray_address={c.address}",
+                 f"search.storage_path={tmp_path / 'storage'}", "search.num_trials=2"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "more than one node" in err and "node-local filesystem" in err and "s3://" in err
+    assert not (tmp_path / "tiny_smoke" / "trials.parquet").exists()
+
+
+def test_a_shared_storage_path_on_two_nodes_runs(cluster, tmp_path, monkeypatch):
+    """The same search with the storage on a network filesystem (the mount table's answer stands in for an NFS
+    mount; the probe is real: a task on each node looks for the driver's file) runs, checkpoints under it."""
+    import qpruner.search.storage as storage
+    c, worker = cluster
+    shared = tmp_path / "nfs"
+    real = storage.mounts
+    monkeypatch.setattr(storage, "mounts", lambda *a: [*real(*a), (str(shared.resolve()), "nfs4")])
+    job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=5",
+                         f"search.storage_path={shared}", "search.num_trials=2"])
+    run_job(job)
+    ok = _check_consistent(_trials(tmp_path), 2)
+    assert all(not str(p).startswith("/") for p in ok["adapter_path"])          # relative to the storage root
+    assert all((shared / p / "adapter_model.safetensors").is_file() for p in ok["adapter_path"])
+
+
 def test_losing_the_worker_node_mid_trial_retries_it(cluster, tmp_path):
     c, worker = cluster
     job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=150",
-                         "search.num_trials=5"])
+                         "search.num_trials=5", *SHARED])
     killed = threading.Event()
 
     def kill_worker_when_busy():
@@ -122,7 +151,8 @@ def test_a_joint_search_ships_every_pruned_variant_to_both_nodes(cluster, tmp_pa
     run, on both nodes, each on its own variant's weights (predicted memory = measured)."""
     c, worker = cluster
     job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=20",
-                         "search.num_trials=6", "prune.param_ratios=[0.0, 0.3]", "policy.budget_avg_bits=null"])
+                         "search.num_trials=6", "prune.param_ratios=[0.0, 0.3]", "policy.budget_avg_bits=null",
+                         *SHARED])
     run_job(job)
     ok = _trials(tmp_path)
     ok = ok[ok["status"] == "ok"]

@@ -309,3 +309,44 @@ def test_a_full_disk_loses_no_result_and_never_ends_a_run_as_finished(small_disk
     trained = trials[trials["status"] == "ok"]
     assert len(trained) == 7 and trained["plan_formats"].is_unique and trials["trial_id"].is_unique
     assert not [p for p in trials_file.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_trials_report_every_step_and_status_lists_the_running_ones(tmp_path, capsys):
+    """finetune.report_every: 1 puts one progress line per training step into each trial's result.json (no
+    metric in it: the search and its searcher go on as before), and `qpruner status` lists running trials."""
+    import json
+    import time
+
+    from qpruner.cli import main
+    from qpruner.rundir import RunDir
+    steps = 40
+    cmd = [sys.executable, "-m", "qpruner.cli", "search", str(ROOT / "tune_jobs" / "tiny_smoke.yaml"),
+           f"results_dir={tmp_path}", "finetune.report_every=1", f"finetune.steps={steps}", "search.num_trials=3",
+           "search.max_concurrent=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    run, seen, shown = RunDir(tmp_path / "tiny_smoke"), [], ""
+    deadline = time.time() + 400
+    while proc.poll() is None and time.time() < deadline:
+        running = run.running() if run.path.is_dir() else []
+        if any(t.get("step") for t in running) and not shown:
+            seen = running
+            main(["status", str(run.path)])
+            shown = capsys.readouterr().out
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert seen and seen[0]["trial"].startswith("t0") and 0 < seen[0]["step"] <= steps
+    assert "running: t0" in shown and f"/{steps}" in shown and "loss" in shown, shown
+    assert "step 40/40" in err and "tokens/s" in err            # the driver's log line per progress report
+    trials = pd.read_parquet(tmp_path / "tiny_smoke" / "trials.parquet")
+    trained = trials[trials["status"] == "ok"]
+    assert len(trained) == 3
+    dirs = [p for p in (tmp_path / "tiny_smoke" / "ray" / "tune").iterdir() if p.name.startswith("trial_")]
+    assert len(dirs) == 3
+    for d in dirs:
+        lines = [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        progress = [r for r in lines if r.get("status") == "training"]
+        assert [r["step"] for r in progress] == list(range(1, steps + 1))
+        assert all("objective" not in r and r["train_loss"] > 0 and r["eta_s"] >= 0 for r in progress)
+        assert lines[-1]["status"] == "ok" and lines[-1]["eval_round"] == 1
+    assert not run.running()                                    # nothing is listed once the search is over

@@ -9,9 +9,16 @@ Ray metrics (Ray's metrics agent exports them to Prometheus with the prefix ``ra
 * ``ray_qpruner_hypervolume``: against a reference fixed before the first trial (quality of a model that
   knows nothing: 0 accuracy, perplexity = vocabulary size; memory of the largest plan in the space), so
   it only ever grows;
+* ``ray_qpruner_hypervolume_normalized``: the same as a share (0-1) of the box between that reference and
+  the ideal corner (best quality at no memory), comparable across jobs;
 * per trial, labelled ``trial`` (its name, e.g. ``t0007-44448888``) and ``plan`` (the plan code):
   ``ray_qpruner_trial_quality``, ``ray_qpruner_trial_quality_se``, ``ray_qpruner_trial_weight_mb``,
-  ``ray_qpruner_trial_avg_bits``.
+  ``ray_qpruner_trial_avg_bits``; while it trains, ``ray_qpruner_trial_step`` and ``ray_qpruner_trial_train_loss``
+  (its progress reports, ``finetune.report_every``).
+
+Running trials. Each progress report also goes to the driver's log (one line: step, loss, tokens/s, ETA) and
+to the run directory's ``running.json`` (:meth:`qpruner.rundir.RunDir.write_running`), which ``qpruner status``
+lists.
 
 The series live as long as the driver: ``search.metrics_linger_s`` keeps it up after the last trial so
 that Prometheus scrapes the final values (default: 30 s when running on a cluster, 0 locally).
@@ -27,6 +34,7 @@ from ray import tune
 
 from ..pareto import TrialLog, se_column
 from ..plan import PrecisionPlan
+from ..results import is_progress
 from ..trial import TrialResult
 
 logger = logging.getLogger(__name__)
@@ -37,10 +45,13 @@ SERIES = {  # name: (description, extra tag keys)
     "qpruner_front_size": ("plans on the Pareto front", ()),
     "qpruner_hypervolume": ("hypervolume of the front against a fixed reference", ()),
     "qpruner_best_quality": ("best value of the front's quality metric", ()),
+    "qpruner_hypervolume_normalized": ("hypervolume as a share of the box from the reference to the ideal corner", ()),
     "qpruner_trial_quality": ("a trial's value of the quality metric", ("trial", "plan")),
     "qpruner_trial_quality_se": ("its standard error over evaluation windows", ("trial", "plan")),
     "qpruner_trial_weight_mb": ("a trial's weight memory, MB", ("trial", "plan")),
     "qpruner_trial_avg_bits": ("a trial's average bits per decoder-linear weight", ("trial", "plan")),
+    "qpruner_trial_step": ("a running trial's fine-tuning step", ("trial", "plan")),
+    "qpruner_trial_train_loss": ("a running trial's training loss", ("trial", "plan")),
 }
 
 
@@ -71,7 +82,15 @@ class LiveMetrics:
             self._set("qpruner_front_size", summary["front_size"])
             self._set("qpruner_hypervolume", summary["hypervolume"])
             self._set("qpruner_best_quality", summary["best"])
+            self._set("qpruner_hypervolume_normalized", summary.get("hypervolume_normalized"))
         except Exception as exc:  # metrics are best effort; never break a search for them
+            logger.debug("could not publish Ray metrics: %s", exc)
+
+    def progress(self, name: str, plan: str, result: dict) -> None:
+        try:
+            self._set("qpruner_trial_step", result.get("step"), trial=name, plan=plan)
+            self._set("qpruner_trial_train_loss", result.get("train_loss"), trial=name, plan=plan)
+        except Exception as exc:
             logger.debug("could not publish Ray metrics: %s", exc)
 
     def trial(self, name: str, plan: str, result: dict) -> None:
@@ -90,10 +109,14 @@ class PersistTrials(tune.Callback):
     """Tune callback: every finished, failed or stopped trial into the trial log, with progress."""
     ref = None          # class-level defaults: a callback unpickled from an older experiment lacks them
     num_trials = None
+    storage: str | None = None       # search.storage_path: adapter paths are recorded relative to it
+    running: dict | None = None      # trial id -> what `qpruner status` shows of a running trial
+    evaluations: dict | None = None  # trial id -> its last intermediate evaluation (kept if the scheduler stops it)
 
     def __init__(self, log: TrialLog, decode, job: str, submission: str = "", ref: tuple | None = None,
-                 num_trials: int | None = None):
+                 num_trials: int | None = None, storage: str | None = None):
         self.log, self.decode, self.ref, self.num_trials = log, decode, ref, num_trials
+        self.storage = storage
         self.metrics = LiveMetrics(job, submission, log.metric)
 
     def setup(self, **info):
@@ -103,6 +126,41 @@ class PersistTrials(tune.Callback):
             from ..rundir import RunDir
             RunDir(self.log.directory).write_reference(self.ref)   # `qpruner status` uses the same reference
         self._done()  # zeros (or, after a restart, the counts so far) before the first trial ends
+        self.running, self.evaluations = {}, {}
+        self._write_running()   # an earlier driver's running trials are not this one's
+
+    def _write_running(self) -> None:
+        from ..rundir import RunDir
+        RunDir(self.log.directory).write_running(list((self.running or {}).values()))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.running is None:
+            self.running, self.evaluations = {}, {}
+        self.running[trial.trial_id] = {"trial_id": trial.trial_id, "trial": str(trial), "started": time.time()}
+        self._write_running()
+        logger.info("trial %s: started (%s)", trial, trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.running is None:
+            self.running, self.evaluations = {}, {}
+        if is_progress(result):
+            entry = self.running.setdefault(trial.trial_id, {"trial_id": trial.trial_id, "trial": str(trial),
+                                                             "started": time.time()})
+            entry.update({k: result.get(k) for k in ("step", "steps", "train_loss", "tokens_per_s", "eta_s")},
+                         updated=time.time())
+            self._write_running()
+            self.metrics.progress(str(trial), str(result.get("plan_code")), result)
+            logger.info("trial %s: %s", trial, describe_progress(result))
+        elif result.get("status") == "running" and "objective" in result:
+            self.evaluations[trial.trial_id] = dict(result)
+            entry = self.running.get(trial.trial_id)
+            if entry is not None:
+                entry["objective"] = result.get("objective")
+                self._write_running()
+
+    def _ended(self, trial) -> None:
+        if self.running and self.running.pop(trial.trial_id, None) is not None:
+            self._write_running()
 
     def on_step_end(self, iteration, trials, **info):
         """While the trial log cannot be written (a full disk), try again every few seconds."""
@@ -125,7 +183,10 @@ class PersistTrials(tune.Callback):
                     self.num_trials or "?", summary["trials"], summary["front_size"], summary["hypervolume"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial)
         result = trial.last_result or {}
+        if is_progress(result):   # stopped between a progress report and its next evaluation: keep the evaluation
+            result = {**result, **(self.evaluations or {}).get(trial.trial_id, {"status": "stopped"})}
         node = {"node_ip": result.get("node_ip"), "node_id": result.get("node_id"), "failures": trial.num_failures,
                 "worker_rss_bytes": result.get("worker_rss_bytes"),
                 "worker_peak_rss_bytes": result.get("worker_peak_rss_bytes")}
@@ -133,11 +194,12 @@ class PersistTrials(tune.Callback):
             logger.info("trial %s: already recorded before the restart, not trained again", trial.trial_id)
         elif result.get("status") == "running":  # stopped early by the scheduler: keep its last evaluation
             self.log.add_partial(trial.trial_id, self._plan(trial), "stopped", result, **node)
-            logger.info("trial %s stopped early at step %s (objective %.4g)", trial.trial_id, result.get("step"),
+            logger.info("trial %s: stopped early at step %s (objective %.4g)", trial, result.get("step"),
                         result.get("objective", float("nan")))
         elif "objective" in result:
             checkpoint = getattr(trial, "checkpoint", None)
-            adapter = {"adapter_path": checkpoint_location(checkpoint)} if checkpoint is not None else {}
+            adapter = ({"adapter_path": recorded_location(checkpoint_location(checkpoint), self.log.directory,
+                                                          self.storage)} if checkpoint is not None else {})
             self.log.add(trial.trial_id, TrialResult.from_metrics(result), **node, **adapter, trial_name=str(trial))
             if result.get("status") != "screened":   # a screen's quality is of another fidelity
                 self.metrics.trial(str(trial), str(result.get("plan_code")), result)
@@ -146,6 +208,7 @@ class PersistTrials(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         from .searchers import is_screen
+        self._ended(trial)
         err = trial.get_error()
         reason = str(err).strip().splitlines()[-1] if err else "unknown error"
         if is_screen(trial.config):   # a screen that errored is still no trained trial (never counts as one)
@@ -153,7 +216,7 @@ class PersistTrials(tune.Callback):
             self.log.add_partial(trial.trial_id, plan, "screened", {"error": reason[-2000:]}, fidelity="screen")
         else:
             self.log.add_error(trial.trial_id, self._plan(trial), reason)
-        logger.warning("trial %s errored: %s", trial.trial_id, reason)
+        logger.warning("trial %s: errored (%s): %s", trial, trial.trial_id, reason)
         self._done()
 
 
@@ -168,6 +231,31 @@ def checkpoint_location(checkpoint) -> str:
         logger.warning("trial checkpoint on a %s filesystem: recording its path only", kind)
         return checkpoint.path
     return f"{scheme}://{checkpoint.path}"
+
+
+def recorded_location(location: str, run_dir, storage: str | None) -> str:
+    """A checkpoint location as ``trials.parquet`` records it: relative to the run directory when under it (the
+    default storage, ``results/<job>/ray``), else relative to a local ``search.storage_path`` when under that, so
+    that a copied results directory (or a storage mounted elsewhere) still finds it; a URI as it is.
+    :func:`qpruner.export.adapter_source` resolves it again."""
+    import os
+    if "://" in location:   # an object store: readable from anywhere with access
+        return location
+    path = os.path.abspath(location)
+    for root in (str(run_dir), storage):
+        if root and "://" not in root:
+            root = os.path.abspath(os.path.expanduser(root))
+            if path == root or path.startswith(root + os.sep):
+                return os.path.relpath(path, root)
+    return location
+
+
+def describe_progress(result: dict) -> str:
+    """One line on a running trial's progress report: ``step 12/40, loss 2.314, 1450 tokens/s, ETA 3.2 min``."""
+    speed = result.get("tokens_per_s")
+    eta = result.get("eta_s")
+    return (f"step {result.get('step')}/{result.get('steps')}, loss {result.get('train_loss', float('nan')):.4g}"
+            + (f", {speed:.0f} tokens/s" if speed else "") + (f", ETA {eta / 60:.1f} min" if eta is not None else ""))
 
 
 def describe(result: dict) -> str:

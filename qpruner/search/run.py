@@ -20,6 +20,7 @@ stats off and the dashboard (when enabled) on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from ..errors import BackendError, ConfigError
 from ..pareto import TrialLog
 from ..plan import PrecisionPlan, format_for_bits, units_per_layer
 from ..trial import Precheck, TrialContext, TrialResult, run_screen, run_trial
-from .callbacks import InfeasibleWatch, PersistTrials
+from .callbacks import InfeasibleWatch, PersistTrials, recorded_location
 from .searchers import BudgetedSearcher, PlanScreen, SearchSpace, is_screen, make_searcher
 
 logger = logging.getLogger(__name__)
@@ -240,17 +241,19 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
     plan = decode(config)
     if variants is not None:   # joint search: only this plan's pruned variant leaves the object store
         context = ray.get(variants[plan.pruned])
+    rounds = EvalRounds(tune.report)   # intermediate evaluations, numbered for the scheduler
     with tempfile.TemporaryDirectory() as tmp:
         if is_screen(config):   # multi-fidelity: a zero-step evaluation on a few windows (no adapter to keep)
             result = run_screen(context, plan, device, memory_limit=limit)
         else:
-            result = run_trial(context, plan, device, on_report=tune.report,  # intermediate evaluations
+            result = run_trial(context, plan, device, on_report=rounds,
                                on_trained=(lambda model: _keep_adapter(model, tmp, save_adapter)) if save_adapters
-                               else None, memory_limit=limit)
+                               else None, memory_limit=limit, on_progress=tune.report)
         peak = process_peak()
         release_memory()
         _note_training(trial_id, result)
-        metrics = {**result.to_metrics(), "node_id": ray.get_runtime_context().get_node_id(),
+        metrics = {**result.to_metrics(), EVAL_ROUND: rounds.n + 1,
+                   "node_id": ray.get_runtime_context().get_node_id(),
                    "worker_rss_bytes": _rss_bytes(), "worker_peak_rss_bytes": peak}
         # the result (and the adapter) become a Tune checkpoint, persisted by this worker before the driver
         # hears of it: `qpruner export` finds the adapter there, and a resumed driver the result (recover_results)
@@ -264,6 +267,38 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
             logging.getLogger(__name__).error("trial %s: could not write its checkpoint (%s); reporting its result "
                                               "without one", trial_id, exc.strerror or exc)
             tune.report({**metrics, "checkpoint_error": str(exc.strerror or exc)})
+
+
+@contextlib.contextmanager
+def _progress_reports_allowed():
+    """Tune refuses a reported result without the search's metric; a trial's progress reports have none, on
+    purpose (finetune.report_every: no scheduler or searcher acts on them), so that check is off during the
+    fit. The product's own results are checked by its tests."""
+    name = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+    old = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+EVAL_ROUND = "eval_round"   # the schedulers' clock: 1, 2, ... over a trial's evaluations (the final one included)
+
+
+class EvalRounds:
+    """Numbers a trial's intermediate evaluations (``eval_round``) before reporting them. The schedulers count
+    time in evaluations, not in Tune's ``training_iteration``, which progress reports also advance."""
+
+    def __init__(self, report):
+        self.report, self.n = report, 0
+
+    def __call__(self, metrics: dict) -> None:
+        self.n += 1
+        self.report({**metrics, EVAL_ROUND: self.n})
 
 
 class TrialMemory:
@@ -358,7 +393,7 @@ RESULT_FILE = "qpruner_result.json"
 MAX_SCREENS_PER_TRIAL = 100   # Tune's trial cap under screening: num_trials x (this + 1)
 
 
-def recover_results(experiment: str, log: TrialLog) -> list[str]:
+def recover_results(experiment: str, log: TrialLog, storage: str | None = None) -> list[str]:
     """Trials whose result a worker persisted (``RESULT_FILE`` in their checkpoint) but that the driver
     died before recording: added to ``log`` (so they are neither lost nor trained again). Local storage
     only; returns the recovered trial ids."""
@@ -377,7 +412,7 @@ def recover_results(experiment: str, log: TrialLog) -> list[str]:
             continue
         log.add(trial_id, result, node_id=metrics.get("node_id"), worker_rss_bytes=metrics.get("worker_rss_bytes"),
                 worker_peak_rss_bytes=metrics.get("worker_peak_rss_bytes"),
-                adapter_path=str(path.parent), recovered=True)
+                adapter_path=recorded_location(str(path.parent), log.directory, storage), recovered=True)
         recorded.add(trial_id)
         out.append(trial_id)
         logger.warning("trial %s finished before the driver died but was not recorded: recovered from %s",
@@ -481,10 +516,10 @@ def _scheduler(job: JobConfig, own_metric: bool):
     metric = {"metric": "objective", "mode": "max"} if own_metric else {}
     if cfg.scheduler == "asha":
         reports = max(1, job.finetune.steps // max(1, job.finetune.eval_every)) + 1
-        return AsyncHyperBandScheduler(time_attr="training_iteration", grace_period=cfg.grace_period,
+        return AsyncHyperBandScheduler(time_attr=EVAL_ROUND, grace_period=cfg.grace_period,
                                        reduction_factor=cfg.reduction_factor, max_t=reports, **metric)
     if cfg.scheduler == "median":
-        return MedianStoppingRule(time_attr="training_iteration", grace_period=cfg.grace_period,
+        return MedianStoppingRule(time_attr=EVAL_ROUND, grace_period=cfg.grace_period,
                                   min_samples_required=3, **metric)
     return FIFOScheduler()
 
@@ -537,6 +572,10 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
         torch.cuda.empty_cache()
     started = init_ray(job)
     on_cluster = not started or bool(cfg.ray_address or in_submitted_job())
+    if on_cluster:   # before any training: trials on several nodes need storage they all reach
+        from .storage import check_shared_storage
+        check_shared_storage(ray, storage_path(job, log), cfg.cpus_per_trial, cfg.gpus_per_trial,
+                             cfg.storage_shared)
     watch = InfeasibleWatch(cfg.cpus_per_trial, cfg.gpus_per_trial).listen() if on_cluster else None
     try:
         if not on_cluster:
@@ -549,7 +588,7 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
         if resume and not tune.Tuner.can_restore(experiment):
             raise ConfigError([f"--resume: no Ray Tune experiment to resume in {experiment}"])
         if resume:
-            recover_results(experiment, log)
+            recover_results(experiment, log, cfg.storage_path)
         # after a restart, trials Tune's last checkpoint still had running may be finished and recorded
         done = {tid: TrialResult.from_metrics(row).to_metrics() for tid, row in log.trained().items()
                 if row.get("status") in ("ok", "failed") and not row.get("cached_from")} if resume else {}
@@ -573,7 +612,7 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
             state_log.addFilter(_OneLineOSErrors())
         interrupted = _SigintProbe(active=not str(cfg.ray_address or "").startswith("ray://"))
         try:
-            with interrupted:
+            with interrupted, _progress_reports_allowed():
                 tuner.fit()
         except Exception as exc:
             if watch is not None and watch.problem:
@@ -696,7 +735,8 @@ def _new_tuner(job, contexts: dict, seeds, log, decode, trainable, n_units, scor
                                     trial_name_creator=TrialNames(decode),
                                     trial_dirname_creator=TrialNames(decode, directory=True)),
         run_config=tune.RunConfig(name="tune", storage_path=storage_path(job, log),
-                                  callbacks=[PersistTrials(log, decode, job.name, submission_id(), ref, cfg.num_trials),
+                                  callbacks=[PersistTrials(log, decode, job.name, submission_id(), ref, cfg.num_trials,
+                                                                cfg.storage_path),
                                              *tracking_callbacks(job, Path(log.directory)),
                                              *([watch] if watch is not None else [])],
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),

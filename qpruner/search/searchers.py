@@ -36,6 +36,7 @@ from ray.tune.search import Searcher
 from ..memory import UnitCosts
 from ..pareto import TrialLog, write_failure
 from ..plan import PrecisionPlan
+from ..results import is_progress
 from ..trial import TrialResult
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,8 @@ class BudgetedSearcher(_Wrapper):
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.live:
+        # progress reports (finetune.report_every) carry no metric: no searcher hears of them (Optuna's would fail)
+        if trial_id in self.live and not is_progress(result):
             self.searcher.on_trial_result(self.live[trial_id], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

@@ -44,6 +44,16 @@ def _cmd_validate(args) -> int:
         lows = ", ".join(f"{b}-bit >= {lowest_avg_bits(b, job.quant):.3f}" for b in sorted(job.policy.bits))
         print(f"budget: <= {job.policy.budget_avg_bits:g} average bits (uniform plans need {lows} average bits; "
               "the exact sizes, and which uniform plans the budget admits, are printed after pruning)")
+    from .config import is_hub_dataset
+    online = [what for what, needed in (
+        (f"data.source {job.data.source!r} is a Hugging Face Hub dataset", is_hub_dataset(job.data.source)),
+        (f"model.source {job.model.source!r} is a Hub model id", _is_hub_model(job.model.source))) if needed]
+    for what in online:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE",
+                                                                                         "0") not in ("", "0")
+        print(f"note: {what}: reading it needs the network (or a local cache of it)"
+              + ("; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set here, so only a cached copy will do" if offline
+                 else ""), file=sys.stderr)
     if job.model.trust_remote_code:
         print(f"warning: model.trust_remote_code is on: {job.model.source} may run its own code here", file=sys.stderr)
     if job.device == "cuda":
@@ -51,6 +61,12 @@ def _cmd_validate(args) -> int:
         for problem in preflight(job):
             print(f"note: {problem} (valid as a job for another machine)", file=sys.stderr)
     return 0
+
+
+def _is_hub_model(source: str) -> bool:
+    """A ``model.source`` that is neither built in nor a local directory: a Hub id, fetched over the network."""
+    return (source != "tiny" and not source.startswith("builtin:") and not Path(source).expanduser().exists()
+            and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None)
 
 
 def _run_dir(path: str):

@@ -47,8 +47,16 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """``data:`` the text source and the sizes of its calibration, fine-tune and evaluation splits."""
-    source: str = opt("builtin:pydoc", help="builtin:pydoc | file.txt | file.jsonl | file.parquet")
-    text_field: str = opt("text", help="field holding the text in .jsonl / .parquet rows")
+    source: str = opt("builtin:pydoc", help="builtin:pydoc | file.txt | file.jsonl | file.parquet | a Hugging Face "
+                                            "dataset id (online; e.g. Salesforce/wikitext with dataset_config "
+                                            "wikitext-2-raw-v1)")
+    dataset_config: Optional[str] = opt(None, help="a Hub dataset's configuration (subset), e.g. wikitext-2-raw-v1, "
+                                                   "en (allenai/c4)")
+    split: str = opt("train", help="the Hub dataset's split the text comes from (QPruner makes its own disjoint "
+                                   "calibration / fine-tune / evaluation splits of it)")
+    revision: Optional[str] = opt(None, help="the Hub dataset's revision (a commit pins the text)")
+    max_documents: Optional[int] = opt(None, min=1, help="read only the first N documents of the source (e.g. of C4)")
+    text_field: str = opt("text", help="field holding the text in .jsonl / .parquet rows and Hub datasets")
     seq_len: int = opt(128, min=8, max=32768, help="tokens per sample (all splits)")
     calib_samples: int = opt(8, min=1, max=10_000_000, help="samples for pruning and layer scoring (LLM-Pruner: 10)")
     calib_seq_len: Optional[int] = opt(None, min=2, help="tokens per calibration sample (<= seq_len; "
@@ -488,6 +496,12 @@ def _check_budget(job: "JobConfig") -> list[str]:
     return []
 
 
+def is_hub_dataset(source: str) -> bool:
+    """Whether ``data.source`` names a Hugging Face Hub dataset (read over the network, or from its cache)."""
+    return (source not in BUILTIN_DATA and not source.startswith(("builtin:", ".", "/", "~"))
+            and not source.endswith(TEXT_SUFFIXES) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None)
+
+
 def _check_data_source(source: str) -> list[str]:
     if source in BUILTIN_DATA:
         return []
@@ -501,7 +515,7 @@ def _check_data_source(source: str) -> list[str]:
         if not source.endswith(TEXT_SUFFIXES):
             return [f"data.source: {source!r} must end in one of {list(TEXT_SUFFIXES)}"]
         return []
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source):
+    if is_hub_dataset(source):
         return []  # Hugging Face dataset name (online only)
     return [f"data.source: {source!r} is neither built-in ({', '.join(BUILTIN_DATA)}), "
             f"a {'/'.join(TEXT_SUFFIXES)} file, nor a dataset name"]

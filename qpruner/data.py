@@ -49,16 +49,17 @@ class Splits:
 
 
 def load_texts(cfg: DataConfig) -> list[str]:
-    """The documents of ``cfg.source``, in a fixed order."""
+    """The documents of ``cfg.source``, in a fixed order (the first ``cfg.max_documents`` when set)."""
     source = cfg.source
     if source == "builtin:pydoc":
         from pydoc_data.topics import topics
-        return [topics[k] for k in sorted(topics)]
-    path = Path(source).expanduser()
-    if source.endswith(TEXT_SUFFIXES):
+        texts = [topics[k] for k in sorted(topics)]
+    elif source.endswith(TEXT_SUFFIXES):
         from .sources import read_texts
-        return read_texts(path, cfg.text_field)    # clear errors: not UTF-8, bad rows, nulls, no such column
-    return _load_hf_dataset(source, cfg.text_field)
+        texts = read_texts(Path(source).expanduser(), cfg.text_field)   # clear errors: not UTF-8, bad rows, nulls
+    else:
+        texts = load_hub_texts(cfg)
+    return texts[:cfg.max_documents] if cfg.max_documents else texts
 
 
 def iter_jsonl(path: str | Path, where: str = ""):
@@ -79,17 +80,39 @@ def iter_jsonl(path: str | Path, where: str = ""):
                                "UTF-8"]) from None
 
 
-def _load_hf_dataset(name: str, field: str) -> list[str]:
+def load_hub_texts(cfg: DataConfig) -> list[str]:
+    """The documents of a Hugging Face Hub dataset: ``cfg.source`` (its id), ``dataset_config``, ``split``,
+    ``revision``, the first ``max_documents`` (streamed, so a corpus the size of C4 is never downloaded whole).
+    Empty rows are dropped (WikiText keeps its blank lines as rows). Needs the network, or the datasets cache
+    with ``HF_DATASETS_OFFLINE=1``."""
+    name = cfg.source
     try:
         import datasets
     except ImportError:
-        raise ConfigError([f"data.source: {name!r} looks like a Hugging Face dataset; that needs "
-                           "`pip install datasets` and network access (or use a local file)"]) from None
-    ds = datasets.load_dataset(name, split="train")
-    if field not in ds.column_names:
-        raise ConfigError([f"data.source: dataset {name!r} has no column {field!r}; "
-                           f"columns: {ds.column_names}"])
-    return [str(t) for t in ds[field]]
+        raise ConfigError([f"data.source: {name!r} is a Hugging Face dataset; that needs `pip install datasets` "
+                           "and network access (or use a local .txt / .jsonl / .parquet file)"]) from None
+    what = f"{name}" + (f" ({cfg.dataset_config})" if cfg.dataset_config else "") + f", split {cfg.split}"
+    logger.info("data: reading the Hub dataset %s%s", what, f", first {cfg.max_documents} documents"
+                if cfg.max_documents else "")
+    try:
+        ds = datasets.load_dataset(name, cfg.dataset_config, split=cfg.split, revision=cfg.revision,
+                                   streaming=cfg.max_documents is not None)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError([f"data.source: cannot read the Hub dataset {what}: {first[:500]}. Check the id, "
+                           "data.dataset_config and data.split (and the network, or HF_TOKEN for a gated one)"]) from None
+    columns = list(getattr(ds, "column_names", None) or (getattr(ds, "features", None) or {}).keys())
+    if columns and cfg.text_field not in columns:
+        raise ConfigError([f"data.text_field: the Hub dataset {what} has no column {cfg.text_field!r}; columns: "
+                           f"{columns}"])
+    texts = []
+    for row in ds:   # streamed with max_documents: stops reading there
+        text = str(row[cfg.text_field])
+        if text.strip():
+            texts.append(text)
+            if cfg.max_documents is not None and len(texts) >= cfg.max_documents:
+                break
+    return texts
 
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:

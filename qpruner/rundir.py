@@ -63,7 +63,8 @@ RUNTIME_KEYS = ("name", "results_dir", "search.ray_address", "search.num_cpus", 
                 "finetune.report_every", "search.storage_shared")
 # keys added after runs were recorded: left out of a run's identity while at these defaults, so that those runs
 # (which ran with the default) keep their identity and are continued, not refused as "a different run"
-ADDED_KEYS = {"search.screen_share": 0.0, "search.screen_windows": 32}
+ADDED_KEYS = {"search.screen_share": 0.0, "search.screen_windows": 32, "data.dataset_config": None,
+              "data.split": "train", "data.revision": None, "data.max_documents": None}
 # of these sections, every key changes a trained trial's result
 TRIAL_SECTIONS = ("model", "data", "prune", "quant", "finetune", "eval")
 
@@ -125,6 +126,10 @@ def trial_key(job) -> str:
     from .config import to_dict
     d = to_dict(job)
     d["finetune"].pop("report_every", None)   # how often a trial says how far it is: not what it computes
+    for key, default in ADDED_KEYS.items():   # added later: at their defaults, the rows recorded before still match
+        section, _, name = key.partition(".")
+        if section in TRIAL_SECTIONS and name in d[section] and d[section][name] == default:
+            del d[section][name]
     return _hash({"sections": {s: d[s] for s in TRIAL_SECTIONS}, "data_file": data_fingerprint(job),
                   "metric": job.search.metric,
                   "objective": job.search.objective, "unit": job.policy.unit, "device": job.device,

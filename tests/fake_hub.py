@@ -22,7 +22,7 @@ class FakeHub:
         import httpx2
         path = request.url.path
         self.requests.append((request.method, path))
-        m = re.match(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", path)
+        m = re.match(r"^/(?:datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", path)
         if m:
             root = self.repos.get(m["repo"])
             if root is None:
@@ -34,21 +34,40 @@ class FakeHub:
             headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
                        "Content-Length": str(len(body))}
             return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else body)
-        m = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/[^/]+/?(?P<dir>.*)$", path)
+        m = re.match(r"^/api/(?:models|datasets)/(?P<repo>[^/]+/[^/]+)/tree/[^/]+/?(?P<dir>.*)$", path)
         if m and m["repo"] in self.repos:
-            folder = self.repos[m["repo"]] / m["dir"]
+            root = self.repos[m["repo"]]
+            folder = root / m["dir"]
             if not folder.is_dir():
                 return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
-            entries = [{"type": "directory" if p.is_dir() else "file", "oid": COMMIT,
-                        "size": p.stat().st_size if p.is_file() else 0,
-                        "path": str(p.relative_to(self.repos[m["repo"]]))} for p in sorted(folder.iterdir())]
-            return httpx2.Response(200, json=entries)
-        m = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/[^/]+)?$", path)
+            listed = folder.rglob("*") if request.url.params.get("recursive") in ("True", "true", "1") else folder.iterdir()
+            return httpx2.Response(200, json=[self._entry(root, p) for p in sorted(listed)])
+        m = re.match(r"^/api/(?:models|datasets)/(?P<repo>[^/]+/[^/]+)/paths-info/[^/]+$", path)
+        if m and m["repo"] in self.repos:
+            root = self.repos[m["repo"]]
+            from urllib.parse import parse_qs
+            wanted = parse_qs(request.content.decode()).get("paths", [])
+            return httpx2.Response(200, json=[self._entry(root, root / w) for w in wanted if (root / w).exists()])
+        m = re.match(r"^/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)(?:/revision/[^/]+)?$", path)
         if m and m["repo"] in self.repos:
             root = self.repos[m["repo"]]
             siblings = [{"rfilename": str(p.relative_to(root))} for p in sorted(root.rglob("*")) if p.is_file()]
-            return httpx2.Response(200, json={"id": m["repo"], "sha": COMMIT, "siblings": siblings})
+            info = {"id": m["repo"], "sha": COMMIT, "siblings": siblings, "private": False, "disabled": False,
+                    "gated": False, "downloads": 0, "likes": 0, "tags": []}
+            if m["kind"] == "datasets" and (root / "README.md").is_file():
+                import yaml
+                text = (root / "README.md").read_text()
+                info["cardData"] = yaml.safe_load(text.split("---")[1]) if text.startswith("---") else {}
+            return httpx2.Response(200, json=info)
         return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"})
+
+    @staticmethod
+    def _entry(root: Path, p: Path) -> dict:
+        entry = {"type": "directory" if p.is_dir() else "file", "oid": COMMIT, "path": str(p.relative_to(root)),
+                 "size": p.stat().st_size if p.is_file() else 0}
+        if p.is_file():
+            entry["lastCommit"] = {"id": COMMIT, "title": "", "date": "2026-01-01T00:00:00.000Z"}
+        return entry
 
     def install(self, monkeypatch, cache_dir: Path) -> None:
         """Route huggingface_hub through this fake, online, with a private cache."""

@@ -80,3 +80,62 @@ def test_tokenize_puts_eos_between_documents():
             return [len(w) for w in text.split()]
     assert data.tokenize(Tok(), ["ab c", "def"]).tolist() == [2, 1, 99, 3, 99]
     assert data.tokenize(models.byte_tokenizer(), ["ab"]).tolist() == [97, 98]
+
+
+def _wikitext_like_repo(root, config="wikitext-2-raw-v1"):
+    """A Hub dataset repository as the Hub stores Salesforce/wikitext: parquet per config and split, declared
+    in the README's YAML header (blank rows included, as WikiText has them)."""
+    import pandas as pd
+    for split, n in (("train", 30), ("test", 5)):
+        rows = [{"text": ""} if i % 3 == 0 else {"text": f" = Section {split} {i} = \n words of line {i} .\n"}
+                for i in range(n)]
+        (root / config).mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_parquet(root / config / f"{split}-00000-of-00001.parquet")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n"
+        f"- config_name: {config}\n  data_files:\n"
+        f"  - split: train\n    path: {config}/train-*.parquet\n"
+        f"  - split: test\n    path: {config}/test-*.parquet\n---\n# wikitext-like\n")
+    return root
+
+
+@pytest.mark.parametrize("split, expected", [("train", 20), ("test", 3)])
+def test_a_hub_dataset_with_config_and_split_is_read_through_the_hub_transport(monkeypatch, tmp_path, split,
+                                                                                expected):
+    """data.source = a Hub dataset id, data.dataset_config, data.split: only the HTTP transport is faked
+    (tests/fake_hub.py); huggingface_hub and datasets run as they do online."""
+    from fake_hub import FakeHub
+    hub = FakeHub({"someone/wikitext": _wikitext_like_repo(tmp_path / "repo")})
+    hub.install(monkeypatch, tmp_path / "cache")
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds-cache", raising=False)
+    try:
+        cfg = DataConfig(source="someone/wikitext", dataset_config="wikitext-2-raw-v1", split=split)
+        texts = data.load_texts(cfg)
+        assert len(texts) == expected and all(t.strip() for t in texts)    # WikiText's blank rows dropped
+        assert texts[0].startswith(f" = Section {split} 1 =")
+        firsts = data.load_texts(DataConfig(source="someone/wikitext", dataset_config="wikitext-2-raw-v1",
+                                            split=split, max_documents=2))
+        assert firsts == texts[:2]                                           # streamed: only the first rows
+        with pytest.raises(ConfigError, match="no column 'body'"):
+            data.load_texts(DataConfig(source="someone/wikitext", dataset_config="wikitext-2-raw-v1",
+                                       split=split, text_field="body"))
+    finally:
+        hub.uninstall()
+    assert any("/datasets/someone/wikitext/resolve/" in p for _, p in hub.requests)
+
+
+def test_validate_says_which_sources_need_the_network(capsys):
+    from pathlib import Path
+
+    from qpruner.cli import main
+    job = str(Path(__file__).resolve().parents[1] / "tune_jobs" / "tiny_smoke.yaml")
+    assert main(["validate", job]) == 0
+    assert "needs the network" not in capsys.readouterr().err           # built-in model and text: offline
+    assert main(["validate", job, "data.source=Salesforce/wikitext", "data.dataset_config=wikitext-2-raw-v1",
+                 "data.split=test"]) == 0
+    err = capsys.readouterr().err
+    assert "data.source 'Salesforce/wikitext' is a Hugging Face Hub dataset" in err and "needs the network" in err

@@ -321,10 +321,10 @@ class TrialLog:
         if not front.empty:
             if ref is None:
                 ref = (min(quality_values(ok, self.metric)) - 1e-9, float(ok["weight_bytes"].max()) + 1.0)
-            out["hypervolume"] = hypervolume(quality_values(front, self.metric), front["weight_bytes"].astype(float).tolist(),
-                                             ref)
+            hv = hypervolume(quality_values(front, self.metric), front["weight_bytes"].astype(float).tolist(), ref)
+            out["hypervolume"] = hv
             if fixed:
-                out["hypervolume_normalized"] = normalized_hypervolume(out["hypervolume"], ref, self.metric)
+                out["hypervolume_normalized"] = normalized_hypervolume(hv, ref, self.metric)
             best = front[self.metric].max() if maximize(self.metric) else front[self.metric].min()
             out["best"] = float(best)
         return out

@@ -20,7 +20,7 @@ PROGRESS_STATUS = "training"   # the ``status`` of a trial's progress report (qp
 def is_progress(result: dict | None) -> bool:
     """Whether a reported result is a progress report: step, loss, tokens/s, ETA, and no ``objective`` (so no
     scheduler or searcher acts on it)."""
-    return bool(result) and result.get("status") == PROGRESS_STATUS
+    return result is not None and result.get("status") == PROGRESS_STATUS
 
 
 @dataclass(frozen=True)

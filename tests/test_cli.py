@@ -76,3 +76,24 @@ def test_a_tilde_in_results_dir_means_home_not_a_directory_named_tilde(tmp_path,
     assert main(["prune", job, "results_dir=~/qp"]) == 0
     assert (home / "qp" / "tiny_smoke" / "pruned" / "model.safetensors").is_file()
     assert not (tmp_path / "~").exists()
+
+
+def test_running_trials_are_read_from_a_jobs_log():
+    """`qpruner status <submission id>` lists running trials from the driver's log lines."""
+    from qpruner.cli import format_running, running_from_logs
+    logs = "\n".join([
+        "10:00:00 INFO qpruner.search.callbacks: trial t0001-4444: started (aaa)",
+        "10:00:01 INFO qpruner.search.callbacks: trial t0002-8888: started (bbb)",
+        "10:00:30 INFO qpruner.search.callbacks: trial t0001-4444: step 10/40, loss 2.314, 1450 tokens/s, ETA 1.5 min",
+        "10:01:00 INFO qpruner.search.callbacks: trial t0002-8888: ppl 20.1, acc 0.4, 99.0 MB, 4.15 bits",
+        "10:01:05 WARNING qpruner.search.callbacks: trial t0003-4848: errored (ccc): boom",
+        "10:02:00 INFO qpruner.search.callbacks: progress: 1/4 trained, 1 rows, front 1 plans, hypervolume 0.1",
+        "garbage line: trial t0009 something",
+        "10:02:30 INFO qpruner.search.callbacks: trial t0001-4444: step 20/40, loss nan",
+    ])
+    running = running_from_logs(logs)
+    assert [r["trial"] for r in running] == ["t0001-4444"]                  # the others ended
+    assert running[0]["step"] == 20 and running[0]["steps"] == 40 and running[0]["elapsed_s"] == 150
+    line = format_running(running)
+    assert line.startswith("running: t0001-4444") and "2.5 min" in line and "step 20/40" in line
+    assert running_from_logs("") == [] and format_running([]) == ""

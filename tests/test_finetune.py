@@ -120,3 +120,22 @@ def test_real_nan_from_float16_overflow_fails_the_trial(tiny_splits):
     model = attach_lora(model, FinetuneConfig(lora_r=4))
     with pytest.raises(TrialFailed, match="non-finite training loss"):
         finetune_(model, tiny_splits.train[:16], FinetuneConfig(steps=6, batch_size=2, lr=1e4, max_grad_norm=0), "cpu")
+
+
+def test_step_progress_reports_every_n_steps_and_the_last_without_a_metric():
+    from qpruner.config import FinetuneConfig
+    from qpruner.finetune import StepProgress
+    from qpruner.results import is_progress
+    got = []
+    progress = StepProgress(got.append, FinetuneConfig(steps=7, report_every=3), tokens_per_step=128,
+                            extra={"plan_code": "4848"})
+    for step in range(7):
+        progress(step, 2.0 - 0.1 * step)
+    assert [r["step"] for r in got] == [3, 6, 7]                 # every 3 steps, and the last
+    assert all(is_progress(r) and "objective" not in r and r["steps"] == 7 and r["plan_code"] == "4848" for r in got)
+    assert got[-1]["eta_s"] == 0.0 and got[0]["eta_s"] >= 0.0 and got[0]["train_loss"] == pytest.approx(1.8)
+    silent = []
+    off = StepProgress(silent.append, FinetuneConfig(steps=7, report_every=0), tokens_per_step=128)
+    for step in range(7):
+        off(step, 1.0)
+    assert silent == []                                          # report_every: 0 reports nothing

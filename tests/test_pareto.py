@@ -110,3 +110,15 @@ def test_a_screen_never_stands_on_the_front_even_when_it_looks_better(tmp_path):
     assert list(log.front()["trial_id"]) == ["a"]
     assert set(log.trained()) == {"a"}                      # not a trained trial: no num_trials count
     assert log.lookup(_result("48", 0.9, 1.0).plan) is None  # and never answers a full proposal
+
+
+def test_normalized_hypervolume_is_the_share_of_the_box_from_the_reference_to_the_ideal():
+    from qpruner.pareto import normalized_hypervolume, trial_label
+    # accuracy: ideal 1 at no memory; reference (0, 100): one point at (0.5 quality, 50 bytes) dominates 50 x 0.5
+    assert normalized_hypervolume(25.0, (0.0, 100.0), "accuracy") == pytest.approx(25.0 / 100.0)
+    # perplexity: the quality axis is -log(ppl), ideal 0; reference -log(V) = -5
+    assert normalized_hypervolume(100.0, (-5.0, 100.0), "perplexity") == pytest.approx(100.0 / 500.0)
+    assert normalized_hypervolume(1.0, (1.0, 100.0), "accuracy") == 0.0          # an empty box: 0, not a division
+    assert trial_label({"trial_name": "t0007-44448888", "trial_id": "a3750c24"}) == "t0007"
+    assert trial_label({"trial_name": None, "trial_id": "a3750c24"}) == "a3750c24"   # e.g. answered from the cache
+    assert trial_label({"trial_name": float("nan"), "trial_id": "a3750c24"}) == "a3750c24"

@@ -138,14 +138,15 @@ def find_trial(run, front: pd.DataFrame, trial: str) -> tuple[int | None, pd.Ser
     a completed trial off the front can be exported too."""
     from .pareto import trial_label
     want = str(trial).split("-", 1)[0] if str(trial)[:1] == "t" and str(trial)[1:5].isdigit() else str(trial)
-    for i, (_, row) in enumerate(front.iterrows()):
-        if want in (trial_label(row), str(row["trial_id"])):
-            return i, row
     trials = run.trials()
     ok = trials[trials["status"] == "ok"] if "status" in trials else trials.iloc[0:0]
-    for _, row in ok.iterrows():
-        if want in (trial_label(row), str(row["trial_id"])):
-            return None, row
+    matches = {str(r["trial_id"]): r for _, r in ok.iterrows() if want in (trial_label(r), str(r["trial_id"]))}
+    if len(matches) > 1:   # e.g. a search continued in a fresh Tune experiment numbers its trials from 1 again
+        raise ConfigError([f"--trial {trial}: {len(matches)} completed trials have that name ({', '.join(matches)}); "
+                           "give the trial id"])
+    points = {str(r["trial_id"]): i for i, (_, r) in enumerate(front.iterrows())}
+    for tid, row in matches.items():
+        return points.get(tid), (front.iloc[points[tid]] if tid in points else row)
     shown = ", ".join(f"{i}: {trial_label(r)}" for i, (_, r) in enumerate(front.iterrows()))
     raise ConfigError([f"--trial {trial}: no completed trial of {run.path} has that name or id (the front: {shown})"])
 

@@ -459,8 +459,7 @@ def run_job(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Jo
 
 
 def _search_locked(job: JobConfig, run, resume: bool, t0: float, moved) -> JobOutcome:
-    from .search import run_search  # keeps `qpruner validate` free of the Ray import
-    from .search.searchers import ENDED
+    from .search.searchers import ENDED   # keeps `qpruner validate` free of the Ray import
     out = run.path
     ENDED.pop(str(out), None)   # an earlier search of this directory in this process says nothing about this one
     with run.lock("search"):
@@ -478,30 +477,44 @@ def _search_locked(job: JobConfig, run, resume: bool, t0: float, moved) -> JobOu
                 logger.warning("an earlier Ray Tune experiment of this directory was moved to %s", aside)
         run.write_marker(job, searched=True, continuing=continuing)
         run.write_job(job)
-        prepared = prepare(job, out)
-        origins = {s.plan: f"seed:{s.origin}" for s in prepared.seeds}
-        log = TrialLog(out, front_metric(job), origins, run_key=trial_key(job))
-        if not finished:
-            contexts = prepared.contexts if prepared.joint else prepared.context
-            scores = {a: v.scores for a, v in prepared.variants.items()} if prepared.joint else prepared.scores
-            run_search(job, contexts, prepared.seeds, log, resume=continuing, scores=scores)
-            if _short(job, log, out) and continuing:
-                # Tune's restored experiment had nothing left to run (e.g. trials it gave up on counted as
-                # done), though fewer trials are trained than asked: go on in a fresh one from trials.parquet
-                logger.warning("the resumed Ray Tune experiment ended with %d of %d trials trained: continuing in a "
-                               "fresh experiment (trained plans are answered from trials.parquet)",
-                               len(log.trained()), job.search.num_trials)
-                set_aside_experiment(job, run)
-                run_search(job, contexts, prepared.seeds, log, resume=False, scores=scores)
-        trials, front = log.frame(), log.front()
-        from .pareto import write_failure
-        if not log.unsaved and write_failure(out) is None:
-            try:
-                report.write_report(out, front_metric(job))
-            except OSError as exc:   # e.g. the disk filled again: the trials are safe, the report is not essential
-                logger.error("could not write the report (%s); `qpruner report %s` writes it later", exc, out)
-        _record_driver_peak(out)
-        _check_complete(job, log, out)
+        run.write_running([])   # a dead driver's running trials are not this search's
+        from .search.storage import preflight
+        connected = preflight(job, out)   # on a cluster: storage every trial reaches, checked before pruning
+        try:
+            return _prepare_and_search(job, run, out, resume, continuing, finished, t0, moved)
+        finally:
+            if connected:
+                import ray
+                ray.shutdown()
+
+
+def _prepare_and_search(job: JobConfig, run, out: Path, resume: bool, continuing: bool, finished: bool, t0: float,
+                        moved) -> JobOutcome:
+    from .search import run_search  # keeps `qpruner validate` free of the Ray import
+    prepared = prepare(job, out)
+    origins = {s.plan: f"seed:{s.origin}" for s in prepared.seeds}
+    log = TrialLog(out, front_metric(job), origins, run_key=trial_key(job))
+    if not finished:
+        contexts = prepared.contexts if prepared.joint else prepared.context
+        scores = {a: v.scores for a, v in prepared.variants.items()} if prepared.joint else prepared.scores
+        run_search(job, contexts, prepared.seeds, log, resume=continuing, scores=scores)
+        if _short(job, log, out) and continuing:
+            # Tune's restored experiment had nothing left to run (e.g. trials it gave up on counted as
+            # done), though fewer trials are trained than asked: go on in a fresh one from trials.parquet
+            logger.warning("the resumed Ray Tune experiment ended with %d of %d trials trained: continuing in a "
+                           "fresh experiment (trained plans are answered from trials.parquet)",
+                           len(log.trained()), job.search.num_trials)
+            set_aside_experiment(job, run)
+            run_search(job, contexts, prepared.seeds, log, resume=False, scores=scores)
+    trials, front = log.frame(), log.front()
+    from .pareto import write_failure
+    if not log.unsaved and write_failure(out) is None:
+        try:
+            report.write_report(out, front_metric(job))
+        except OSError as exc:   # e.g. the disk filled again: the trials are safe, the report is not essential
+            logger.error("could not write the report (%s); `qpruner report %s` writes it later", exc, out)
+    _record_driver_peak(out)
+    _check_complete(job, log, out)
     return JobOutcome(out, prepared, trials, front, time.perf_counter() - t0, continuing, moved)
 
 

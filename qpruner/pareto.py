@@ -83,14 +83,16 @@ def trial_label(row) -> str:
 
 
 def ideal_quality(metric: str) -> float:
-    """The best value the quality axis can take: 0 for perplexity (``-log 1``), else 1 (accuracies, and an
-    objective of weighted accuracies)."""
+    """The best value the quality axis can take: 0 for perplexity (``-log 1``), else 1 (accuracies)."""
     return 0.0 if metric == "perplexity" else 1.0
 
 
-def normalized_hypervolume(hv: float, ref: tuple[float, float], metric: str) -> float:
+def normalized_hypervolume(hv: float, ref: tuple[float, float], metric: str) -> float | None:
     """``hv`` as a share of the box between the reference ``(q_ref, cost_ref)`` and the ideal corner (the best
-    quality at no memory): 0 for an empty front, 1 for the unreachable ideal; comparable across jobs and models."""
+    quality at no memory): 0 for an empty front, 1 for the unreachable ideal; comparable across jobs and models.
+    None for a weighted ``objective`` (its ideal depends on the weights and terms: not given here)."""
+    if metric == "objective":
+        return None
     box = (ideal_quality(metric) - ref[0]) * ref[1]
     return hv / box if box > 0 else 0.0
 
@@ -316,7 +318,8 @@ class TrialLog:
         counts = frame["status"].value_counts().to_dict() if not frame.empty and "status" in frame else {}
         front = pareto_front(frame, self.metric)
         out = {"trials": len(frame), **{f"n_{k}": int(v) for k, v in counts.items()}, "front_size": len(front),
-               "best": None, "hypervolume": 0.0, **({"hypervolume_normalized": 0.0} if fixed else {})}
+               "best": None, "hypervolume": 0.0,
+               **({"hypervolume_normalized": None if self.metric == "objective" else 0.0} if fixed else {})}
         ok = frame[frame["status"] == "ok"] if counts else frame
         if not front.empty:
             if ref is None:

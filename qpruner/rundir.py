@@ -91,7 +91,11 @@ def _hash(obj) -> str:
 
 
 def data_fingerprint(job) -> list | None:
-    """Size and modification time of a local data file (its content changes the splits)."""
+    """Size and modification time of a local data file (its content changes the splits); for a Hub dataset, how
+    its rows are read (blank rows dropped: a run that read them another way never mixes with this one)."""
+    from .config import is_hub_dataset
+    if is_hub_dataset(job.data.source):
+        return ["hub", "non-blank rows"]
     path = Path(job.data.source).expanduser()
     try:
         stat = path.stat() if path.is_file() else None

@@ -303,3 +303,15 @@ def test_an_adapter_saved_as_a_pickle_is_refused_never_unpickled(searched, tmp_p
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was loaded"))
     with pytest.raises(ModelError, match="safetensors only"):
         qpruner.load(out)
+
+
+def test_an_ambiguous_trial_name_is_refused_with_the_ids(searched, tmp_path):
+    import shutil
+    copy = tmp_path / "tiny_smoke"
+    shutil.copytree(searched, copy, ignore=shutil.ignore_patterns("exports"))
+    trials = pd.read_parquet(copy / "trials.parquet")
+    ok = trials["status"] == "ok"
+    trials.loc[ok, "trial_name"] = "t0001-same"          # e.g. numbered again by a fresh Tune experiment
+    trials.to_parquet(copy / "trials.parquet")
+    with pytest.raises(ConfigError, match="give the trial id"):
+        export_point(copy, trial="t0001")

@@ -60,7 +60,7 @@ def test_trials_run_on_both_nodes(cluster, tmp_path):
 
 
 def test_node_local_storage_on_two_nodes_is_refused_before_training(cluster, tmp_path, capsys):
-    """A disk local to one machine, two nodes: refused with exit code 2 and the fix, before any trial or prune."""
+    """A disk local to one machine, two nodes: refused with exit code 2 and the fix, before pruning."""
     from qpruner.cli import main
     c, _ = cluster
     code = main(["search", str(JOB), f"results_dir={tmp_path}", f"search.ray_address={c.address}",
@@ -68,7 +68,7 @@ def test_node_local_storage_on_two_nodes_is_refused_before_training(cluster, tmp
     err = capsys.readouterr().err
     assert code == 2, err
     assert "more than one node" in err and "node-local filesystem" in err and "s3://" in err
-    assert not (tmp_path / "tiny_smoke" / "trials.parquet").exists()
+    assert not (tmp_path / "tiny_smoke" / "pruned").exists()        # refused before pruning, nothing left behind
 
 
 def test_a_shared_storage_path_on_two_nodes_runs(cluster, tmp_path, monkeypatch):

@@ -178,3 +178,33 @@ def test_a_screen_that_errors_is_recorded_as_a_screen_not_a_trained_trial(tmp_pa
     rows = log.frame()
     assert list(rows["status"]) == ["screened"] and list(rows["fidelity"]) == ["screen"]
     assert "worker died" in rows.loc[0, "error"] and log.trained() == {}
+
+
+def test_the_schedulers_clock_and_a_restored_experiments_clock():
+    """eval_round counts evaluations (the final one included); a Tuner restored from before progress reports
+    counts Tune's iterations, and its trials then report no progress (run._counts_iterations)."""
+    import types
+
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    from qpruner.config import FinetuneConfig
+    from qpruner.search.run import EVAL_ROUND, _counts_iterations, final_round
+    assert final_round(FinetuneConfig(steps=10)) == 1
+    assert final_round(FinetuneConfig(steps=8, eval_every=2)) == 4        # at 2, 4, 6, then the final one
+    assert final_round(FinetuneConfig(steps=9, eval_every=2)) == 5
+    tuner = lambda sched: types.SimpleNamespace(_local_tuner=types.SimpleNamespace(
+        _tune_config=types.SimpleNamespace(scheduler=sched)))
+    assert _counts_iterations(tuner(AsyncHyperBandScheduler(time_attr="training_iteration")))
+    assert not _counts_iterations(tuner(AsyncHyperBandScheduler(time_attr=EVAL_ROUND)))
+    assert not _counts_iterations(tuner(FIFOScheduler())) and not _counts_iterations(object())
+
+
+def test_progress_reports_never_reach_the_inner_searcher():
+    from qpruner.search.searchers import BudgetedSearcher
+    seen = []
+    fake = BudgetedSearcher.__new__(BudgetedSearcher)
+    fake.live = {"t1": "t1~1"}
+    fake.searcher = type("S", (), {"on_trial_result": lambda self, tid, r: seen.append(r)})()
+    fake.on_trial_result("t1", {"status": "training", "step": 3, "train_loss": 2.0})
+    fake.on_trial_result("t1", {"status": "running", "objective": -3.0, "eval_round": 1})
+    assert seen == [{"status": "running", "objective": -3.0, "eval_round": 1}]

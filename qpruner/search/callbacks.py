@@ -39,6 +39,7 @@ from ..trial import TrialResult
 
 logger = logging.getLogger(__name__)
 FLUSH_EVERY_S = 5.0   # retry of a failed trial-log write
+RUNNING_EVERY_S = 1.0   # running.json: at most this often for progress reports
 STATUSES = ("ok", "screened", "failed", "infeasible", "cached", "stopped", "error")
 SERIES = {  # name: (description, extra tag keys)
     "qpruner_trials": ("trials by status", ("status",)),
@@ -120,7 +121,12 @@ class PersistTrials(tune.Callback):
         self.metrics = LiveMetrics(job, submission, log.metric)
 
     def setup(self, **info):
+        import os
+
         from .run import submission_id
+        # Tune's controller refuses a result without the search's metric; progress reports have none on purpose.
+        # Under Ray Client the controller runs on the cluster, where this callback runs too (see run.py)
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         self.metrics.tags["submission_id"] = submission_id()  # this driver's: a resumed one is a new submission
         if self.ref is not None:
             from ..rundir import RunDir
@@ -129,7 +135,12 @@ class PersistTrials(tune.Callback):
         self.running, self.evaluations = {}, {}
         self._write_running()   # an earlier driver's running trials are not this one's
 
-    def _write_running(self) -> None:
+    def _write_running(self, throttle: bool = False) -> None:
+        """running.json for `qpruner status`: on every start and end, at most once a second for progress."""
+        if throttle:
+            if time.time() - (getattr(self, "_running_at", None) or 0.0) < RUNNING_EVERY_S:
+                return
+            self._running_at = time.time()
         from ..rundir import RunDir
         RunDir(self.log.directory).write_running(list((self.running or {}).values()))
 
@@ -148,7 +159,7 @@ class PersistTrials(tune.Callback):
                                                              "started": time.time()})
             entry.update({k: result.get(k) for k in ("step", "steps", "train_loss", "tokens_per_s", "eta_s")},
                          updated=time.time())
-            self._write_running()
+            self._write_running(throttle=True)
             self.metrics.progress(str(trial), str(result.get("plan_code")), result)
             logger.info("trial %s: %s", trial, describe_progress(result))
         elif result.get("status") == "running" and "objective" in result:
@@ -156,9 +167,10 @@ class PersistTrials(tune.Callback):
             entry = self.running.get(trial.trial_id)
             if entry is not None:
                 entry["objective"] = result.get("objective")
-                self._write_running()
+                self._write_running(throttle=True)
 
     def _ended(self, trial) -> None:
+        (self.evaluations or {}).pop(trial.trial_id, None)
         if self.running and self.running.pop(trial.trial_id, None) is not None:
             self._write_running()
 
@@ -183,15 +195,18 @@ class PersistTrials(tune.Callback):
                     self.num_trials or "?", summary["trials"], summary["front_size"], summary["hypervolume"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        evaluation = (self.evaluations or {}).get(trial.trial_id)
         self._ended(trial)
         result = trial.last_result or {}
         if is_progress(result):   # stopped between a progress report and its next evaluation: keep the evaluation
-            result = {**result, **(self.evaluations or {}).get(trial.trial_id, {"status": "stopped"})}
+            if evaluation is None:
+                logger.warning("trial %s: ended after a progress report with no evaluation; nothing recorded", trial)
+            result = {**result, **(evaluation or {"status": "stopped"})}
         node = {"node_ip": result.get("node_ip"), "node_id": result.get("node_id"), "failures": trial.num_failures,
                 "worker_rss_bytes": result.get("worker_rss_bytes"),
                 "worker_peak_rss_bytes": result.get("worker_peak_rss_bytes")}
         if result.get("replayed"):  # recorded before a driver restart (see run._trainable): the row stands
-            logger.info("trial %s: already recorded before the restart, not trained again", trial.trial_id)
+            logger.info("trial %s: already recorded before the restart, not trained again (%s)", trial, trial.trial_id)
         elif result.get("status") == "running":  # stopped early by the scheduler: keep its last evaluation
             self.log.add_partial(trial.trial_id, self._plan(trial), "stopped", result, **node)
             logger.info("trial %s: stopped early at step %s (objective %.4g)", trial, result.get("step"),
@@ -241,10 +256,10 @@ def recorded_location(location: str, run_dir, storage: str | None) -> str:
     import os
     if "://" in location:   # an object store: readable from anywhere with access
         return location
-    path = os.path.abspath(location)
+    path = os.path.realpath(location)
     for root in (str(run_dir), storage):
         if root and "://" not in root:
-            root = os.path.abspath(os.path.expanduser(root))
+            root = os.path.realpath(os.path.expanduser(root))
             if path == root or path.startswith(root + os.sep):
                 return os.path.relpath(path, root)
     return location

@@ -216,7 +216,7 @@ class OverBudget:
 
 def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecoder, threads: int,
                   save_adapters: bool = True, done: dict | None = None, variants: dict | None = None,
-                  memory: "TrialMemory | None" = None):
+                  memory: "TrialMemory | None" = None, progress: bool = True):
     """The Ray Tune trainable: one trial of ``config``'s plan on its pruned model, reported to Tune."""
     import tempfile
 
@@ -248,7 +248,7 @@ def qpruner_trial(config: dict, context: TrialContext | None, decode: PlanDecode
         else:
             result = run_trial(context, plan, device, on_report=rounds,
                                on_trained=(lambda model: _keep_adapter(model, tmp, save_adapter)) if save_adapters
-                               else None, memory_limit=limit, on_progress=tune.report)
+                               else None, memory_limit=limit, on_progress=tune.report if progress else None)
         peak = process_peak()
         release_memory()
         _note_training(trial_id, result)
@@ -287,6 +287,23 @@ def _progress_reports_allowed():
 
 
 EVAL_ROUND = "eval_round"   # the schedulers' clock: 1, 2, ... over a trial's evaluations (the final one included)
+
+
+def final_round(ft) -> int:
+    """The ``eval_round`` of a trial's final result: its intermediate evaluations, plus one."""
+    return (len(range(ft.eval_every, ft.steps, ft.eval_every)) if ft.eval_every else 0) + 1
+
+
+def _trainable(tune, params: dict, cfg):
+    trainable = tune.with_parameters(qpruner_trial, **params)
+    return tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+
+
+def _counts_iterations(tuner) -> bool:
+    """Whether a restored Tuner's scheduler counts time in Tune's ``training_iteration`` (made before
+    ``eval_round``). Ray internals: where they are not found, False."""
+    config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
+    return getattr(getattr(config, "scheduler", None), "_time_attr", None) == "training_iteration"
 
 
 class EvalRounds:
@@ -572,10 +589,6 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
         torch.cuda.empty_cache()
     started = init_ray(job)
     on_cluster = not started or bool(cfg.ray_address or in_submitted_job())
-    if on_cluster:   # before any training: trials on several nodes need storage they all reach
-        from .storage import check_shared_storage
-        check_shared_storage(ray, storage_path(job, log), cfg.cpus_per_trial, cfg.gpus_per_trial,
-                             cfg.storage_shared)
     watch = InfeasibleWatch(cfg.cpus_per_trial, cfg.gpus_per_trial).listen() if on_cluster else None
     try:
         if not on_cluster:
@@ -590,7 +603,8 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
         if resume:
             recover_results(experiment, log, cfg.storage_path)
         # after a restart, trials Tune's last checkpoint still had running may be finished and recorded
-        done = {tid: TrialResult.from_metrics(row).to_metrics() for tid, row in log.trained().items()
+        done = {tid: {**TrialResult.from_metrics(row).to_metrics(), EVAL_ROUND: final_round(job.finetune)}
+                for tid, row in log.trained().items()
                 if row.get("status") in ("ok", "failed") and not row.get("cached_from")} if resume else {}
         if None in contexts:
             shipped = {"context": contexts[None]}
@@ -600,11 +614,17 @@ def run_search(job: JobConfig, context: TrialContext | dict, seeds: list[policy.
                       save_adapters=cfg.save_adapters,
                       memory=TrialMemory(cfg.memory_per_trial_gb, cfg.gpus_per_trial, cfg.cpus_per_trial), **shipped)
         _record_shipped(log.directory, params, contexts)
-        trainable = tune.with_parameters(qpruner_trial, **params)
-        trainable = tune.with_resources(trainable, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+        trainable = _trainable(tune, params, cfg)
         if resume:
             logger.info("resuming the search in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+            if _counts_iterations(tuner):
+                # an experiment made before progress reports: its scheduler counts Tune's iterations, which progress
+                # reports would advance. Its trials report no progress, so its early stopping stays as it was
+                logger.warning("this Ray Tune experiment predates in-trial progress reports: its trials report none")
+                trainable = _trainable(tune, {**params, "progress": False}, cfg)
+                tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
         else:
             tuner = _new_tuner(job, contexts, seeds, log, decode, trainable, n_units, scores, watch, limit)
         state_log = logging.getLogger(_TUNE_STATE_LOGGER)

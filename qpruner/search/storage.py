@@ -14,7 +14,11 @@ removes that node; the other nodes cannot read the weights at all. Nothing in Ra
   one machine running several Ray nodes). Then every live node must also *see* it: a probe file written
   by the driver is looked for by a zero-CPU task pinned to each node.
 
-Anything else is a :class:`~qpruner.errors.ConfigError` (exit code 2) naming the fix.
+Anything else is a :class:`~qpruner.errors.ConfigError` (exit code 2) naming the fix. The driver checks once it
+has joined the cluster, before it prunes (:func:`preflight`). A node the autoscaler adds later is not probed;
+on node-local storage its trials cannot read the pruned weights (they live under the same storage) and fail
+with a message that says so, rather than leaving checkpoints behind silently. Under Ray Client (``ray://``)
+the driver's files are not the cluster's: nothing is checked there.
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ def trial_nodes(ray, cpus: float, gpus: float) -> tuple[bool, list[dict]]:
 
 def check_shared_storage(ray, where: str, cpus: float, gpus: float, declared_shared: bool) -> None:
     """Refuse a search whose trials run on several nodes with ``where`` (the run's storage) local to one."""
+    if where.startswith("file://"):
+        where = where[len("file://"):]
     many, nodes = trial_nodes(ray, cpus, gpus)
     if not many or "://" in where:
         return
@@ -114,6 +120,7 @@ def nodes_not_seeing(ray, where: str, nodes: list[dict]) -> list[str]:
             if ref not in ready:
                 logger.warning("node %s did not answer the storage probe within %.0f s; not counted", name,
                                PROBE_TIMEOUT_S)
+                ray.cancel(ref, force=True)
                 continue
             if not ray.get(ref):
                 blind.append(name)
@@ -123,3 +130,23 @@ def nodes_not_seeing(ray, where: str, nodes: list[dict]) -> list[str]:
             os.unlink(probe)
         except OSError:
             pass
+
+
+def preflight(job, run_path) -> bool:
+    """On a cluster (``search.ray_address``, or a submitted job): join it now and check the run's storage, before
+    any pruning. Returns whether this call connected (the caller disconnects at the end)."""
+    from .run import in_submitted_job, init_ray
+    cfg = job.search
+    if not (cfg.ray_address or in_submitted_job()) or str(cfg.ray_address or "").startswith("ray://"):
+        return False
+    import ray
+    connected = init_ray(job)
+    try:
+        from ..rundir import storage_dir
+        check_shared_storage(ray, storage_dir(job, run_path), cfg.cpus_per_trial, cfg.gpus_per_trial,
+                             cfg.storage_shared)
+    except BaseException:
+        if connected:
+            ray.shutdown()
+        raise
+    return connected

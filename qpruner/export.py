@@ -36,6 +36,7 @@ from .plan import PrecisionPlan
 from .models import resolve_device
 from .pruned_model import read_meta
 from .results import plan_of_row
+from . import serialize
 
 logger = logging.getLogger(__name__)
 PLAN_FILE = "qpruner_plan.json"
@@ -187,8 +188,10 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
         target.parent.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target if into_existing else target.parent))
     moved: list[Path] = []
+    quantized = serialize.supported(job.quant)
     try:
-        shutil.copytree(pruned, out, ignore=shutil.ignore_patterns("qpruner_prune.json"), dirs_exist_ok=True)
+        skip = ("qpruner_prune.json",) + (("model*.safetensors", "model.safetensors.index.json") if quantized else ())
+        shutil.copytree(pruned, out, ignore=shutil.ignore_patterns(*skip), dirs_exist_ok=True)
         adapter = out / "adapter"
         source = adapter_source(row.get("adapter_path"), run, job)
         if not (source and _fetch_adapter(source, adapter)):
@@ -200,6 +203,13 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
                     "pass --retrain to train this plan again here (same seeds: the same adapter, at a trial's cost)")
             with run.lock("export (training a front plan's adapter again)"):  # prepare() writes in the run
                 _retrain_adapter(directory, job, plan, adapter)
+        if quantized:   # the quantized model itself: what the trial ran, loadable with no SVD, no quantization
+            qmap = _write_quantized(run, job, plan, pruned, out)
+        else:
+            logger.warning("quant.embeddings / quant.lm_head are quantized: this export keeps the full-precision "
+                           "pruned weights, and qpruner.load rebuilds the quantized model (LoftQ runs again)")
+            qmap = None
+        _copy_license(job, out)
         metrics = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
                    if k in ("trial_id", "perplexity", "accuracy", "objective", "weight_bytes", "avg_bits", "peak_bytes",
                             "nll", "nll_se", "perplexity_se", "accuracy_se", "objective_se", "prune_param_ratio")
@@ -207,9 +217,10 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
         (out / PLAN_FILE).write_text(json.dumps({
             "plan": plan.to_dict(), "quant": to_dict(job.quant), "finetune": to_dict(job.finetune),
             "eval": to_dict(job.eval), "data": to_dict(job.data), "metric": job.search.metric, "trial": metrics,
-            "job": job.name, "prune": (read_meta(pruned) or {}).get("report", {})},
+            "job": job.name, "prune": (read_meta(pruned) or {}).get("report", {}),
+            "layout": "quantized" if quantized else "full-precision", "quantization_map": qmap},
             indent=2, default=str))
-        (out / "README.md").write_text(_model_card(job, plan, metrics, point))
+        (out / "README.md").write_text(_model_card(job, plan, metrics, point, quantized))
         if into_existing:
             for entry in sorted(out.iterdir(), key=lambda p: p.name == PLAN_FILE):   # the record last
                 os.replace(entry, target / entry.name)
@@ -227,20 +238,134 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
     return final
 
 
-def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int) -> str:
+def _write_quantized(run, job, plan: PrecisionPlan, pruned: Path, out: Path) -> dict:
+    """Build the trained model as the trial did (the pruned weights read linear by linear, LoftQ from the run's
+    cache when it is there, the trial's adapter) and write its quantized tensors; returns the quantization map."""
+    from .build import build_quantized
+    from .job import variant_job, weights_key
+    from .loftq import LoftQCache
+    from .quantize import resolve_compute_dtype
+    from .rundir import LOFTQ_DIR
+    from .weights import SafetensorsDir, cache_root
+    device = resolve_device("auto")
+    config_dict = json.loads((pruned / "config.json").read_text())
+    cache = None
+    if job.finetune.init == "loftq":
+        storage = job.search.storage_path
+        root = (run.path / LOFTQ_DIR if not storage else
+                cache_root() / "loftq" if "://" in storage else Path(storage).expanduser() / LOFTQ_DIR)
+        key = weights_key(variant_job(job, plan.pruned), pruned)
+        cache = LoftQCache(LoftQCache.folder(root, key, job.quant, job.finetune, device,
+                                             resolve_compute_dtype(job.quant, device)))
+    seconds: dict = {}
+    model, measured = build_quantized(config_dict, SafetensorsDir(pruned), plan, job.quant, job.finetune, device,
+                                      cache, adapter_dir=str(out / "adapter"), seconds=seconds)
+    if cache is not None:
+        logger.info("export: LoftQ of %d linears from the run's cache, %d computed", cache.hits, cache.misses)
+    path = serialize.save_quantized(model, job.quant, out)
+    qmap = serialize.read_quantization_map(path)
+    logger.info("export: %s, %.1f MB (the trial's weights: %.1f MB)", path.name, path.stat().st_size / 1e6,
+                measured.total_bytes / 1e6)
+    return {**qmap, "modules": f"{len(qmap['modules'])} decoder linears (in {serialize.QUANTIZED_FILE})"}
+
+
+BUILTIN_BASES = {"builtin:smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "USE_POLICY.md", "NOTICE")
+
+
+def _base_model(job) -> tuple[str | None, str | None, Path | None]:
+    """(Hub id of the base model, its license id, a local folder holding its files) as far as known offline."""
+    source = job.model.source
+    if source in BUILTIN_BASES:
+        return (*BUILTIN_BASES[source], None)
+    folder = Path(source).expanduser()
+    hub = None
+    if not folder.is_dir():
+        hub, folder = source, None
+        try:   # the Hub cache's snapshot, if the model was downloaded here: no network
+            from huggingface_hub import try_to_load_from_cache
+            found = try_to_load_from_cache(source, "config.json", revision=job.model.revision)
+            folder = Path(found).parent if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 - metadata is best effort
+            folder = None
+    license_id = None
+    card = folder / "README.md" if folder is not None else None
+    if card is not None and card.is_file():
+        text = card.read_text(errors="replace")
+        if text.startswith("---"):
+            try:
+                meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+                license_id = meta.get("license")
+                hub = hub or meta.get("base_model")
+            except yaml.YAMLError:
+                pass
+    return hub, license_id, folder
+
+
+def _copy_license(job, out: Path) -> list[str]:
+    """The base model's license files (Llama 2's terms travel with derivatives), where they are on this machine."""
+    _, _, folder = _base_model(job)
+    copied = []
+    for name in LICENSE_FILES if folder is not None else ():
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def _card_metadata(job, metrics: dict, lm_eval: dict | None = None) -> dict:
+    """The model card's Hub YAML header."""
+    from .config import is_hub_dataset
+    hub, license_id, _ = _base_model(job)
+    meta = {"library_name": "qpruner", "pipeline_tag": "text-generation",
+            "tags": ["qpruner", "pruned", "quantized", "mixed-precision", "bitsandbytes", "lora", "llm-pruner"]}
+    if hub:
+        meta["base_model"] = hub
+        meta["base_model_relation"] = "quantized"
+    meta["license"] = license_id or "other"
+    if is_hub_dataset(job.data.source):
+        meta["datasets"] = [job.data.source]
+    results = [{"task": {"type": "text-generation"},
+                "dataset": {"name": job.data.source, "type": job.data.source},
+                "metrics": [{"type": "perplexity", "value": metrics.get("perplexity"), "name": "held-out perplexity"}]}]
+    for task, values in (lm_eval or {}).items():
+        results.append({"task": {"type": "text-generation"}, "dataset": {"name": task, "type": task},
+                        "metrics": [{"type": k, "value": v} for k, v in values.items()
+                                    if isinstance(v, (int, float))]})
+    meta["model-index"] = [{"name": job.name, "results": results}]
+    return meta
+
+
+def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int, quantized: bool = True,
+                lm_eval: dict | None = None) -> str:
+    """README.md: the Hub YAML header (base_model, library_name, license, tags, datasets, model-index), then the
+    plan, its memory and its measured quality with standard errors, and how to load it."""
     amount = "" if plan.pruned is None else f" at {100 * plan.pruned:g}% of the parameters (joint search)"
     where = f"front point {point}" if point >= 0 else f"trial {metrics.get('trial_id')} (not on the front)"
-    lines = [f"# {job.name}: QPruner export, {where}", "",
+
+    def se(value, err, digits=4):
+        if value is None:
+            return "n/a"
+        return f"{value:.{digits}f}" + (f" ± {err:.{digits}f}" if isinstance(err, (int, float)) and err == err else "")
+    files = ((f"`{serialize.QUANTIZED_FILE}` (the quantized weights exactly as the trial ran them: packed 4-bit data "
+              "and quantization states, int8 data and scales, bf16 weights; LoftQ's adjustment included) + "
+              "`config.json` (the pruned per-layer widths)") if quantized else
+             ("`model.safetensors` + `config.json` (the full-precision pruned model; quantized again at load)"))
+    lines = ["---", yaml.safe_dump(_card_metadata(job, metrics, lm_eval), sort_keys=False).rstrip(), "---", "",
+             f"# {job.name}: QPruner export, {where}", "",
              f"Pruned from `{job.model.source}`{amount} ({job.prune.scope} scope, {job.prune.importance} importance), "
              f"quantized per {plan.unit} with bitsandbytes, LoRA adapter (r={job.finetune.lora_r}) fine-tuned for "
              f"{job.finetune.steps} steps on `{job.data.source}`.", "",
              f"* plan: `{plan.code()}` (4 = nf4, f = fp4, 8 = int8, H = bf16), {metrics.get('avg_bits', 0):.2f} "
              f"average bits, {metrics.get('weight_bytes', 0) / 1e6:.1f} MB of weights",
-             f"* held-out perplexity {metrics.get('perplexity')}, next-token accuracy {metrics.get('accuracy')}",
+             f"* held-out perplexity {se(metrics.get('perplexity'), metrics.get('perplexity_se'), 3)}, "
+             f"next-token accuracy {se(metrics.get('accuracy'), metrics.get('accuracy_se'))} "
+             "(± one standard error over evaluation windows)",
              "", "```python", "import qpruner", "model, tokenizer = qpruner.load('<this directory>')", "```", "",
-             "Files: `model.safetensors` + `config.json` (the pruned model; `import qpruner` makes it loadable by "
-             "`transformers.AutoModelForCausalLM`), `adapter/` (LoRA, safetensors), `qpruner_plan.json` (plan, "
-             "quantization, LoRA and evaluation settings, the trial's metrics). No pickled files."]
+             f"Files: {files}, tokenizer, `adapter/` (the trained LoRA adapter, safetensors), `qpruner_plan.json` "
+             "(plan, quantization, LoRA and evaluation settings, the trial's metrics). No pickled files. Loading "
+             "needs qpruner (the per-layer widths are a custom model type, and a per-module mix of bitsandbytes "
+             "formats has no `BitsAndBytesConfig`): no serving stack loads this directory as it is."]
     return "\n".join(lines) + "\n"
 
 
@@ -259,12 +384,18 @@ def load(directory: str | Path, device: str | torch.device | None = None):
     directory = Path(directory)
     meta = read_plan(directory)
     device = resolve_device(device)
-    model, tokenizer = load_pruned(directory, dtype=torch.float32)
     where = str(directory / PLAN_FILE)
     ft = build_section(FinetuneConfig, meta.get("finetune"), f"{where} finetune")
     quant = build_section(QuantConfig, meta.get("quant"), f"{where} quant")
-    model, _ = quantized_with_lora(model, PrecisionPlan.from_dict(meta["plan"]), quant, ft, device,
-                                   adapter_dir=str(directory / "adapter"))
+    plan = PrecisionPlan.from_dict(meta["plan"])
+    if (directory / serialize.QUANTIZED_FILE).is_file():   # the quantized model itself: no LoftQ, no quantization
+        from transformers import AutoTokenizer
+
+        from .finetune import load_adapter
+        model = load_adapter(serialize.load_quantized(directory, plan, quant, device), directory / "adapter")
+        return model.eval(), AutoTokenizer.from_pretrained(str(directory))
+    model, tokenizer = load_pruned(directory, dtype=torch.float32)   # an export of the full-precision layout
+    model, _ = quantized_with_lora(model, plan, quant, ft, device, adapter_dir=str(directory / "adapter"))
     return model.eval(), tokenizer
 
 

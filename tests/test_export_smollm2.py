@@ -25,7 +25,11 @@ def test_exported_smollm2_point_reproduces_its_trial(tmp_path):
     front = pd.read_parquet(results / "pareto.parquet")
     row = front.iloc[0]
     out = export_point(results, 0)
-    assert (out / "model.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "quantized.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "quantized.safetensors").stat().st_size <= 1.15 * row["weight_bytes"]
+    import yaml
+    meta = yaml.safe_load((out / "README.md").read_text().split("---", 2)[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
     _, ev = evaluate_export(out)
     assert ev.perplexity == pytest.approx(row["perplexity"], rel=1e-4)

@@ -454,4 +454,24 @@ def lm_eval(directory: str | Path, tasks: list[str], limit: int | None = None, b
                                       tasks=names, limit=limit, **kwargs)
     summary = results.get("results", {})
     (Path(directory) / "lm_eval.json").write_text(json.dumps(summary, indent=2, default=str))
+    _card_with_lm_eval(Path(directory), summary)
     return summary
+
+
+def _card_with_lm_eval(directory: Path, summary: dict) -> None:
+    """Rewrite the export's model card with the harness results in its ``model-index``."""
+    try:
+        record = read_plan(directory)
+        card = directory / "README.md"
+        text = card.read_text()
+        if not text.startswith("---"):
+            return
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+        results = meta.setdefault("model-index", [{"name": record.get("job"), "results": []}])[0]["results"]
+        for task, values in summary.items():
+            results.append({"task": {"type": "text-generation"}, "dataset": {"name": task, "type": task},
+                            "metrics": [{"type": k.split(",")[0], "value": v} for k, v in values.items()
+                                        if isinstance(v, (int, float)) and not k.startswith("alias")]})
+        card.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---" + text.split("---", 2)[2])
+    except (OSError, yaml.YAMLError, KeyError, IndexError) as exc:
+        logger.warning("could not add the lm-eval results to the model card (%s)", exc)

@@ -307,6 +307,10 @@ def test_lm_eval_harness_agrees_with_our_multiple_choice_scorer(searched, tmp_pa
     result = mc.score(model, ours, batch_size=4)
     assert summary["acc,none"] == pytest.approx(result.acc) and summary["acc_norm,none"] == pytest.approx(result.acc_norm)
     assert json.loads((out / "lm_eval.json").read_text())["qpruner_mc_check"]["acc,none"] == summary["acc,none"]
+    import yaml
+    card = yaml.safe_load((out / "README.md").read_text().split("---", 2)[1])
+    harness_rows = [r for r in card["model-index"][0]["results"] if r["dataset"]["name"] == "qpruner_mc_check"]
+    assert harness_rows and {"type": "acc", "value": summary["acc,none"]} in harness_rows[0]["metrics"]
 
     raw = harness.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, prefix_token_id=0),
                                   tasks=["qpruner_mc_check"], log_samples=True,

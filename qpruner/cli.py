@@ -227,6 +227,11 @@ def _cmd_export(args) -> int:
     out = export_point(args.results, args.point, args.out, trial=args.trial, retrain=args.retrain)
     print(f"exported {('trial ' + args.trial) if args.trial else f'front point {args.point}'} to {out}/ "
           "(load it with qpruner.load)")
+    if args.merge:
+        from .export import merge_export
+        merged, nll, trial_nll = merge_export(out)
+        print(f"merged (LoRA into the weights, bf16): {merged}/; held-out NLL {nll:.6f}, the trial's "
+              f"{trial_nll:.6f} (load it with `import qpruner` and transformers.AutoModelForCausalLM.from_pretrained)")
     if args.lm_eval:
         summary = lm_eval(out, [t for t in args.lm_eval.split(",") if t], args.lm_eval_limit)
         print(f"lm-evaluation-harness: {summary}")
@@ -346,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="when the trial's adapter checkpoint is not readable "
                    "here, train the plan again (same seeds, same adapter); without it such an export fails")
     p.add_argument("--out", default=None, help="output directory (default results/<job>/exports/point<K>-<trial>)")
+    p.add_argument("--merge", action="store_true", help="also write <export>/merged/: the LoRA-merged model in bf16 "
+                   "(plain transformers weights), with its held-out NLL next to the trial's")
     p.add_argument("--lm-eval", default="", metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks: harness names (their datasets "
                    "download) or task YAML files (custom tasks, e.g. over local JSON: offline)")

@@ -458,6 +458,47 @@ def lm_eval(directory: str | Path, tasks: list[str], limit: int | None = None, b
     return summary
 
 
+def merge_export(directory: str | Path) -> tuple[Path, float, float]:
+    """``<export>/merged/``: the LoRA-merged pruned model in bf16 (loadable with transformers after ``import
+    qpruner``), and its held-out NLL beside the trial's (same tokens), recorded in ``qpruner_plan.json``. Returns
+    (directory, merged NLL, the trial's NLL)."""
+    from .data import load_splits
+    from .evaluate import evaluate
+    from .pruned_model import load_pruned, save_pruned
+    directory = Path(directory)
+    model, tokenizer = load(directory, "cpu")
+    out = directory / serialize.MERGED_DIR
+    if out.exists():
+        raise ResultsError(f"{out} exists; nothing was changed (remove it to merge again)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{serialize.MERGED_DIR}.partial-", dir=directory))
+    try:
+        plain = serialize.merged(model)
+        del model
+        save_pruned(plain, tokenizer, tmp)
+        _copy_license_files(directory, tmp)
+        reloaded, _ = load_pruned(tmp, dtype=torch.bfloat16)
+        data_cfg, eval_cfg = evaluation_config(directory)
+        splits = load_splits(data_cfg, tokenizer)
+        nll = evaluate(reloaded, splits.eval, eval_cfg.batch_size, "cpu", eval_cfg.context, eval_cfg.stride).nll
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    record = read_plan(directory)
+    trial_nll = record.get("trial", {}).get("nll")
+    record["merged"] = {"directory": serialize.MERGED_DIR, "dtype": "bfloat16", "nll": nll, "trial_nll": trial_nll}
+    (directory / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))
+    logger.info("merged model in %s: NLL %.6f (the trial's %.6f)", out, nll, trial_nll if trial_nll is not None
+                else float("nan"))
+    return out, nll, trial_nll
+
+
+def _copy_license_files(source: Path, into: Path) -> None:
+    for name in LICENSE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, into / name)
+
+
 def _card_with_lm_eval(directory: Path, summary: dict) -> None:
     """Rewrite the export's model card with the harness results in its ``model-index``."""
     try:

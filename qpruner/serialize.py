@@ -146,3 +146,43 @@ def load_quantized(directory: str | Path, plan: PrecisionPlan, quant: QuantConfi
     model.to(device)
     check_applied(model, plan)
     return model.eval()
+
+
+MERGED_DIR = "merged"
+
+
+def merged(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The LoRA-merged model of a loaded export: each decoder linear becomes a plain ``nn.Linear`` in ``dtype``
+    holding ``dequantize(base) + scaling * B @ A`` (computed in float32, rounded once); the rest as it was. A
+    plain (pruned) transformers model: ``save_pretrained`` writes it, ``from_pretrained`` reads it back."""
+    from .quantize import dequantized
+    base = _unwrap(model)
+    for layer in models.decoder_layers(base):
+        for name, module in models.layer_linears(layer).items():
+            stored = getattr(module, "base_layer", module)
+            weight = dequantized(stored).cpu()
+            for adapter in getattr(module, "active_adapters", ()) if hasattr(module, "lora_A") else ():
+                if adapter in module.lora_A:
+                    a = module.lora_A[adapter].weight.detach().float().cpu()
+                    b = module.lora_B[adapter].weight.detach().float().cpu()
+                    weight = weight + module.scaling[adapter] * (b @ a)
+            lin = nn.Linear(stored.in_features, stored.out_features, bias=stored.bias is not None, dtype=dtype)
+            with torch.no_grad():
+                lin.weight.copy_(weight.to(dtype))
+                if stored.bias is not None:
+                    lin.bias.copy_(stored.bias.detach().cpu().to(dtype))
+            models.set_layer_linear(layer, name, lin.requires_grad_(False))
+    head = base.get_output_embeddings()
+    if head is not None and type(head) is not nn.Linear:   # Linear16 -> nn.Linear (a plain model saves and loads)
+        plain = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        plain.weight = head.weight
+        if head.bias is not None:
+            plain.bias = head.bias
+        base.set_output_embeddings(plain)
+    emb = base.get_input_embeddings()
+    emb._forward_hooks.clear()   # the compute-dtype cast of the quantized model: a plain model needs none
+    for p in base.parameters():
+        p.data = p.data.to("cpu", dtype)
+        p.requires_grad_(False)
+    base.config.torch_dtype = dtype
+    return base.eval()

@@ -374,3 +374,23 @@ def test_an_ambiguous_trial_name_is_refused_with_the_ids(searched, tmp_path):
     trials.to_parquet(copy / "trials.parquet")
     with pytest.raises(ConfigError, match="give the trial id"):
         export_point(copy, trial="t0001")
+
+
+def test_merge_writes_a_plain_bf16_model_with_its_nll_beside_the_trials(searched, tmp_path):
+    """--merge: the LoRA folded into dequantized weights, in bf16; transformers loads it (after `import
+    qpruner`: the pruned widths); its NLL is recorded next to the trial's, and only bf16 rounding separates them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qpruner.export import merge_export
+    front = pd.read_parquet(searched / "pareto.parquet")
+    out = export_point(searched, 0, tmp_path / "exp")
+    merged, nll, trial_nll = merge_export(out)
+    assert trial_nll == pytest.approx(front.iloc[0]["nll"])
+    assert abs(nll - trial_nll) < 0.05, (nll, trial_nll)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert {type(m).__name__ for m in model.modules()} & {"Linear4bit", "Linear8bitLt"} == set()
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert json.loads((out / "qpruner_plan.json").read_text())["merged"]["nll"] == nll
+    with pytest.raises(ResultsError, match="exists"):
+        merge_export(out)                                      # never overwritten

@@ -34,3 +34,7 @@ def test_exported_smollm2_point_reproduces_its_trial(tmp_path):
     _, ev = evaluate_export(out)
     assert ev.perplexity == pytest.approx(row["perplexity"], rel=1e-4)
     assert ev.accuracy == pytest.approx(row["accuracy"], abs=1e-6)
+    from qpruner.export import merge_export
+    _, merged_nll, trial_nll = merge_export(out)     # --merge: bf16, LoRA folded in; only rounding between them
+    print(f"SmolLM2 merged bf16 NLL {merged_nll:.5f} vs the trial's {trial_nll:.5f}")
+    assert abs(merged_nll - trial_nll) < 0.05

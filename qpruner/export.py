@@ -475,6 +475,9 @@ def merge_export(directory: str | Path) -> tuple[Path, float, float]:
         plain = serialize.merged(model)
         del model
         save_pruned(plain, tokenizer, tmp)
+        del plain            # one model in memory at a time: the saved one is read back to be measured
+        import gc
+        gc.collect()
         _copy_license_files(directory, tmp)
         reloaded, _ = load_pruned(tmp, dtype=torch.bfloat16)
         data_cfg, eval_cfg = evaluation_config(directory)

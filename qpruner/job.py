@@ -28,7 +28,7 @@ from .unit_importance import UnitScores
 from .memory import Budget, ModelLayout, plan_bytes
 from .pareto import TrialLog
 from .prune import PruneReport
-from .rundir import front_metric, open_for_search, set_aside_experiment, trial_compute_dtype, trial_key
+from .rundir import RUNNING_FILE, front_metric, open_for_search, set_aside_experiment, trial_compute_dtype, trial_key
 from .trial import TrialContext
 
 logger = logging.getLogger(__name__)
@@ -477,7 +477,8 @@ def _search_locked(job: JobConfig, run, resume: bool, t0: float, moved) -> JobOu
                 logger.warning("an earlier Ray Tune experiment of this directory was moved to %s", aside)
         run.write_marker(job, searched=True, continuing=continuing)
         run.write_job(job)
-        run.write_running([])   # a dead driver's running trials are not this search's
+        if (run.path / RUNNING_FILE).is_file():
+            run.write_running([])   # a dead driver's running trials are not this search's
         from .search.storage import preflight
         connected = preflight(job, out)   # on a cluster: storage every trial reaches, checked before pruning
         try:

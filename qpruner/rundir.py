@@ -272,7 +272,7 @@ class RunDir:
         (marker, job.yaml), its lock file and the directory, so the failure leaves nothing behind. Only while no
         one else holds the lock (taken here, non-blocking), and only when the directory holds nothing but that
         bookkeeping: a pruned model, trials or any other file keeps the directory whole. True when removed."""
-        bookkeeping = {LOCK, MARKER, JOB_FILE, ".trials.lock"}
+        bookkeeping = {LOCK, MARKER, JOB_FILE, ".trials.lock", RUNNING_FILE}
         try:
             fd = os.open(self.path / LOCK, os.O_RDWR)
         except OSError:

@@ -225,6 +225,7 @@ def test_memory_claim_quality_pairs_real_trials_with_bf16(tmp_path):
     assert "Quality side by side" in (tmp_path / "memory_claim.md").read_text()
 
 
+@pytest.mark.slow   # over a minute: the slow suite (CI runs it)
 def test_joint_benchmark_compares_three_searches_on_one_reference(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "joint_bench.py"), "--model", "tiny", "--trials", "3", "--seeds", "1",
            "--steps", "1", "--out", str(tmp_path)]
@@ -362,6 +363,7 @@ def test_large_space_worlds_are_calibrated_and_their_front_is_exact():
     assert searcher.told[0] < -999 and searcher.told[2] == searcher.told[1]   # over budget; repeat answered
 
 
+@pytest.mark.slow   # over a minute: the slow suite (CI runs it)
 def test_large_space_benchmark_runs_and_the_default_beats_random(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "search_large.py"), "--spaces", "30x3", "--worlds", "2",
                            "--checkpoints", "8", "16", "--concurrency-worlds", "0", "--searchers", "additive",

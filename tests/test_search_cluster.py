@@ -50,6 +50,7 @@ def _check_consistent(trials: pd.DataFrame, n_trained: int) -> pd.DataFrame:
     return ok
 
 
+@pytest.mark.slow   # about a minute on two nodes: the slow suite (CI runs it)
 def test_trials_run_on_both_nodes(cluster, tmp_path):
     c, worker = cluster
     job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=20",
@@ -87,6 +88,7 @@ def test_a_shared_storage_path_on_two_nodes_runs(cluster, tmp_path, monkeypatch)
     assert all((shared / p / "adapter_model.safetensors").is_file() for p in ok["adapter_path"])
 
 
+@pytest.mark.slow   # about a minute on two nodes: the slow suite (CI runs it)
 def test_losing_the_worker_node_mid_trial_retries_it(cluster, tmp_path):
     c, worker = cluster
     job = load_job(JOB, [f"results_dir={tmp_path}", f"search.ray_address={c.address}", "finetune.steps=150",
@@ -116,6 +118,7 @@ def test_losing_the_worker_node_mid_trial_retries_it(cluster, tmp_path):
     assert ok["failures"].sum() >= 1              # the trial lost with the node ran again, on the head
 
 
+@pytest.mark.slow   # about a minute on two nodes: the slow suite (CI runs it)
 def test_driver_killed_then_resume(tmp_path):
     cmd = [sys.executable, "-m", "qpruner.cli", "search", str(JOB), f"results_dir={tmp_path}", "finetune.steps=40",
            "search.num_trials=8"]
@@ -146,6 +149,7 @@ def test_driver_killed_then_resume(tmp_path):
 
 
 
+@pytest.mark.slow   # about a minute on two nodes: the slow suite (CI runs it)
 def test_a_joint_search_ships_every_pruned_variant_to_both_nodes(cluster, tmp_path):
     """prune.param_ratios on 2 nodes: each variant is one object in the object store; trials of every amount
     run, on both nodes, each on its own variant's weights (predicted memory = measured)."""

@@ -200,6 +200,7 @@ def test_joint_search_over_pruning_amount_and_precision(tmp_path):
     assert again.stderr.count("reusing the pruned model") == 2 and "saved the pruned model" not in again.stderr
 
 
+@pytest.mark.slow   # about a minute: the slow suite (CI runs it)
 def test_multi_fidelity_screens_steer_the_search_and_never_reach_the_front(tmp_path):
     trials, _ = _search(tmp_path, "search.screen_share=0.4", "search.screen_windows=3", "search.num_trials=5",
                         "policy.seed_plans=0",
@@ -239,6 +240,7 @@ def _search_until_trained(cwd, results, n: int, *extra: str):
     return cmd, trials_file, proc
 
 
+@pytest.mark.slow   # about a minute: the slow suite (CI runs it)
 def test_ctrl_c_is_not_a_finished_run_and_the_rerun_completes_it(tmp_path):
     """#25.4: SIGINT after 2 trained trials: exit 130, "interrupted", no "finished" and no front printed; the
     same command again trains the rest, each plan once."""
@@ -281,7 +283,7 @@ def _fill(fs):
     return filler
 
 
-@pytest.mark.parametrize("frees_in_time", [True, False])
+@pytest.mark.parametrize("frees_in_time", [True, pytest.param(False, marks=pytest.mark.slow)])   # False: the slow suite
 def test_a_full_disk_loses_no_result_and_never_ends_a_run_as_finished(small_disk, tmp_path, frees_in_time):
     """#25.1: the disk fills after 2 trained trials. Freed within search.disk_full_wait_s: the search waits,
     keeps the finished results in memory, writes them, and completes (no trial trained twice). Still full: it

@@ -235,6 +235,9 @@ def _cmd_export(args) -> int:
     if args.lm_eval:
         summary = lm_eval(out, [t for t in args.lm_eval.split(",") if t], args.lm_eval_limit)
         print(f"lm-evaluation-harness: {summary}")
+    if args.push_to_hub:
+        from .export import push_to_hub
+        print(f"pushed to the Hub: {push_to_hub(out, args.push_to_hub, args.private)}")
     return 0
 
 
@@ -357,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated lm-evaluation-harness tasks: harness names (their datasets "
                    "download) or task YAML files (custom tasks, e.g. over local JSON: offline)")
     p.add_argument("--lm-eval-limit", type=int, default=None, help="items per lm-eval task")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the export to this Hugging Face Hub "
+                   "model repository (online; created if missing), after --merge and --lm-eval")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("dashboard", help="the Grafana dashboard JSON for the qpruner Ray metrics")
     p.add_argument("--out", default=None, help="write it to this new file (default: print it)")

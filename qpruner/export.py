@@ -496,6 +496,29 @@ def merge_export(directory: str | Path) -> tuple[Path, float, float]:
     return out, nll, trial_nll
 
 
+def push_to_hub(directory: str | Path, repo: str, private: bool = False) -> str:
+    """Upload an export directory to the Hugging Face Hub as model repository ``repo`` (created if missing;
+    ``private`` for a new one). Needs the network and a token with write access (``HF_TOKEN`` or
+    ``huggingface-cli login``). Returns the commit's URL."""
+    from huggingface_hub import HfApi, constants
+    directory = Path(directory)
+    read_plan(directory)   # only an export goes up
+    if constants.HF_HUB_OFFLINE:
+        raise BackendError("--push-to-hub needs the network, but HF_HUB_OFFLINE is set; unset it (the export "
+                           f"stays in {directory})")
+    api = HfApi()
+    try:
+        api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(directory), repo_id=repo, repo_type="model",
+                                 commit_message=f"QPruner export ({directory.name})",
+                                 ignore_patterns=[".*", "*.partial-*", "**/.*"])
+    except Exception as exc:  # noqa: BLE001 - HTTP, auth and naming errors of the Hub: one clear line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendError(f"could not push {directory} to the Hub repository {repo!r}: {first[:400]} (a token "
+                           "with write access: HF_TOKEN or `huggingface-cli login`)") from None
+    return str(getattr(info, "commit_url", info))
+
+
 def _copy_license_files(source: Path, into: Path) -> None:
     for name in LICENSE_FILES:
         if (source / name).is_file():

@@ -17,11 +17,15 @@ class FakeHub:
     def __init__(self, repos: dict[str, Path]):
         self.repos = {k: Path(v) for k, v in repos.items()}
         self.requests: list[tuple[str, str]] = []
+        self.created: list[dict] = []
+        self.pushed: dict[str, dict[str, bytes]] = {}
 
     def handler(self, request):
         import httpx2
         path = request.url.path
         self.requests.append((request.method, path))
+        if request.method == "POST":
+            return self._write(request, path)
         m = re.match(r"^/(?:datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", path)
         if m:
             root = self.repos.get(m["repo"])
@@ -59,6 +63,41 @@ class FakeHub:
                 text = (root / "README.md").read_text()
                 info["cardData"] = yaml.safe_load(text.split("---")[1]) if text.startswith("---") else {}
             return httpx2.Response(200, json=info)
+        return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"})
+
+    def _write(self, request, path):
+        """The Hub's write API, as far as `create_repo` + `upload_folder` use it: every file "regular" (inline,
+        base64 in the commit's NDJSON), committed into ``self.pushed[repo]``."""
+        import base64
+        import json
+
+        import httpx2
+        if path == "/api/repos/create":
+            body = json.loads(request.content)
+            repo = f"{body.get('organization') or 'someone'}/{body['name']}" if "/" not in body["name"] else body["name"]
+            self.created.append({**body, "repo": repo})
+            self.pushed.setdefault(repo, {})
+            return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo}", "name": repo})
+        if path == "/api/validate-yaml":   # the model card's metadata, checked before the upload
+            return httpx2.Response(200, json={"errors": [], "warnings": []})
+        m = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)/preupload/[^/]+$", path)
+        if m:
+            files = json.loads(request.content)["files"]
+            return httpx2.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                         "shouldIgnore": False, "oid": None} for f in files]})
+        m = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)/commit/[^/]+$", path)
+        if m:
+            if m["repo"] not in self.pushed:
+                return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"})
+            for line in request.content.splitlines():
+                item = json.loads(line)
+                if item.get("key") == "file":
+                    value = item["value"]
+                    self.pushed[m["repo"]][value["path"]] = base64.b64decode(value["content"])
+                elif item.get("key") == "lfsFile":
+                    return httpx2.Response(400, json={"error": "this fake takes regular files only"})
+            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{m['repo']}/commit/{COMMIT}",
+                                              "commitOid": COMMIT, "success": True})
         return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"})
 
     @staticmethod

@@ -394,3 +394,37 @@ def test_merge_writes_a_plain_bf16_model_with_its_nll_beside_the_trials(searched
     assert json.loads((out / "qpruner_plan.json").read_text())["merged"]["nll"] == nll
     with pytest.raises(ResultsError, match="exists"):
         merge_export(out)                                      # never overwritten
+
+
+def test_push_to_hub_uploads_the_export_through_the_hub_transport(searched, tmp_path, monkeypatch):
+    """--push-to-hub: only the HTTP transport is faked (tests/fake_hub.py); huggingface_hub's create_repo and
+    upload_folder run as they do online. Every file of the export arrives, no pickle, the private flag too."""
+    from fake_hub import FakeHub
+
+    from qpruner.export import push_to_hub
+    out = export_point(searched, 0, tmp_path / "exp")
+    hub = FakeHub({})
+    hub.install(monkeypatch, tmp_path / "cache")
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_test")
+    try:
+        url = push_to_hub(out, "someone/tiny-export", private=True)
+    finally:
+        hub.uninstall()
+    assert "someone/tiny-export" in url
+    created = hub.created[0]
+    assert created.get("visibility", "private" if created.get("private") else "public") == "private"
+    local = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    pushed = hub.pushed["someone/tiny-export"]
+    assert set(pushed) == local and pushed["quantized.safetensors"] == (out / "quantized.safetensors").read_bytes()
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in pushed)
+
+
+def test_push_to_hub_offline_says_so(searched, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from qpruner.errors import BackendError
+    from qpruner.export import push_to_hub
+    out = export_point(searched, 0, tmp_path / "exp")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BackendError, match="HF_HUB_OFFLINE"):
+        push_to_hub(out, "someone/x")

@@ -313,7 +313,7 @@ def _copy_license(job, out: Path) -> list[str]:
     return copied
 
 
-def _card_metadata(job, metrics: dict, lm_eval: dict | None = None) -> dict:
+def _card_metadata(job, metrics: dict) -> dict:
     """The model card's Hub YAML header."""
     from .config import is_hub_dataset
     hub, license_id, _ = _base_model(job)
@@ -328,16 +328,11 @@ def _card_metadata(job, metrics: dict, lm_eval: dict | None = None) -> dict:
     results = [{"task": {"type": "text-generation"},
                 "dataset": {"name": job.data.source, "type": job.data.source},
                 "metrics": [{"type": "perplexity", "value": metrics.get("perplexity"), "name": "held-out perplexity"}]}]
-    for task, values in (lm_eval or {}).items():
-        results.append({"task": {"type": "text-generation"}, "dataset": {"name": task, "type": task},
-                        "metrics": [{"type": k, "value": v} for k, v in values.items()
-                                    if isinstance(v, (int, float))]})
     meta["model-index"] = [{"name": job.name, "results": results}]
     return meta
 
 
-def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int, quantized: bool = True,
-                lm_eval: dict | None = None) -> str:
+def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int, quantized: bool = True) -> str:
     """README.md: the Hub YAML header (base_model, library_name, license, tags, datasets, model-index), then the
     plan, its memory and its measured quality with standard errors, and how to load it."""
     amount = "" if plan.pruned is None else f" at {100 * plan.pruned:g}% of the parameters (joint search)"
@@ -351,7 +346,7 @@ def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int, quantized: 
               "and quantization states, int8 data and scales, bf16 weights; LoftQ's adjustment included) + "
               "`config.json` (the pruned per-layer widths)") if quantized else
              ("`model.safetensors` + `config.json` (the full-precision pruned model; quantized again at load)"))
-    lines = ["---", yaml.safe_dump(_card_metadata(job, metrics, lm_eval), sort_keys=False).rstrip(), "---", "",
+    lines = ["---", yaml.safe_dump(_card_metadata(job, metrics), sort_keys=False).rstrip(), "---", "",
              f"# {job.name}: QPruner export, {where}", "",
              f"Pruned from `{job.model.source}`{amount} ({job.prune.scope} scope, {job.prune.importance} importance), "
              f"quantized per {plan.unit} with bitsandbytes, LoRA adapter (r={job.finetune.lora_r}) fine-tuned for "

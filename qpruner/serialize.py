@@ -119,8 +119,8 @@ def load_quantized(directory: str | Path, plan: PrecisionPlan, quant: QuantConfi
             raise ModelError(f"{path}: quantized format version {qmap.get('version')!r}, this qpruner reads "
                              f"{FORMAT_VERSION}")
         keys = list(f.keys())
-        rest = {k: f.get_tensor(k) for k in keys if STORED not in k
-                and not any(k == f"{q}.bias" for q in names.values())}
+        biases = {f"{q}.bias" for q in names.values()}
+        rest = {k: f.get_tensor(k) for k in keys if STORED not in k and k not in biases}
         missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
         linear_keys = {f"{q}.{p}" for q in names.values() for p in ("weight", "bias")}
         tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()

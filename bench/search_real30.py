@@ -9,6 +9,10 @@ in ``results/search_real30/``, then these strategies, each its own trial log und
               over memory (per plan a Dirichlet(1,1,1) mix of nf4/int8/bf16 drawn layer by layer; over the
               budget: drawn again) — 48 plans, interleaved so that any prefix mixes both kinds
     default   the product's default search (``search.searcher`` as in the demo) at N = 16 trained trials
+    probes    the CALIBRATION of the replay at today's recipe (never the plans above): all-nf4, all-int8, and
+              for each of the replay's 8 layer groups the group raised to int8 from all-nf4 ("up"), lowered
+              to nf4 from all-int8 ("down") and raised to bf16 from all-nf4 ("bf16") — 26 plans; the report
+              calibrates a "today" world from them and checks it against the 48 plans above (out of sample)
 
 Each stage is resumable: run it again and it trains only what it has not recorded. ``report`` compares
 the replay's prediction (``bench/search_large.py``'s calibrated demo world, no noise) with every real
@@ -17,6 +21,7 @@ bootstrap over evaluation windows), into ``results/bench/search_real30.{json,md}
 
     python bench/search_real30.py record --stage plans [--concurrent 1]     # ~80 s per trial per core
     python bench/search_real30.py record --stage default
+    python bench/search_real30.py record --stage probes
     python bench/search_real30.py report
 """
 
@@ -75,6 +80,19 @@ def plan_set(prepared, job) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def probe_set(n_layers: int) -> list[tuple[str, np.ndarray]]:
+    """(origin, option indices) of the calibration probes, in recording order (see the module docstring)."""
+    import search_worlds as sw
+    groups = sw.layer_groups(n_layers)
+    out = [("nf4", np.zeros(n_layers, int)), ("int8", np.ones(n_layers, int))]
+    for kind, base, value in (("up", 0, 1), ("down", 1, 0), ("bf16", 0, 2)):
+        for g, layers in enumerate(groups):
+            idx = np.full(n_layers, base)
+            idx[layers] = value
+            out.append((f"{kind}:{g}", idx))
+    return out
+
+
 def record(stage: str, concurrent: int) -> None:
     import pandas as pd
 
@@ -95,11 +113,12 @@ def record(stage: str, concurrent: int) -> None:
     if (logdir / "trials.parquet").is_file():
         frame = pd.read_parquet(logdir / "trials.parquet")
         trained = int(frame["status"].isin(["ok", "failed"]).sum())
-    if stage == "plans":
+    if stage in ("plans", "probes"):
         bits = sorted(job.policy.bits)
         formats = [format_for_bits(b, job.quant.four_bit) for b in bits]
-        wanted = [(o, PrecisionPlan(tuple(formats[i] for i in idx))) for o, idx in plan_set(prepared, job)]
-        (OUT / "plans.json").write_text(json.dumps([{"origin": o, "code": p.code()} for o, p in wanted], indent=1))
+        chosen = plan_set(prepared, job) if stage == "plans" else probe_set(prepared.context.n_layers)
+        wanted = [(o, PrecisionPlan(tuple(formats[i] for i in idx))) for o, idx in chosen]
+        (OUT / f"{stage}.json").write_text(json.dumps([{"origin": o, "code": p.code()} for o, p in wanted], indent=1))
         done = set()
         if (logdir / "trials.parquet").is_file():
             done = set(frame.loc[frame["status"].isin(["ok", "failed"]), "plan_formats"])
@@ -125,7 +144,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     rec = sub.add_parser("record")
-    rec.add_argument("--stage", choices=["plans", "default"], required=True)
+    rec.add_argument("--stage", choices=["plans", "default", "probes"], required=True)
     rec.add_argument("--concurrent", type=int, default=1, help="trials at a time (1 CPU each)")
     sub.add_parser("report")
     args = parser.parse_args(argv)

@@ -403,3 +403,27 @@ def test_every_bad_input_of_the_reliability_table_is_refused_cleanly_and_writes_
     assert len(results) >= 100
     problems = [r for r in results if r["exit"] != 2 or not r["clean"] or r["wrote"]]
     assert not problems, problems[:5]
+
+
+def test_real_check_calibration_probes_recover_a_known_world():
+    """#24: the today-calibration reads each layer group's gain back from its up/down probes (the mean of both)
+    and the int8 -> bf16 total from the bf16 probes; a plan set drawn from that world is then predicted exactly,
+    and a missing group leaves no calibration rather than a wrong one."""
+    import numpy as np
+    import pandas as pd
+    sys.path.insert(0, str(ROOT / "bench"))
+    import search_real30 as s30
+    import search_real30_report as rep
+    truth = {"group_gains_nf4_to_int8": [0.02, 0.01, 0.005, 0.03, 0.0, 0.012, 0.007, 0.015], "int8_to_bf16_total": 0.011}
+    base = 3.7
+    rows = [(o, idx) for o, idx in s30.probe_set(30)]
+    nll = [base - rep.today_quality(np.array([idx]), truth)[0] for _, idx in rows]
+    probes = pd.DataFrame({"kind": [o for o, _ in rows], "nll": nll})
+    cal = rep.probe_calibration(probes)
+    assert np.allclose(cal["group_gains_nf4_to_int8"], truth["group_gains_nf4_to_int8"], atol=1e-5)
+    assert abs(cal["int8_to_bf16_total"] - 0.011) < 1e-5 and cal["estimates_per_group"] == [2] * 8
+    plans = np.random.default_rng(0).integers(0, 3, (40, 30))
+    frame = pd.DataFrame({"plan_code": ["".join("48H"[i] for i in p) for p in plans],
+                          "nll": base - rep.today_quality(plans, truth)})
+    assert rep.prediction_today(frame, cal)["r2"] > 0.9999
+    assert rep.probe_calibration(probes[~probes["kind"].isin(["up:3", "down:3"])]) is None

@@ -99,6 +99,8 @@ class Space:
     numel_share: np.ndarray       # [U] share of its layer's weights (1 for layer units)
     description: str = ""
     gain_scale: float = 1.0       # every gain times this (30x3_today: the real check's measured scale)
+    group_gains: np.ndarray | None = None   # nf4 -> int8 gain per group at the demo fidelity (None: the landscape's)
+    int8_to_bf16: float = INT8_TO_BF16      # int8 -> bf16 NLL in all, at the same recipe as group_gains
 
 
 def _layout(shape: str):
@@ -115,12 +117,13 @@ def make_space(name: str, budget_bits: float = 8.5) -> Space:
     from qpruner import policy
     from qpruner.config import QuantConfig
     from qpruner.memory import Budget
-    scale = 1.0
+    scale, today = 1.0, None
     if name == "30x3_today":
         real = json.loads(REAL_CHECK.read_text()) if REAL_CHECK.is_file() else {}
-        if "slope" not in real:
-            raise SystemExit(f"30x3_today needs the real check's measured scale: run bench/search_real30.py first ({REAL_CHECK})")
-        name, scale = "30x3", float(real["slope"])
+        today = real.get("today", {}).get("calibration")
+        if today is None and "slope" not in real:
+            raise SystemExit(f"30x3_today needs the real check's calibration: run bench/search_real30.py first ({REAL_CHECK})")
+        name, scale = "30x3", (1.0 if today else float(real["slope"]))
     shape, unit = {"30x3": ("smollm2", "layer"), "7b": ("llama7b", "layer"), "linear210": ("smollm2", "linear")}[name]
     layout = _layout(shape)
     memory = policy.PlanMemory(layout, QuantConfig(), "float32")
@@ -134,6 +137,12 @@ def make_space(name: str, budget_bits: float = 8.5) -> Space:
     desc = {"30x3": "SmolLM2-135M pruned as the demo: 30 layers x {nf4, int8, bf16}",
             "7b": "LLaMA-2-7B pruned 20% (layers 4-29): 32 layers x {nf4, int8, bf16}",
             "linear210": "SmolLM2-135M pruned as the demo, policy.unit linear: 210 linears x {nf4, int8, bf16}"}[name]
+    if today:
+        name, desc = "30x3_today", (f"{desc}; group gains and int8 -> bf16 from {today['probes']} calibration probes at "
+                                    "today's recipe (search_real30.json today.calibration)")
+        return Space(name, costs, layer_of, layout.n_layers, share, f"{desc}, budget {budget_bits} average bits", 1.0,
+                     np.clip(np.array(today["group_gains_nf4_to_int8"], dtype=float), 1e-6, None),   # a probe's noise
+                     max(float(today["int8_to_bf16_total"]), 1e-6))                                  # is no negative gain
     if scale != 1.0:
         name, desc = "30x3_today", f"{desc}; every gain x {scale:.3f} (today's recipe, measured on real trials)"
     return Space(name, costs, layer_of, layout.n_layers, share, f"{desc}, budget {budget_bits} average bits", scale)
@@ -240,10 +249,13 @@ def make_world(space: Space, seed: int) -> World:
     raw = raw + raw.T
     values, Js = {}, {}
     zero_jitter = _lognormal(np.random.default_rng(20_000 + seed), ZERO_JITTER, n)
+    demo = group_gains("demo") if space.group_gains is None else space.group_gains
     for stage in ("demo", "zero"):
-        g1_layer = _layer_gains(space, rng, group_gains(stage), sens, jitter * (zero_jitter if stage == "zero" else 1.0))
+        # the zero-step gains keep the landscape's shape, scaled like the demo fidelity's total
+        stage_gains = demo if stage == "demo" else group_gains("zero") * demo.sum() / group_gains("demo").sum()
+        g1_layer = _layer_gains(space, rng, stage_gains, sens, jitter * (zero_jitter if stage == "zero" else 1.0))
         g2_layer = g1_layer * bf16_jitter
-        g2_layer *= INT8_TO_BF16 * (g1_layer.sum() / group_gains("demo").sum()) / g2_layer.sum()
+        g2_layer *= space.int8_to_bf16 * (g1_layer.sum() / demo.sum()) / g2_layer.sum()
         split = space.numel_share * linear_jitter
         split = split / np.bincount(space.layer_of, split)[space.layer_of]
         g1, g2 = g1_layer[space.layer_of] * split, g2_layer[space.layer_of] * split

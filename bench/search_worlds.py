@@ -188,13 +188,12 @@ def _lognormal(rng, sd, n):
     return np.exp(rng.normal(0.0, sd, n))
 
 
-def _layer_gains(space: Space, rng, stage_gains: np.ndarray, sensitivity: np.ndarray, jitter: np.ndarray) -> np.ndarray:
-    """nf4 -> int8 gain per layer: each group's measured gain spread by sensitivity x jitter."""
-    n = space.n_layers
-    groups = layer_groups(n)
+def layer_gains(stage_gains: np.ndarray, sensitivity: np.ndarray, jitter: np.ndarray | float = 1.0) -> np.ndarray:
+    """nf4 -> int8 gain per layer: each group's measured gain spread over its layers by sensitivity x jitter."""
+    n = len(sensitivity)
     w = sensitivity * jitter
     g1 = np.zeros(n)
-    for g, layers in enumerate(groups):
+    for g, layers in enumerate(layer_groups(n)):
         g1[layers] = stage_gains[g] * w[layers] / w[layers].sum()
     return g1
 
@@ -253,7 +252,7 @@ def make_world(space: Space, seed: int) -> World:
     for stage in ("demo", "zero"):
         # the zero-step gains keep the landscape's shape, scaled like the demo fidelity's total
         stage_gains = demo if stage == "demo" else group_gains("zero") * demo.sum() / group_gains("demo").sum()
-        g1_layer = _layer_gains(space, rng, stage_gains, sens, jitter * (zero_jitter if stage == "zero" else 1.0))
+        g1_layer = layer_gains(stage_gains, sens, jitter * (zero_jitter if stage == "zero" else 1.0))
         g2_layer = g1_layer * bf16_jitter
         g2_layer *= space.int8_to_bf16 * (g1_layer.sum() / demo.sum()) / g2_layer.sum()
         split = space.numel_share * linear_jitter

@@ -232,6 +232,15 @@ def _cmd_export(args) -> int:
         merged, nll, trial_nll = merge_export(out)
         print(f"merged (LoRA into the weights, bf16): {merged}/; held-out NLL {nll:.6f}, the trial's "
               f"{trial_nll:.6f} (load it with `import qpruner` and transformers.AutoModelForCausalLM.from_pretrained)")
+    for fmt in args.format or ():
+        from .gguf_export import export_gguf
+        path, entry = export_gguf(out, args.gguf_4bit)
+        trial_nll = entry["trial_nll"]
+        print(f"{fmt}: {path} ({entry['architecture']} architecture, {entry['bytes'] / 1e6:.1f} MB, tensor types "
+              f"{entry['tensor_types']}); held-out NLL of the file's weights {entry['nll']:.6f}, the trial's "
+              + (f"{trial_nll:.6f}" if trial_nll is not None else "unknown")
+              + (f"; {len(entry['fallbacks'])} linears kept in BF16 (width not a multiple of 32)"
+                 if entry["fallbacks"] else ""))
     if args.lm_eval:
         summary = lm_eval(out, [t for t in args.lm_eval.split(",") if t], args.lm_eval_limit)
         print(f"lm-evaluation-harness: {summary}")
@@ -356,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default results/<job>/exports/point<K>-<trial>)")
     p.add_argument("--merge", action="store_true", help="also write <export>/merged/: the LoRA-merged model in bf16 "
                    "(plain transformers weights), with its held-out NLL next to the trial's")
+    p.add_argument("--format", action="append", choices=["gguf"], default=None,
+                   help="also write the point in a serving format: gguf (llama.cpp, Ollama, LM Studio: "
+                   "<export>/gguf/*.gguf, the LoRA merged, per-layer widths as llama.cpp's deci architecture), with "
+                   "the held-out NLL of the file's weights next to the trial's")
+    p.add_argument("--gguf-4bit", default="q4_0", choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"],
+                   help="GGUF type of the plan's nf4/fp4 layers (GGUF has no nf4; default q4_0: 4.5 bits/weight)")
     p.add_argument("--lm-eval", default="", metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks: harness names (their datasets "
                    "download) or task YAML files (custom tasks, e.g. over local JSON: offline)")

@@ -217,7 +217,7 @@ def export_point(directory: str | Path, point: int = 0, out: str | Path | None =
         (out / PLAN_FILE).write_text(json.dumps({
             "plan": plan.to_dict(), "quant": to_dict(job.quant), "finetune": to_dict(job.finetune),
             "eval": to_dict(job.eval), "data": to_dict(job.data), "metric": job.search.metric, "trial": metrics,
-            "job": job.name, "prune": (read_meta(pruned) or {}).get("report", {}),
+            "job": job.name, "model": to_dict(job.model), "prune": (read_meta(pruned) or {}).get("report", {}),
             "layout": "quantized" if quantized else "full-precision", "quantization_map": qmap},
             indent=2, default=str))
         (out / "README.md").write_text(_model_card(job, plan, metrics, point, quantized))
@@ -360,7 +360,8 @@ def _model_card(job, plan: PrecisionPlan, metrics: dict, point: int, quantized: 
              f"Files: {files}, tokenizer, `adapter/` (the trained LoRA adapter, safetensors), `qpruner_plan.json` "
              "(plan, quantization, LoRA and evaluation settings, the trial's metrics). No pickled files. Loading "
              "needs qpruner (the per-layer widths are a custom model type, and a per-module mix of bitsandbytes "
-             "formats has no `BitsAndBytesConfig`): no serving stack loads this directory as it is."]
+             "formats has no `BitsAndBytesConfig`): no serving stack loads this directory as it is; "
+             "`qpruner export --format gguf` writes a GGUF file of it that llama.cpp loads."]
     return "\n".join(lines) + "\n"
 
 

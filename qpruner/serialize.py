@@ -151,21 +151,27 @@ def load_quantized(directory: str | Path, plan: PrecisionPlan, quant: QuantConfi
 MERGED_DIR = "merged"
 
 
+def merged_weight(module: nn.Module) -> torch.Tensor:
+    """``dequantize(base) + scaling * B @ A`` of one (LoRA-wrapped, quantized) linear, in float32 on the CPU."""
+    from .quantize import dequantized
+    weight = dequantized(getattr(module, "base_layer", module)).cpu()
+    for adapter in getattr(module, "active_adapters", ()) if hasattr(module, "lora_A") else ():
+        if adapter in module.lora_A:
+            a = module.lora_A[adapter].weight.detach().float().cpu()
+            b = module.lora_B[adapter].weight.detach().float().cpu()
+            weight = weight + module.scaling[adapter] * (b @ a)
+    return weight
+
+
 def merged(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """The LoRA-merged model of a loaded export: each decoder linear becomes a plain ``nn.Linear`` in ``dtype``
     holding ``dequantize(base) + scaling * B @ A`` (computed in float32, rounded once); the rest as it was. A
     plain (pruned) transformers model: ``save_pretrained`` writes it, ``from_pretrained`` reads it back."""
-    from .quantize import dequantized
     base = _unwrap(model)
     for layer in models.decoder_layers(base):
         for name, module in models.layer_linears(layer).items():
             stored = getattr(module, "base_layer", module)
-            weight = dequantized(stored).cpu()
-            for adapter in getattr(module, "active_adapters", ()) if hasattr(module, "lora_A") else ():
-                if adapter in module.lora_A:
-                    a = module.lora_A[adapter].weight.detach().float().cpu()
-                    b = module.lora_B[adapter].weight.detach().float().cpu()
-                    weight = weight + module.scaling[adapter] * (b @ a)
+            weight = merged_weight(module)
             lin = nn.Linear(stored.in_features, stored.out_features, bias=stored.bias is not None, dtype=dtype)
             with torch.no_grad():
                 lin.weight.copy_(weight.to(dtype))

@@ -428,3 +428,79 @@ def test_push_to_hub_offline_says_so(searched, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BackendError, match="HF_HUB_OFFLINE"):
         push_to_hub(out, "someone/x")
+
+
+def test_gguf_export_reads_back_with_the_gguf_library_at_its_recorded_nll(searched, tmp_path, capsys):
+    """--format gguf: the merged weights in the plan's GGUF types (nf4 -> Q4_0, int8 -> Q8_0, bf16 -> BF16), the pruned
+    per-layer widths as llama.cpp's deci arrays; gguf's own reader and dequantizer give back a model whose NLL on the
+    trial's tokens is the recorded one, close to the trial's; the file is never overwritten."""
+    import gguf
+    import torch
+
+    from qpruner import cli
+    from qpruner.data import load_splits
+    from qpruner.evaluate import evaluate
+    from qpruner.export import evaluation_config
+    from qpruner.gguf_export import export_gguf, read_model
+    front = pd.read_parquet(searched / "pareto.parquet")
+    assert cli.main(["export", str(searched), "--point", str(len(front) - 1), "--out", str(tmp_path / "exp"),
+                     "--format", "gguf"]) == 0
+    assert "deci architecture" in capsys.readouterr().out
+    out = tmp_path / "exp"
+    record = json.loads((out / "qpruner_plan.json").read_text())
+    entry = record["gguf"]["q4_0"]
+    path = out / entry["file"]
+    reader = gguf.GGUFReader(str(path))
+    widths = json.loads((out / "config.json").read_text())["layer_widths"]
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert reader.fields["deci.attention.head_count"].contents() == [w[0] for w in widths]
+    assert reader.fields["deci.attention.head_count_kv"].contents() == [w[1] for w in widths]
+    assert reader.fields["deci.feed_forward_length"].contents() == [w[2] for w in widths]
+    want = {"nf4": "Q4_0", "int8": "Q8_0", "bf16": "BF16"}
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    for i, fmt in enumerate(record["plan"]["formats"]):
+        assert {types[f"blk.{i}.{n}.weight"] for n in ("attn_q", "attn_output", "ffn_down")} == {want[fmt]}
+    model = read_model(path)
+    data_cfg, eval_cfg = evaluation_config(out)
+    tokenizer = qpruner.load(out)[1]
+    nll = evaluate(model, load_splits(data_cfg, tokenizer).eval, eval_cfg.batch_size, "cpu", eval_cfg.context,
+                   eval_cfg.stride).nll
+    assert nll == pytest.approx(entry["nll"], abs=1e-6)
+    assert abs(nll - front.iloc[-1]["nll"]) < 0.05 and entry["trial_nll"] == pytest.approx(front.iloc[-1]["nll"])
+    assert next(model.parameters()).dtype == torch.float32
+    assert "## GGUF (q4_0)" in (out / "README.md").read_text()
+    with pytest.raises(ResultsError, match="exists"):
+        export_gguf(out)
+    with pytest.raises(ConfigError, match="gguf-4bit"):
+        export_gguf(out, "q3_k")
+    path8, entry8 = export_gguf(out, "q8_0")       # the 4-bit layers at 8 bits: closer to the merged weights
+    assert path8 != path and set(json.loads((out / "qpruner_plan.json").read_text())["gguf"]) == {"q4_0", "q8_0"}
+    assert entry8["bytes"] >= entry["bytes"]
+
+
+def test_a_uniform_width_gguf_is_llama_and_transformers_reads_the_same_model(tmp_path):
+    """Layers of one width are written as llama.cpp's llama architecture; transformers' own GGUF loader (its name
+    mapping and rotary un-permutation, independent of ours) gives the same logits as our reader, and both are
+    the original model up to the quantizers' rounding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qpruner import models
+    from qpruner.gguf_export import permute_rotary, read_model, unpermute_rotary, write_gguf
+    model = models.tiny_model()
+    cycle = ("nf4", "int8", "bf16")
+    formats = {name: cycle[i % 3] for i, (name, m) in enumerate(
+        (n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n)}
+    summary = write_gguf(model, formats, models.byte_tokenizer(), tmp_path / "tiny.gguf")
+    assert summary["architecture"] == "llama" and summary["fallbacks"] == []
+    assert {"Q4_0", "Q8_0", "BF16"} <= set(summary["tensor_types"])
+    ours = read_model(tmp_path / "tiny.gguf")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf", dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, c = ours(ids).logits, theirs(ids).logits, model(ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert 0 < (a - c).abs().max() < 0.25 * c.abs().max()
+    w = torch.randn(8 * 16, 5)
+    assert torch.equal(unpermute_rotary(permute_rotary(w, 8), 8), w)
+    assert not torch.equal(permute_rotary(w, 8), w)

@@ -1,0 +1,423 @@
+"""A front point as one GGUF file: the serving format of llama.cpp (and of what runs on it: Ollama, LM Studio,
+llama-cpp-python, llama.cpp's server).
+
+``qpruner export RESULTS --point K --format gguf`` writes ``<export>/gguf/<job>-<trial>.gguf`` beside the
+export. What goes in:
+
+* **The weights the trial ran, merged.** Each decoder linear holds ``dequantize(base) + scaling * B @ A``
+  (the trial's LoftQ-adjusted quantized base with its trained LoRA folded in,
+  :func:`qpruner.serialize.merged_weight`), re-quantized to the GGUF type of its plan format: nf4 / fp4 ->
+  ``Q4_0`` (or ``--gguf-4bit`` q4_1 / q5_0 / q5_1 / q8_0), int8 -> ``Q8_0``, bf16 -> ``BF16``. GGUF has no
+  nf4, so the 4-bit layers change quantizer; a linear whose input width is not a multiple of the 32-element
+  block is kept in BF16 (listed as a fallback). Embeddings and head stay in the dtype the trial held them,
+  norms in F32. The NLL of the file's own weights, on the trial's evaluation tokens, is measured after
+  writing and recorded next to the trial's (``qpruner_plan.json["gguf"]``): what the format change costs.
+* **The per-layer widths.** A model whose layers all keep the same heads and MLP width is written as
+  llama.cpp's ``llama`` architecture (transformers' GGUF loader reads it too). A pruned model whose layers
+  differ is written as llama.cpp's ``deci`` architecture (DeciLM / Llama-Nemotron-NAS variable blocks), whose
+  ``deci.attention.head_count``, ``head_count_kv`` and ``feed_forward_length`` are per-layer arrays; the
+  other GGUF tools that read ``deci`` take it too, transformers does not (it has no ``deci`` model).
+* **Attention layout.** Query and key rows are permuted to GGML's rotary layout as llama.cpp's own
+  converter does; :func:`read_model` undoes it.
+* **The tokenizer.** Copied from the source GGUF when the model came from one (the built-in SmolLM2); else
+  built from a byte-level BPE ``tokenizer.json`` (``gpt2`` model: tokens, types, merges, special ids). Any
+  other tokenizer is written as ``none`` with a warning (the weights load; llama.cpp then cannot tokenize
+  text, which a llama.cpp-native conversion of the base model's tokenizer must supply).
+
+:func:`read_model` reads a file back with the ``gguf`` library (llama.cpp's own Python package) into a
+float32 transformers model, from the file's metadata alone; the export measures its NLL through it. The
+supported bases are LLaMA and Mistral (no projection biases); Qwen2's biases and rope types other than
+default, linear and llama3 are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelError, ResultsError
+
+logger = logging.getLogger(__name__)
+
+GGUF_DIR = "gguf"
+BLOCK = 32   # every GGUF block type used here quantizes rows in blocks of 32 (Q4_0 ... Q8_0)
+FOUR_BIT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+LINEARS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+           "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+BASES = ("llama", "mistral")
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ModelError("--format gguf needs the gguf package: pip install gguf") from None
+    return gguf
+
+
+def ggml_type(fmt: str, four_bit: str = "q4_0"):
+    """The GGUF tensor type of a plan format."""
+    g = _gguf().GGMLQuantizationType
+    if four_bit not in FOUR_BIT_TYPES:
+        raise ConfigError([f"--gguf-4bit {four_bit!r}: one of {', '.join(FOUR_BIT_TYPES)}"])
+    table = {"nf4": four_bit.upper(), "fp4": four_bit.upper(), "int8": "Q8_0", "bf16": "BF16"}
+    if fmt not in table:
+        raise ModelError(f"plan format {fmt!r} has no GGUF type here (nf4, fp4, int8, bf16)")
+    return g[table[fmt]]
+
+
+def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Query/key rows from transformers' rotate-half layout to GGML's interleaved pairs (llama.cpp's convention)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def unpermute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of :func:`permute_rotary`."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _rope(config) -> tuple[float, dict]:
+    """(rope theta, extra metadata/tensors) of a transformers config; refuses rope types llama.cpp would misread."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind == "default":
+        return theta, {}
+    if kind == "linear":
+        return theta, {"linear": float(params["factor"])}
+    if kind == "llama3":
+        dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        factor, low, high = (float(params.get(k, d)) for k, d in
+                             (("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0)))
+        old = float(params.get("original_max_position_embeddings", 8192))
+        freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        wavelen = 2 * math.pi / freqs
+        smooth = (old / wavelen - low) / (high - low)
+        scale = np.where(wavelen < old / high, 1.0,
+                         np.where(wavelen > old / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        return theta, {"rope_freqs": scale.astype(np.float32)}
+    raise ModelError(f"rope type {kind!r} is not written to GGUF here (default, linear and llama3 are)")
+
+
+def _layer_widths(config) -> list[list[int]]:
+    widths = getattr(config, "layer_widths", None)
+    if widths:
+        return [list(map(int, w)) for w in widths]
+    return [[config.num_attention_heads, config.num_key_value_heads, config.intermediate_size]] * \
+        config.num_hidden_layers
+
+
+def _float_array(t: torch.Tensor, qtype) -> tuple[np.ndarray, object]:
+    """(array for GGUFWriter.add_tensor, raw dtype) of a float tensor stored as ``qtype``."""
+    g = _gguf()
+    a = t.detach().float().cpu().numpy()
+    if qtype == g.GGMLQuantizationType.F32:
+        return a.astype(np.float32), None
+    if qtype == g.GGMLQuantizationType.F16:
+        return a.astype(np.float16), None
+    return g.quants.quantize(a, qtype), qtype
+
+
+def _rest_type(t: torch.Tensor):
+    g = _gguf().GGMLQuantizationType
+    return {torch.bfloat16: g.BF16, torch.float16: g.F16}.get(t.dtype, g.F32)
+
+
+def _tokenizer_fields(writer, tokenizer, source_gguf: Path | None) -> str:
+    """Write the tokenizer metadata; returns where it came from."""
+    g = _gguf()
+    if source_gguf is not None and source_gguf.is_file():
+        reader = g.GGUFReader(str(source_gguf))
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                main = field.types[0]
+                if main == g.GGUFValueType.ARRAY:
+                    writer.add_key_value(key, field.contents(), main, sub_type=field.types[-1])
+                else:
+                    writer.add_key_value(key, field.contents(), main)
+        return f"copied from {source_gguf.name}"
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    model, pre = spec.get("model") or {}, json.dumps(spec.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        writer.add_tokenizer_model("none")
+        logger.warning("the tokenizer (%s) is not a byte-level BPE: the GGUF file carries no vocabulary "
+                       "(tokenizer model 'none'); llama.cpp loads the weights but cannot tokenize text",
+                       model.get("type") or type(tokenizer).__name__)
+        return "none (not a byte-level BPE tokenizer)"
+    vocab = dict(model.get("vocab") or {})
+    special = {}
+    for added in spec.get("added_tokens") or []:
+        vocab[added["content"]] = added["id"]
+        special[added["id"]] = 3 if added.get("special") else 4   # CONTROL / USER_DEFINED
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [5] * size                                            # UNUSED where the vocabulary has a hole
+    for text, i in vocab.items():
+        tokens[i], types[i] = text, special.get(i, 1)             # NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if merges:
+        writer.add_token_merges(merges)
+    for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            add(int(token_id))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        writer.add_chat_template(template)
+    return "byte-level BPE from tokenizer.json"
+
+
+def write_gguf(model: nn.Module, formats: dict[str, str], tokenizer, path: str | Path, *, four_bit: str = "q4_0",
+               source_gguf: Path | None = None, name: str | None = None) -> dict:
+    """Write ``model`` (a loaded export, LoRA-wrapped or plain) to the GGUF file ``path``: decoder linear
+    ``<qualified name>`` in the GGUF type of ``formats[name]``; returns a summary (architecture, tensor types,
+    fallbacks, tokenizer)."""
+    from . import models
+    from .pruned_model import base_type
+    from .serialize import _linear_names, _unwrap, merged_weight
+    g = _gguf()
+    base = _unwrap(model)
+    config = base.config
+    kind = base_type(str(config.model_type))
+    if kind not in BASES:
+        raise ModelError(f"GGUF export supports {', '.join(BASES)} bases; this model is {kind!r}")
+    widths = _layer_widths(config)
+    uniform = all(w == widths[0] for w in widths)
+    if any(h == 0 or kv == 0 or ff == 0 for h, kv, ff in widths):
+        raise ModelError("a layer with no attention heads or no MLP channels is not written to GGUF here")
+    arch = "llama" if uniform else "deci"
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    theta, rope_extra = _rope(config)
+    path = Path(path)
+    writer = g.GGUFWriter(str(path), arch)
+    writer.add_type("model")
+    writer.add_name(name or str(getattr(config, "_name_or_path", "") or "qpruner export"))
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(len(widths))
+    if uniform:
+        writer.add_head_count(widths[0][0])
+        writer.add_head_count_kv(widths[0][1])
+        writer.add_feed_forward_length(widths[0][2])
+    else:
+        writer.add_head_count([w[0] for w in widths])
+        writer.add_head_count_kv([w[1] for w in widths])
+        writer.add_feed_forward_length([w[2] for w in widths])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(theta)
+    if "linear" in rope_extra:
+        writer.add_rope_scaling_type(g.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope_extra["linear"])
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    writer.add_file_type(g.LlamaFileType.MOSTLY_Q4_0 if four_bit == "q4_0" else g.LlamaFileType.GUESSED)
+    writer.add_quantization_version(g.GGML_QUANT_VERSION)
+    token_source = _tokenizer_fields(writer, tokenizer, source_gguf)
+
+    types: Counter = Counter()
+    fallbacks: list[str] = []
+
+    def add(key: str, tensor: torch.Tensor, qtype) -> None:
+        array, raw = _float_array(tensor, qtype)
+        writer.add_tensor(key, array, raw_dtype=raw)
+        types[qtype.name] += 1
+
+    add("token_embd.weight", base.get_input_embeddings().weight, _rest_type(base.get_input_embeddings().weight))
+    if "rope_freqs" in rope_extra:
+        add("rope_freqs.weight", torch.from_numpy(rope_extra["rope_freqs"]), g.GGMLQuantizationType.F32)
+    names = _linear_names(base)
+    for i, layer in enumerate(models.decoder_layers(base)):
+        heads, kv, _ = widths[i]
+        for short, module in models.layer_linears(layer).items():
+            qual = names[id(module)]
+            stored = getattr(module, "base_layer", module)
+            if getattr(stored, "bias", None) is not None:
+                raise ModelError(f"{qual} has a bias: projection biases (Qwen2) are not written to GGUF here")
+            weight = merged_weight(module)
+            if short == "q_proj":
+                weight = permute_rotary(weight, heads)
+            elif short == "k_proj":
+                weight = permute_rotary(weight, kv)
+            qtype = ggml_type(formats.get(qual, "bf16"), four_bit)
+            if weight.shape[1] % BLOCK and qtype not in (g.GGMLQuantizationType.BF16, g.GGMLQuantizationType.F16):
+                fallbacks.append(f"{qual} ({formats.get(qual)}: input width {weight.shape[1]} is not a multiple "
+                                 f"of {BLOCK}; BF16)")
+                qtype = g.GGMLQuantizationType.BF16
+            add(f"blk.{i}.{LINEARS[short]}.weight", weight, qtype)
+        add(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight, g.GGMLQuantizationType.F32)
+        add(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight, g.GGMLQuantizationType.F32)
+    add("output_norm.weight", base.model.norm.weight, g.GGMLQuantizationType.F32)
+    head = base.get_output_embeddings()
+    if not getattr(config, "tie_word_embeddings", False) and head is not None:
+        add("output.weight", head.weight, _rest_type(head.weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"architecture": arch, "tensor_types": dict(types), "four_bit": four_bit, "fallbacks": fallbacks,
+            "tokenizer": token_source, "bytes": path.stat().st_size}
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def read_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a GGUF file written by :func:`write_gguf` (or by llama.cpp's converter for a LLaMA), read
+    with the ``gguf`` library: its config from the file's metadata alone (per-layer widths from the ``deci``
+    arrays), every tensor dequantized by ``gguf.quants.dequantize``, query/key rows permuted back."""
+    from transformers import LlamaConfig
+
+    from . import models
+    from .pruned_model import pruned_config
+    g = _gguf()
+    reader = g.GGUFReader(str(path))
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "deci"):
+        raise ModelError(f"{path}: GGUF architecture {arch!r}; this reader takes llama and deci")
+
+    def key(name, default=None):
+        return _field(reader, f"{arch}.{name}", default)
+    layers = int(key("block_count"))
+
+    def per_layer(name):
+        value = key(name)
+        return [int(v) for v in value] if isinstance(value, list) else [int(value)] * layers
+    heads, kvs, ffs = per_layer("attention.head_count"), per_layer("attention.head_count_kv"), \
+        per_layer("feed_forward_length")
+    hidden = int(key("embedding_length"))
+    head_dim = int(key("attention.key_length") or key("rope.dimension_count") or hidden // heads[0])
+    tensors = {t.name: t for t in reader.tensors}
+    vocab = int(key("vocab_size") or tensors["token_embd.weight"].shape[1])
+    rope = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))}
+    if key("rope.scaling.type") == "linear":
+        rope = {"rope_type": "linear", "rope_theta": rope["rope_theta"], "factor": float(key("rope.scaling.factor"))}
+    if "rope_freqs.weight" in tensors:
+        raise ModelError(f"{path}: llama3 rope factors are not read back here")
+    base = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=max(ffs), num_hidden_layers=layers,
+                       num_attention_heads=max(heads), num_key_value_heads=max(kvs), head_dim=head_dim,
+                       max_position_embeddings=int(key("context_length", 2048)),
+                       rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+                       tie_word_embeddings="output.weight" not in tensors, rope_parameters=rope)
+    config = pruned_config(base, list(zip(heads, kvs, ffs)))
+    model = models.meta_model(config.to_dict())
+
+    def tensor(name: str) -> torch.Tensor:
+        t = tensors[name]
+        array = g.quants.dequantize(t.data, t.tensor_type)
+        shape = [int(s) for s in reversed(t.shape)]
+        return torch.from_numpy(np.array(array, dtype=np.float32).reshape(shape)).to(dtype)
+
+    state = {"model.embed_tokens.weight": tensor("token_embd.weight"), "model.norm.weight": tensor("output_norm.weight")}
+    if "output.weight" in tensors:
+        state["lm_head.weight"] = tensor("output.weight")
+    hf_names = {v: k for k, v in LINEARS.items()}
+    for i in range(layers):
+        prefix = f"model.layers.{i}"
+        for gname, short in hf_names.items():
+            w = tensor(f"blk.{i}.{gname}.weight")
+            if short == "q_proj":
+                w = unpermute_rotary(w, heads[i])
+            elif short == "k_proj":
+                w = unpermute_rotary(w, kvs[i])
+            parent = "self_attn" if short.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            state[f"{prefix}.{parent}.{short}.weight"] = w
+        state[f"{prefix}.input_layernorm.weight"] = tensor(f"blk.{i}.attn_norm.weight")
+        state[f"{prefix}.post_attention_layernorm.weight"] = tensor(f"blk.{i}.ffn_norm.weight")
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise ModelError(f"{path}: tensors do not match its metadata (missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]})")
+    model.tie_weights()
+    models.reset_rotary(model)
+    return model.eval()
+
+
+def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, dict]:
+    """``<export>/gguf/<job>-<trial>.gguf`` of an export directory, its NLL measured on the trial's evaluation
+    tokens through :func:`read_model` and recorded in ``qpruner_plan.json["gguf"]`` beside the trial's. Returns
+    (file, record). An existing file is never overwritten."""
+    from .data import load_splits
+    from .evaluate import evaluate
+    from .export import PLAN_FILE, evaluation_config, load, read_plan
+    from .models import SMOLLM2_GGUF, smollm2_folder
+    from .serialize import _linear_names, _unwrap
+    from .quantize import module_format
+    directory = Path(directory)
+    record = read_plan(directory)
+    ggml_type("nf4", four_bit)                  # a bad --gguf-4bit fails before any work
+    trial = record.get("trial", {})
+    out_dir = directory / GGUF_DIR
+    path = out_dir / f"{record.get('job', 'model')}-{trial.get('trial_id', 'point')}-{four_bit}.gguf"
+    if path.exists():
+        raise ResultsError(f"{path} exists; nothing was changed (remove it to write it again)")
+    source = None
+    if (record.get("model") or {}).get("source") == "builtin:smollm2-135m":   # the base's own GGUF tokenizer
+        try:
+            source = smollm2_folder() / SMOLLM2_GGUF
+        except ModelError:
+            source = None
+    model, tokenizer = load(directory, "cpu")
+    base = _unwrap(model)
+    names = _linear_names(base)
+    formats = {qual: module_format(mod) for mod in base.modules() if (qual := names.get(id(mod)))}
+    out_dir.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=out_dir)
+    os.close(fd)
+    try:
+        summary = write_gguf(model, formats, tokenizer, tmp, four_bit=four_bit, source_gguf=source,
+                             name=f"{record.get('job')} {trial.get('trial_id', '')}".strip())
+        del model, base
+        reread = read_model(tmp)
+        data_cfg, eval_cfg = evaluation_config(directory)
+        splits = load_splits(data_cfg, tokenizer)
+        nll = evaluate(reread, splits.eval, eval_cfg.batch_size, "cpu", eval_cfg.context, eval_cfg.stride).nll
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    entry = {**summary, "file": f"{GGUF_DIR}/{path.name}", "nll": nll, "trial_nll": trial.get("nll"),
+             "weight_bytes": trial.get("weight_bytes"), "read_with": "gguf.GGUFReader + gguf.quants.dequantize"}
+    record = read_plan(directory)
+    record.setdefault("gguf", {})[four_bit] = entry
+    (directory / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))
+    _card_with_gguf(directory, entry)
+    logger.info("GGUF %s (%s, %.1f MB): NLL %.6f, the trial's %s", path, summary["architecture"],
+                summary["bytes"] / 1e6, nll, trial.get("nll"))
+    return path, entry
+
+
+def _card_with_gguf(directory: Path, entry: dict) -> None:
+    """Add the GGUF file, its types and its measured NLL to the export's model card."""
+    card = directory / "README.md"
+    if not card.is_file():
+        return
+    trial = entry.get("trial_nll")
+    lines = [f"\n## GGUF ({entry['four_bit']})\n",
+             f"`{entry['file']}`: llama.cpp architecture `{entry['architecture']}`"
+             + (" (per-layer head and MLP widths)" if entry["architecture"] == "deci" else "")
+             + f", {entry['bytes'] / 1e6:.1f} MB, tensor types {entry['tensor_types']}, the LoRA adapter merged. "
+             f"Held-out NLL of the file's weights {entry['nll']:.4f}"
+             + (f" (the trial's {trial:.4f}: the change of quantizer costs {entry['nll'] - trial:+.4f})"
+                if isinstance(trial, (int, float)) else "") + "."]
+    if entry["fallbacks"]:
+        lines.append(f" {len(entry['fallbacks'])} linears are BF16 (input width not a multiple of 32).")
+    card.write_text(card.read_text() + "".join(lines) + "\n")

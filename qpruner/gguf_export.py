@@ -149,12 +149,13 @@ def _tokenizer_fields(writer, tokenizer, source_gguf: Path | None) -> str:
         return f"copied from {source_gguf.name}"
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     model, pre = spec.get("model") or {}, json.dumps(spec.get("pre_tokenizer") or {})
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+    if model.get("type") != "BPE" or "ByteLevel" not in pre or not model.get("merges"):
+        # (a BPE with no merges cannot be written: GGUF has no empty arrays, llama.cpp's gpt2 vocabulary needs them)
         writer.add_tokenizer_model("none")
-        logger.warning("the tokenizer (%s) is not a byte-level BPE: the GGUF file carries no vocabulary "
-                       "(tokenizer model 'none'); llama.cpp loads the weights but cannot tokenize text",
-                       model.get("type") or type(tokenizer).__name__)
-        return "none (not a byte-level BPE tokenizer)"
+        logger.warning("the tokenizer (%s) is not a byte-level BPE with merges: the GGUF file carries no "
+                       "vocabulary (tokenizer model 'none'); llama.cpp loads the weights and evaluates token ids, "
+                       "but cannot tokenize text", model.get("type") or type(tokenizer).__name__)
+        return "none (not a byte-level BPE tokenizer with merges)"
     vocab = dict(model.get("vocab") or {})
     special = {}
     for added in spec.get("added_tokens") or []:
@@ -165,12 +166,10 @@ def _tokenizer_fields(writer, tokenizer, source_gguf: Path | None) -> str:
     types = [5] * size                                            # UNUSED where the vocabulary has a hole
     for text, i in vocab.items():
         tokens[i], types[i] = text, special.get(i, 1)             # NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    if merges:
-        writer.add_token_merges(merges)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
     for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         token_id = getattr(tokenizer, f"{name}_token_id", None)

@@ -504,3 +504,35 @@ def test_a_uniform_width_gguf_is_llama_and_transformers_reads_the_same_model(tmp
     w = torch.randn(8 * 16, 5)
     assert torch.equal(unpermute_rotary(permute_rotary(w, 8), 8), w)
     assert not torch.equal(permute_rotary(w, 8), w)
+
+
+def test_llama_cpp_loads_the_pruned_gguf_and_computes_its_nll(searched, tmp_path):
+    """llama.cpp itself (through llama-cpp-python, where installed: it builds llama.cpp from source, so it is not
+    in the dev set) loads the deci GGUF with its per-layer widths and, on the trial's evaluation windows, gives the
+    NLL our gguf reader gives, up to llama.cpp's 8-bit activation rounding."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from qpruner.data import load_splits
+    from qpruner.evaluate import windows
+    from qpruner.export import evaluation_config
+    from qpruner.gguf_export import export_gguf
+    out = export_point(searched, 0, tmp_path / "exp")
+    path, entry = export_gguf(out)
+    data_cfg, eval_cfg = evaluation_config(out)
+    ids = load_splits(data_cfg, qpruner.load(out)[1]).eval
+    stream = ids.reshape(-1).tolist()
+    context = eval_cfg.context or ids.shape[-1]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=context, logits_all=True, n_threads=1,
+                          verbose=False)
+    total, count = 0.0, 0
+    for begin, end, scored in windows(len(stream), context, min(eval_cfg.stride or context, context)):
+        tokens = stream[begin:end]
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.array(llm.scores[:len(tokens) - 1], dtype=np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll = -logp[np.arange(len(tokens) - 1), tokens[1:]]
+        total, count = total + nll[-scored:].sum(), count + scored
+    assert total / count == pytest.approx(entry["nll"], abs=0.01), (total / count, entry["nll"])

@@ -38,3 +38,13 @@ def test_exported_smollm2_point_reproduces_its_trial(tmp_path):
     _, merged_nll, trial_nll = merge_export(out)     # --merge: bf16, LoRA folded in; only rounding between them
     print(f"SmolLM2 merged bf16 NLL {merged_nll:.5f} vs the trial's {trial_nll:.5f}")
     assert abs(merged_nll - trial_nll) < 0.05
+    from qpruner.gguf_export import export_gguf   # --format gguf: the base's GGUF tokenizer, deci per-layer widths
+    import gguf
+    path, entry = export_gguf(out)
+    print(f"SmolLM2 GGUF (q4_0) NLL {entry['nll']:.5f} vs the trial's {trial_nll:.5f}, {entry['bytes'] / 1e6:.1f} MB")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
+    assert entry["architecture"] == "deci" and entry["fallbacks"] == []
+    assert abs(entry["nll"] - trial_nll) < 0.15
+    assert entry["bytes"] <= 1.3 * row["weight_bytes"]

@@ -229,9 +229,11 @@ def _cmd_export(args) -> int:
           "(load it with qpruner.load)")
     if args.merge:
         from .export import merge_export
-        merged, nll, trial_nll = merge_export(out)
-        print(f"merged (LoRA into the weights, bf16): {merged}/; held-out NLL {nll:.6f}, the trial's "
-              f"{trial_nll:.6f} (load it with `import qpruner` and transformers.AutoModelForCausalLM.from_pretrained)")
+        merged, nll, trial_nll = merge_export(out, args.merge)
+        how = ("`import qpruner` and transformers.AutoModelForCausalLM.from_pretrained" if args.merge == "bf16"
+               else "qpruner.load")
+        print(f"merged (LoRA into the weights, {'bf16' if args.merge == 'bf16' else 'quantized to the plan'}): "
+              f"{merged}/; held-out NLL {nll:.6f}, the trial's {trial_nll:.6f} (load it with {how})")
     for fmt in args.format or ():
         from .gguf_export import export_gguf
         path, entry = export_gguf(out, args.gguf_4bit)
@@ -363,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="when the trial's adapter checkpoint is not readable "
                    "here, train the plan again (same seeds, same adapter); without it such an export fails")
     p.add_argument("--out", default=None, help="output directory (default results/<job>/exports/point<K>-<trial>)")
-    p.add_argument("--merge", action="store_true", help="also write <export>/merged/: the LoRA-merged model in bf16 "
-                   "(plain transformers weights), with its held-out NLL next to the trial's")
+    p.add_argument("--merge", nargs="?", const="bf16", default=None, choices=["bf16", "plan"],
+                   help="also write the LoRA-merged model, with its held-out NLL next to the trial's: bf16 (the "
+                   "default; <export>/merged/, plain transformers weights) or plan (<export>/merged-quantized/: "
+                   "the merged weights quantized again to the plan, no adapter, read by qpruner.load)")
     p.add_argument("--format", action="append", choices=["gguf"], default=None,
                    help="also write the point in a serving format: gguf (llama.cpp, Ollama, LM Studio: "
                    "<export>/gguf/*.gguf, the LoRA merged, per-layer widths as llama.cpp's deci architecture), with "

@@ -388,7 +388,10 @@ def load(directory: str | Path, device: str | torch.device | None = None):
         from transformers import AutoTokenizer
 
         from .finetune import load_adapter
-        model = load_adapter(serialize.load_quantized(directory, plan, quant, device), directory / "adapter")
+        model = serialize.load_quantized(directory, plan, quant, device)
+        if "adapter" in meta and meta["adapter"] is None:   # a merged export (--merge plan): the LoRA is inside
+            return model.eval(), AutoTokenizer.from_pretrained(str(directory))
+        model = load_adapter(model, directory / "adapter")
         return model.eval(), AutoTokenizer.from_pretrained(str(directory))
     model, tokenizer = load_pruned(directory, dtype=torch.float32)   # an export of the full-precision layout
     model, _ = quantized_with_lora(model, plan, quant, ft, device, adapter_dir=str(directory / "adapter"))
@@ -454,42 +457,94 @@ def lm_eval(directory: str | Path, tasks: list[str], limit: int | None = None, b
     return summary
 
 
-def merge_export(directory: str | Path) -> tuple[Path, float, float]:
-    """``<export>/merged/``: the LoRA-merged pruned model in bf16 (loadable with transformers after ``import
-    qpruner``), and its held-out NLL beside the trial's (same tokens), recorded in ``qpruner_plan.json``. Returns
-    (directory, merged NLL, the trial's NLL)."""
-    from .data import load_splits
-    from .evaluate import evaluate
-    from .pruned_model import load_pruned, save_pruned
+MERGED_PLAN_DIR = "merged-quantized"
+
+
+def merge_export(directory: str | Path, to: str = "bf16") -> tuple[Path, float, float]:
+    """The LoRA-merged pruned model of an export, with its held-out NLL beside the trial's (same tokens), recorded
+    in ``qpruner_plan.json["merged"]`` (bf16) or ``["merged_quantized"]`` (plan). Returns (directory, merged NLL,
+    the trial's NLL). ``to``:
+
+    * ``"bf16"`` -> ``<export>/merged/``: a plain pruned transformers model in bf16 (loadable with transformers
+      after ``import qpruner``);
+    * ``"plan"`` -> ``<export>/merged-quantized/``: the merged weights quantized again to the plan (each linear
+      in its plan format, bitsandbytes, no adapter), in the export's quantized layout: ``qpruner.load`` reads it.
+      The merge loses what the trained LoRA added below the quantizer's resolution; the NLL says how much."""
     directory = Path(directory)
-    model, tokenizer = load(directory, "cpu")
-    out = directory / serialize.MERGED_DIR
+    if to not in ("bf16", "plan"):
+        raise ConfigError([f"--merge {to!r}: bf16 or plan"])
+    out = directory / (serialize.MERGED_DIR if to == "bf16" else MERGED_PLAN_DIR)
     if out.exists():
         raise ResultsError(f"{out} exists; nothing was changed (remove it to merge again)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{serialize.MERGED_DIR}.partial-", dir=directory))
+    record = read_plan(directory)
+    if to == "plan" and record.get("layout") == "full-precision":
+        raise ConfigError([f"--merge plan: {directory} is a full-precision-layout export (quantized embeddings or "
+                           "head); only --merge bf16 writes it"])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=directory))
     try:
-        plain = serialize.merged(model)
-        del model
-        save_pruned(plain, tokenizer, tmp)
-        del plain            # one model in memory at a time: the saved one is read back to be measured
-        import gc
-        gc.collect()
-        _copy_license_files(directory, tmp)
-        reloaded, _ = load_pruned(tmp, dtype=torch.bfloat16)
-        data_cfg, eval_cfg = evaluation_config(directory)
-        splits = load_splits(data_cfg, tokenizer)
-        nll = evaluate(reloaded, splits.eval, eval_cfg.batch_size, "cpu", eval_cfg.context, eval_cfg.stride).nll
+        nll = (_merge_bf16 if to == "bf16" else _merge_plan)(directory, tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     record = read_plan(directory)
     trial_nll = record.get("trial", {}).get("nll")
-    record["merged"] = {"directory": serialize.MERGED_DIR, "dtype": "bfloat16", "nll": nll, "trial_nll": trial_nll}
+    key = "merged" if to == "bf16" else "merged_quantized"
+    record[key] = {"directory": out.name, "dtype": "bfloat16" if to == "bf16" else "the plan's formats",
+                   "nll": nll, "trial_nll": trial_nll}
     (directory / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))
-    logger.info("merged model in %s: NLL %.6f (the trial's %.6f)", out, nll, trial_nll if trial_nll is not None
-                else float("nan"))
+    logger.info("merged model (%s) in %s: NLL %.6f (the trial's %.6f)", to, out, nll,
+                trial_nll if trial_nll is not None else float("nan"))
     return out, nll, trial_nll
+
+
+def _eval_nll(directory: Path, model, tokenizer) -> float:
+    from .data import load_splits
+    from .evaluate import evaluate
+    data_cfg, eval_cfg = evaluation_config(directory)
+    splits = load_splits(data_cfg, tokenizer)
+    return evaluate(model, splits.eval, eval_cfg.batch_size, "cpu", eval_cfg.context, eval_cfg.stride).nll
+
+
+def _merge_bf16(directory: Path, tmp: Path) -> float:
+    import gc
+
+    from .pruned_model import load_pruned, save_pruned
+    model, tokenizer = load(directory, "cpu")
+    plain = serialize.merged(model)
+    del model
+    save_pruned(plain, tokenizer, tmp)
+    del plain            # one model in memory at a time: the saved one is read back to be measured
+    gc.collect()
+    _copy_license_files(directory, tmp)
+    reloaded, _ = load_pruned(tmp, dtype=torch.bfloat16)
+    return _eval_nll(directory, reloaded, tokenizer)
+
+
+def _merge_plan(directory: Path, tmp: Path) -> float:
+    """Merged (float32), quantized to the plan, written as an adapter-free quantized export in ``tmp``."""
+    import gc
+
+    from .quantize import quantize_
+    record = read_plan(directory)
+    quant = build_section(QuantConfig, record.get("quant"), f"{directory / PLAN_FILE} quant")
+    plan = PrecisionPlan.from_dict(record["plan"])
+    model, tokenizer = load(directory, "cpu")
+    plain = serialize.merged(model, dtype=torch.float32)
+    del model
+    gc.collect()
+    quantize_(plain, plan, quant, "cpu")
+    serialize.save_quantized(plain, quant, tmp)
+    del plain
+    gc.collect()
+    for entry in directory.iterdir():   # config, tokenizer, license files (not the weights, adapter or derived dirs)
+        if entry.is_file() and entry.name not in (serialize.QUANTIZED_FILE, PLAN_FILE, "README.md") \
+                and not entry.name.startswith("."):
+            shutil.copyfile(entry, tmp / entry.name)
+    own = {k: v for k, v in record.items() if k not in ("merged", "merged_quantized", "gguf")}
+    (tmp / PLAN_FILE).write_text(json.dumps({**own, "merged_from": "..", "adapter": None}, indent=2, default=str))
+    reloaded, _ = load(tmp, "cpu")
+    return _eval_nll(directory, reloaded, tokenizer)
 
 
 def push_to_hub(directory: str | Path, repo: str, private: bool = False) -> str:

@@ -536,3 +536,23 @@ def test_llama_cpp_loads_the_pruned_gguf_and_computes_its_nll(searched, tmp_path
         nll = -logp[np.arange(len(tokens) - 1), tokens[1:]]
         total, count = total + nll[-scored:].sum(), count + scored
     assert total / count == pytest.approx(entry["nll"], abs=0.01), (total / count, entry["nll"])
+
+
+def test_merge_to_the_plan_quantizes_the_merged_weights_again_and_loads_without_an_adapter(searched, tmp_path):
+    """--merge plan: the LoRA folded in, each linear quantized again to its plan format; qpruner.load reads it with no
+    adapter, in the plan's formats; its NLL is recorded beside the trial's and only re-quantization separates them."""
+    from qpruner.export import MERGED_PLAN_DIR, merge_export
+    front = pd.read_parquet(searched / "pareto.parquet")
+    out = export_point(searched, len(front) - 1, tmp_path / "exp")
+    merged, nll, trial_nll = merge_export(out, "plan")
+    assert merged == out / MERGED_PLAN_DIR and not (merged / "adapter").exists()
+    assert trial_nll == pytest.approx(front.iloc[-1]["nll"]) and abs(nll - trial_nll) < 0.1, (nll, trial_nll)
+    model, _ = qpruner.load(merged)
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    plan = json.loads((out / "qpruner_plan.json").read_text())["plan"]["formats"]
+    assert [f for layer in applied_formats(model) for f in set(layer.values())] == plan
+    _, ev = evaluate_export(merged)
+    assert ev.nll == pytest.approx(nll, abs=1e-9)
+    assert json.loads((out / "qpruner_plan.json").read_text())["merged_quantized"]["nll"] == nll
+    with pytest.raises(ResultsError, match="exists"):
+        merge_export(out, "plan")

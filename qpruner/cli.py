@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "download) or task YAML files (custom tasks, e.g. over local JSON: offline)")
     p.add_argument("--lm-eval-limit", type=int, default=None, help="items per lm-eval task")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the export to this Hugging Face Hub "
-                   "model repository (online; created if missing), after --merge and --lm-eval")
+                   "model repository (online; created if missing), after --merge, --format and --lm-eval")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("dashboard", help="the Grafana dashboard JSON for the qpruner Ray metrics")

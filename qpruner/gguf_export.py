@@ -203,7 +203,7 @@ def write_gguf(model: nn.Module, formats: dict[str, str], tokenizer, path: str |
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     theta, rope_extra = _rope(config)
     path = Path(path)
-    writer = g.GGUFWriter(str(path), arch)
+    writer = g.GGUFWriter(str(path), arch, use_temp_file=True)   # tensors spill to disk: one copy in memory
     writer.add_type("model")
     writer.add_name(name or str(getattr(config, "_name_or_path", "") or "qpruner export"))
     writer.add_context_length(int(config.max_position_embeddings))
@@ -357,6 +357,7 @@ def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, di
     from .data import load_splits
     from .evaluate import evaluate
     from .export import PLAN_FILE, evaluation_config, load, read_plan
+    from .models import resolve_device
     from .models import SMOLLM2_GGUF, smollm2_folder
     from .serialize import _linear_names, _unwrap
     from .quantize import module_format
@@ -384,17 +385,23 @@ def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, di
     try:
         summary = write_gguf(model, formats, tokenizer, tmp, four_bit=four_bit, source_gguf=source,
                              name=f"{record.get('job')} {trial.get('trial_id', '')}".strip())
+        params = sum(p.numel() for p in base.parameters())
         del model, base
-        reread = read_model(tmp)
+        # read back in float32 (bf16 past 3B parameters: the host memory of a 7B-70B model), on the GPU if any
+        read_dtype = torch.float32 if params < 3e9 else torch.bfloat16
+        device = resolve_device("auto")
+        reread = read_model(tmp, read_dtype).to(device)
         data_cfg, eval_cfg = evaluation_config(directory)
         splits = load_splits(data_cfg, tokenizer)
-        nll = evaluate(reread, splits.eval, eval_cfg.batch_size, "cpu", eval_cfg.context, eval_cfg.stride).nll
+        nll = evaluate(reread, splits.eval, eval_cfg.batch_size, device, eval_cfg.context, eval_cfg.stride).nll
+        del reread
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     entry = {**summary, "file": f"{GGUF_DIR}/{path.name}", "nll": nll, "trial_nll": trial.get("nll"),
-             "weight_bytes": trial.get("weight_bytes"), "read_with": "gguf.GGUFReader + gguf.quants.dequantize"}
+             "weight_bytes": trial.get("weight_bytes"), "read_with": "gguf.GGUFReader + gguf.quants.dequantize",
+             "read_dtype": str(read_dtype).removeprefix("torch."), "read_device": str(device)}
     record = read_plan(directory)
     record.setdefault("gguf", {})[four_bit] = entry
     (directory / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))

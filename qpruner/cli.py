@@ -224,6 +224,12 @@ def _cmd_report(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_point, lm_eval
 
+    formats = list(dict.fromkeys(args.format or ()))
+    if args.gguf_4bit is not None and "gguf" not in formats:
+        raise ConfigError(["--gguf-4bit is the GGUF type of the 4-bit layers: it needs --format gguf"])
+    if "gguf" in formats:
+        from .gguf_export import preflight
+        preflight(args.results)          # an unsupported model fails before the export's work, not after
     out = export_point(args.results, args.point, args.out, trial=args.trial, retrain=args.retrain)
     print(f"exported {('trial ' + args.trial) if args.trial else f'front point {args.point}'} to {out}/ "
           "(load it with qpruner.load)")
@@ -234,9 +240,9 @@ def _cmd_export(args) -> int:
                else "qpruner.load")
         print(f"merged (LoRA into the weights, {'bf16' if args.merge == 'bf16' else 'quantized to the plan'}): "
               f"{merged}/; held-out NLL {nll:.6f}, the trial's {trial_nll:.6f} (load it with {how})")
-    for fmt in args.format or ():
+    for fmt in formats:
         from .gguf_export import export_gguf
-        path, entry = export_gguf(out, args.gguf_4bit)
+        path, entry = export_gguf(out, args.gguf_4bit or "q4_0")
         trial_nll = entry["trial_nll"]
         print(f"{fmt}: {path} ({entry['architecture']} architecture, {entry['bytes'] / 1e6:.1f} MB, tensor types "
               f"{entry['tensor_types']}); held-out NLL of the file's weights {entry['nll']:.6f}, the trial's "
@@ -368,12 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", nargs="?", const="bf16", default=None, choices=["bf16", "plan"],
                    help="also write the LoRA-merged model, with its held-out NLL next to the trial's: bf16 (the "
                    "default; <export>/merged/, plain transformers weights) or plan (<export>/merged-quantized/: "
-                   "the merged weights quantized again to the plan, no adapter, read by qpruner.load)")
+                   "the merged weights quantized again to the plan, no adapter, read by qpruner.load); put it after RESULTS")
     p.add_argument("--format", action="append", choices=["gguf"], default=None,
                    help="also write the point in a serving format: gguf (llama.cpp, Ollama, LM Studio: "
                    "<export>/gguf/*.gguf, the LoRA merged, per-layer widths as llama.cpp's deci architecture), with "
                    "the held-out NLL of the file's weights next to the trial's")
-    p.add_argument("--gguf-4bit", default="q4_0", choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"],
+    p.add_argument("--gguf-4bit", default=None, choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"],
                    help="GGUF type of the plan's nf4/fp4 layers (GGUF has no nf4; default q4_0: 4.5 bits/weight)")
     p.add_argument("--lm-eval", default="", metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks: harness names (their datasets "

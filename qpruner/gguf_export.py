@@ -1,8 +1,8 @@
 """A front point as one GGUF file: the serving format of llama.cpp (and of what runs on it: Ollama, LM Studio,
 llama-cpp-python, llama.cpp's server).
 
-``qpruner export RESULTS --point K --format gguf`` writes ``<export>/gguf/<job>-<trial>.gguf`` beside the
-export. What goes in:
+``qpruner export RESULTS --point K --format gguf`` writes ``<export>/gguf/<job>-<trial>-<type>.gguf`` beside
+the export. What goes in:
 
 * **The weights the trial ran, merged.** Each decoder linear holds ``dequantize(base) + scaling * B @ A``
   (the trial's LoftQ-adjusted quantized base with its trained LoRA folded in,
@@ -134,7 +134,7 @@ def _rest_type(t: torch.Tensor):
     return {torch.bfloat16: g.BF16, torch.float16: g.F16}.get(t.dtype, g.F32)
 
 
-def _tokenizer_fields(writer, tokenizer, source_gguf: Path | None) -> str:
+def _tokenizer_fields(writer, tokenizer, source_gguf: Path | None, rows: int) -> str:
     """Write the tokenizer metadata; returns where it came from."""
     g = _gguf()
     if source_gguf is not None and source_gguf.is_file():
@@ -161,7 +161,9 @@ def _tokenizer_fields(writer, tokenizer, source_gguf: Path | None) -> str:
     for added in spec.get("added_tokens") or []:
         vocab[added["content"]] = added["id"]
         special[added["id"]] = 3 if added.get("special") else 4   # CONTROL / USER_DEFINED
-    size = max(len(tokenizer), max(vocab.values()) + 1)
+    if max(vocab.values()) >= rows:   # llama.cpp sizes the embedding by the token list: one token per row
+        raise ModelError(f"the tokenizer has token ids up to {max(vocab.values())}, the embedding {rows} rows")
+    size = rows
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [5] * size                                            # UNUSED where the vocabulary has a hole
     for text, i in vocab.items():
@@ -175,21 +177,36 @@ def _tokenizer_fields(writer, tokenizer, source_gguf: Path | None) -> str:
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
             add(int(token_id))
+    for flag, add in (("add_bos_token", writer.add_add_bos_token), ("add_eos_token", writer.add_add_eos_token)):
+        value = getattr(tokenizer, flag, None)
+        if isinstance(value, bool):
+            add(value)
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         writer.add_chat_template(template)
     return "byte-level BPE from tokenizer.json"
 
 
+def _plain_float(module: nn.Module, what: str) -> torch.Tensor:
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ in ("Embedding4bit", "Embedding8bit", "Linear4bit", "Linear8bitLt") or \
+            weight is None or not weight.dtype.is_floating_point:
+        raise ModelError(f"the {what} is quantized ({type(module).__name__}, quant.embeddings / quant.lm_head): "
+                         "GGUF export writes embeddings and head in the rest dtype only")
+    return weight
+
+
 def write_gguf(model: nn.Module, formats: dict[str, str], tokenizer, path: str | Path, *, four_bit: str = "q4_0",
                source_gguf: Path | None = None, name: str | None = None) -> dict:
     """Write ``model`` (a loaded export, LoRA-wrapped or plain) to the GGUF file ``path``: decoder linear
     ``<qualified name>`` in the GGUF type of ``formats[name]``; returns a summary (architecture, tensor types,
-    fallbacks, tokenizer)."""
+    fallbacks, tokenizer, parameters, bytes). Tensors are merged, quantized and written one at a time (the
+    header, with every tensor's shape and type, first): the file's data is never held in memory whole."""
     from . import models
     from .pruned_model import base_type
     from .serialize import _linear_names, _unwrap, merged_weight
     g = _gguf()
+    T = g.GGMLQuantizationType
     base = _unwrap(model)
     config = base.config
     kind = base_type(str(config.model_type))
@@ -202,8 +219,47 @@ def write_gguf(model: nn.Module, formats: dict[str, str], tokenizer, path: str |
     arch = "llama" if uniform else "deci"
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     theta, rope_extra = _rope(config)
+    embedding = _plain_float(base.get_input_embeddings(), "embedding")
+    head = base.get_output_embeddings()
+    untied = not getattr(config, "tie_word_embeddings", False) and head is not None
+    if untied:
+        _plain_float(head, "head")
+
+    # every tensor: (GGUF name, numpy-order shape, type, producer of its float values)
+    plan: list[tuple[str, tuple[int, ...], object, object]] = []
+    fallbacks: list[str] = []
+    plan.append(("token_embd.weight", tuple(embedding.shape), _rest_type(embedding), lambda: embedding))
+    if "rope_freqs" in rope_extra:
+        freqs = torch.from_numpy(rope_extra["rope_freqs"])
+        plan.append(("rope_freqs.weight", tuple(freqs.shape), T.F32, lambda: freqs))
+    names = _linear_names(base)
+    for i, layer in enumerate(models.decoder_layers(base)):
+        heads, kv, _ = widths[i]
+        for short, module in models.layer_linears(layer).items():
+            qual = names[id(module)]
+            stored = getattr(module, "base_layer", module)
+            if getattr(stored, "bias", None) is not None:
+                raise ModelError(f"{qual} has a bias: projection biases (Qwen2) are not written to GGUF here")
+            qtype = ggml_type(formats.get(qual, "bf16"), four_bit)
+            if stored.in_features % BLOCK and qtype not in (T.BF16, T.F16):
+                fallbacks.append(f"{qual} ({formats.get(qual)}: input width {stored.in_features} is not a multiple "
+                                 f"of {BLOCK}; BF16)")
+                qtype = T.BF16
+            rotary = heads if short == "q_proj" else kv if short == "k_proj" else None
+
+            def produce(module=module, rotary=rotary):
+                weight = merged_weight(module)
+                return weight if rotary is None else permute_rotary(weight, rotary)
+            plan.append((f"blk.{i}.{LINEARS[short]}.weight", (stored.out_features, stored.in_features), qtype,
+                         produce))
+        for gname, norm in (("attn_norm", layer.input_layernorm), ("ffn_norm", layer.post_attention_layernorm)):
+            plan.append((f"blk.{i}.{gname}.weight", tuple(norm.weight.shape), T.F32, lambda w=norm.weight: w))
+    plan.append(("output_norm.weight", tuple(base.model.norm.weight.shape), T.F32, lambda: base.model.norm.weight))
+    if untied:
+        plan.append(("output.weight", tuple(head.weight.shape), _rest_type(head.weight), lambda: head.weight))
+
     path = Path(path)
-    writer = g.GGUFWriter(str(path), arch, use_temp_file=True)   # tensors spill to disk: one copy in memory
+    writer = g.GGUFWriter(str(path), arch)
     writer.add_type("model")
     writer.add_name(name or str(getattr(config, "_name_or_path", "") or "qpruner export"))
     writer.add_context_length(int(config.max_position_embeddings))
@@ -225,53 +281,27 @@ def write_gguf(model: nn.Module, formats: dict[str, str], tokenizer, path: str |
         writer.add_rope_scaling_type(g.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope_extra["linear"])
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(int(config.vocab_size))
-    writer.add_file_type(g.LlamaFileType.MOSTLY_Q4_0 if four_bit == "q4_0" else g.LlamaFileType.GUESSED)
+    writer.add_vocab_size(int(embedding.shape[0]))
     writer.add_quantization_version(g.GGML_QUANT_VERSION)
-    token_source = _tokenizer_fields(writer, tokenizer, source_gguf)
-
-    types: Counter = Counter()
-    fallbacks: list[str] = []
-
-    def add(key: str, tensor: torch.Tensor, qtype) -> None:
-        array, raw = _float_array(tensor, qtype)
-        writer.add_tensor(key, array, raw_dtype=raw)
-        types[qtype.name] += 1
-
-    add("token_embd.weight", base.get_input_embeddings().weight, _rest_type(base.get_input_embeddings().weight))
-    if "rope_freqs" in rope_extra:
-        add("rope_freqs.weight", torch.from_numpy(rope_extra["rope_freqs"]), g.GGMLQuantizationType.F32)
-    names = _linear_names(base)
-    for i, layer in enumerate(models.decoder_layers(base)):
-        heads, kv, _ = widths[i]
-        for short, module in models.layer_linears(layer).items():
-            qual = names[id(module)]
-            stored = getattr(module, "base_layer", module)
-            if getattr(stored, "bias", None) is not None:
-                raise ModelError(f"{qual} has a bias: projection biases (Qwen2) are not written to GGUF here")
-            weight = merged_weight(module)
-            if short == "q_proj":
-                weight = permute_rotary(weight, heads)
-            elif short == "k_proj":
-                weight = permute_rotary(weight, kv)
-            qtype = ggml_type(formats.get(qual, "bf16"), four_bit)
-            if weight.shape[1] % BLOCK and qtype not in (g.GGMLQuantizationType.BF16, g.GGMLQuantizationType.F16):
-                fallbacks.append(f"{qual} ({formats.get(qual)}: input width {weight.shape[1]} is not a multiple "
-                                 f"of {BLOCK}; BF16)")
-                qtype = g.GGMLQuantizationType.BF16
-            add(f"blk.{i}.{LINEARS[short]}.weight", weight, qtype)
-        add(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight, g.GGMLQuantizationType.F32)
-        add(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight, g.GGMLQuantizationType.F32)
-    add("output_norm.weight", base.model.norm.weight, g.GGMLQuantizationType.F32)
-    head = base.get_output_embeddings()
-    if not getattr(config, "tie_word_embeddings", False) and head is not None:
-        add("output.weight", head.weight, _rest_type(head.weight))
+    token_source = _tokenizer_fields(writer, tokenizer, source_gguf, int(embedding.shape[0]))
+    for key, shape, qtype, _ in plan:
+        nbytes = int(np.prod(g.quants.quant_shape_to_byte_shape(shape, qtype)))
+        writer.add_tensor_info(key, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    writer.write_ti_data_to_file()
+    types: Counter = Counter()
+    parameters = 0
+    try:
+        for key, shape, qtype, produce in plan:
+            array, _ = _float_array(produce(), qtype)
+            writer.write_tensor_data(array.reshape(-1) if array.ndim == 1 else array)
+            types[qtype.name] += 1
+            parameters += int(np.prod(shape))
+    finally:
+        writer.close()
     return {"architecture": arch, "tensor_types": dict(types), "four_bit": four_bit, "fallbacks": fallbacks,
-            "tokenizer": token_source, "bytes": path.stat().st_size}
+            "tokenizer": token_source, "parameters": parameters, "bytes": path.stat().st_size}
 
 
 def _field(reader, key: str, default=None):
@@ -309,8 +339,6 @@ def read_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     rope = {"rope_type": "default", "rope_theta": float(key("rope.freq_base", 10000.0))}
     if key("rope.scaling.type") == "linear":
         rope = {"rope_type": "linear", "rope_theta": rope["rope_theta"], "factor": float(key("rope.scaling.factor"))}
-    if "rope_freqs.weight" in tensors:
-        raise ModelError(f"{path}: llama3 rope factors are not read back here")
     base = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=max(ffs), num_hidden_layers=layers,
                        num_attention_heads=max(heads), num_key_value_heads=max(kvs), head_dim=head_dim,
                        max_position_embeddings=int(key("context_length", 2048)),
@@ -347,11 +375,18 @@ def read_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
                          f"unexpected {sorted(unexpected)[:4]})")
     model.tie_weights()
     models.reset_rotary(model)
+    if "rope_freqs.weight" in tensors:   # llama3 rope: llama.cpp divides the frequencies by these factors
+        factors = tensor("rope_freqs.weight").float()
+        for module in model.modules():
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                for buffer in ("inv_freq", "original_inv_freq"):
+                    if isinstance(getattr(module, buffer, None), torch.Tensor):
+                        setattr(module, buffer, getattr(module, buffer) / factors)
     return model.eval()
 
 
 def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, dict]:
-    """``<export>/gguf/<job>-<trial>.gguf`` of an export directory, its NLL measured on the trial's evaluation
+    """``<export>/gguf/<job>-<trial>-<four_bit>.gguf`` of an export directory, its NLL measured on the trial's evaluation
     tokens through :func:`read_model` and recorded in ``qpruner_plan.json["gguf"]`` beside the trial's. Returns
     (file, record). An existing file is never overwritten."""
     from .data import load_splits
@@ -364,6 +399,9 @@ def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, di
     directory = Path(directory)
     record = read_plan(directory)
     ggml_type("nf4", four_bit)                  # a bad --gguf-4bit fails before any work
+    if record.get("layout") == "full-precision":
+        raise ModelError(f"{directory}: its embeddings or head are quantized (quant.embeddings / quant.lm_head); "
+                         "GGUF export writes them in the rest dtype only")
     trial = record.get("trial", {})
     out_dir = directory / GGUF_DIR
     path = out_dir / f"{record.get('job', 'model')}-{trial.get('trial_id', 'point')}-{four_bit}.gguf"
@@ -385,16 +423,18 @@ def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, di
     try:
         summary = write_gguf(model, formats, tokenizer, tmp, four_bit=four_bit, source_gguf=source,
                              name=f"{record.get('job')} {trial.get('trial_id', '')}".strip())
-        params = sum(p.numel() for p in base.parameters())
         del model, base
         # read back in float32 (bf16 past 3B parameters: the host memory of a 7B-70B model), on the GPU if any
-        read_dtype = torch.float32 if params < 3e9 else torch.bfloat16
+        read_dtype = torch.float32 if summary["parameters"] < 3e9 else torch.bfloat16
         device = resolve_device("auto")
         reread = read_model(tmp, read_dtype).to(device)
         data_cfg, eval_cfg = evaluation_config(directory)
         splits = load_splits(data_cfg, tokenizer)
         nll = evaluate(reread, splits.eval, eval_cfg.batch_size, device, eval_cfg.context, eval_cfg.stride).nll
         del reread
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would keep a server running as another user out
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -427,3 +467,24 @@ def _card_with_gguf(directory: Path, entry: dict) -> None:
     if entry["fallbacks"]:
         lines.append(f" {len(entry['fallbacks'])} linears are BF16 (input width not a multiple of 32).")
     card.write_text(card.read_text() + "".join(lines) + "\n")
+
+
+def preflight(results: str | Path) -> None:
+    """Refuse, before any export work, a search whose points GGUF export cannot write (base architecture, rope
+    type, quantized embeddings or head)."""
+    from types import SimpleNamespace
+
+    from .pruned_model import base_type
+    from .rundir import RunDir
+    from .serialize import supported
+    run = RunDir(results)
+    job = run.read_job()
+    if not supported(job.quant):
+        raise ModelError(f"{run.path}: quant.embeddings / quant.lm_head are quantized; GGUF export writes "
+                         "embeddings and head in the rest dtype only")
+    for config_file in sorted(run.path.glob("pruned*/config.json"))[:1]:
+        config = json.loads(config_file.read_text())
+        if base_type(str(config.get("model_type"))) not in BASES:
+            raise ModelError(f"GGUF export supports {', '.join(BASES)} bases; {config_file} is "
+                             f"{config.get('model_type')!r}")
+        _rope(SimpleNamespace(**config))

@@ -460,11 +460,11 @@ def test_gguf_export_reads_back_with_the_gguf_library_at_its_recorded_nll(search
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     for i, fmt in enumerate(record["plan"]["formats"]):
         assert {types[f"blk.{i}.{n}.weight"] for n in ("attn_q", "attn_output", "ffn_down")} == {want[fmt]}
-    model = read_model(path)
+    model = read_model(path).to(entry["read_device"])
     data_cfg, eval_cfg = evaluation_config(out)
     tokenizer = qpruner.load(out)[1]
-    nll = evaluate(model, load_splits(data_cfg, tokenizer).eval, eval_cfg.batch_size, "cpu", eval_cfg.context,
-                   eval_cfg.stride).nll
+    nll = evaluate(model, load_splits(data_cfg, tokenizer).eval, eval_cfg.batch_size, entry["read_device"],
+                   eval_cfg.context, eval_cfg.stride).nll
     assert nll == pytest.approx(entry["nll"], abs=1e-6)
     assert abs(nll - front.iloc[-1]["nll"]) < 0.05 and entry["trial_nll"] == pytest.approx(front.iloc[-1]["nll"])
     assert next(model.parameters()).dtype == torch.float32
@@ -556,3 +556,76 @@ def test_merge_to_the_plan_quantizes_the_merged_weights_again_and_loads_without_
     assert json.loads((out / "qpruner_plan.json").read_text())["merged_quantized"]["nll"] == nll
     with pytest.raises(ResultsError, match="exists"):
         merge_export(out, "plan")
+
+
+def _bpe_tokenizer(vocab: int = 300):
+    """A byte-level BPE with merges and two special tokens, trained here on the built-in text."""
+    from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pydoc_data.topics import topics
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([topics[k] for k in sorted(topics)][:40], trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def test_llama3_rope_an_untied_head_and_a_bpe_tokenizer_round_trip_through_gguf(tmp_path):
+    """A Llama-3-style model (llama3 rope scaling: rope_freqs factors; untied head; padded vocabulary; a BPE
+    tokenizer with merges): the read-back model is the original up to bf16 rounding, which it is not without the
+    rope factors; the vocabulary is one token per embedding row with the tokenizer's merges, types and ids."""
+    import gguf
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qpruner.gguf_export import read_model, write_gguf
+    tokenizer = _bpe_tokenizer()
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         tie_word_embeddings=False, rope_parameters={
+                             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    formats = {n: "bf16" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    summary = write_gguf(model, formats, tokenizer, tmp_path / "l3.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "l3.gguf"))
+    names = {t.name for t in reader.tensors}
+    assert {"rope_freqs.weight", "output.weight"} <= names and summary["tokenizer"].startswith("byte-level BPE")
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert len(tokens) == 320 and tokens[tokenizer.bos_token_id] == "<s>" and tokens[310] == "[PAD310]"
+    assert reader.fields["tokenizer.ggml.token_type"].contents()[tokenizer.eos_token_id] == 3
+    assert reader.fields["tokenizer.ggml.bos_token_id"].contents() == tokenizer.bos_token_id
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert len(reader.fields["tokenizer.ggml.merges"].contents()) == len(merges) > 0
+    ours = read_model(tmp_path / "l3.gguf")
+    ids = torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(ids).logits, ours(ids).logits
+        err = (got - want).abs().max().item()
+        for module in ours.modules():      # the same model without the llama3 factors: a different model
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                module.inv_freq = module.original_inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 16, 2).float() / 16)
+        unscaled = (ours(ids).logits - want).abs().max().item()
+    assert err < 0.02 * want.abs().max().item() and unscaled > 3 * err, (err, unscaled)
+
+
+def test_llama_cpp_tokenizes_like_the_tokenizer_it_was_converted_from(tmp_path):
+    """Where llama-cpp-python is installed: llama.cpp reads the converted BPE vocabulary and splits text into the
+    same ids as the Hugging Face tokenizer."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qpruner.gguf_export import write_gguf
+    tokenizer = _bpe_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         tie_word_embeddings=True))
+    write_gguf(model, {}, tokenizer, tmp_path / "t.gguf")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "t.gguf"), n_ctx=64, vocab_only=True, verbose=False)
+    text = "The quick brown fox: it jumps over the lazy dog, twice (2x)."
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]

@@ -6,6 +6,9 @@ trials; resumable) in ``results/gguf_bench/``; every point of its front is expor
 each of ``--types``. Per point and type, on the trial's own held-out tokens (the demo's evaluation windows):
 
 * ``trial_nll`` the trial's recorded NLL; ``reload_nll`` the export reloaded by ``qpruner.load`` (must be equal);
+* ``<type>`` from the run's full-precision pruned weights + the trained LoRA change (quantized once, the default
+  where the run is at hand), ``<type>-merged`` from the export's quantized base with the LoRA merged (quantized
+  twice: nf4, then the GGUF type);
 * ``gguf_nll`` the GGUF file read back with the ``gguf`` library (``qpruner.gguf_export.read_model``) and
   evaluated by the same code, with the standard error of its paired per-window difference from the reload;
 * ``llama_cpp_nll`` (with ``--llama-cpp-python PY``: a Python that has ``llama_cpp``, e.g. a venv where
@@ -14,7 +17,7 @@ each of ``--types``. Per point and type, on the trial's own held-out tokens (the
   with its paired SE against ``gguf_nll``;
 * ``bytes`` of the GGUF file against the plan's ``weight_bytes``.
 
-    python bench/gguf_bench.py [--trials 4] [--types q4_0,q4_1,q5_0,q8_0] [--llama-cpp-python /path/to/python]
+    python bench/gguf_bench.py [--trials 4] [--types q4_0,q4_0-merged,q5_0,q8_0] [--llama-cpp-python PY]
 
 -> ``results/bench/gguf.{json,md}``.
 """
@@ -102,7 +105,10 @@ def llama_cpp_windows(python: str, gguf_path: Path, stream: list[int], spans, co
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--types", default="q4_0,q4_1,q5_0,q8_0")
+    parser.add_argument("--types", default="q4_0,q4_0-merged,q5_0,q8_0",
+                        help="GGUF 4-bit types; <type>-merged: from the export's merged quantized weights")
+    parser.add_argument("--points", default="0,-1", help="front points (default the smallest and the largest)")
+    parser.add_argument("--llama-cpp-types", default="q4_0", help="types also evaluated by llama.cpp")
     parser.add_argument("--llama-cpp-python", default=None, help="a Python interpreter with llama_cpp installed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -114,10 +120,12 @@ def main(argv=None) -> None:
     from qpruner.gguf_export import export_gguf, read_model
     from qpruner.rundir import RunDir
 
+    started = stamp()   # the code that ran: stamped before it runs
     run = run_search(args.trials)
     front = RunDir(run).front()
     rows = []
-    for k in range(len(front)):
+    points = sorted({int(p) % len(front) for p in args.points.split(",") if p})
+    for k in points:
         out = run / "exports" / f"point{k}"
         export_point(run, k, out)
         model, tokenizer = qpruner.load(out)
@@ -133,7 +141,8 @@ def main(argv=None) -> None:
         for qtype in [t for t in args.types.split(",") if t]:
             entry = (record.get("gguf") or {}).get(qtype)
             if entry is None:
-                _, entry = export_gguf(out, qtype)
+                four_bit, merged = qtype.removesuffix("-merged"), qtype.endswith("-merged")
+                _, entry = export_gguf(out, four_bit, results=run, source="merged" if merged else "pruned")
                 record = read_plan(out)
             gguf_path = out / entry["file"]
             ev = evaluate(read_model(gguf_path), ids, *ev_args)
@@ -144,7 +153,8 @@ def main(argv=None) -> None:
                    "weight_bytes": record["trial"].get("weight_bytes"), "trial_nll": record["trial"].get("nll"),
                    "reload_nll": reload.nll, "gguf_nll": ev.nll, "gguf_minus_trial": diff, "gguf_minus_trial_se": diff_se,
                    "tokens": reload.tokens}
-            if args.llama_cpp_python:
+            row["weights_from"] = entry.get("weights_from")
+            if args.llama_cpp_python and qtype in args.llama_cpp_types.split(","):
                 got = llama_cpp_windows(args.llama_cpp_python, gguf_path, stream, spans, context)
                 n = sum(reload.window_tokens)
                 row["llama_cpp_nll"] = sum(got["window_nll"]) / n
@@ -153,7 +163,7 @@ def main(argv=None) -> None:
                 row["llama_cpp_version"] = got["version"]
             rows.append(row)
             logger.info("point %d %s: %s", k, qtype, {k2: v for k2, v in row.items() if "nll" in k2 or k2 == "bytes"})
-    result = {"stamp": stamp(), "source": f"results/{RUN_NAME} (tune_jobs/smollm2_demo.yaml, {args.trials} trials)",
+    result = {"stamp": started, "source": f"results/{RUN_NAME} (tune_jobs/smollm2_demo.yaml, {args.trials} trials)",
               "what": "NLL of the GGUF export's own weights (read back with the gguf library; with llama.cpp where "
                       "given) against the trial's, on the trial's held-out tokens; SE over evaluation windows",
               "rows": rows}

@@ -242,7 +242,7 @@ def _cmd_export(args) -> int:
               f"{merged}/; held-out NLL {nll:.6f}, the trial's {trial_nll:.6f} (load it with {how})")
     for fmt in formats:
         from .gguf_export import export_gguf
-        path, entry = export_gguf(out, args.gguf_4bit or "q4_0")
+        path, entry = export_gguf(out, args.gguf_4bit or "q4_0", results=args.results, source=args.gguf_source)
         trial_nll = entry["trial_nll"]
         print(f"{fmt}: {path} ({entry['architecture']} architecture, {entry['bytes'] / 1e6:.1f} MB, tensor types "
               f"{entry['tensor_types']}); held-out NLL of the file's weights {entry['nll']:.6f}, the trial's "
@@ -381,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the held-out NLL of the file's weights next to the trial's")
     p.add_argument("--gguf-4bit", default=None, choices=["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"],
                    help="GGUF type of the plan's nf4/fp4 layers (GGUF has no nf4; default q4_0: 4.5 bits/weight)")
+    p.add_argument("--gguf-source", default="auto", choices=["auto", "pruned", "merged"],
+                   help="GGUF weights from the run's full-precision pruned model + the trained LoRA change (pruned; "
+                   "quantized once), or from the export's quantized base with the LoRA merged (merged; quantized "
+                   "twice, no run directory needed); auto: pruned when at hand")
     p.add_argument("--lm-eval", default="", metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks: harness names (their datasets "
                    "download) or task YAML files (custom tasks, e.g. over local JSON: offline)")

@@ -197,10 +197,11 @@ def _plain_float(module: nn.Module, what: str) -> torch.Tensor:
 
 
 def write_gguf(model: nn.Module, formats: dict[str, str], tokenizer, path: str | Path, *, four_bit: str = "q4_0",
-               source_gguf: Path | None = None, name: str | None = None) -> dict:
+               source_gguf: Path | None = None, name: str | None = None, weight_of=None) -> dict:
     """Write ``model`` (a loaded export, LoRA-wrapped or plain) to the GGUF file ``path``: decoder linear
     ``<qualified name>`` in the GGUF type of ``formats[name]``; returns a summary (architecture, tensor types,
-    fallbacks, tokenizer, parameters, bytes). Tensors are merged, quantized and written one at a time (the
+    fallbacks, tokenizer, parameters, bytes). A linear's float weight is ``weight_of(name, module)``, by default
+    the merged quantized base (:func:`qpruner.serialize.merged_weight`). Tensors are merged, quantized and written one at a time (the
     header, with every tensor's shape and type, first): the file's data is never held in memory whole."""
     from . import models
     from .pruned_model import base_type
@@ -247,8 +248,8 @@ def write_gguf(model: nn.Module, formats: dict[str, str], tokenizer, path: str |
                 qtype = T.BF16
             rotary = heads if short == "q_proj" else kv if short == "k_proj" else None
 
-            def produce(module=module, rotary=rotary):
-                weight = merged_weight(module)
+            def produce(module=module, rotary=rotary, qual=qual):
+                weight = merged_weight(module) if weight_of is None else weight_of(qual, module)
                 return weight if rotary is None else permute_rotary(weight, rotary)
             plan.append((f"blk.{i}.{LINEARS[short]}.weight", (stored.out_features, stored.in_features), qtype,
                          produce))
@@ -385,10 +386,42 @@ def read_model(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     return model.eval()
 
 
-def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, dict]:
-    """``<export>/gguf/<job>-<trial>-<four_bit>.gguf`` of an export directory, its NLL measured on the trial's evaluation
-    tokens through :func:`read_model` and recorded in ``qpruner_plan.json["gguf"]`` beside the trial's. Returns
-    (file, record). An existing file is never overwritten."""
+def fine_tuned_weights(pruned: Path, rank_of_init: bool):
+    """``weight_of`` for :func:`write_gguf`: each linear's full-precision pruned weight plus what fine-tuning
+    changed, ``W + scaling * B @ A - A0 B0``, where ``A0 B0`` is LoftQ's initialisation, recomputed exactly as
+    LoftQ's last step made it (the same deterministic low-rank SVD of ``W - dequantize(base)``; zero when
+    ``rank_of_init`` is false: a LoRA initialised at zero). Quantizing this to the GGUF type costs one
+    quantization error, against two for the merged quantized weights (nf4, then the GGUF type on top)."""
+    from .loftq import _low_rank
+    from .quantize import dequantized
+    from .serialize import lora_delta
+    from .weights import SafetensorsDir
+    source = SafetensorsDir(pruned)
+
+    def weight_of(qual: str, module: nn.Module) -> torch.Tensor:
+        w = source[f"{qual}.weight"].float()
+        delta = lora_delta(module)
+        if delta is None:
+            return w
+        if rank_of_init:
+            rank = min(int(module.lora_A[module.active_adapters[0]].weight.shape[0]), *w.shape)
+            stored = getattr(module, "base_layer", module)
+            u, s, v = _low_rank(w - dequantized(stored).cpu().to(w.dtype), rank)
+            delta = delta - (u * s[None, :]) @ v.T
+        return w + delta
+    return weight_of
+
+
+def export_gguf(directory: str | Path, four_bit: str = "q4_0", results: str | Path | None = None,
+                source: str = "auto") -> tuple[Path, dict]:
+    """``<export>/gguf/<job>-<trial>-<four_bit>[-merged].gguf`` of an export directory, its NLL measured on the
+    trial's evaluation tokens through :func:`read_model` and recorded in ``qpruner_plan.json["gguf"]`` beside the
+    trial's. Returns (file, record). An existing file is never overwritten.
+
+    ``source`` of the linear weights: ``"pruned"`` — the run's full-precision pruned weights plus the trained
+    change (:func:`fine_tuned_weights`; needs ``results``, the run directory, whose pruned model must be the
+    export's); ``"merged"`` — the export's own quantized base with the LoRA merged (no run directory needed, but
+    quantized twice); ``"auto"`` — pruned when the run's pruned model is at hand, else merged."""
     from .data import load_splits
     from .evaluate import evaluate
     from .export import PLAN_FILE, evaluation_config, load, read_plan
@@ -403,16 +436,23 @@ def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, di
         raise ModelError(f"{directory}: its embeddings or head are quantized (quant.embeddings / quant.lm_head); "
                          "GGUF export writes them in the rest dtype only")
     trial = record.get("trial", {})
+    pruned = _pruned_source(directory, record, results) if source in ("auto", "pruned") else None
+    if source == "pruned" and pruned is None:
+        raise ResultsError(f"--gguf-source pruned: the run's pruned model for {directory} is not at hand (give the "
+                           "results directory of its search)")
+    if source not in ("auto", "pruned", "merged"):
+        raise ConfigError([f"GGUF weight source {source!r}: auto, pruned or merged"])
     out_dir = directory / GGUF_DIR
-    path = out_dir / f"{record.get('job', 'model')}-{trial.get('trial_id', 'point')}-{four_bit}.gguf"
+    key = four_bit if pruned is not None else f"{four_bit}-merged"
+    path = out_dir / f"{record.get('job', 'model')}-{trial.get('trial_id', 'point')}-{key}.gguf"
     if path.exists():
         raise ResultsError(f"{path} exists; nothing was changed (remove it to write it again)")
-    source = None
+    tokenizer_gguf = None
     if (record.get("model") or {}).get("source") == "builtin:smollm2-135m":   # the base's own GGUF tokenizer
         try:
-            source = smollm2_folder() / SMOLLM2_GGUF
+            tokenizer_gguf = smollm2_folder() / SMOLLM2_GGUF
         except ModelError:
-            source = None
+            tokenizer_gguf = None
     model, tokenizer = load(directory, "cpu")
     base = _unwrap(model)
     names = _linear_names(base)
@@ -421,8 +461,12 @@ def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, di
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=out_dir)
     os.close(fd)
     try:
-        summary = write_gguf(model, formats, tokenizer, tmp, four_bit=four_bit, source_gguf=source,
-                             name=f"{record.get('job')} {trial.get('trial_id', '')}".strip())
+        weight_of = None
+        if pruned is not None:
+            init = (record.get("finetune") or {}).get("init") == "loftq"
+            weight_of = fine_tuned_weights(pruned, init)
+        summary = write_gguf(model, formats, tokenizer, tmp, four_bit=four_bit, source_gguf=tokenizer_gguf,
+                             name=f"{record.get('job')} {trial.get('trial_id', '')}".strip(), weight_of=weight_of)
         del model, base
         # read back in float32 (bf16 past 3B parameters: the host memory of a 7B-70B model), on the GPU if any
         read_dtype = torch.float32 if summary["parameters"] < 3e9 else torch.bfloat16
@@ -441,9 +485,12 @@ def export_gguf(directory: str | Path, four_bit: str = "q4_0") -> tuple[Path, di
         raise
     entry = {**summary, "file": f"{GGUF_DIR}/{path.name}", "nll": nll, "trial_nll": trial.get("nll"),
              "weight_bytes": trial.get("weight_bytes"), "read_with": "gguf.GGUFReader + gguf.quants.dequantize",
-             "read_dtype": str(read_dtype).removeprefix("torch."), "read_device": str(device)}
+             "read_dtype": str(read_dtype).removeprefix("torch."), "read_device": str(device),
+             "weights_from": ("the run's full-precision pruned weights + the trained LoRA change (minus LoftQ's "
+                              "initialisation)" if pruned is not None else
+                              "the export's quantized base with the LoRA merged (quantized twice)")}
     record = read_plan(directory)
-    record.setdefault("gguf", {})[four_bit] = entry
+    record.setdefault("gguf", {})[key] = entry
     (directory / PLAN_FILE).write_text(json.dumps(record, indent=2, default=str))
     _card_with_gguf(directory, entry)
     logger.info("GGUF %s (%s, %.1f MB): NLL %.6f, the trial's %s", path, summary["architecture"],
@@ -488,3 +535,23 @@ def preflight(results: str | Path) -> None:
             raise ModelError(f"GGUF export supports {', '.join(BASES)} bases; {config_file} is "
                              f"{config.get('model_type')!r}")
         _rope(SimpleNamespace(**config))
+
+
+def _pruned_source(directory: Path, record: dict, results) -> Path | None:
+    """The run's full-precision pruned model of this export, when it is at hand and is the export's (same config)."""
+    if results is None:
+        return None
+    from .plan import PrecisionPlan
+    from .rundir import RunDir
+    pruned = RunDir(results).pruned_at(PrecisionPlan.from_dict(record["plan"]).pruned)
+    try:
+        theirs = json.loads((pruned / "config.json").read_text())
+        ours = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(theirs.get(k) == ours.get(k) for k in ("layer_widths", "hidden_size", "num_hidden_layers", "vocab_size"))
+    if not same or not any(pruned.glob("model*.safetensors")):
+        logger.warning("%s does not hold this export's pruned model: the GGUF is written from the merged quantized "
+                       "weights", pruned)
+        return None
+    return pruned

@@ -151,16 +151,24 @@ def load_quantized(directory: str | Path, plan: PrecisionPlan, quant: QuantConfi
 MERGED_DIR = "merged"
 
 
-def merged_weight(module: nn.Module) -> torch.Tensor:
-    """``dequantize(base) + scaling * B @ A`` of one (LoRA-wrapped, quantized) linear, in float32 on the CPU."""
-    from .quantize import dequantized
-    weight = dequantized(getattr(module, "base_layer", module)).cpu()
+def lora_delta(module: nn.Module) -> torch.Tensor | None:
+    """``scaling * B @ A`` of a LoRA-wrapped linear's active adapters, in float32 on the CPU (None without LoRA)."""
+    delta = None
     for adapter in getattr(module, "active_adapters", ()) if hasattr(module, "lora_A") else ():
         if adapter in module.lora_A:
             a = module.lora_A[adapter].weight.detach().float().cpu()
             b = module.lora_B[adapter].weight.detach().float().cpu()
-            weight = weight + module.scaling[adapter] * (b @ a)
-    return weight
+            term = module.scaling[adapter] * (b @ a)
+            delta = term if delta is None else delta + term
+    return delta
+
+
+def merged_weight(module: nn.Module) -> torch.Tensor:
+    """``dequantize(base) + scaling * B @ A`` of one (LoRA-wrapped, quantized) linear, in float32 on the CPU."""
+    from .quantize import dequantized
+    weight = dequantized(getattr(module, "base_layer", module)).cpu()
+    delta = lora_delta(module)
+    return weight if delta is None else weight + delta
 
 
 def merged(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

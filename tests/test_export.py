@@ -469,13 +469,18 @@ def test_gguf_export_reads_back_with_the_gguf_library_at_its_recorded_nll(search
     assert abs(nll - front.iloc[-1]["nll"]) < 0.05 and entry["trial_nll"] == pytest.approx(front.iloc[-1]["nll"])
     assert next(model.parameters()).dtype == torch.float32
     assert "## GGUF (q4_0)" in (out / "README.md").read_text()
+    assert entry["weights_from"].startswith("the run's full-precision pruned weights")
     with pytest.raises(ResultsError, match="exists"):
-        export_gguf(out)
+        export_gguf(out, results=searched)
     with pytest.raises(ConfigError, match="gguf-4bit"):
         export_gguf(out, "q3_k")
-    path8, entry8 = export_gguf(out, "q8_0")       # the 4-bit layers at 8 bits: closer to the merged weights
-    assert path8 != path and set(json.loads((out / "qpruner_plan.json").read_text())["gguf"]) == {"q4_0", "q8_0"}
-    assert entry8["bytes"] >= entry["bytes"]
+    path8, entry8 = export_gguf(out, "q8_0", results=searched)   # the 4-bit layers at 8 bits
+    merged, entry_m = export_gguf(out)                             # no run directory: the merged quantized weights
+    assert "quantized twice" in entry_m["weights_from"] and merged.name.endswith("-q4_0-merged.gguf")
+    assert set(json.loads((out / "qpruner_plan.json").read_text())["gguf"]) == {"q4_0", "q8_0", "q4_0-merged"}
+    assert entry8["bytes"] >= entry["bytes"] == entry_m["bytes"]
+    with pytest.raises(ResultsError, match="not at hand"):
+        export_gguf(out, "q5_0", source="pruned")
 
 
 def test_a_uniform_width_gguf_is_llama_and_transformers_reads_the_same_model(tmp_path):
@@ -629,3 +634,29 @@ def test_llama_cpp_tokenizes_like_the_tokenizer_it_was_converted_from(tmp_path):
     llm = llama_cpp.Llama(model_path=str(tmp_path / "t.gguf"), n_ctx=64, vocab_only=True, verbose=False)
     text = "The quick brown fox: it jumps over the lazy dog, twice (2x)."
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
+
+
+def test_an_untrained_points_gguf_weights_are_the_pruned_weights_exactly(tmp_path):
+    """The pruned-weights source: W + (B A - A0 B0), with LoftQ's A0 B0 recomputed as LoftQ made it. At zero
+    fine-tuning steps B A is A0 B0, so every linear must come out as the pruned weight itself."""
+
+    from qpruner.gguf_export import fine_tuned_weights
+    from qpruner.serialize import _linear_names, _unwrap
+    from qpruner.weights import SafetensorsDir
+    job = load_job(ROOT / "tune_jobs" / "tiny_smoke.yaml", [f"results_dir={tmp_path}", "search.num_trials=1",
+                                                           "finetune.steps=0", "search.max_concurrent=1"])
+    run_job(job)
+    run = tmp_path / "tiny_smoke"
+    out = export_point(run, 0, tmp_path / "exp")
+    model, _ = qpruner.load(out)
+    base = _unwrap(model)
+    names = _linear_names(base)
+    weight_of = fine_tuned_weights(run / "pruned", True)
+    pruned = SafetensorsDir(run / "pruned")
+    worst = 0.0
+    for module in base.modules():
+        if (qual := names.get(id(module))) is not None:
+            w = pruned[f"{qual}.weight"].float()
+            worst = max(worst, float((weight_of(qual, module) - w).abs().max() / w.abs().max()))
+    assert worst < 1e-5, worst
+    assert json.loads((out / "qpruner_plan.json").read_text())["finetune"]["init"] == "loftq"

@@ -4,13 +4,15 @@ llama-cpp-python, llama.cpp's server).
 ``qpruner export RESULTS --point K --format gguf`` writes ``<export>/gguf/<job>-<trial>-<type>.gguf`` beside
 the export. What goes in:
 
-* **The weights the trial ran, merged.** Each decoder linear holds ``dequantize(base) + scaling * B @ A``
-  (the trial's LoftQ-adjusted quantized base with its trained LoRA folded in,
-  :func:`qpruner.serialize.merged_weight`), re-quantized to the GGUF type of its plan format: nf4 / fp4 ->
-  ``Q4_0`` (or ``--gguf-4bit`` q4_1 / q5_0 / q5_1 / q8_0), int8 -> ``Q8_0``, bf16 -> ``BF16``. GGUF has no
-  nf4, so the 4-bit layers change quantizer; a linear whose input width is not a multiple of the 32-element
-  block is kept in BF16 (listed as a fallback). Embeddings and head stay in the dtype the trial held them,
-  norms in F32. The NLL of the file's own weights, on the trial's evaluation tokens, is measured after
+* **The fine-tuned weights, quantized once.** Each decoder linear holds the run's full-precision pruned weight
+  plus what fine-tuning changed, ``W + scaling * B @ A - A0 B0`` (LoftQ's initialisation ``A0 B0`` recomputed
+  exactly and taken out: :func:`fine_tuned_weights`), quantized to the GGUF type of its plan format: nf4 / fp4
+  -> ``Q4_0`` (or ``--gguf-4bit`` q4_1 / q5_0 / q5_1 / q8_0), int8 -> ``Q8_0``, bf16 -> ``BF16``. Without the
+  run directory (``--gguf-source merged``) the export's own quantized base with the LoRA merged is quantized
+  again instead: two quantization errors on top of each other, measurably worse. GGUF has no nf4, so the 4-bit
+  layers change quantizer and lose LoftQ's compensation; a linear whose input width is not a multiple of the
+  32-element block is kept in BF16 (listed as a fallback). Embeddings and head stay in the dtype the trial held
+  them, norms in F32. The NLL of the file's own weights, on the trial's evaluation tokens, is measured after
   writing and recorded next to the trial's (``qpruner_plan.json["gguf"]``): what the format change costs.
 * **The per-layer widths.** A model whose layers all keep the same heads and MLP width is written as
   llama.cpp's ``llama`` architecture (transformers' GGUF loader reads it too). A pruned model whose layers

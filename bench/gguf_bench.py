@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import subprocess
 import sys
 import tempfile
@@ -65,18 +64,6 @@ for begin, end, scored in spec["spans"]:
     out.append(float(nll[len(target) - scored:].sum()))
 json.dump({"window_nll": out, "version": __import__("llama_cpp").__version__}, open(sys.argv[2], "w"))
 '''
-
-
-def paired(a: list[float], b: list[float], counts: list[int]) -> tuple[float, float]:
-    """(mean per-token difference a - b, its standard error over windows) of two per-window NLL sums."""
-    n = sum(counts)
-    diffs = [(x - y) / c for x, y, c in zip(a, b, counts)]
-    mean = (sum(a) - sum(b)) / n
-    if len(diffs) < 2:
-        return mean, float("nan")
-    mu = sum(diffs) / len(diffs)
-    var = sum((d - mu) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(var / len(diffs))
 
 
 def run_search(trials: int) -> Path:
@@ -118,6 +105,7 @@ def main(argv=None) -> None:
     from qpruner.evaluate import evaluate, windows
     from qpruner.export import evaluation_config, export_point, read_plan
     from qpruner.gguf_export import export_gguf, read_model
+    from qpruner.results import paired_diff
     from qpruner.rundir import RunDir
 
     started = stamp()   # the code that ran: stamped before it runs
@@ -146,7 +134,7 @@ def main(argv=None) -> None:
                 record = read_plan(out)
             gguf_path = out / entry["file"]
             ev = evaluate(read_model(gguf_path), ids, *ev_args)
-            diff, diff_se = paired(list(ev.window_nll), list(reload.window_nll), list(reload.window_tokens))
+            diff, diff_se = paired_diff(ev.window_nll, reload.window_nll, reload.window_tokens)
             row = {"point": k, "trial_id": record["trial"]["trial_id"], "plan": record["plan"]["formats"],
                    "type": qtype, "architecture": entry["architecture"], "tensor_types": entry["tensor_types"],
                    "fallbacks": len(entry["fallbacks"]), "bytes": entry["bytes"],
@@ -158,8 +146,8 @@ def main(argv=None) -> None:
                 got = llama_cpp_windows(args.llama_cpp_python, gguf_path, stream, spans, context)
                 n = sum(reload.window_tokens)
                 row["llama_cpp_nll"] = sum(got["window_nll"]) / n
-                row["llama_cpp_minus_gguf"], row["llama_cpp_minus_gguf_se"] = paired(
-                    got["window_nll"], list(ev.window_nll), list(reload.window_tokens))
+                row["llama_cpp_minus_gguf"], row["llama_cpp_minus_gguf_se"] = paired_diff(
+                    got["window_nll"], ev.window_nll, reload.window_tokens)
                 row["llama_cpp_version"] = got["version"]
             rows.append(row)
             logger.info("point %d %s: %s", k, qtype, {k2: v for k2, v in row.items() if "nll" in k2 or k2 == "bytes"})

@@ -498,12 +498,13 @@ def merge_export(directory: str | Path, to: str = "bf16") -> tuple[Path, float, 
     return out, nll, trial_nll
 
 
-def _eval_nll(directory: Path, model, tokenizer) -> float:
+def eval_nll(directory: str | Path, model, tokenizer, device: str | torch.device = "cpu") -> float:
+    """Held-out NLL of ``model`` on the evaluation tokens the export's trial was scored on."""
     from .data import load_splits
     from .evaluate import evaluate
     data_cfg, eval_cfg = evaluation_config(directory)
     splits = load_splits(data_cfg, tokenizer)
-    return evaluate(model, splits.eval, eval_cfg.batch_size, "cpu", eval_cfg.context, eval_cfg.stride).nll
+    return evaluate(model, splits.eval, eval_cfg.batch_size, device, eval_cfg.context, eval_cfg.stride).nll
 
 
 def _merge_bf16(directory: Path, tmp: Path) -> float:
@@ -518,7 +519,7 @@ def _merge_bf16(directory: Path, tmp: Path) -> float:
     gc.collect()
     _copy_license_files(directory, tmp)
     reloaded, _ = load_pruned(tmp, dtype=torch.bfloat16)
-    return _eval_nll(directory, reloaded, tokenizer)
+    return eval_nll(directory, reloaded, tokenizer)
 
 
 def _merge_plan(directory: Path, tmp: Path) -> float:
@@ -555,7 +556,7 @@ def _merge_plan(directory: Path, tmp: Path) -> float:
     own = {k: v for k, v in record.items() if k not in ("merged", "merged_quantized", "gguf")}
     (tmp / PLAN_FILE).write_text(json.dumps({**own, "merged_from": "..", "adapter": None}, indent=2, default=str))
     reloaded, _ = load(tmp, "cpu")
-    return _eval_nll(directory, reloaded, tokenizer)
+    return eval_nll(directory, reloaded, tokenizer)
 
 
 def push_to_hub(directory: str | Path, repo: str, private: bool = False) -> str:
